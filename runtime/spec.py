@@ -1,0 +1,303 @@
+"""The component spec: every network's tensor contract, declared once.
+
+Export (dummy inputs, ONNX input/output names), the engine build (min = opt = max shapes), runtime
+buffer allocation and ``manifest.json`` are all derived from :func:`resolve` — never restated.
+
+Standard library only: a deployed host, an export machine and C++-side tooling all import it.
+
+Symbolic dims:
+    ``B``   images per network call (the profile's batch)
+    ``B2``  network batch in the loops: ``2*B`` with classifier-free guidance ([uncond, cond]), else ``B``
+    ``L``   text length (both tokenizers pad to 77)
+    ``H``/``W``  image size in pixels; ``h``/``w`` latent size (``H/8``, ``W/8``)
+    ``E``   CLIP embedding width (768 real), ``X`` XLM-R hidden width (1024 real),
+    ``S``   CLIP vision input size (224 real)
+
+Every float input and output is float32 at both precisions: fp16 artifacts compute in fp16 inside
+the graph and cast at the boundary, so the loops accumulate latents in fp32 and a host never has
+to convert buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+LATENT_SCALE = 8  # MoVQ downsamples 3 times: latent = pixels / 8
+LATENT_CHANNELS = 4
+UNET_OUT_CHANNELS = 8  # 4 noise + 4 learned-variance channels
+INPAINT_IN_CHANNELS = 9  # latents 4 + masked-image latents 4 + mask 1
+DTYPES = ("float32", "float16", "int64", "bool")
+
+
+class SpecError(ValueError):
+    """A profile, a dimension or a checkpoint that does not fit the spec."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The static build point: one set of artifacts per profile.
+
+    Args:
+        batch: images per network call (before classifier-free-guidance doubling).
+        height, width: output image size in pixels, multiples of 64.
+        cfg: whether the loop networks run the [uncond, cond] batch of classifier-free guidance.
+    """
+
+    batch: int = 1
+    height: int = 512
+    width: int = 512
+    cfg: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise SpecError(f"batch: expected an integer >= 1, found {self.batch!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 64:
+                raise SpecError(
+                    f"{name}: expected a positive multiple of 64 (the decoder works on "
+                    f"64-pixel blocks), found {value!r}"
+                )
+
+    @property
+    def name(self) -> str:
+        """A short label, e.g. ``b1_512x512_cfg``."""
+        return f"b{self.batch}_{self.height}x{self.width}_{'cfg' if self.cfg else 'nocfg'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Widths that come from the checkpoints (real Kandinsky 2.1, or a tiny test model)."""
+
+    clip_dim: int = 768  # E: CLIP text/image embedding, prior width, UNet cross-attention
+    text_dim: int = 1024  # X: XLM-R hidden size (MultilingualCLIP)
+    image_size: int = 224  # S: CLIP vision input
+    text_len: int = 77  # L
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+KANDINSKY_2_1_DIMS = ModelDims()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name is the ONNX/TensorRT tensor name and the wrapper's argument."""
+
+    name: str
+    dtype: str
+    dims: tuple[str | int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SpecError(f"{self.name}: dtype must be one of {DTYPES}, found {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ResolvedNetwork:
+    """A network at one profile: every dim is an integer."""
+
+    name: str
+    inputs: tuple[ResolvedTensor, ...]
+    outputs: tuple[ResolvedTensor, ...] = field(default=())
+
+    def tensor(self, name: str) -> ResolvedTensor:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims))
+
+
+F32, I64, BOOL = "float32", "int64", "bool"
+
+_UNET_CONDITIONING = (
+    _t("timestep", F32, 1),
+    _t("encoder_hidden_states", F32, "B2", "L", "X"),
+    _t("text_embeds", F32, "B2", "E"),
+    _t("image_embeds", F32, "B2", "E"),
+)
+
+NETWORKS: dict[str, NetworkSpec] = {
+    spec.name: spec
+    for spec in (
+        NetworkSpec(
+            "prior_text_encoder",
+            inputs=(_t("input_ids", I64, "B2", "L"),),
+            outputs=(_t("text_embeds", F32, "B2", "E"), _t("last_hidden_state", F32, "B2", "L", "E")),
+        ),
+        NetworkSpec(
+            "prior",
+            inputs=(
+                _t("hidden_states", F32, "B2", "E"),
+                _t("timestep", F32, 1),
+                _t("proj_embedding", F32, "B2", "E"),
+                _t("encoder_hidden_states", F32, "B2", "L", "E"),
+                _t("attention_mask", BOOL, "B2", "L"),
+            ),
+            outputs=(_t("predicted_image_embedding", F32, "B2", "E"),),
+        ),
+        NetworkSpec(
+            "image_encoder",
+            inputs=(_t("pixel_values", F32, 1, 3, "S", "S"),),
+            outputs=(_t("image_embeds", F32, 1, "E"),),
+        ),
+        NetworkSpec(
+            "text_encoder",
+            inputs=(_t("input_ids", I64, "B2", "L"), _t("attention_mask", I64, "B2", "L")),
+            outputs=(_t("text_embeds", F32, "B2", "E"), _t("last_hidden_state", F32, "B2", "L", "X")),
+        ),
+        NetworkSpec(
+            "unet",
+            inputs=(_t("sample", F32, "B2", LATENT_CHANNELS, "h", "w"),) + _UNET_CONDITIONING,
+            outputs=(_t("noise_pred", F32, "B2", UNET_OUT_CHANNELS, "h", "w"),),
+        ),
+        NetworkSpec(
+            "unet_inpaint",
+            inputs=(_t("sample", F32, "B2", INPAINT_IN_CHANNELS, "h", "w"),) + _UNET_CONDITIONING,
+            outputs=(_t("noise_pred", F32, "B2", UNET_OUT_CHANNELS, "h", "w"),),
+        ),
+        NetworkSpec(
+            "movq_decoder",
+            inputs=(_t("latents", F32, "B", LATENT_CHANNELS, "h", "w"),),
+            outputs=(_t("image", F32, "B", 3, "H", "W"),),
+        ),
+        NetworkSpec(
+            "movq_encoder",
+            inputs=(_t("image", F32, "B", 3, "H", "W"),),
+            outputs=(_t("latents", F32, "B", LATENT_CHANNELS, "h", "w"),),
+        ),
+    )
+}
+
+# One row of a scheduler's per-step coefficient table (DESIGN §4), in column order:
+#   x0     = clip(p*x + q*eps, clip_min, clip_max)
+#   std    = s + learned * exp(0.5 * (log_var_min + (var + 1) / 2 * (log_var_max - log_var_min)))
+#   x_next = u*x0 + v*x + w*eps + r*x0_prev + std*noise
+# eps / var are the guided model output (noise channels / cond half of the learned variance).
+COEFFICIENT_COLUMNS = (
+    "p", "q", "clip_min", "clip_max", "u", "v", "w", "r", "s", "learned", "log_var_min", "log_var_max",
+)
+K = len(COEFFICIENT_COLUMNS)
+
+
+def _step_spec(name: str, latent: tuple, output: tuple, model_input: tuple, extra: tuple = ()) -> NetworkSpec:
+    """Guidance + scheduler update: a tiny elementwise graph run after each network call."""
+    return NetworkSpec(
+        name,
+        inputs=(
+            _t("latents", F32, "B", *latent),
+            _t("model_output", F32, "B2", *output),
+            _t("coefficients", F32, K),
+            _t("noise", F32, "B", *latent),
+            _t("guidance_scale", F32, 1),
+            _t("x0_prev", F32, "B", *latent),
+        )
+        + extra,
+        outputs=(
+            _t("latents_next", F32, "B", *latent),
+            _t("x0", F32, "B", *latent),
+            _t("model_input", F32, "B2", *model_input),
+        ),
+    )
+
+
+_LATENT = (LATENT_CHANNELS, "h", "w")
+STEP_NETWORKS: dict[str, NetworkSpec] = {
+    spec.name: spec
+    for spec in (
+        _step_spec("prior_step", ("E",), ("E",), ("E",)),
+        _step_spec("unet_step", _LATENT, (UNET_OUT_CHANNELS, "h", "w"), _LATENT),
+        _step_spec(
+            "unet_inpaint_step",
+            _LATENT,
+            (UNET_OUT_CHANNELS, "h", "w"),
+            (INPAINT_IN_CHANNELS, "h", "w"),
+            extra=(_t("conditioning", F32, "B2", INPAINT_IN_CHANNELS - LATENT_CHANNELS, "h", "w"),),
+        ),
+    )
+}
+
+# Which checkpoint each network comes from (prior/, decoder/, inpaint/).
+NETWORK_SOURCE = {
+    "prior_text_encoder": "prior",
+    "prior": "prior",
+    "image_encoder": "prior",
+    "text_encoder": "decoder",
+    "unet": "decoder",
+    "unet_inpaint": "inpaint",
+    "movq_decoder": "decoder",
+    "movq_encoder": "decoder",
+}
+
+
+def dim_values(profile: Profile, dims: ModelDims) -> dict[str, int]:
+    """The integer value of every symbolic dim at ``profile`` for models of widths ``dims``."""
+    return {
+        "B": profile.batch,
+        "B2": profile.batch * (2 if profile.cfg else 1),
+        "L": dims.text_len,
+        "H": profile.height,
+        "W": profile.width,
+        "h": profile.height // LATENT_SCALE,
+        "w": profile.width // LATENT_SCALE,
+        "E": dims.clip_dim,
+        "X": dims.text_dim,
+        "S": dims.image_size,
+    }
+
+
+def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int]) -> tuple[ResolvedTensor, ...]:
+    resolved = []
+    for t in tensors:
+        try:
+            shape = tuple(d if isinstance(d, int) else values[d] for d in t.dims)
+        except KeyError as err:
+            raise SpecError(f"{t.name}: unknown symbolic dim {err.args[0]!r}") from None
+        resolved.append(ResolvedTensor(t.name, t.dtype, shape))
+    return tuple(resolved)
+
+
+def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
+    """Resolve network ``name`` to static shapes.
+
+    Raises:
+        SpecError: ``name`` is not a network of the spec.
+    """
+    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
+    if spec is None:
+        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
+    values = dim_values(profile, dims)
+    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))

@@ -1,0 +1,183 @@
+"""Text tokenization for the runtime, without transformers.
+
+Both Kandinsky 2.1 text encoders see fixed-length 77-token inputs:
+
+* the prior's ``CLIPTokenizer`` is called with ``padding="max_length"``,
+  ``max_length=tokenizer.model_max_length`` (77) and ``truncation=True``;
+* the decoders' ``XLMRobertaTokenizer`` is called with ``padding="max_length"``, ``max_length=77``
+  (hard-coded in diffusers), ``truncation=True`` and ``add_special_tokens=True``.
+
+In transformers 5 both are thin wrappers over a ``tokenizers.Tokenizer``, so loading the same
+``tokenizer.json`` with the ``tokenizers`` package and enabling right-side truncation (which reserves
+room for the special tokens the post-processor adds, so the end-of-sequence token survives) and
+right-side padding to ``max_length`` with the pad id reproduces their ``input_ids`` and
+``attention_mask``. Padding and truncation stored inside ``tokenizer.json`` are ignored on purpose:
+they are reset and enabled here with explicit values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+DEFAULT_MAX_LENGTH = 77  # both Kandinsky 2.1 text encoders
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file or folder that is unreadable, corrupt, or lacks a needed setting."""
+
+
+def _load_backend(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file: expected a tokenizer.json at {path}, found nothing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for parse errors
+        raise TokenizerFileError(
+            f"tokenizer file {path}: expected a valid tokenizers JSON file, failed to parse it ({exc})"
+        ) from exc
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as stored by transformers: a plain string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerFileError(f"{path}: expected a readable JSON object, failed ({exc})") from exc
+    if not isinstance(data, dict):
+        raise TokenizerFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+class TextTokenizer:
+    """Fixed-length tokenizer reproducing the diffusers Kandinsky pipelines' tokenizer calls.
+
+    Args:
+        path: the ``tokenizer.json`` file.
+        max_length: sequence length after padding/truncation (77 for both Kandinsky encoders).
+        pad_token: the padding token's text (e.g. ``"<pad>"``, ``"<|endoftext|>"``).
+        pad_id: the padding token's id; give it instead of, or together with, ``pad_token``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        pad_token: str | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"max_length: expected an integer >= 2, found {max_length!r}")
+        self.max_length = max_length
+        self._backend = _load_backend(self.path)
+        self.pad_token, self.pad_id = self._resolve_pad(pad_token, pad_id)
+        # Whatever tokenizer.json stored is discarded: the settings below are the pipelines' own.
+        self._backend.no_padding()
+        self._backend.no_truncation()
+        self._backend.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+        self._backend.enable_padding(
+            direction="right", pad_id=self.pad_id, pad_type_id=0, pad_token=self.pad_token, length=max_length
+        )
+
+    def _resolve_pad(self, pad_token: str | None, pad_id: int | None) -> tuple[str, int]:
+        if pad_token is None and pad_id is None:
+            raise ValueError(f"pad_token/pad_id: expected at least one for {self.path}, found neither")
+        if pad_token is not None:
+            token_id = self._backend.token_to_id(pad_token)
+            if token_id is None:
+                raise TokenizerFileError(
+                    f"pad_token: expected {pad_token!r} in the vocabulary of {self.path}, it is absent"
+                )
+            if pad_id is not None and pad_id != token_id:
+                raise ValueError(f"pad_id: {pad_token!r} has id {token_id} in {self.path}, found pad_id={pad_id}")
+            return pad_token, token_id
+        token = self._backend.id_to_token(pad_id)
+        if token is None:
+            raise TokenizerFileError(f"pad_id: expected an id in the vocabulary of {self.path}, found {pad_id}")
+        return token, int(pad_id)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int | None = DEFAULT_MAX_LENGTH) -> TextTokenizer:
+        """Load a transformers tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``).
+
+        The pad token is read from ``tokenizer_config.json`` (or ``special_tokens_map.json``).
+        ``max_length=None`` takes ``model_max_length`` from the config, as the prior pipeline does;
+        the decoder pipelines always use 77.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder: expected a directory at {folder}, found nothing")
+        config = cls._read_config(folder)
+        pad_token = _token_content(config.get("pad_token"))
+        if pad_token is None:
+            raise TokenizerFileError(f"{folder}: expected a pad_token in {TOKENIZER_CONFIG_FILE}, found none")
+        if max_length is None:
+            max_length = config.get("model_max_length")
+            if not isinstance(max_length, int) or max_length < 2 or max_length > 1_000_000:
+                raise TokenizerFileError(
+                    f"{folder / TOKENIZER_CONFIG_FILE}: expected an integer model_max_length, found {max_length!r}"
+                )
+        return cls(folder / TOKENIZER_FILE, max_length=max_length, pad_token=pad_token)
+
+    @staticmethod
+    def _read_config(folder: Path) -> dict:
+        """tokenizer_config.json, with special_tokens_map.json filling gaps (older save formats)."""
+        config: dict = {}
+        special = folder / SPECIAL_TOKENS_FILE
+        if special.is_file():
+            config.update(_read_json(special))
+        main = folder / TOKENIZER_CONFIG_FILE
+        if main.is_file():
+            config.update({k: v for k, v in _read_json(main).items() if v is not None})
+        return config
+
+    @classmethod
+    def from_manifest_entry(cls, entry: dict, base_dir: str | Path) -> TextTokenizer:
+        """Build from a manifest ``tokenizers`` entry ``{file, max_length, pad_id}``."""
+        try:
+            file, max_length, pad_id = entry["file"], entry["max_length"], entry["pad_id"]
+        except (KeyError, TypeError) as exc:
+            raise TokenizerFileError(
+                f"tokenizer manifest entry: expected keys file, max_length, pad_id, found {entry!r}"
+            ) from exc
+        return cls(Path(base_dir) / file, max_length=max_length, pad_id=pad_id)
+
+    def encode(self, prompts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize ``prompts`` to ``(input_ids, attention_mask)``, both int64 ``[n, max_length]``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError(f"prompts: expected a non-empty list of str, found {prompts!r}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{i}]: expected str, found {type(prompt).__name__}")
+        encodings = self._backend.encode_batch(list(prompts), add_special_tokens=True)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        if ids.shape != (len(prompts), self.max_length):
+            raise RuntimeError(
+                f"tokenizer {self.path}: expected [{len(prompts)}, {self.max_length}] ids, found {ids.shape}"
+            )
+        return ids, mask
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({str(self.path)!r}, max_length={self.max_length}, pad={self.pad_token!r}/{self.pad_id})"

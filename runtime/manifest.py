@@ -11,7 +11,8 @@ Layout (schema version 1)::
               inputs[{name,dtype,shape}], outputs[...], engine{...}|null}],
     constants[{name, file, dtype, shape, sha256}],
     schedulers{prior|decoder|decoder_ddpm: {config{...}, tables{steps: table}}},
-    tokenizers{prior|decoder: {file, max_length, pad_id}}
+    tokenizers{prior|decoder: {file, max_length, pad_id}},
+    image_processor{size, mean, std}  (CLIP preprocessing for ``interpolate`` image conditions)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.spec import ModelDims, Profile, ResolvedNetwork, ResolvedTensor
 
 SCHEMA_VERSION = 1
@@ -31,7 +33,7 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
-class ManifestError(ValueError):
+class ManifestError(KandinskyTrtError, ValueError):
     """A manifest that is missing, unreadable, of another schema version, or inconsistent."""
 
 
@@ -72,6 +74,7 @@ class NetworkEntry:
     outputs: tuple[ResolvedTensor, ...]
     external_data: tuple[str, ...] = ()
     fp32_islands: tuple[str, ...] = ()
+    export_key: str = ""  # hash of what produced the ONNX: reuse only when it matches
     engine: dict | None = None
 
     @property
@@ -86,6 +89,7 @@ class NetworkEntry:
             "external_data": list(self.external_data),
             "precision": self.precision,
             "fp32_islands": list(self.fp32_islands),
+            "export_key": self.export_key,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "engine": self.engine,
@@ -102,6 +106,7 @@ class NetworkEntry:
             outputs=_tensors(d["outputs"]),
             external_data=tuple(d.get("external_data", ())),
             fp32_islands=tuple(d.get("fp32_islands", ())),
+            export_key=d.get("export_key", ""),
             engine=d.get("engine"),
         )
 
@@ -137,6 +142,7 @@ class Manifest:
     constants: dict[str, ConstantEntry]
     schedulers: dict[str, Any]
     tokenizers: dict[str, Any]
+    image_processor: dict[str, Any]
     producer: dict[str, Any]
     checkpoints: dict[str, Any]
 
@@ -163,6 +169,7 @@ class Manifest:
             "constants": [c.to_dict() for c in self.constants.values()],
             "schedulers": self.schedulers,
             "tokenizers": self.tokenizers,
+            "image_processor": self.image_processor,
         }
 
     @classmethod
@@ -180,6 +187,7 @@ class Manifest:
                 constants={c["name"]: ConstantEntry.from_dict(c) for c in d["constants"]},
                 schedulers=d["schedulers"],
                 tokenizers=d["tokenizers"],
+                image_processor=d["image_processor"],
                 producer=d["producer"],
                 checkpoints=d["checkpoints"],
             )

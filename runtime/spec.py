@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from kandinsky_trt.runtime.errors import KandinskyTrtError
+
 LATENT_SCALE = 8  # MoVQ downsamples 3 times: latent = pixels / 8
 LATENT_CHANNELS = 4
 UNET_OUT_CHANNELS = 8  # 4 noise + 4 learned-variance channels
@@ -29,7 +31,7 @@ INPAINT_IN_CHANNELS = 9  # latents 4 + masked-image latents 4 + mask 1
 DTYPES = ("float32", "float16", "int64", "bool")
 
 
-class SpecError(ValueError):
+class SpecError(KandinskyTrtError, ValueError):
     """A profile, a dimension or a checkpoint that does not fit the spec."""
 
 

@@ -11,10 +11,11 @@ from typing import Mapping
 
 import numpy as np
 
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.spec import ResolvedNetwork
 
 
-class BackendError(RuntimeError):
+class BackendError(KandinskyTrtError, RuntimeError):
     """A backend could not load or run a network (missing files, mismatched artifacts, ...)."""
 
 

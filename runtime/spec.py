@@ -252,16 +252,17 @@ STEP_NETWORKS: dict[str, NetworkSpec] = {
     )
 }
 
-# Which checkpoint each network comes from (prior/, decoder/, inpaint/).
+# Where each network lives: (checkpoint, subfolder), the checkpoints laid out like the public
+# kandinsky-community/kandinsky-2-1-prior (prior), kandinsky-2-1 (decoder), kandinsky-2-1-inpaint.
 NETWORK_SOURCE = {
-    "prior_text_encoder": "prior",
-    "prior": "prior",
-    "image_encoder": "prior",
-    "text_encoder": "decoder",
-    "unet": "decoder",
-    "unet_inpaint": "inpaint",
-    "movq_decoder": "decoder",
-    "movq_encoder": "decoder",
+    "prior_text_encoder": ("prior", "text_encoder"),
+    "prior": ("prior", "prior"),
+    "image_encoder": ("prior", "image_encoder"),
+    "text_encoder": ("decoder", "text_encoder"),
+    "unet": ("decoder", "unet"),
+    "unet_inpaint": ("inpaint", "unet"),
+    "movq_decoder": ("decoder", "movq"),
+    "movq_encoder": ("decoder", "movq"),
 }
 
 

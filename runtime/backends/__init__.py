@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Backends behind one interface (``base.py``): ``ort``, ``torch``, ``trt``."""

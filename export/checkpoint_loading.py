@@ -1,0 +1,92 @@
+"""Load Kandinsky 2.1 networks from local diffusers-format checkpoints, and read their widths.
+
+Uses the real ``from_pretrained`` code on local directories (no hub). Every width the spec treats as
+symbolic (``E``, ``X``, ``S``) is read from one config and cross-checked against every other config
+that must agree; the fixed dims (4 latent channels, 8 UNet outputs, scale factor 8) are checked too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kandinsky_trt.runtime import spec
+from kandinsky_trt.runtime.spec import ModelDims, SpecError
+
+@dataclass(frozen=True)
+class CheckpointDirs:
+    """The three checkpoint roots (``inpaint`` optional), laid out like the public repos."""
+
+    prior: Path
+    decoder: Path
+    inpaint: Path | None = None
+
+    def root(self, which: str) -> Path:
+        path = getattr(self, which)
+        if path is None:
+            raise SpecError(f"--{which}: expected a checkpoint directory for this network, found none")
+        return Path(path)
+
+    def component(self, network: str) -> Path:
+        which, subfolder = spec.NETWORK_SOURCE[network]
+        path = self.root(which) / subfolder
+        if not (path / "config.json").is_file():
+            raise SpecError(f"--{which}: expected {path}/config.json (a diffusers checkpoint), found no such file")
+        return path
+
+
+def networks_for(dirs: CheckpointDirs) -> list[str]:
+    """The spec networks these checkpoints provide, in spec order."""
+    return [n for n in spec.NETWORKS if n != "unet_inpaint" or dirs.inpaint is not None]
+
+
+def load_network(network: str, dirs: CheckpointDirs):
+    """Load the torch module behind ``network`` in fp32, eval mode."""
+    from kandinsky_trt.runtime.backends.torch_modules import load_module
+
+    return load_module(network, dirs.component(network))
+
+
+def _config(dirs: CheckpointDirs, network: str) -> dict:
+    return json.loads((dirs.component(network) / "config.json").read_text())
+
+
+def _agree(what: str, expected: int, found: dict[str, int]) -> None:
+    wrong = {k: v for k, v in found.items() if v != expected}
+    if wrong:
+        raise SpecError(f"{what}: expected {expected} everywhere, found " + ", ".join(f"{k}={v}" for k, v in wrong.items()))
+
+
+def read_model_dims(dirs: CheckpointDirs) -> ModelDims:
+    """Read the widths from the configs and fail loudly on any disagreement.
+
+    Raises:
+        SpecError: naming the config field, the expected value and the value found.
+    """
+    prior, unet, movq = _config(dirs, "prior"), _config(dirs, "unet"), _config(dirs, "movq_decoder")
+    clip_text, clip_vision = _config(dirs, "prior_text_encoder"), _config(dirs, "image_encoder")
+    mclip = _config(dirs, "text_encoder")
+    dims = ModelDims(
+        clip_dim=prior.get("embedding_dim", 768),
+        text_dim=mclip["transformerDimensions"],
+        image_size=clip_vision["image_size"],
+        text_len=prior.get("num_embeddings", 77),
+    )
+    _agree("CLIP embedding width (E)", dims.clip_dim, {
+        "prior_text_encoder.projection_dim": clip_text["projection_dim"],
+        "image_encoder.projection_dim": clip_vision["projection_dim"],
+        "text_encoder.numDims": mclip["numDims"],
+        "unet.cross_attention_dim": unet["cross_attention_dim"],
+    })
+    _agree("XLM-R width (X)", dims.text_dim, {"unet.encoder_hid_dim": unet["encoder_hid_dim"]})
+    _agree("text length (L)", 77, {"prior.num_embeddings": dims.text_len})
+    _agree("latent channels", spec.LATENT_CHANNELS, {
+        "movq.latent_channels": movq["latent_channels"], "unet.in_channels": unet["in_channels"]})
+    _agree("UNet output channels", spec.UNET_OUT_CHANNELS, {"unet.out_channels": unet["out_channels"]})
+    _agree("MoVQ scale factor", spec.LATENT_SCALE, {"movq": 2 ** (len(movq["block_out_channels"]) - 1)})
+    if dirs.inpaint is not None:
+        inpaint = _config(dirs, "unet_inpaint")
+        _agree("inpaint UNet input channels", spec.INPAINT_IN_CHANNELS, {"unet.in_channels": inpaint["in_channels"]})
+        _agree("inpaint UNet output channels", spec.UNET_OUT_CHANNELS, {"unet.out_channels": inpaint["out_channels"]})
+    return dims

@@ -1,0 +1,119 @@
+"""The fp16 precision policy: which parts of each network stay fp32 inside an fp16 graph.
+
+TensorRT 11 builds strongly typed networks only (no ``BuilderFlag.FP16``), so precision lives in the
+ONNX graph. We export the torch module in fp16 and keep *fp32 islands*: the island modules get fp32
+weights and cast their input up and their output back down, which the exporter records as Cast
+nodes around an fp32 op.
+
+Islands (``FP16_ISLANDS``), each kept for a measured or documented reason:
+
+- ``timestep_embedding``: sin/cos of ``t * freq`` with t up to 999 needs fp32 (fp16 resolution near
+  999 is 0.5). diffusers already computes it in fp32 and casts after, so nothing to change.
+- ``GroupNorm`` / ``LayerNorm``: variance of wide activations; TensorRT fp16 reductions drift.
+- ``softmax``: attention probabilities in fp32 (diffusers' ``upcast_softmax``, honoured by the
+  classic attention processors we switch to; the SDPA processors ignore it). MoVQ's single-head
+  attention (head dim 512 over 4,096+ tokens) is the likeliest overflow spot.
+- ``pooling``: MultilingualCLIP's masked mean over 77 tokens of XLM-R states, and its projection.
+
+The parity numbers behind this table are in the README (``export --verify`` prints them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    precision: str  # "fp16" | "fp32"
+    fp32_norms: bool = True
+    fp32_softmax: bool = True
+    fp32_modules: tuple[str, ...] = ()  # attribute paths of modules kept fp32 (e.g. pooling heads)
+
+    @property
+    def islands(self) -> tuple[str, ...]:
+        """The names recorded in the manifest's ``fp32_islands``."""
+        if self.precision == "fp32":
+            return ()
+        names = ["timestep_embedding"]
+        names += ["GroupNorm", "LayerNorm"] if self.fp32_norms else []
+        names += ["softmax"] if self.fp32_softmax else []
+        return tuple(names + list(self.fp32_modules))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.precision == "fp16" else torch.float32
+
+
+FP32 = PrecisionPolicy("fp32")
+FP16_ISLANDS: dict[str, PrecisionPolicy] = {
+    "prior_text_encoder": PrecisionPolicy("fp16", fp32_softmax=False),
+    "prior": PrecisionPolicy("fp16", fp32_softmax=False),
+    "image_encoder": PrecisionPolicy("fp16", fp32_softmax=False),
+    "text_encoder": PrecisionPolicy("fp16", fp32_softmax=False, fp32_modules=("LinearTransformation",)),
+    "unet": PrecisionPolicy("fp16"),
+    "unet_inpaint": PrecisionPolicy("fp16"),
+    "movq_decoder": PrecisionPolicy("fp16"),
+    "movq_encoder": PrecisionPolicy("fp16"),
+}
+PRECISIONS = ("fp16", "fp32")
+
+
+def policy_for(network: str, precision: str) -> PrecisionPolicy:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
+    return FP32 if precision == "fp32" else FP16_ISLANDS[network]
+
+
+class Fp32Island(nn.Module):
+    """Runs ``module`` in fp32 and returns its output in the dtype of its (first) input."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.module(x.float(), *args, **kwargs).to(x.dtype)
+
+
+def _wrap_children(root: nn.Module, types: tuple[type, ...]) -> int:
+    count = 0
+    for name, child in list(root.named_children()):
+        if isinstance(child, types):
+            setattr(root, name, Fp32Island(child))
+            count += 1
+        elif not isinstance(child, Fp32Island):
+            count += _wrap_children(child, types)
+    return count
+
+
+def _use_upcasting_attention(model: nn.Module) -> None:
+    """Swap SDPA processors for the classic ones, which honour ``upcast_softmax``."""
+    if not hasattr(model, "attn_processors"):
+        return
+    processors = {}
+    for name, processor in model.attn_processors.items():
+        kind = type(processor).__name__
+        processors[name] = AttnAddedKVProcessor() if "AddedKV" in kind else AttnProcessor()
+    model.set_attn_processor(processors)
+
+
+def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
+    """Convert ``model`` in place to ``policy`` (fp32: unchanged) and return it."""
+    if policy.precision == "fp32":
+        return model.float()
+    if policy.fp32_softmax:
+        _use_upcasting_attention(model)
+    model.half()
+    if policy.fp32_norms:
+        _wrap_children(model, (nn.GroupNorm, nn.LayerNorm))
+    for path in policy.fp32_modules:
+        parent, _, attr = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, Fp32Island(getattr(owner, attr)))
+    return model

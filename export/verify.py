@@ -1,0 +1,98 @@
+"""Parity of an exported graph (ONNX Runtime, CPU) against the fp32 torch module.
+
+The inputs differ from the ones traced at export — other prompt lengths (the text encoders pool
+with the mask; an exporter can fold a mask path into a constant), timesteps 999 / 500 / 1, and
+distinct uncond / cond halves — so a graph that only reproduces its tracing inputs fails.
+
+Error metric per output: ``max|onnx - torch| / max|torch|`` (relative to the output's scale),
+the worst over outputs and input sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kandinsky_trt.export.onnx_export import dummy_inputs
+from kandinsky_trt.runtime.spec import ResolvedNetwork
+
+FP32_TOLERANCE = 1e-4
+# fp16 graph vs fp32 torch, relative to the output scale. Measured on the tiny and full-size
+# random-weight checkpoints (README "fp16 policy"); the bound is ~2x the worst value seen.
+FP16_TOLERANCE = {
+    "prior_text_encoder": 5e-3,
+    "prior": 5e-3,
+    "image_encoder": 5e-3,
+    "text_encoder": 5e-3,
+    "unet": 5e-3,
+    "unet_inpaint": 5e-3,
+    "movq_decoder": 5e-3,
+    "movq_encoder": 5e-3,
+}
+TIMESTEPS = (999.0, 500.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    network: str
+    precision: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        return (f"{self.network:<20} {self.precision}  max abs {self.max_abs:.3e}  "
+                f"max rel {self.max_rel:.3e}  (tolerance {self.tolerance:.0e})  {verdict}")
+
+
+def tolerance(network: str, precision: str) -> float:
+    return FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE[network]
+
+
+def verification_inputs(network: ResolvedNetwork) -> list[dict[str, np.ndarray]]:
+    """Three input sets unlike the tracing inputs (seed 0, timestep 500)."""
+    sets = []
+    for seed, t in enumerate(TIMESTEPS, start=1):
+        feeds = dummy_inputs(network, seed=seed)
+        if "timestep" in feeds:
+            feeds["timestep"] = np.full_like(feeds["timestep"], t)
+        sets.append(feeds)
+    return sets
+
+
+def torch_reference(wrapper: torch.nn.Module, input_sets: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Outputs of the fp32 torch wrapper for every input set."""
+    results = []
+    with torch.no_grad():
+        for feeds in input_sets:
+            outs = wrapper(*(torch.from_numpy(a) for a in feeds.values()))
+            results.append([o.detach().numpy().copy() for o in outs])
+    return results
+
+
+def onnx_outputs(onnx_path: Path, input_sets: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # fp16 graphs warn about CPU constant folding; not errors
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return [session.run(None, feeds) for feeds in input_sets]
+
+
+def compare(network: str, precision: str, reference: list[list[np.ndarray]], found: list[list[np.ndarray]]) -> ParityResult:
+    max_abs = max_rel = 0.0
+    for ref_set, got_set in zip(reference, found):
+        for ref, got in zip(ref_set, got_set):
+            err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+            err = err if np.isfinite(err) else float("inf")  # NaN must fail, never compare as 0
+            scale = float(np.max(np.abs(ref))) or 1.0
+            max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale)
+    return ParityResult(network, precision, max_abs, max_rel, tolerance(network, precision))

@@ -1,0 +1,113 @@
+"""ONNX Runtime backend: the CPU execution provider everywhere, the CUDA one where available.
+
+Each network's ONNX file is checked against the manifest (sha256, then I/O names/dtypes/shapes)
+before a session is created, so a stale or foreign graph fails with a readable message instead of
+a traceback from inside ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(bool)": "bool"}
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    device: str = "cpu"  # "cpu" | "cuda"
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    check_hashes: bool = True
+
+
+def _session_io(session) -> list[str]:
+    lines = []
+    for kind, items in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        for item in items:
+            lines.append(f"{kind} {item.name}: {_ORT_TYPES.get(item.type, item.type)}{list(item.shape)}")
+    return lines
+
+
+def _expected_io(entry: mf.NetworkEntry) -> list[str]:
+    return [f"{kind} {t.name}: {t.dtype}{list(t.shape)}"
+            for kind, tensors in (("input", entry.inputs), ("output", entry.outputs)) for t in tensors]
+
+
+class OrtSession(NetworkSession):
+    def __init__(self, entry: mf.NetworkEntry, session) -> None:
+        super().__init__(entry.resolved)
+        self._session = session
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.network, feeds)
+        outputs = self._session.run(self.network.output_names, dict(feeds))
+        return dict(zip(self.network.output_names, outputs))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OrtBackend(Backend):
+    """Sessions over the ONNX graphs of one artifacts directory."""
+
+    name = "ort"
+
+    def __init__(self, manifest: mf.Manifest, options: OrtOptions = OrtOptions()) -> None:
+        if options.device not in DEVICES:
+            raise BackendError(f"device: expected one of {DEVICES}, found {options.device!r}")
+        self.manifest = manifest
+        self.options = options
+        self._sessions: dict[str, OrtSession] = {}
+
+    def _providers(self) -> list:
+        import onnxruntime as ort
+
+        if self.options.device == "cpu":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError(
+                "device: expected ONNX Runtime with the CUDA execution provider (pip install onnxruntime-gpu), "
+                f"found providers {ort.get_available_providers()}"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def load(self, network: str) -> OrtSession:
+        if network in self._sessions:
+            return self._sessions[network]
+        import onnxruntime as ort
+
+        entry = self.manifest.network(network)
+        path = self.manifest.path(entry.onnx)
+        if not path.is_file():
+            raise BackendError(f"{network}: expected the ONNX file {path}, found no such file (re-run export)")
+        if self.options.check_hashes and mf.sha256_file(path) != entry.onnx_sha256:
+            raise BackendError(f"{network}: {path} does not match the manifest's sha256 (modified or stale; re-run export)")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # fp16 graphs log CPU constant-folding warnings that are not errors
+        if self.options.intra_op_threads:
+            options.intra_op_num_threads = self.options.intra_op_threads
+        try:
+            session = ort.InferenceSession(str(path), options, providers=self._providers())
+        except Exception as err:  # ONNX Runtime raises its own untyped errors for corrupt files
+            raise BackendError(f"{network}: ONNX Runtime cannot load {path}: {err}") from None
+        expected, found = _expected_io(entry), _session_io(session)
+        if expected != found:
+            raise BackendError(f"{network}: graph I/O differs from the manifest:\n  expected {expected}\n  found    {found}")
+        self._sessions[network] = OrtSession(entry, session)
+        log.debug("loaded %s with %s", network, session.get_providers())
+        return self._sessions[network]
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()

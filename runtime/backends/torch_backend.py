@@ -1,0 +1,83 @@
+"""Torch backend: the original diffusers / transformers modules, loaded from the checkpoints.
+
+It is the parity oracle (same pipeline code, the real modules underneath) and the eager baseline
+of the benchmarks. The networks run through the same wrappers export traces
+(``torch_modules.py``), in fp32; the step graphs are tiny generated ONNX graphs, not torch modules,
+so they run through ONNX Runtime on the CPU.
+
+torch, diffusers and transformers are imported when a network is loaded, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
+from kandinsky_trt.runtime.backends.ort import OrtBackend
+from kandinsky_trt.runtime.spec import NETWORK_SOURCE
+
+
+class TorchSession(NetworkSession):
+    def __init__(self, entry: mf.NetworkEntry, module, device: str) -> None:
+        super().__init__(entry.resolved)
+        self._module = module
+        self._device = device
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        check_feeds(self.network, feeds)
+        with torch.no_grad():
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self._device) for n in self.network.input_names]
+            outputs = self._module(*args)
+        return {n: o.cpu().numpy() for n, o in zip(self.network.output_names, outputs)}
+
+    def close(self) -> None:
+        self._module = None
+
+
+class TorchBackend(Backend):
+    """Networks from the checkpoint directories recorded in the manifest."""
+
+    name = "torch"
+
+    def __init__(self, manifest: mf.Manifest, device: str = "cpu") -> None:
+        self.manifest = manifest
+        self.device = device
+        self._sessions: dict[str, NetworkSession] = {}
+        self._steps = OrtBackend(manifest)
+
+    def _component_dir(self, network: str) -> Path:
+        checkpoint, subfolder = NETWORK_SOURCE[network]
+        root = self.manifest.checkpoints.get(checkpoint)
+        path = Path(root) / subfolder if root else None
+        if path is None or not (path / "config.json").is_file():
+            raise BackendError(
+                f"{network}: the torch backend needs the {checkpoint} checkpoint the artifacts were exported "
+                f"from; expected {path}/config.json, found no such file"
+            )
+        return path
+
+    def load(self, network: str) -> NetworkSession:
+        if network.endswith("_step"):
+            return self._steps.load(network)
+        if network not in self._sessions:
+            from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS, load_module
+
+            import torch
+
+            entry = self.manifest.network(network)
+            module = load_module(network, self._component_dir(network)).to(self.device)
+            wrapper = WRAPPERS[network](module, torch.float32)
+            self._sessions[network] = TorchSession(entry, wrapper, self.device)
+        return self._sessions[network]
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        self._steps.close()

@@ -1,0 +1,109 @@
+"""Combined pipelines: prior + decoder in one call, sharing one set of loaded components.
+
+Fixed diffusers bugs (README "Divergences from diffusers"):
+- the decoder also gets ``negative_prompt`` (diffusers drops it);
+- prompts are paired with their own image embeddings for several prompts x several images
+  (diffusers tiles the prompts [p1, p2, p1, p2] against embeddings [p1, p1, p2, p2]);
+- a bare PIL image works with several images per prompt (diffusers checks ``prompt`` instead of
+  ``image`` and fails).
+As in diffusers, ``latents`` seeds the prior; ``decoder_latents`` / ``noise`` seed the decoder.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kandinsky_trt.runtime import inputs as args
+from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.decoder_pipelines import (
+    KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
+from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
+
+
+class _Combined:
+    decoder_class = KandinskyPipeline
+
+    def __init__(self, artifacts: str | os.PathLike | None = None, backend: str = "ort", device: str = "cpu",
+                 components: Components | None = None) -> None:
+        self.components = components or Components(artifacts, backend, device)
+        self.prior_pipe = KandinskyPriorPipeline(components=self.components)
+        self.decoder_pipe = self.decoder_class(components=self.components)
+
+    def _prior(self, call: dict):
+        """Run the prior for every prompt x image; returns decoder rows (prompts repeated per image)."""
+        prompts = args.as_prompt_list(call["prompt"])
+        n = args.check_positive_int(call["num_images_per_prompt"], "num_images_per_prompt")
+        rng = args.rng(call["generator"])
+        out = self.prior_pipe(prompts, call["negative_prompt"], n, call["prior_num_inference_steps"], rng,
+                              call["latents"], call["prior_guidance_scale"], step_noise=call["prior_step_noise"])
+        negatives = args.negative_prompts(call["negative_prompt"], len(prompts))
+        repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(n)]  # noqa: E731
+        return out, repeat(prompts), repeat(negatives), rng
+
+    def _decoder_args(self, call: dict, out, negatives, rng) -> dict:
+        return dict(
+            image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
+            negative_prompt=negatives, height=call["height"], width=call["width"],
+            num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"],
+            generator=rng, output_type=call["output_type"], callback=call["callback"],
+            callback_steps=call["callback_steps"], return_dict=call["return_dict"], scheduler=call["scheduler"],
+        )
+
+
+class KandinskyCombinedPipeline(_Combined):
+    """Text-to-image, prior and decoder together (diffusers ``KandinskyCombinedPipeline``)."""
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 100, guidance_scale: float = 4.0,
+                 num_images_per_prompt: int = 1, height: int = 512, width: int = 512,
+                 prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
+                 generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
+                 callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
+                 prior_step_noise=None, decoder_latents=None):
+        call = dict(locals())
+        out, prompts, negatives, rng = self._prior(call)
+        return self.decoder_pipe(prompts, latents=decoder_latents, **self._decoder_args(call, out, negatives, rng))
+
+
+def _images_per_row(image, prompts: int, n: int) -> list:
+    """One image per decoder row: a bare image or a list of one or one per prompt, repeated per image."""
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if len(images) == 1:
+        images = images * prompts
+    return [img for img in images for _ in range(n)]
+
+
+class KandinskyImg2ImgCombinedPipeline(_Combined):
+    """Image-to-image, prior and decoder together (diffusers ``KandinskyImg2ImgCombinedPipeline``)."""
+
+    decoder_class = KandinskyImg2ImgPipeline
+
+    def __call__(self, prompt, image, negative_prompt=None, num_inference_steps: int = 100,
+                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, strength: float = 0.3,
+                 height: int = 512, width: int = 512, prior_guidance_scale: float = 4.0,
+                 prior_num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
+                 output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
+                 scheduler: str | None = None, prior_step_noise=None, noise=None):
+        call = dict(locals())
+        out, prompts, negatives, rng = self._prior(call)
+        images = _images_per_row(image, len(args.as_prompt_list(prompt)), call["num_images_per_prompt"])
+        return self.decoder_pipe(prompts, images, strength=strength, noise=noise,
+                                 **self._decoder_args(call, out, negatives, rng))
+
+
+class KandinskyInpaintCombinedPipeline(_Combined):
+    """Inpainting, prior and decoder together (diffusers ``KandinskyInpaintCombinedPipeline``)."""
+
+    decoder_class = KandinskyInpaintPipeline
+
+    def __call__(self, prompt, image, mask_image, negative_prompt=None, num_inference_steps: int = 100,
+                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, height: int = 512, width: int = 512,
+                 prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
+                 generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
+                 callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
+                 prior_step_noise=None, decoder_latents=None):
+        call = dict(locals())
+        out, prompts, negatives, rng = self._prior(call)
+        count, n = len(args.as_prompt_list(prompt)), call["num_images_per_prompt"]
+        images, masks = _images_per_row(image, count, n), _images_per_row(mask_image, count, n)
+        return self.decoder_pipe(prompts, images, masks, latents=decoder_latents,
+                                 **self._decoder_args(call, out, negatives, rng))

@@ -1,0 +1,63 @@
+"""The component spec: profiles, symbolic dims and their resolution."""
+
+import pytest
+
+from kandinsky_trt.runtime import spec
+from kandinsky_trt.runtime.spec import ModelDims, Profile, SpecError, resolve
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=500), "height: expected a positive multiple of 64.*found 500"),
+    (dict(width=0), "width: expected a positive multiple of 64.*found 0"),
+    (dict(width=96), "width.*found 96"),
+    (dict(batch=0), "batch: expected an integer >= 1, found 0"),
+    (dict(batch=1.5), "batch.*found 1.5"),
+])
+def test_profile_rejects_bad_values(kwargs, match):
+    with pytest.raises(SpecError, match=match):
+        Profile(**kwargs)
+
+
+def test_profile_name_and_dims():
+    profile = Profile(batch=2, height=512, width=768, cfg=True)
+    assert profile.name == "b2_512x768_cfg"
+    values = spec.dim_values(profile, ModelDims())
+    assert values == {"B": 2, "B2": 4, "L": 77, "H": 512, "W": 768, "h": 64, "w": 96, "E": 768, "X": 1024, "S": 224}
+    assert spec.dim_values(Profile(batch=2, cfg=False), ModelDims())["B2"] == 2
+
+
+def test_unet_resolves_to_real_shapes():
+    unet = resolve("unet", Profile(batch=1, height=768, width=768))
+    assert [(t.name, t.dtype, t.shape) for t in unet.inputs] == [
+        ("sample", "float32", (2, 4, 96, 96)),
+        ("timestep", "float32", (1,)),
+        ("encoder_hidden_states", "float32", (2, 77, 1024)),
+        ("text_embeds", "float32", (2, 768)),
+        ("image_embeds", "float32", (2, 768)),
+    ]
+    assert unet.outputs[0].shape == (2, 8, 96, 96)
+
+
+def test_inpaint_and_step_graphs_follow_the_same_dims():
+    profile, dims = Profile(batch=2, height=64, width=128), ModelDims(clip_dim=32, text_dim=48)
+    assert resolve("unet_inpaint", profile, dims).tensor("sample").shape == (4, 9, 8, 16)
+    step = resolve("unet_inpaint_step", profile, dims)
+    assert step.tensor("latents").shape == (2, 4, 8, 16)
+    assert step.tensor("model_output").shape == (4, 8, 8, 16)
+    assert step.tensor("conditioning").shape == (4, 5, 8, 16)
+    assert step.tensor("model_input").shape == (4, 9, 8, 16)
+    assert step.tensor("coefficients").shape == (len(spec.COEFFICIENT_COLUMNS),)
+    assert resolve("prior_step", profile, dims).tensor("model_input").shape == (4, 32)
+
+
+def test_every_network_resolves_and_has_a_source():
+    for name in list(spec.NETWORKS) + list(spec.STEP_NETWORKS):
+        network = resolve(name, Profile())
+        assert network.inputs and network.outputs
+        assert all(all(isinstance(d, int) and d > 0 for d in t.shape) for t in network.inputs + network.outputs)
+    assert set(spec.NETWORK_SOURCE) == set(spec.NETWORKS)
+
+
+def test_unknown_network_is_named():
+    with pytest.raises(SpecError, match="network: expected one of .*found 'vae'"):
+        resolve("vae", Profile())

@@ -180,4 +180,7 @@ class TextTokenizer:
         return ids, mask
 
     def __repr__(self) -> str:
-        return f"TextTokenizer({str(self.path)!r}, max_length={self.max_length}, pad={self.pad_token!r}/{self.pad_id})"
+        return (
+            f"TextTokenizer({str(self.path)!r}, max_length={self.max_length}, "
+            f"pad_token={self.pad_token!r}, pad_id={self.pad_id})"
+        )

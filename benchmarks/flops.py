@@ -225,7 +225,8 @@ def _text_encoder_without_mask(model: torch.nn.Module, x: dict[str, torch.Tensor
 def _build(network: str, dtype: torch.dtype, builder: Callable | None) -> torch.nn.Module:
     if builder is None:
         from kandinsky_trt.export.full_size import build_full_size_model as builder  # noqa: N813
-    return builder(network, device="meta", dtype=dtype).eval()
+    # .to(dtype) as well: a meta build may come back in its construction dtype (free on meta)
+    return builder(network, device="meta", dtype=dtype).to(dtype).eval()
 
 
 def network_cost(
@@ -266,3 +267,10 @@ def network_cost(
         io_bytes=_io_bytes(resolved),
         method=method,
     )
+
+
+def network_costs(
+    profile: Profile = Profile(), precision: str = "fp16", networks: tuple[str, ...] | None = None
+) -> dict[str, NetworkCost]:
+    """:func:`network_cost` of every spec network (or of ``networks``), in spec order."""
+    return {name: network_cost(name, profile, precision) for name in (networks or tuple(NETWORKS))}

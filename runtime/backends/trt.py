@@ -1,0 +1,394 @@
+"""The TensorRT backend: deserialize plans, check them against the manifest, bind once, enqueue.
+
+Written to the TensorRT 10.x/11.x Python API (name-based I/O): ``Runtime.deserialize_cuda_engine``,
+``ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype /
+get_tensor_shape / device_memory_size_v2``, ``create_execution_context(USER_MANAGED)``,
+``IExecutionContext.set_device_memory(memory, size)`` (the 10.1+ form; 11.x removed the one-argument
+property), ``set_tensor_address`` and ``execute_async_v3`` (docs.nvidia.com/deeplearning/tensorrt,
+Python API: Core/ExecutionContext, Core/Engine; "Migrating from TensorRT 10.x to 11.x").
+
+Two levels of use:
+
+* :class:`NetworkSession` contract (``run(feeds)`` with host numpy arrays: copy in, enqueue, copy
+  out, one stream sync) — what pipelines and tests call;
+* device level for the loops: :meth:`TrtNetwork.bind` device buffers once, :meth:`TrtNetwork.enqueue`
+  on a stream without syncing (capturable by :mod:`kandinsky_trt.runtime.cuda_graphs`).
+
+The networks of one backend run one after another on its stream, so they share one activation
+arena: contexts use ``USER_MANAGED`` memory and get one buffer sized to the largest
+``device_memory_size_v2``. Do not run two of them concurrently on different streams.
+
+``tensorrt`` is imported lazily; this module imports on any host. The plain-data check
+(:func:`check_engine_against_manifest` on :class:`EngineInfo`) is testable without TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+
+from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
+from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
+from kandinsky_trt.runtime.spec import ResolvedNetwork
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTUnavailableError(KandinskyTrtError, ImportError):
+    """The ``tensorrt`` module (or its libraries) cannot be imported."""
+
+
+class EngineMismatchError(BackendError):
+    """A plan does not match its manifest entry; ``differences`` holds one line per mismatch."""
+
+    def __init__(self, network: str, differences: list[str]) -> None:
+        self.network = network
+        self.differences = tuple(differences)
+        super().__init__(
+            f"{network}: the TensorRT engine does not match the manifest ({len(differences)} "
+            "difference(s)):\n  " + "\n  ".join(differences)
+            + "\nRebuild it with `kandinsky-trt build` (re-export first if the ONNX graph changed)."
+        )
+
+
+def import_tensorrt() -> Any:
+    """``import tensorrt``, or :class:`TensorRTUnavailableError` with what to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as err:  # OSError: bindings present, libnvinfer missing
+        raise TensorRTUnavailableError(
+            f"tensorrt: expected an importable TensorRT Python package with its libraries, found "
+            f"none ({err}). TensorRT needs an NVIDIA GPU with its CUDA driver; install it with "
+            "`pip install 'kandinsky-trt[gpu]'` or `pip install tensorrt` (the libraries come from "
+            "NVIDIA's package index, see NVIDIA's TensorRT installation guide). Without a GPU use "
+            "the ONNX Runtime backend (`--backend ort`)."
+        ) from err
+    return tensorrt
+
+
+# TensorRT severities -> logging levels; INFO is chatty during builds (Polygraphy maps it to verbose).
+_LEVELS = MappingProxyType({
+    "INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
+    "INFO": logging.DEBUG, "VERBOSE": 5,
+})
+
+
+def make_trt_logger(trt: Any, sink: logging.Logger = log) -> Any:
+    """A ``trt.ILogger`` that forwards to ``sink`` and keeps error messages in ``.errors``.
+
+    The subclass pattern (explicit ``trt.ILogger.__init__``) is the one the ILogger docs prescribe.
+    The logger must outlive every builder/runtime/engine created with it.
+    """
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            try:
+                level = _LEVELS.get(getattr(severity, "name", ""), logging.INFO)
+                if level >= logging.ERROR:
+                    self.errors.append(msg)
+                if sink.isEnabledFor(level):
+                    sink.log(level, "TensorRT: %s", msg)
+            except Exception:  # noqa: BLE001 - a C++ noexcept callback must never raise
+                pass
+
+    return _Logger()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One engine I/O tensor: ``mode`` is "input" or "output", ``dtype`` a numpy name."""
+
+    name: str
+    mode: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{self.mode} {self.dtype}{_fmt(self.shape)}"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a deserialized engine says about itself, plus the TensorRT version that loaded it."""
+
+    tensors: tuple[TensorInfo, ...]
+    tensorrt_version: str
+    device_memory_bytes: int = 0
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def trt_dtype_name(trt: Any, dtype: Any) -> str:
+    """The numpy name of a ``trt.DataType`` (TensorRT's own name for bf16/fp8)."""
+    try:
+        return np.dtype(trt.nptype(dtype)).name
+    except TypeError:  # bf16 / fp8 have no numpy type: report TensorRT's own name
+        return str(dtype).rsplit(".", 1)[-1].lower()
+
+
+def engine_info(engine: Any, trt: Any, context: Any = None) -> EngineInfo:
+    """Read ``engine``'s I/O; shapes come from ``context`` when given (resolved dynamic dims)."""
+    tensors = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        shape = context.get_tensor_shape(name) if context is not None else engine.get_tensor_shape(name)
+        tensors.append(TensorInfo(
+            name=name,
+            mode=engine.get_tensor_mode(name).name.lower(),
+            dtype=trt_dtype_name(trt, engine.get_tensor_dtype(name)),
+            shape=tuple(int(d) for d in shape),
+        ))
+    return EngineInfo(tuple(tensors), str(trt.__version__), int(engine.device_memory_size_v2))
+
+
+def platform_differences(entry: NetworkEntry, tensorrt_version: str, device: cuda.DeviceInfo) -> list[str]:
+    """Lines for a plan built by another TensorRT or for another GPU (or never built)."""
+    built = entry.engine
+    if not built:
+        return [f"{entry.name}: engine expected an entry in the manifest, found none (not built)"]
+    lines = []
+    if built.get("tensorrt_version") != tensorrt_version:
+        lines.append(f"{entry.name}: tensorrt_version expected {built.get('tensorrt_version')} (the plan's), "
+                     f"found {tensorrt_version} (installed)")
+    if built.get("compute_capability") != device.compute_capability:
+        lines.append(f"{entry.name}: compute_capability expected {built.get('compute_capability')} "
+                     f"({built.get('gpu_name')}), found {device.compute_capability} ({device.name})")
+    return lines
+
+
+def tensor_differences(tensors: tuple[TensorInfo, ...], entry: NetworkEntry) -> list[str]:
+    """Lines for I/O tensors that differ from the manifest in presence, mode, dtype or shape."""
+    lines: list[str] = []
+    expected = {t.name: TensorInfo(t.name, "input", t.dtype, t.shape) for t in entry.inputs}
+    expected.update({t.name: TensorInfo(t.name, "output", t.dtype, t.shape) for t in entry.outputs})
+    found = {t.name: t for t in tensors}
+    for name, want in expected.items():
+        got = found.get(name)
+        if got is None:
+            lines.append(f"{entry.name}.{name}: expected {want.describe()}, found no such tensor in the engine")
+            continue
+        for field in ("mode", "dtype", "shape"):
+            a, b = getattr(want, field), getattr(got, field)
+            if a != b:
+                lines.append(f"{entry.name}.{name}: {field} expected {_fmt(a)}, found {_fmt(b)}")
+    for name in (t.name for t in tensors if t.name not in expected):
+        lines.append(f"{entry.name}.{name}: expected no such tensor (not in the manifest), "
+                     f"found {found[name].describe()}")
+    return lines
+
+
+def engine_differences(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo) -> list[str]:
+    """Every difference between an engine and its manifest entry, one readable line each."""
+    return platform_differences(entry, info.tensorrt_version, device) + tensor_differences(info.tensors, entry)
+
+
+def check_engine_against_manifest(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo) -> None:
+    """Raise :class:`EngineMismatchError` listing every difference, or return None when they agree."""
+    lines = engine_differences(info, entry, device)
+    if lines:
+        raise EngineMismatchError(entry.name, lines)
+    built = entry.engine or {}
+    if built.get("gpu_name") not in (None, device.name):
+        log.warning("%s: plan built on %s, running on %s (same compute capability %s)",
+                    entry.name, built.get("gpu_name"), device.name, device.compute_capability)
+
+
+def set_static_input_shapes(engine: Any, context: Any, entry: NetworkEntry) -> None:
+    """Give dynamic-dim inputs (``-1`` in the engine) the manifest's static shapes."""
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    for tensor in entry.inputs:
+        if tensor.name in names and any(int(d) < 0 for d in engine.get_tensor_shape(tensor.name)):
+            if not context.set_input_shape(tensor.name, tensor.shape):
+                raise BackendError(f"{entry.name}.{tensor.name}: set_input_shape{_fmt(tensor.shape)} "
+                                   "expected True, found False (outside the engine's profile)")
+
+
+class TrtNetwork(NetworkSession):
+    """One engine and its execution context; addresses are set by :meth:`bind`, work by :meth:`enqueue`."""
+
+    def __init__(self, network: ResolvedNetwork, engine: Any, context: Any, backend: "TrtBackend") -> None:
+        super().__init__(network)
+        self._engine, self._context, self._backend = engine, context, backend
+        self.device_memory_bytes = int(engine.device_memory_size_v2)
+        self._bound: Mapping[str, Any] | None = None
+        self._bound_generation: int | None = None
+        self._own: dict[str, cuda.DeviceBuffer] = {}
+        self.closed = False
+
+    def set_device_memory(self, arena: cuda.DeviceBuffer | None) -> None:
+        """Point the context at the shared arena (size 0 engines accept a null pointer)."""
+        ptr, size = (arena.ptr, arena.nbytes) if arena is not None else (0, 0)
+        self._context.set_device_memory(ptr, size)
+
+    def bind(self, buffers: Mapping[str, Any]) -> None:
+        """Bind one device buffer per I/O tensor by name (a dict or a ``BindingSet``)."""
+        tensors = self.network.inputs + self.network.outputs
+        expected = {t.name for t in tensors}
+        if set(buffers) != expected:
+            raise BackendError(f"{self.network.name}: buffers expected {sorted(expected)}, found {sorted(buffers)}")
+        for tensor in tensors:
+            buffer, nbytes = buffers[tensor.name], int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
+            if buffer.nbytes < nbytes:
+                raise BackendError(f"{self.network.name}.{tensor.name}: buffer expected >= {nbytes} bytes "
+                                   f"({tensor.dtype}{_fmt(tensor.shape)}), found {buffer.nbytes}")
+            if not self._context.set_tensor_address(tensor.name, buffer.ptr):
+                raise BackendError(f"{self.network.name}.{tensor.name}: set_tensor_address expected True, "
+                                   f"found False ({self._backend.trt_errors()})")
+        self._bound, self._bound_generation = buffers, getattr(buffers, "generation", None)
+
+    def enqueue(self, stream: cuda.Stream | None = None) -> None:
+        """Enqueue one execution on ``stream`` (default: the backend's); never synchronizes."""
+        if self.closed or self._bound is None:
+            raise BackendError(f"{self.network.name}: expected bound buffers on an open network, "
+                               f"found {'a closed network' if self.closed else 'no bind() call'}")
+        if getattr(self._bound, "generation", None) != self._bound_generation:
+            self.bind(self._bound)  # the binding set changed since the addresses were set
+        stream = stream or self._backend.stream
+        if not self._context.execute_async_v3(stream.ptr):
+            raise BackendError(f"{self.network.name}: execute_async_v3 expected True, found False "
+                               f"({self._backend.trt_errors()})")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.network, feeds)
+        previous = self._bound
+        if not self._own:
+            self._own = {t.name: cuda.DeviceBuffer(max(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize, 1))
+                         for t in self.network.inputs + self.network.outputs}
+        self.bind(self._own)
+        stream = self._backend.stream
+        hosts = [np.ascontiguousarray(feeds[t.name]) for t in self.network.inputs]  # alive until the sync
+        for tensor, host in zip(self.network.inputs, hosts):
+            self._own[tensor.name].copy_from_host(host, stream)
+        self.enqueue(stream)
+        outputs = {t.name: self._own[t.name].copy_to_host(np.empty(t.shape, t.dtype), stream)
+                   for t in self.network.outputs}
+        stream.synchronize()
+        if previous is not None and previous is not self._own:
+            self.bind(previous)  # leave the loop's binding as it was
+        return outputs
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for buffer in self._own.values():
+            buffer.close()
+        self._own, self._bound = {}, None
+        self._context = None  # the context goes before its engine
+        self._engine = None
+        self.closed = True
+
+
+class TrtBackend(Backend):
+    """Loads the plans named in an artifacts manifest onto the current GPU.
+
+    Args:
+        artifacts: the artifacts directory (or an already loaded :class:`Manifest`).
+        stream: the stream every network runs on; by default the backend creates and owns one.
+    """
+
+    name = "trt"
+
+    def __init__(self, artifacts: str | os.PathLike | Manifest, stream: cuda.Stream | None = None) -> None:
+        self.manifest = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
+        self._trt = import_tensorrt()
+        self.device = cuda.device_info()
+        self._logger = make_trt_logger(self._trt)
+        self._runtime = self._trt.Runtime(self._logger)
+        self._owns_stream = stream is None
+        self.stream = stream if stream is not None else cuda.Stream()
+        self._networks: dict[str, TrtNetwork] = {}
+        self._arena: cuda.DeviceBuffer | None = None
+        self.generation = 0  # bumped when the arena moves: captured graphs must be re-captured
+        self._closed = False
+
+    def trt_errors(self) -> str:
+        errors, self._logger.errors[:] = list(self._logger.errors), []
+        return "; ".join(errors[-5:]) or "TensorRT logged no error"
+
+    def load(self, network: str) -> TrtNetwork:
+        if self._closed:
+            raise BackendError("TrtBackend: expected an open backend, found it closed")
+        cached = self._networks.get(network)
+        if cached is not None and not cached.closed:
+            return cached
+        entry = self.manifest.network(network)
+        engine = self._deserialize(entry)
+        trt = self._trt
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BackendError(f"{network}: create_execution_context expected a context, found None "
+                               f"({self.trt_errors()})")
+        set_static_input_shapes(engine, context, entry)
+        check_engine_against_manifest(engine_info(engine, trt, context), entry, self.device)
+        session = TrtNetwork(entry.resolved, engine, context, self)
+        self._networks[network] = session
+        self._fit_arena(session)
+        log.info("loaded TensorRT engine %s (%s, activations %.1f MiB)", network, entry.engine["file"],
+                 session.device_memory_bytes / 2**20)
+        return session
+
+    def _deserialize(self, entry: NetworkEntry) -> Any:
+        built = entry.engine
+        lines = platform_differences(entry, str(self._trt.__version__), self.device)
+        if lines:  # a plan from another TensorRT/GPU does not deserialize: say why before trying
+            raise EngineMismatchError(entry.name, lines)
+        path = self.manifest.path(built["file"])
+        if not path.is_file():
+            raise BackendError(f"{entry.name}: plan expected at {path} (run `kandinsky-trt build`), found no file")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != built["sha256"]:
+            raise EngineMismatchError(entry.name, [f"{entry.name}: plan sha256 expected {built['sha256']}, "
+                                                   f"found {digest} ({path.name} changed after the build)"])
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise BackendError(f"{entry.name}: deserialize_cuda_engine expected an engine from {path}, "
+                               f"found None ({self.trt_errors()})")
+        return engine
+
+    def _fit_arena(self, session: TrtNetwork) -> None:
+        """Grow the shared arena when ``session`` needs more; then point every context at it."""
+        current = self._arena.nbytes if self._arena is not None else 0
+        if session.device_memory_bytes <= current:
+            session.set_device_memory(self._arena)
+            return
+        self.stream.synchronize()  # the old arena may still be in use by enqueued work
+        old, self._arena = self._arena, cuda.DeviceBuffer(session.device_memory_bytes)
+        if old is not None:
+            old.close()
+        self.generation += 1
+        for net in self._networks.values():
+            if not net.closed:
+                net.set_device_memory(self._arena)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self.stream.handle is not None:
+            self.stream.synchronize()
+        for session in self._networks.values():
+            session.close()
+        self._networks.clear()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+        self._runtime = None
+        if self._owns_stream:
+            self.stream.close()
+        self._closed = True

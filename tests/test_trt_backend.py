@@ -13,6 +13,7 @@ missing (they were not executed where this file was written: no GPU, no TensorRT
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import types
 
@@ -134,6 +135,26 @@ def test_tensorrt_unavailable_has_install_advice(monkeypatch):
     message = str(caught.value)
     assert "pip install" in message and "GPU" in message and "--backend ort" in message
     assert isinstance(caught.value, ImportError)
+
+
+def test_trt_logger_forwards_to_logging_and_keeps_errors(caplog):
+    from kandinsky_trt.runtime.backends.trt import make_trt_logger
+
+    trt = types.SimpleNamespace(ILogger=type("ILogger", (), {}))
+    sink = logging.getLogger("test.trt")
+    logger = make_trt_logger(trt, sink)
+    with caplog.at_level(logging.DEBUG, logger="test.trt"):
+        for severity, msg in (("WARNING", "slow tactic"), ("ERROR", "out of memory"), ("VERBOSE", "noise")):
+            logger.log(types.SimpleNamespace(name=severity), msg)
+        logger.log(None, "no severity")  # unknown severities are logged at INFO, never raised
+        sink.isEnabledFor = None  # a broken sink must not raise back into TensorRT either
+        logger.log(types.SimpleNamespace(name="ERROR"), "still kept")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "TensorRT: slow tactic"), (logging.ERROR, "TensorRT: out of memory"),
+        (logging.INFO, "TensorRT: no severity"),
+    ]  # VERBOSE maps below DEBUG and is dropped here
+    assert logger.errors == ["out of memory", "still kept"]
+    del sink.isEnabledFor
 
 
 # -- a simulated CUDA memory and a stand-in tensorrt module ------------------------------------------

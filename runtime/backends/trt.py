@@ -3,8 +3,9 @@
 Written to the TensorRT 10.x/11.x Python API (name-based I/O): ``Runtime.deserialize_cuda_engine``,
 ``ICudaEngine.num_io_tensors / get_tensor_name / get_tensor_mode / get_tensor_dtype /
 get_tensor_shape / device_memory_size_v2``, ``create_execution_context(USER_MANAGED)``,
-``IExecutionContext.set_device_memory(memory, size)`` (the 10.1+ form; 11.x removed the one-argument
-property), ``set_tensor_address`` and ``execute_async_v3`` (docs.nvidia.com/deeplearning/tensorrt,
+``IExecutionContext.set_device_memory(memory, size)`` (setDeviceMemoryV2, 10.1+; the one-argument
+``device_memory`` property is deprecated since 10.1 and ``ICudaEngine.device_memory_size`` is gone
+in 11.x), ``set_tensor_address`` and ``execute_async_v3`` (docs.nvidia.com/deeplearning/tensorrt,
 Python API: Core/ExecutionContext, Core/Engine; "Migrating from TensorRT 10.x to 11.x").
 
 Two levels of use:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def check_graph_io(model: onnx.ModelProto, network: ResolvedNetwork) -> None:
 
 def _torch_export(wrapper: torch.nn.Module, args: tuple, path: Path, request: ExportRequest) -> None:
     names = dict(input_names=request.network.input_names, output_names=request.network.output_names)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings flag Python branches on shapes; with static shapes they are expected.
+        warnings.simplefilter("ignore")
         if request.exporter == "dynamo":
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET["dynamo"], **names)
             program.save(str(path), external_data=True)
@@ -91,9 +94,27 @@ def _torch_export(wrapper: torch.nn.Module, args: tuple, path: Path, request: Ex
                               do_constant_folding=True, **names)
 
 
-def _save_single_file(src: Path, dst_dir: Path, name: str) -> list[Path]:
+def _stamp_output_shapes(model: onnx.ModelProto, network: ResolvedNetwork) -> None:
+    """Write the static output shapes into the graph where the exporter left them unknown.
+
+    The exporter cannot always infer them (the prior's output is data-dependent indexing); every
+    shape is static by construction, and parity runs check the real output shapes.
+    """
+    for value, tensor in zip(model.graph.output, network.outputs):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            continue  # left for check_graph_io to report
+        for dim, size in zip(dims, tensor.shape):
+            if dim.dim_value == 0:  # unknown or symbolic
+                dim.Clear()
+                dim.dim_value = size
+
+
+def _save_single_file(src: Path, dst_dir: Path, network: ResolvedNetwork) -> list[Path]:
     """Re-save ``src`` as ``name.onnx`` (+ one ``name.onnx.data`` when over 2 GB) in ``dst_dir``."""
+    name = network.name
     model = onnx.load(str(src), load_external_data=True)
+    _stamp_output_shapes(model, network)
     path = dst_dir / f"{name}.onnx"
     if model.ByteSize() < _PROTOBUF_LIMIT:
         onnx.save_model(model, str(path))
@@ -118,7 +139,7 @@ def export_network(model: torch.nn.Module, request: ExportRequest) -> list[Path]
         raw_dir = Path(tmp) / "raw"
         raw_dir.mkdir()
         _torch_export(wrapper, args, raw_dir / f"{name}.onnx", request)
-        files = _save_single_file(raw_dir / f"{name}.onnx", Path(tmp), name)
+        files = _save_single_file(raw_dir / f"{name}.onnx", Path(tmp), request.network)
         shutil.rmtree(raw_dir)
         check_graph_io(onnx.load(str(files[0]), load_external_data=False), request.network)
         final = [request.out_dir / f.name for f in files]

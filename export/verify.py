@@ -91,6 +91,8 @@ def compare(network: str, precision: str, reference: list[list[np.ndarray]], fou
     max_abs = max_rel = 0.0
     for ref_set, got_set in zip(reference, found):
         for ref, got in zip(ref_set, got_set):
+            if got.shape != ref.shape:
+                return ParityResult(network, precision, float("inf"), float("inf"), tolerance(network, precision))
             err = float(np.max(np.abs(got.astype(np.float64) - ref)))
             err = err if np.isfinite(err) else float("inf")  # NaN must fail, never compare as 0
             scale = float(np.max(np.abs(ref))) or 1.0

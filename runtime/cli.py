@@ -48,6 +48,92 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_images(images: list, out: str) -> list[Path]:
+    """``out`` for one image, ``stem-<i>.suffix`` for several; written through a temporary name."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(images))]
+    for image, target in zip(images, paths):
+        tmp = target.with_name(f".{target.name}.tmp")
+        image.save(tmp, format=(target.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+        tmp.replace(target)
+    return paths
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+    return bar, (lambda i, t, latents: bar.update(1))
+
+
+def _open_image(path: str | None, name: str):
+    if path is None:
+        return None
+    from PIL import Image
+
+    from kandinsky_trt.runtime.components import PipelineInputError
+
+    try:
+        return Image.open(path).convert("RGB") if name == "--image" else Image.open(path)
+    except OSError as err:
+        raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import combined_pipelines as cp
+    from kandinsky_trt.runtime.components import Components
+
+    from kandinsky_trt.runtime.components import PipelineInputError
+
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    if mask is not None and image is None:
+        raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
+                  width=args.width, prior_guidance_scale=args.prior_guidance,
+                  prior_num_inference_steps=args.prior_steps, generator=args.seed, scheduler=args.scheduler)
+    with Components(args.artifacts, args.backend, args.device) as components:
+        bar, callback = _progress(args.steps * args.num_images, "decoder")
+        if mask is not None:
+            pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
+            out = pipe(args.prompt, image, mask, callback=callback, **common)
+        elif image is not None:
+            pipe = cp.KandinskyImg2ImgCombinedPipeline(components=components)
+            out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
+        else:
+            out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
+        bar.close()
+    for path in _save_images(out.images, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
+    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
+    from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
+    from kandinsky_trt.runtime.combined_pipelines import KandinskyCombinedPipeline
+    from kandinsky_trt.runtime.spec import Profile
+
+    out = Path(args.out)
+    print("1/3 writing a tiny random-weight Kandinsky 2.1 checkpoint (diffusers format)")
+    ckpt = write_tiny_checkpoint(out / "checkpoint", seed=0)
+    print("2/3 exporting it to ONNX (fp32, 64x64) with a parity check against torch")
+    config = ExportConfig(CheckpointDirs(ckpt.prior, ckpt.decoder), out / "artifacts", Profile(1, 64, 64, True),
+                          precision="fp32", verify=True)
+    report = export_artifacts(config)
+    for parity in report.parity:
+        print("    " + parity.line())
+    print("3/3 generating on CPU with ONNX Runtime (random weights: expect coloured noise, not a picture)")
+    pipe = KandinskyCombinedPipeline(out / "artifacts", backend="ort")
+    image = pipe("a red cat sitting on a blue chair", height=64, width=64, num_inference_steps=10,
+                 prior_num_inference_steps=5, generator=0).images[0]
+    path = _save_images([image.resize((256, 256), 0)], str(out / "demo.png"))[0]
+    print(f"wrote {path}")
+    return 0 if report.passed else 1
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=512, help="image height in pixels, multiple of 64 (default 512)")
     p.add_argument("--width", type=int, default=512, help="image width in pixels, multiple of 64 (default 512)")
@@ -80,6 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--networks", nargs="+", help="export only these networks (default: all)")
     _add_profile_args(p)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="text -> image (with --image: img2img, with --mask: inpaint)")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--out", default="out.png", help="output image path (several images: out-0.png, ...)")
+    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="default ort (ONNX Runtime)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--negative-prompt", help="what to avoid (prior and decoder)")
+    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
+    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    p.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4)")
+    p.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4)")
+    p.add_argument("--scheduler", choices=("ddim", "ddpm", "dpmpp2m"), help="decoder scheduler (default: ddim)")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--image", help="input image: img2img (or the image to inpaint with --mask)")
+    p.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
+    p.add_argument("--mask", help="inpaint mask: white = repaint (needs --image and inpaint artifacts)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("demo", help="tiny checkpoint -> ONNX -> image on CPU, no flags needed")
+    p.add_argument("--out", default="kandinsky-demo", help="working directory (default ./kandinsky-demo)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

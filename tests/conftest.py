@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny checkpoint and its exported artifacts per test session.
+
+Exports are the slow part of the suite, so each (precision, profile) pair is exported once and
+shared by every test that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", seed=0)
+
+
+def _export(tmp_path_factory, checkpoint, precision: str, batch: int, height: int, width: int, cfg: bool = True):
+    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
+    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
+    from kandinsky_trt.runtime.spec import Profile
+
+    dirs = CheckpointDirs(checkpoint.prior, checkpoint.decoder, checkpoint.inpaint)
+    out = tmp_path_factory.mktemp(f"artifacts_{precision}_b{batch}_{height}x{width}")
+    report = export_artifacts(ExportConfig(dirs, out, Profile(batch, height, width, cfg), precision, verify=True))
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def artifacts_fp32(tmp_path_factory, tiny_checkpoint):
+    """fp32 graphs, batch 1, 64x64, with guidance."""
+    return _export(tmp_path_factory, tiny_checkpoint, "fp32", 1, 64, 64)
+
+
+@pytest.fixture(scope="session")
+def artifacts_fp16(tmp_path_factory, tiny_checkpoint):
+    """fp16 graphs, batch 1, 64x64, with guidance."""
+    return _export(tmp_path_factory, tiny_checkpoint, "fp16", 1, 64, 64)
+
+
+@pytest.fixture(scope="session")
+def artifacts_fp32_b2_wide(tmp_path_factory, tiny_checkpoint):
+    """fp32 graphs, batch 2, non-square 64x128."""
+    return _export(tmp_path_factory, tiny_checkpoint, "fp32", 2, 64, 128)
+
+
+@pytest.fixture(scope="session")
+def artifacts_fp16_b2_wide(tmp_path_factory, tiny_checkpoint):
+    """fp16 graphs, batch 2, non-square 64x128."""
+    return _export(tmp_path_factory, tiny_checkpoint, "fp16", 2, 64, 128)

@@ -1,0 +1,31 @@
+"""Helpers for the pipeline parity tests: diffusers pipelines on the tiny checkpoint and their draws.
+
+diffusers draws every random tensor from one torch generator in a known order (kandinsky_map
+§1.7); these helpers replay that order so our runtime receives the very same latents and noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SEED = 1234
+
+
+def torch_draws(shapes: list[tuple[int, ...]], seed: int = SEED) -> list[np.ndarray]:
+    """The tensors diffusers draws, in order, from ``torch.Generator().manual_seed(seed)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).numpy() for shape in shapes]
+
+
+def generator(seed: int = SEED) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def embeds(rows: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def max_diff(a, b) -> float:
+    a = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))

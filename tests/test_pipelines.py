@@ -1,0 +1,131 @@
+"""Every pipeline against diffusers on the tiny checkpoint, with identical prompts, latents and noise.
+
+Tolerances (max abs difference; images in [0, 1], embeddings unscaled) are measured on this
+checkpoint and written in the README parity table; fp32 is tight, fp16 is the cost of fp16 graphs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kandinsky_trt.runtime import (
+    KandinskyCombinedPipeline, KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline,
+    KandinskyPriorPipeline)
+from tests.pipeline_helpers import embeds, generator, max_diff, torch_draws
+
+PRECISIONS = ["artifacts_fp32", "artifacts_fp16"]
+TOLERANCE = {  # (embeddings, images)
+    "artifacts_fp32": (1e-4, 1e-4),
+    "artifacts_fp16": (2e-2, 2e-2),
+}
+E, H = 32, 8  # tiny CLIP width; 64 px -> 8 latent
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipes(tiny_checkpoint):
+    import diffusers
+
+    load = lambda cls, path: getattr(diffusers, cls).from_pretrained(path).to("cpu")  # noqa: E731
+    return {
+        "prior": load("KandinskyPriorPipeline", tiny_checkpoint.prior),
+        "text2img": load("KandinskyPipeline", tiny_checkpoint.decoder),
+        "img2img": load("KandinskyImg2ImgPipeline", tiny_checkpoint.decoder),
+        "inpaint": load("KandinskyInpaintPipeline", tiny_checkpoint.inpaint),
+    }
+
+
+def _picture(seed: int, size=(64, 64)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+@pytest.mark.parametrize("negative", [None, ["low quality", "blurry"]])
+def test_prior(fixture, negative, request, diffusers_pipes):
+    out, _ = request.getfixturevalue(fixture)
+    prompts, n, steps = ["a red cat", "a very long prompt about a house " * 3], 2, 3
+    rows = len(prompts) * n * (2 if negative else 1)
+    ref = diffusers_pipes["prior"](prompts, negative_prompt=negative, num_images_per_prompt=n,
+                                   num_inference_steps=steps, generator=generator(), output_type="np")
+    latents, *noise = torch_draws([(rows, E)] * steps)  # UnCLIP: noise on every step but the last (t=0)
+    ours = KandinskyPriorPipeline(out)(prompts, negative_prompt=negative, num_images_per_prompt=n,
+                                       num_inference_steps=steps, latents=latents, step_noise=np.stack(noise[:-1]))
+    tol = TOLERANCE[fixture][0]
+    assert max_diff(ref.image_embeds, ours.image_embeds) < tol
+    assert max_diff(ref.negative_image_embeds, ours.negative_image_embeds) < tol
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+@pytest.mark.parametrize("guidance, n", [(4.0, 2), (1.0, 1)])
+def test_text2img(fixture, guidance, n, request, diffusers_pipes):
+    out, _ = request.getfixturevalue(fixture)
+    prompts, steps = ["a red cat", "ein blaues Haus"], 3
+    emb, neg = embeds(2, E, 1), embeds(2, E, 2)
+    (latents,) = torch_draws([(2 * n, 4, H, H)])
+    import torch
+
+    ref = diffusers_pipes["text2img"](prompts, torch.from_numpy(emb), torch.from_numpy(neg),
+                                      negative_prompt=["ugly", "dark"], height=64, width=64,
+                                      num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                                      latents=torch.from_numpy(latents), output_type="np").images
+    ours = KandinskyPipeline(out)(prompts, emb, neg, negative_prompt=["ugly", "dark"], height=64, width=64,
+                                  num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                                  latents=latents, output_type="np").images
+    assert ours.shape == ref.shape == (2 * n, 64, 64, 3)
+    assert max_diff(ref, ours) < TOLERANCE[fixture][1]
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+def test_img2img(fixture, request, diffusers_pipes):
+    import torch
+
+    out, _ = request.getfixturevalue(fixture)
+    emb, neg, n, steps, strength = embeds(1, E, 3), embeds(1, E, 4), 2, 5, 0.6
+    ref = diffusers_pipes["img2img"]("a frog", _picture(5), torch.from_numpy(emb), torch.from_numpy(neg),
+                                     height=64, width=64, num_inference_steps=steps, strength=strength,
+                                     num_images_per_prompt=n, generator=generator(), output_type="np").images
+    (noise,) = torch_draws([(n, 4, H, H)])
+    ours = KandinskyImg2ImgPipeline(out)("a frog", _picture(5), emb, neg, height=64, width=64,
+                                         num_inference_steps=steps, strength=strength, num_images_per_prompt=n,
+                                         noise=noise, output_type="np").images
+    assert max_diff(ref, ours) < TOLERANCE[fixture][1]
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+def test_inpaint(fixture, request, diffusers_pipes):
+    import torch
+
+    out, _ = request.getfixturevalue(fixture)
+    emb, neg, steps = embeds(1, E, 6), embeds(1, E, 7), 3
+    mask = np.zeros((64, 64), np.float32)
+    mask[:32, 16:48] = 1  # repaint the top middle
+    (latents,) = torch_draws([(1, 4, H, H)])
+    ref = diffusers_pipes["inpaint"]("a hat", _picture(8), mask, torch.from_numpy(emb), torch.from_numpy(neg),
+                                     height=64, width=64, num_inference_steps=steps,
+                                     latents=torch.from_numpy(latents), output_type="np").images
+    ours = KandinskyInpaintPipeline(out)("a hat", _picture(8), mask, emb, neg, height=64, width=64,
+                                         num_inference_steps=steps, latents=latents, output_type="np").images
+    assert max_diff(ref, ours) < TOLERANCE[fixture][1]
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+def test_combined_text2img(fixture, request, tiny_checkpoint):
+    from diffusers import KandinskyCombinedPipeline as DiffusersCombined
+
+    out, _ = request.getfixturevalue(fixture)
+    ref_pipe = DiffusersCombined.from_pretrained(tiny_checkpoint.decoder, prior_pipeline=None) \
+        if False else None  # the combined class needs the hub's connected-pipes lookup; build it from parts
+    from diffusers import KandinskyPriorPipeline as DP, KandinskyPipeline as DD
+
+    prior, decoder = DP.from_pretrained(tiny_checkpoint.prior), DD.from_pretrained(tiny_checkpoint.decoder)
+    ref_pipe = DiffusersCombined(**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()})
+    n, steps, prior_steps = 2, 3, 3
+    ref = ref_pipe("a castle", num_images_per_prompt=n, num_inference_steps=steps, height=64, width=64,
+                   prior_num_inference_steps=prior_steps, generator=generator(), output_type="np").images
+    latents, *noise, dec_latents = torch_draws([(n, E)] * prior_steps + [(n, 4, H, H)])
+    ours = KandinskyCombinedPipeline(out)("a castle", num_images_per_prompt=n, num_inference_steps=steps,
+                                          height=64, width=64, prior_num_inference_steps=prior_steps,
+                                          latents=latents, prior_step_noise=np.stack(noise[:-1]),
+                                          decoder_latents=dec_latents, output_type="np").images
+    assert max_diff(ref, ours) < TOLERANCE[fixture][1]

@@ -26,7 +26,12 @@ from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS, K
 logger = logging.getLogger(__name__)
 
 SCHEDULER_NAMES = MappingProxyType(
-    {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "unclip": "UnCLIPScheduler", "dpmpp2m": "DPMSolverMultistepScheduler"}
+    {
+        "ddim": "DDIMScheduler",
+        "ddpm": "DDPMScheduler",
+        "unclip": "UnCLIPScheduler",
+        "dpmpp2m": "DPMSolverMultistepScheduler",
+    }
 )
 
 
@@ -47,7 +52,8 @@ _COMMON = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, 
            "rescale_betas_zero_snr": False}  # fmt: skip
 _SAMPLE_CLIP = {"clip_sample": True, "clip_sample_range": 1.0}
 
-# Per class: diffusers' __init__ defaults, and the allowed values of options the rows depend on.
+# Per class: diffusers' __init__ defaults (_DEFAULTS), and the values this module implements of the
+# options the rows depend on (_CHOICES; anything else raises UnsupportedSchedulerOption).
 _DEFAULTS = MappingProxyType({
     "DDIMScheduler": MappingProxyType({**_COMMON, **_SAMPLE_CLIP, "set_alpha_to_one": True}),
     "DDPMScheduler": MappingProxyType({**_COMMON, **_SAMPLE_CLIP, "variance_type": "fixed_small"}),
@@ -83,7 +89,8 @@ def default_config(name: str) -> dict:
     """diffusers' defaults of scheduler ``name`` (a CLI name of :data:`SCHEDULER_NAMES` or a class name)."""
     class_name = SCHEDULER_NAMES.get(name, name)
     if class_name not in _DEFAULTS:
-        raise SchedulerConfigError(f"name: expected one of {sorted(SCHEDULER_NAMES) + sorted(_DEFAULTS)}, found {name!r}")
+        known = sorted(SCHEDULER_NAMES) + sorted(_DEFAULTS)
+        raise SchedulerConfigError(f"name: expected one of {known}, found {name!r}")
     return {"_class_name": class_name, **_DEFAULTS[class_name]}
 
 
@@ -127,8 +134,13 @@ def _check_numbers(name: str, cfg: Mapping) -> None:
         if key in cfg and not isinstance(cfg[key], bool):
             fail(key, "true or false")
     betas = cfg.get("trained_betas")
-    if betas is not None and np.shape(betas) != (cfg["num_train_timesteps"],):
-        fail("trained_betas", f"a list of num_train_timesteps={cfg['num_train_timesteps']} numbers")
+    if betas is not None:
+        try:
+            values = np.asarray(betas, np.float64)
+        except (TypeError, ValueError):
+            values = np.full(1, np.nan)
+        if values.shape != (cfg["num_train_timesteps"],) or not np.all((values > 0) & (values < 1)):
+            fail("trained_betas", f"num_train_timesteps={cfg['num_train_timesteps']} numbers in (0, 1)")
 
 
 def fast_solver_config(config: Mapping) -> dict:
@@ -211,11 +223,12 @@ class SchedulerTable:
                 f"table['columns']: expected {list(COEFFICIENT_COLUMNS)}, found {data.get('columns')!r}"
             )
         try:
+            coefficients = np.array(data["coefficients"], np.float32)  # shape checked in __post_init__
             return cls(
                 kind=data["kind"],
-                timesteps=np.array(data["timesteps"], np.int64).reshape(-1),
-                coefficients=np.array(data["coefficients"], np.float32).reshape(-1, K),
-                stochastic=np.array(data["stochastic"], np.bool_).reshape(-1),
+                timesteps=np.array(data["timesteps"], np.int64),
+                coefficients=coefficients.reshape(0, K) if coefficients.size == 0 else coefficients,
+                stochastic=np.array(data["stochastic"], np.bool_),
                 init_noise_sigma=float(data["init_noise_sigma"]),
                 num_inference_steps=int(data["num_inference_steps"]),
                 config=dict(data.get("config", {})),
@@ -239,7 +252,7 @@ def _check_steps(name: str, cfg: Mapping, num_inference_steps: object) -> int:
 
 def _preview(values: np.ndarray) -> str:
     items = values.tolist()
-    return str(items) if len(items) <= 8 else f"[{', '.join(map(str, items[:4]))}, ..., {', '.join(map(str, items[-2:]))}]"
+    return str(items) if len(items) <= 8 else f"{str(items[:4])[:-1]}, ..., {str(items[-2:])[1:]}"
 
 
 def _timesteps(name: str, cfg: Mapping, n: int) -> np.ndarray:

@@ -55,6 +55,7 @@ CASES = {
                          "set_alpha_to_one": True, "clip_sample": True}, LATENT, 0),  # fmt: skip
     "ddim_linspace_sample_scaled": ({**KANDINSKY_DDIM, "timestep_spacing": "linspace", "prediction_type": "sample",
                                      "beta_schedule": "scaled_linear", "steps_offset": 0}, LATENT, 0),  # fmt: skip
+    "ddim_trained_betas": ({**KANDINSKY_DDIM, "trained_betas": np.linspace(1e-4, 0.015, 1000).tolist()}, LATENT, 0),
     "ddpm_learned_range": (DDPM_LEARNED, LATENT, 4),
     "ddpm_fixed_small": ({**KANDINSKY_DDIM, "_class_name": "DDPMScheduler"}, LATENT, 0),
     "ddpm_fixed_small_log_v": ({**DDPM_LEARNED, "variance_type": "fixed_small_log", "prediction_type": "v_prediction",
@@ -211,7 +212,8 @@ def test_manifest_round_trip(case):
 
 def test_fast_solver_config_equals_from_config():
     ours = S.fast_solver_config(KANDINSKY_DDIM)
-    theirs = diffusers.DPMSolverMultistepScheduler.from_config(diffusers.DDIMScheduler.from_config(KANDINSKY_DDIM).config)
+    ddim = diffusers.DDIMScheduler.from_config(KANDINSKY_DDIM)
+    theirs = diffusers.DPMSolverMultistepScheduler.from_config(ddim.config)
     for key, value in ours.items():
         if not key.startswith("_"):
             assert theirs.config[key] == value, key
@@ -242,7 +244,7 @@ def test_img2img_timesteps_and_tail_chain(case, strength):
 @pytest.mark.parametrize("strength", [0.2, 0.3, 0.75, 1.0])
 def test_img2img_add_noise_matches_pipeline(strength):
     rng = np.random.default_rng(1)
-    latents, noise = rng.standard_normal((2, *LATENT)).astype(np.float32), rng.standard_normal((2, *LATENT)).astype(np.float32)
+    latents, noise = (rng.standard_normal((2, *LATENT)).astype(np.float32) for _ in range(2))
     t = torch.tensor([int(1000 * strength) - 2] * 2)
     expected = _pipeline().add_noise(None, torch.from_numpy(latents), torch.from_numpy(noise), t).numpy()
     ours = S.img2img_add_noise(latents, noise, strength)
@@ -258,7 +260,10 @@ def test_defaults_equal_diffusers_signatures():
 
 
 def test_runtime_module_is_torch_free():
-    code = "import sys, kandinsky_trt.runtime.schedulers; sys.exit(int(any(m in sys.modules for m in ('torch', 'diffusers'))))"
+    code = (
+        "import sys, kandinsky_trt.runtime.schedulers\n"
+        "sys.exit(int(any(m in sys.modules for m in ('torch', 'diffusers'))))"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -277,6 +282,7 @@ def test_runtime_module_is_torch_free():
         ({**KANDINSKY_DDIM, "beta_start": "small"}, 10, "DDIMScheduler.beta_start: expected a positive number"),
         ({**KANDINSKY_DDIM, "steps_offset": -1}, 10, "steps_offset: expected a non-negative integer"),
         ({**KANDINSKY_DDIM, "trained_betas": [0.1, 0.2]}, 10, "trained_betas"),
+        ({**KANDINSKY_DDIM, "trained_betas": ["a"] * 1000}, 10, r"trained_betas: expected num_train_timesteps=1000 numbers in \(0, 1\)"),
         ({**KANDINSKY_DDIM, "clip_sample": "yes"}, 10, "clip_sample: expected true or false"),
     ],
 )
@@ -316,8 +322,13 @@ def test_other_bad_arguments():
         S.img2img_add_noise(np.zeros(4), np.zeros(4), 0.001)
     with pytest.raises(S.SchedulerConfigError, match="noise: expected the latents' shape"):
         S.img2img_add_noise(np.zeros(4), np.zeros(3), 0.3)
+    manifest = S.scheduler_table(KANDINSKY_DDIM, 2).to_manifest()
     with pytest.raises(S.SchedulerConfigError, match=r"table\['columns'\]"):
-        S.SchedulerTable.from_manifest({**S.scheduler_table(KANDINSKY_DDIM, 2).to_manifest(), "columns": ["p"]})
+        S.SchedulerTable.from_manifest({**manifest, "columns": ["p"]})
+    with pytest.raises(S.SchedulerConfigError, match=r"coefficients \(n, 12\)"):
+        S.SchedulerTable.from_manifest({**manifest, "coefficients": [row[:8] for row in manifest["coefficients"]] * 3})
+    with pytest.raises(S.SchedulerConfigError, match="malformed manifest entry"):
+        S.SchedulerTable.from_manifest({k: v for k, v in manifest.items() if k != "timesteps"})
     learned_row = S.scheduler_table(DDPM_LEARNED, 5).coefficients[0]
     with pytest.raises(S.SchedulerConfigError, match="variance channels"):
         S.apply_step(learned_row, np.zeros((1, 32)), np.zeros((1, 32)), None, 1.0, None, False)

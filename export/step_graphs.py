@@ -1,0 +1,170 @@
+"""The step graphs ``prior_step``, ``unet_step``, ``unet_inpaint_step``: guidance + scheduler update as ONNX.
+
+Each denoising step runs the network, then one of these tiny elementwise float32 graphs (DESIGN §4). The
+scheduler enters only through the per-step ``coefficients`` row (``spec.COEFFICIENT_COLUMNS``), so one
+graph serves every supported scheduler and step count; the numpy reference with the same operation
+order is :func:`kandinsky_trt.runtime.schedulers.apply_step`. Inputs and outputs come from the resolved
+spec (``spec.STEP_NETWORKS``), never restated here. Built with ``onnx.helper`` (no torch needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from kandinsky_trt.runtime.spec import (
+    COEFFICIENT_COLUMNS,
+    KANDINSKY_2_1_DIMS,
+    STEP_NETWORKS,
+    ModelDims,
+    Profile,
+    ResolvedNetwork,
+    SpecError,
+    resolve,
+)
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+                "bool": TensorProto.BOOL}  # fmt: skip
+
+
+@dataclass
+class _GraphBuilder:
+    """Collects nodes and constant initializers; names are the graph's own (inputs keep spec names)."""
+
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+
+    def op(self, op_type: str, inputs: list[str], output: str | list[str], **attrs) -> str | list[str]:
+        outputs = [output] if isinstance(output, str) else output
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=f"{op_type}_{outputs[0]}", **attrs))
+        return output
+
+    def const(self, name: str, value) -> str:
+        dtype = np.int64 if isinstance(value, (list, tuple)) and isinstance(value[0], int) else np.float32
+        self.initializers.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+        return name
+
+
+def _value_info(tensor) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(tensor.name, _ONNX_DTYPES[tensor.dtype], list(tensor.shape))
+
+
+def _guidance(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> tuple[str, str | None]:
+    """eps (guided latent channels) and var (cond half of the extra channels, or None) from model_output."""
+    channels = spec.tensor("latents").shape[1]
+    out_channels = spec.tensor("model_output").shape[1]
+    has_var = out_channels > channels
+    if has_var:
+        g.const("eps_lo", [0]), g.const("eps_hi", [channels]), g.const("var_hi", [out_channels])
+        g.const("axis1", [1])
+
+    def latent_part(src: str, name: str) -> str:
+        return g.op("Slice", [src, "eps_lo", "eps_hi", "axis1"], name) if has_var else src
+
+    var_src = "model_output"
+    if cfg:
+        g.op("Split", ["model_output"], ["out_uncond", "out_cond"], axis=0, num_outputs=2)
+        uncond, cond = latent_part("out_uncond", "eps_uncond"), latent_part("out_cond", "eps_cond")
+        g.op("Sub", [cond, uncond], "eps_delta")
+        g.op("Mul", ["guidance_scale", "eps_delta"], "eps_scaled")
+        eps = g.op("Add", [uncond, "eps_scaled"], "eps")
+        var_src = "out_cond"
+    else:
+        eps = latent_part("model_output", "eps")
+    var = g.op("Slice", [var_src, "eps_hi", "var_hi", "axis1"], "var") if has_var else None
+    return eps, var
+
+
+def _std(g: _GraphBuilder, var: str | None) -> str:
+    """std = s + learned * exp(0.5 * (log_var_min + (var + 1) * 0.5 * (log_var_max - log_var_min)))."""
+    if var is None:  # no variance channels (the prior): the learned term does not exist
+        return "c_s"
+    g.const("one", 1.0), g.const("half", 0.5)
+    g.op("Add", [var, "one"], "var_plus_one")
+    g.op("Mul", ["var_plus_one", "half"], "var_frac")
+    g.op("Sub", ["c_log_var_max", "c_log_var_min"], "log_var_span")
+    g.op("Mul", ["var_frac", "log_var_span"], "log_var_offset")
+    g.op("Add", ["c_log_var_min", "log_var_offset"], "log_var")
+    g.op("Mul", ["half", "log_var"], "half_log_var")
+    g.op("Exp", ["half_log_var"], "learned_std")
+    g.op("Mul", ["c_learned", "learned_std"], "learned_term")
+    return g.op("Add", ["c_s", "learned_term"], "std")
+
+
+def _update(g: _GraphBuilder, eps: str, std: str) -> None:
+    """x0 = clip(p*x + q*eps); x_next = u*x0 + v*x + w*eps + r*x0_prev + std*noise (left to right)."""
+    g.op("Mul", ["c_p", "latents"], "p_x")
+    g.op("Mul", ["c_q", eps], "q_eps")
+    g.op("Add", ["p_x", "q_eps"], "x0_raw")
+    g.op("Max", ["x0_raw", "c_clip_min"], "x0_low")
+    g.op("Min", ["x0_low", "c_clip_max"], "x0")
+    terms = [("c_u", "x0"), ("c_v", "latents"), ("c_w", eps), ("c_r", "x0_prev"), (std, "noise")]
+    acc = None
+    for i, (coefficient, tensor) in enumerate(terms):
+        term = g.op("Mul", [coefficient, tensor], f"term{i}")
+        acc = term if acc is None else g.op("Add", [acc, term], f"sum{i}" if i < len(terms) - 1 else "latents_next")
+
+
+def _model_input(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> None:
+    """The next network input: [x; x] with guidance, then the inpaint conditioning along channels."""
+    inpaint = "conditioning" in spec.input_names
+    batch_out = "model_input" if not inpaint else "model_latents"
+    if cfg:
+        g.op("Concat", ["latents_next", "latents_next"], batch_out, axis=0)
+    else:
+        g.op("Identity", ["latents_next"], batch_out)
+    if inpaint:
+        g.op("Concat", [batch_out, "conditioning"], "model_input", axis=1)
+
+
+def build_step_graph(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> onnx.ModelProto:
+    """The ONNX step graph ``name`` (a key of ``spec.STEP_NETWORKS``) at ``profile``, checked with onnx.checker.
+
+    Raises:
+        SpecError: ``name`` is not a step network.
+    """
+    if name not in STEP_NETWORKS:
+        raise SpecError(f"name: expected one of {sorted(STEP_NETWORKS)}, found {name!r}")
+    spec = resolve(name, profile, dims)
+    g = _GraphBuilder()
+    columns = [f"c_{c}" for c in COEFFICIENT_COLUMNS]  # one (1,) tensor per column, broadcast below
+    g.op("Split", ["coefficients"], columns, axis=0, num_outputs=len(columns))
+    eps, var = _guidance(g, spec, profile.cfg)
+    _update(g, eps, _std(g, var))
+    _model_input(g, spec, profile.cfg)
+    graph = helper.make_graph(
+        g.nodes, name, [_value_info(t) for t in spec.inputs], [_value_info(t) for t in spec.outputs], g.initializers
+    )
+    opset = helper.make_opsetid("", OPSET)
+    model = helper.make_model(graph, opset_imports=[opset], producer_name="kandinsky_trt.export.step_graphs")
+    model.ir_version = helper.find_min_ir_version_for([opset])
+    helper.set_model_props(model, {"coefficient_columns": ",".join(COEFFICIENT_COLUMNS), "profile": profile.name})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write_step_graph(name: str, profile: Profile, dims: ModelDims, path: str | os.PathLike) -> Path:
+    """Build the step graph and write it to ``path`` atomically (temporary file in the same folder, rename)."""
+    path = Path(path)
+    model = build_step_graph(name, profile, dims)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%s, %s)", path, name, profile.name)
+    return path

@@ -1,0 +1,138 @@
+"""Step graphs (export/step_graphs.py) in onnxruntime (CPU) against the numpy reference ``apply_step``.
+
+Tolerance: atol = rtol = 1e-6 (measured: x0 bit-exact; latents_next <= 2.4e-7 absolute, from 1-ulp
+differences of Exp in the learned-variance term between onnxruntime and numpy).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from kandinsky_trt.export.step_graphs import build_step_graph, write_step_graph  # noqa: E402
+from kandinsky_trt.runtime import schedulers as S  # noqa: E402
+from kandinsky_trt.runtime.spec import (  # noqa: E402
+    COEFFICIENT_COLUMNS,
+    STEP_NETWORKS,
+    ModelDims,
+    Profile,
+    SpecError,
+    resolve,
+)
+
+DIMS = ModelDims(clip_dim=32, text_dim=32, image_size=32)
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+COL = {name: i for i, name in enumerate(COEFFICIENT_COLUMNS)}
+ELEMENTWISE_OPS = {"Split", "Slice", "Sub", "Mul", "Add", "Max", "Min", "Exp", "Concat", "Identity"}
+DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1}  # fmt: skip
+DDPM_LEARNED = {**DDIM, "_class_name": "DDPMScheduler", "variance_type": "learned_range", "clip_sample": True,
+                "clip_sample_range": 2.0}  # fmt: skip
+UNCLIP = {"_class_name": "UnCLIPScheduler", "prediction_type": "sample", "clip_sample_range": 10.0}
+
+
+def _rows(prior: bool) -> list[np.ndarray]:
+    """Real rows of every scheduler (clip on/off, learned variance, DPM history) plus one with every term on."""
+    tables = [S.scheduler_table(UNCLIP, 25), S.scheduler_table(S.fast_solver_config(DDIM), 10)]
+    if not prior:
+        tables += [S.scheduler_table(DDIM, 50), S.scheduler_table(DDPM_LEARNED, 50)]
+    rows = [t.coefficients[i] for t in tables for i in (0, len(t) // 2, len(t) - 1)]
+    learned = 0.0 if prior else 1.0  # the prior has no variance channels
+    synthetic = np.array([0.9, -0.4, -1.0, 1.5, 0.7, 0.3, 0.2, -0.1, 0.05, learned, -6.0, -2.0], np.float32)
+    return rows + [synthetic]
+
+
+def _session(model: onnx.ModelProto):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _feeds(spec, rng) -> dict[str, np.ndarray]:
+    feeds = {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in spec.inputs}
+    if spec.tensor("model_output").shape[1] > spec.tensor("latents").shape[1]:  # learned variance in [-1, 1]
+        out = feeds["model_output"]
+        out[:, 4:] = np.tanh(out[:, 4:])
+    feeds["guidance_scale"] = np.array([4.0], np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("name", sorted(STEP_NETWORKS))
+def test_step_graph_matches_apply_step(name, cfg, batch):
+    profile = Profile(batch=batch, height=64, width=128, cfg=cfg)
+    spec = resolve(name, profile, DIMS)
+    session = _session(build_step_graph(name, profile, DIMS))
+    rng = np.random.default_rng(batch + 2 * cfg)
+    for row in _rows(prior=name == "prior_step"):
+        feeds = {**_feeds(spec, rng), "coefficients": row}
+        got = dict(zip(spec.output_names, session.run(None, feeds)))
+        x_next, x0 = S.apply_step(
+            row, feeds["latents"], feeds["model_output"], feeds["noise"], 4.0, feeds["x0_prev"], cfg
+        )
+        np.testing.assert_allclose(got["x0"], x0, **TOL)
+        np.testing.assert_allclose(got["latents_next"], x_next, **TOL)
+        expected_input = np.concatenate([got["latents_next"]] * (2 if cfg else 1))
+        if "conditioning" in feeds:
+            expected_input = np.concatenate([expected_input, feeds["conditioning"]], axis=1)
+        np.testing.assert_array_equal(got["model_input"], expected_input)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("name", sorted(STEP_NETWORKS))
+def test_graph_io_equals_spec(name, cfg):
+    profile = Profile(batch=2, height=64, width=64, cfg=cfg)
+    model = build_step_graph(name, profile, DIMS)
+    spec = resolve(name, profile, DIMS)
+
+    def describe(values) -> list[tuple]:
+        return [
+            (v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+             tuple(d.dim_value for d in v.type.tensor_type.shape.dim))
+            for v in values
+        ]  # fmt: skip
+
+    assert describe(model.graph.input) == [(t.name, t.dtype, t.shape) for t in spec.inputs]
+    assert describe(model.graph.output) == [(t.name, t.dtype, t.shape) for t in spec.outputs]
+    assert {node.op_type for node in model.graph.node} <= ELEMENTWISE_OPS
+    assert model.opset_import[0].version in (17, 18)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert describe(inferred.graph.output) == describe(model.graph.output)
+
+
+def test_dpm_history_through_the_graph():
+    """x0 output fed back as x0_prev: 10 DPM-Solver++ steps in onnxruntime equal the apply_step loop."""
+    profile = Profile(batch=1, height=64, width=64, cfg=True)
+    spec = resolve("unet_step", profile, DIMS)
+    session = _session(build_step_graph("unet_step", profile, DIMS))
+    table = S.scheduler_table(S.fast_solver_config(DDIM), 10)
+    rng = np.random.default_rng(0)
+    x_graph = x_ref = rng.standard_normal(spec.tensor("latents").shape).astype(np.float32)
+    h_graph = h_ref = np.zeros_like(x_graph)
+    for row in table.coefficients:
+        out = rng.standard_normal(spec.tensor("model_output").shape).astype(np.float32)
+        zeros = np.zeros_like(x_graph)
+        feeds = {"latents": x_graph, "model_output": out, "coefficients": row, "noise": zeros,
+                 "guidance_scale": np.array([4.0], np.float32), "x0_prev": h_graph}  # fmt: skip
+        x_graph, h_graph, _ = session.run(None, feeds)
+        x_ref, h_ref = S.apply_step(row, x_ref, out, None, 4.0, h_ref, True)
+    np.testing.assert_allclose(x_graph, x_ref, **TOL)
+
+
+def test_write_step_graph_is_atomic(tmp_path):
+    profile = Profile(batch=1, height=64, width=64, cfg=True)
+    path = write_step_graph("unet_inpaint_step", profile, DIMS, tmp_path / "sub" / "unet_inpaint_step.onnx")
+    assert os.listdir(path.parent) == ["unet_inpaint_step.onnx"]  # no temporary file left behind
+    loaded = onnx.load(path)
+    assert loaded.SerializeToString() == build_step_graph("unet_inpaint_step", profile, DIMS).SerializeToString()
+    props = {p.key: p.value for p in loaded.metadata_props}
+    assert props["coefficient_columns"] == ",".join(COEFFICIENT_COLUMNS)
+
+
+def test_unknown_step_graph():
+    with pytest.raises(SpecError, match="name: expected one of .*found 'unet'"):
+        build_step_graph("unet", Profile(), DIMS)

@@ -6,12 +6,15 @@ the same float32 operations in the same order, so any difference is a real diver
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from kandinsky_trt.runtime import image_processing as ip
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
@@ -259,6 +262,22 @@ def test_clip_preprocess_matches_transformers(clip_processor):
         assert ours.shape == (1, 3, 224, 224) and ours.dtype == np.float32
         worst = max(worst, float(np.abs(ours - expected).max()))
     assert worst == 0.0, f"max abs diff vs CLIPImageProcessorPil: {worst}"
+
+
+def test_clip_preprocess_matches_tiny_checkpoint_processor(tmp_path_factory):
+    """The image processor saved in the tiny checkpoint's prior folder, loaded as the pipeline loads it."""
+    from transformers import CLIPImageProcessor
+
+    from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    write_tiny_checkpoint(out, seed=0)
+    processor = CLIPImageProcessor.from_pretrained(out / "prior" / "image_processor")
+    size = processor.crop_size["height"]
+    for image in _clip_cases(np.random.default_rng(10)):
+        expected = processor(image, return_tensors="np").pixel_values
+        ours = ip.clip_image_preprocess(image, size, processor.image_mean, processor.image_std)
+        assert np.array_equal(ours, expected)
 
 
 def test_clip_preprocess_bad_inputs():

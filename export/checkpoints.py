@@ -193,7 +193,8 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> TinyCheckpoint:
     """Write ``out_dir/{prior,decoder,inpaint}`` (tiny, random, deterministic for ``seed``).
 
     The checkpoints are written into a temporary directory inside ``out_dir`` and renamed into
-    place only once all three are complete, so a failed run never leaves a partial checkpoint.
+    place only once all three are complete, so a failed run never leaves a partial checkpoint
+    (a failure between the three renames could leave checkpoints of two generations, each whole).
     """
     out_dir = Path(out_dir)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

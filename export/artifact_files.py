@@ -50,15 +50,11 @@ def _tokenizer_json(folder: Path, out: Path) -> int:
     """Write ``folder``'s tokenizer as ``out`` (tokenizer.json format); returns its pad id."""
     from transformers import AutoTokenizer
 
+    # Serialise the tokenizer transformers actually builds, not the checkpoint's tokenizer.json:
+    # transformers rebuilds e.g. XLM-R's pre-tokenizer from its class and ignores the file's, so a
+    # copied file can tokenize extra whitespace differently (tests/test_tokenization.py).
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    source = folder / "tokenizer.json"
-    data = source.read_bytes() if source.is_file() else None
-    if data is None:
-        tmp = out.with_suffix(".convert.json")
-        tokenizer.backend_tokenizer.save(str(tmp))
-        data = tmp.read_bytes()
-        tmp.unlink()
-    mf.write_bytes_atomic(out, data)
+    mf.write_bytes_atomic(out, tokenizer.backend_tokenizer.to_str().encode())
     return int(tokenizer.pad_token_id)
 
 

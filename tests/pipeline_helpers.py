@@ -29,3 +29,14 @@ def embeds(rows: int, dim: int, seed: int) -> np.ndarray:
 def max_diff(a, b) -> float:
     a = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def check_close(label: str, diff: float, tolerance: float) -> None:
+    """Assert ``diff < tolerance``; ``KTRT_MEASURE=1`` prints every measured value instead (how the
+    README parity table and the tolerances were obtained)."""
+    import os
+
+    if os.environ.get("KTRT_MEASURE"):
+        print(f"PARITY {label} {diff:.3e}")
+        return
+    assert diff < tolerance, f"{label}: max abs diff {diff:.3e} >= tolerance {tolerance:.0e}"

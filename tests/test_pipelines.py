@@ -16,15 +16,14 @@ from kandinsky_trt.runtime import (
 from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
 
 PRECISIONS = ["artifacts_fp32", "artifacts_fp16"]
-# Max abs difference (embeddings, images), ~2-3x the worst value measured with KTRT_MEASURE=1
+# Max abs difference (embeddings, images), ~2x the worst value measured with KTRT_MEASURE=1
 # (README parity table). Random tiny weights amplify rounding: fp32 images differ by up to
-# 1.7e-4, fp16 images by up to 0.05 (decoders) and 0.11 (combined: the prior's fp16 error feeds
-# the decoder).
+# 2.6e-4; fp16 images by up to 0.13 at single pixels (the prior's fp16 error feeds the decoder
+# in the combined pipeline, fp16 UNet error compounds over the steps).
 TOLERANCE = {
     "artifacts_fp32": (2e-5, 5e-4),
-    "artifacts_fp16": (2e-2, 1e-1),
+    "artifacts_fp16": (2e-2, 2.5e-1),
 }
-COMBINED_FP16_IMAGE_TOLERANCE = 2.5e-1
 E, H = 32, 8  # tiny CLIP width; 64 px -> 8 latent
 
 
@@ -133,5 +132,4 @@ def test_combined_text2img(fixture, request, tiny_checkpoint):
                                           height=64, width=64, prior_num_inference_steps=prior_steps,
                                           latents=latents, prior_step_noise=np.stack(noise),
                                           decoder_latents=dec_latents, output_type="np").images
-    tolerance = COMBINED_FP16_IMAGE_TOLERANCE if fixture == "artifacts_fp16" else TOLERANCE[fixture][1]
-    check_close(request.node.name, max_diff(ref, ours), tolerance)
+    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])

@@ -1,0 +1,91 @@
+"""Batch > 1 artifacts, non-square sizes, chunking, interpolate and the combined img2img / inpaint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kandinsky_trt.runtime import (
+    KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline)
+from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
+from test_pipelines import TOLERANCE
+
+E = 32
+WIDE = {"artifacts_fp32_b2_wide": "artifacts_fp32", "artifacts_fp16_b2_wide": "artifacts_fp16"}
+
+
+@pytest.mark.parametrize("fixture", list(WIDE))
+def test_text2img_non_square_batch2_with_padding(fixture, request, tiny_checkpoint):
+    """3 rows on batch-2 artifacts: two chunks, the second padded; 64x128 (latent 8x16)."""
+    from diffusers import KandinskyPipeline as Reference
+
+    out, _ = request.getfixturevalue(fixture)
+    prompts = ["a red cat", "a green dog", "ein Haus"]
+    emb, neg = embeds(3, E, 11), embeds(3, E, 12)
+    (latents,) = torch_draws([(3, 4, 8, 16)])
+    ref = Reference.from_pretrained(tiny_checkpoint.decoder)(
+        prompts, torch.from_numpy(emb), torch.from_numpy(neg), height=64, width=128, num_inference_steps=3,
+        latents=torch.from_numpy(latents), output_type="np").images
+    ours = KandinskyPipeline(out)(prompts, emb, neg, height=64, width=128, num_inference_steps=3,
+                                  latents=latents, output_type="np").images
+    assert ours.shape == (3, 64, 128, 3)
+    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[WIDE[fixture]][1])
+
+
+@pytest.mark.parametrize("fixture", ["artifacts_fp32", "artifacts_fp16"])
+def test_interpolate_matches_diffusers(fixture, request, tiny_checkpoint):
+    from diffusers import KandinskyPriorPipeline as Reference
+
+    out, _ = request.getfixturevalue(fixture)
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (80, 60, 3), dtype=np.uint8))
+    steps = 3
+    latents = embeds(1, E, 4)  # explicit latents: diffusers then draws only the step noise
+    noise = torch_draws([(1, E)] * (2 * (steps - 1)))
+    ref = Reference.from_pretrained(tiny_checkpoint.prior).interpolate(
+        ["a cat", picture], [0.3, 0.7], num_inference_steps=steps, generator=generator(),
+        latents=torch.from_numpy(latents))
+    ours = KandinskyPriorPipeline(out).interpolate(
+        ["a cat", picture], [0.3, 0.7], num_inference_steps=steps, latents=latents,
+        step_noise=[np.stack(noise[: steps - 1]), np.stack(noise[steps - 1:])])
+    tol = TOLERANCE[fixture][0]
+    check_close(request.node.name, max_diff(ref.image_embeds, ours.image_embeds), tol)
+    check_close(request.node.name, max_diff(ref.negative_image_embeds, ours.negative_image_embeds), tol)
+
+
+def test_interpolate_keeps_num_images_per_prompt(artifacts_fp32):
+    """Fixed: diffusers returns one row whatever num_images_per_prompt; we return N mixed rows."""
+    out, _ = artifacts_fp32
+    pipe = KandinskyPriorPipeline(out)
+    result = pipe.interpolate(["a cat", "a dog"], [0.5, 0.5], num_images_per_prompt=3, num_inference_steps=2,
+                              generator=0)
+    assert result.image_embeds.shape == (3, E) and result.negative_image_embeds.shape == (3, E)
+    assert not np.allclose(result.image_embeds[0], result.image_embeds[1])  # independent samples
+
+
+def _pictures():
+    rng = np.random.default_rng(9)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def test_img2img_combined_accepts_a_bare_image_with_several_images(artifacts_fp32):
+    """Fixed: diffusers fails on a bare PIL image with num_images_per_prompt > 1."""
+    out, _ = artifacts_fp32
+    pipe = KandinskyImg2ImgCombinedPipeline(out)
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=4, prior_num_inference_steps=2, height=64,
+                  width=64, strength=0.5, output_type="np")
+    bare = pipe("a frog", _pictures(), generator=5, **kwargs).images
+    listed = pipe("a frog", [_pictures()], generator=5, **kwargs).images
+    assert bare.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(bare, listed)
+
+
+def test_inpaint_combined_runs_with_several_images(artifacts_fp32):
+    out, _ = artifacts_fp32
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:40, 10:40] = 1
+    images = KandinskyInpaintCombinedPipeline(out)(
+        ["a hat", "a crown"], _pictures(), mask, num_images_per_prompt=2, num_inference_steps=2,
+        prior_num_inference_steps=2, height=64, width=64, generator=1, output_type="np").images
+    assert images.shape == (4, 64, 64, 3) and np.isfinite(images).all()

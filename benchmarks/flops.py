@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kandinsky_trt.benchmarks.gpu_specs import GpuSpec
 from kandinsky_trt.runtime.spec import NETWORKS, Profile, ResolvedNetwork, resolve
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ METHOD_NO_MASK = (
 )
 
 
-class CostError(ValueError):
+class CostError(KandinskyTrtError, ValueError):
     """A network, precision or module that cannot be counted."""
 
 

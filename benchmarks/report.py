@@ -30,6 +30,7 @@ from kandinsky_trt.benchmarks.environment import (  # noqa: F401  (re-exported f
     reset_peak_host_rss,
 )
 from kandinsky_trt.runtime.spec import Profile, SpecError
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ SCHEMA_VERSION = 1
 BASELINE_BACKEND = "torch"
 
 
-class ReportError(ValueError):
+class ReportError(KandinskyTrtError, ValueError):
     """A result file or sample list that does not fit the format."""
 
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ EROSION_KERNEL = ((1, 1, 0), (1, 1, 1), (0, 1, 1))
 OUTPUT_TYPES = ("np", "pil")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(KandinskyTrtError, ValueError):
     """An image or mask of the wrong type, shape, size or value range."""
 
 
-class NonFiniteOutputError(ValueError):
+class NonFiniteOutputError(KandinskyTrtError, ValueError):
     """The decoder produced NaN or Inf (e.g. fp16 overflow); refusing to turn it into an image."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from kandinsky_trt.runtime import noise_schedules as ns
 from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS, K
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ SCHEDULER_NAMES = MappingProxyType(
 )
 
 
-class SchedulerConfigError(ValueError):
+class SchedulerConfigError(KandinskyTrtError, ValueError):
     """A scheduler config, step count or table that is malformed."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 DEFAULT_MAX_LENGTH = 77  # both Kandinsky 2.1 text encoders
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(KandinskyTrtError, ValueError):
     """A tokenizer file or folder that is unreadable, corrupt, or lacks a needed setting."""
 
 

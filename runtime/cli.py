@@ -134,6 +134,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kandinsky_trt.benchmarks.report import compare_results, write_result
+
+    if args.compare:
+        report = compare_results(*args.compare, threshold=args.threshold)
+        print(report.to_markdown())
+        return 1 if report.regressions else 0
+    if not args.artifacts:
+        from kandinsky_trt.runtime.components import PipelineInputError
+
+        raise PipelineInputError("--artifacts: expected an artifacts directory (or --compare A.json B.json), found none")
+    from kandinsky_trt.benchmarks.harness import BenchConfig, run_benchmark
+
+    config = BenchConfig(
+        artifacts=Path(args.artifacts), backends=tuple(args.backends),
+        stages=tuple(args.stages) if args.stages is not None else None, pipelines=tuple(args.pipelines),
+        repeat=args.repeat, warmup=args.warmup, steps=args.steps, prior_steps=args.prior_steps, device=args.device,
+    )
+    paths = write_result(run_benchmark(config), Path(args.out), stem=args.name)
+    for path in paths:
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
+
+
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=512, help="image height in pixels, multiple of 64 (default 512)")
     p.add_argument("--width", type=int, default=512, help="image width in pixels, multiple of 64 (default 512)")
@@ -187,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
     p.add_argument("--mask", help="inpaint mask: white = repaint (needs --image and inpaint artifacts)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="time stages and pipelines for several backends side by side")
+    p.add_argument("--artifacts", help="artifacts directory from `export`")
+    p.add_argument("--backends", nargs="+", default=["torch", "ort"], choices=("torch", "ort", "trt"),
+                   help="backends to compare in one run; torch (diffusers, eager) is the baseline")
+    p.add_argument("--stages", nargs="*", help="networks to time (default: all; give none to skip stages)")
+    p.add_argument("--pipelines", nargs="*", default=[], choices=("text2img", "img2img", "inpaint"),
+                   help="end-to-end runs (ours vs diffusers)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--steps", type=int, default=10, help="decoder steps end to end (default 10)")
+    p.add_argument("--prior-steps", type=int, default=5, help="prior steps end to end (default 5)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="benchmarks/results", help="where the JSON/Markdown/PNG go")
+    p.add_argument("--name", help="file stem (default: device, profile and date)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two result files instead")
+    p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (default 5%%)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="tiny checkpoint -> ONNX -> image on CPU, no flags needed")
     p.add_argument("--out", default="kandinsky-demo", help="working directory (default ./kandinsky-demo)")

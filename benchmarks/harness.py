@@ -1,0 +1,168 @@
+"""The timing harness behind ``kandinsky-trt bench``: backends side by side, in one run.
+
+Per stage (each network of the manifest, step graphs included) every backend runs the same inputs:
+``warmup`` untimed calls, then ``repeat`` timed ones; medians, spread and peak host RSS go into a
+result file (``report.py``). End to end, our pipelines on each runtime backend run against
+diffusers' own pipelines (the ``torch`` baseline) with the same prompts and step counts.
+
+The physical lower bound (``flops.py``) is attached to a stage only when the device is a GPU with a
+known spec; on a CPU the bounds for a reference GPU are stored beside the figures, not as fractions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kandinsky_trt.benchmarks.environment import peak_host_rss_mb, reset_peak_host_rss
+from kandinsky_trt.benchmarks.report import BenchResult, StageMeasurement, new_result, stage_result, with_baseline_ratios
+from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS, ResolvedNetwork
+
+log = logging.getLogger(__name__)
+PIPELINES = ("text2img", "img2img", "inpaint")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    artifacts: Path
+    backends: tuple[str, ...] = ("torch", "ort")
+    stages: tuple[str, ...] | None = None  # networks to time; None: every network of the manifest
+    pipelines: tuple[str, ...] = ()  # end-to-end runs: text2img, img2img, inpaint
+    repeat: int = 5
+    warmup: int = 1
+    steps: int = 10  # decoder steps end to end
+    prior_steps: int = 5
+    device: str = "cpu"
+    reference_gpu: str = "H100 SXM"
+
+
+def stage_inputs(network: ResolvedNetwork, seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid inputs for any network: token ids, full masks, a mid timestep, N(0,1) floats."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in network.inputs:
+        if t.name == "input_ids":
+            feeds[t.name] = rng.integers(3, 30, size=t.shape, dtype=np.int64)
+        elif t.dtype in ("int64", "bool"):
+            feeds[t.name] = np.ones(t.shape, dtype=t.dtype)
+        elif t.name in ("timestep", "guidance_scale"):
+            feeds[t.name] = np.full(t.shape, 500.0 if t.name == "timestep" else 4.0, np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(np.float32)
+    return feeds
+
+
+def time_calls(call: Callable[[], object], repeat: int, warmup: int) -> tuple[list[float], float]:
+    """Wall-clock milliseconds of ``repeat`` calls after ``warmup``; and the peak host RSS (MB)."""
+    for _ in range(warmup):
+        call()
+    reset_peak_host_rss()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples, peak_host_rss_mb()
+
+
+def _stage_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
+    names = config.stages or tuple(manifest.networks)
+    for name in names:
+        feeds = stage_inputs(manifest.network(name).resolved)
+        for backend, comp in components.items():
+            session = comp.session(name)
+            samples, rss = time_calls(lambda: session.run(feeds), config.repeat, config.warmup)
+            log.info("%-20s %-5s median %.2f ms", name, backend, float(np.median(samples)))
+            yield StageMeasurement(name, backend, tuple(samples), rss)
+
+
+def _pipeline_call(kind: str, pipe_factory: Callable[[str], Callable], config: BenchConfig, size: tuple[int, int]):
+    from PIL import Image
+
+    height, width = size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mask = np.zeros((height, width), np.float32)
+    mask[: height // 2] = 1
+    common = dict(num_inference_steps=config.steps, prior_num_inference_steps=config.prior_steps, height=height,
+                  width=width, output_type="np")
+    pipe = pipe_factory(kind)
+    if kind == "text2img":
+        return lambda: pipe("a red cat on a chair", **common)
+    if kind == "img2img":
+        return lambda: pipe("a red cat on a chair", image, strength=0.5, **common)
+    return lambda: pipe("a red cat on a chair", image, mask, **common)
+
+
+def _ours(components: Components) -> Callable[[str], Callable]:
+    from kandinsky_trt.runtime import combined_pipelines as cp
+
+    classes = {"text2img": cp.KandinskyCombinedPipeline, "img2img": cp.KandinskyImg2ImgCombinedPipeline,
+               "inpaint": cp.KandinskyInpaintCombinedPipeline}
+    return lambda kind: classes[kind](components=components)
+
+
+def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
+    """diffusers' own combined pipelines, assembled from the checkpoints the artifacts came from."""
+    import diffusers
+
+    def factory(kind: str):
+        prior = diffusers.KandinskyPriorPipeline.from_pretrained(manifest.checkpoints["prior"])
+        decoder_dir = manifest.checkpoints["inpaint" if kind == "inpaint" else "decoder"]
+        decoder = diffusers.KandinskyPipeline.from_pretrained(decoder_dir)
+        cls = {"text2img": diffusers.KandinskyCombinedPipeline, "img2img": diffusers.KandinskyImg2ImgCombinedPipeline,
+               "inpaint": diffusers.KandinskyInpaintCombinedPipeline}[kind]
+        parts = {**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()}}
+        return cls(**parts).to(device)
+
+    return factory
+
+
+def _pipeline_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
+    size = (manifest.profile.height, manifest.profile.width)
+    for kind in config.pipelines:
+        for backend in config.backends:
+            factory = _diffusers(manifest, config.device) if backend == "torch" else _ours(components[backend])
+            samples, rss = time_calls(_pipeline_call(kind, factory, config, size), config.repeat, config.warmup)
+            log.info("e2e %-16s %-5s median %.1f ms", kind, backend, float(np.median(samples)))
+            yield StageMeasurement(f"e2e:{kind}", backend, tuple(samples), rss)
+
+
+def _reference_bounds(manifest: mf.Manifest, names, gpu_name: str) -> dict:
+    """H100-class floors for full-size networks (tiny checkpoints have no meaningful bound)."""
+    if manifest.model_dims != KANDINSKY_2_1_DIMS:
+        return {}
+    from kandinsky_trt.benchmarks.flops import lower_bound_ms, network_cost
+    from kandinsky_trt.benchmarks.gpu_specs import GPU_SPECS
+
+    gpu = next(g for g in GPU_SPECS if g.name == gpu_name)
+    precision = "fp16" if manifest.precision == "fp16" else "fp32"
+    bounds = {}
+    for name in names:
+        if name in manifest.networks and not name.endswith("_step"):
+            bounds[name] = lower_bound_ms(network_cost(name, manifest.profile, precision), gpu)
+    return {"reference_gpu": gpu.name, "lower_bound_ms": bounds}
+
+
+def run_benchmark(config: BenchConfig) -> BenchResult:
+    manifest = mf.load_manifest(config.artifacts)
+    # "torch" stages run the diffusers modules through the torch backend; "torch" end to end runs
+    # diffusers' pipelines themselves (nothing of ours in the loop).
+    components = {b: Components(config.artifacts, b, config.device) for b in config.backends}
+    try:
+        stages = [] if config.stages == () else list(_stage_measurements(config, manifest, components))
+        stages += list(_pipeline_measurements(config, manifest, components))
+    finally:
+        for comp in components.values():
+            comp.close()
+    rows = with_baseline_ratios([stage_result(m) for m in stages])
+    result = new_result(manifest.profile.to_dict(), manifest.precision, rows, device_name=config.device)
+    names = {s.stage for s in rows}
+    bounds = _reference_bounds(manifest, names, config.reference_gpu)
+    return BenchResult(**{**result.__dict__, "device": {**result.device, **bounds}})

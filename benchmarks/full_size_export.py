@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--exporter", choices=("legacy", "dynamo"), default="dynamo",
+                        help="dynamo traces with fake tensors; legacy runs a real fp16 forward (slow on CPU)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -39,10 +41,10 @@ def main() -> None:
     model = build_full_size_model(args.network, dtype=torch.float32)
     built = time.perf_counter()
     network = resolve(args.network, Profile(1, args.height, args.width, True))
-    files = export_network(model, ExportRequest(network, policy_for(args.network, args.precision), out))
+    files = export_network(model, ExportRequest(network, policy_for(args.network, args.precision), out, args.exporter))
     done = time.perf_counter()
     print(json.dumps({
-        "network": args.network, "precision": args.precision, "profile": f"{args.height}x{args.width} b1 cfg",
+        "network": args.network, "precision": args.precision, "exporter": args.exporter, "profile": f"{args.height}x{args.width} b1 cfg",
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores)",
         "build_random_model_s": round(built - start, 1), "export_s": round(done - built, 1),
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

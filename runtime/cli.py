@@ -94,7 +94,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   width=args.width, prior_guidance_scale=args.prior_guidance,
                   prior_num_inference_steps=args.prior_steps, generator=args.seed, scheduler=args.scheduler)
     with Components(args.artifacts, args.backend, args.device) as components:
-        bar, callback = _progress(args.steps * args.num_images, "decoder")
+        steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
+        bar, callback = _progress(steps * args.num_images, "decoder")
         if mask is not None:
             pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
             out = pipe(args.prompt, image, mask, callback=callback, **common)
@@ -103,6 +104,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
         else:
             out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
+        bar.close()
+    for path in _save_images(out.images, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
+    from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
+
+    conditions = [(text, float(w)) for text, w in args.text or []]
+    conditions += [(_open_image(path, "--image").convert("RGB"), float(w)) for path, w in args.image or []]
+    if not conditions:
+        raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
+    with Components(args.artifacts, args.backend, args.device) as components:
+        prior = KandinskyPriorPipeline(components=components)
+        mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
+                                num_inference_steps=args.prior_steps, generator=args.seed)
+        bar, callback = _progress(args.steps, "decoder")
+        out = KandinskyPipeline(components=components)(
+            "", mix.image_embeds, mix.negative_image_embeds, height=args.height, width=args.width,
+            num_inference_steps=args.steps, generator=args.seed, callback=callback)
         bar.close()
     for path in _save_images(out.images, args.out):
         print(f"wrote {path}")
@@ -132,6 +156,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     path = _save_images([image.resize((256, 256), 0)], str(out / "demo.png"))[0]
     print(f"wrote {path}")
     return 0 if report.passed else 1
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from kandinsky_trt.engine.builder import BuildConfig, build_engines
+
+    config = BuildConfig(
+        artifacts=Path(args.artifacts), networks=tuple(args.networks) if args.networks else None,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None, opt_level=args.opt_level,
+        workspace_gb=args.workspace, force=args.force,
+    )
+    for path in build_engines(config):
+        print(f"engine: {path}")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -192,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_args(p)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("build", help="build TensorRT engines (one plan per network) from exported artifacts")
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--networks", nargs="+", help="build only these networks (default: all)")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file to load and update")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
+    p.add_argument("--workspace", type=float, help="workspace memory pool limit in GB (default: TensorRT's)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching plan exists")
+    p.set_defaults(func=_cmd_build)
+
     p = sub.add_parser("generate", help="text -> image (with --image: img2img, with --mask: inpaint)")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
@@ -212,6 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
     p.add_argument("--mask", help="inpaint mask: white = repaint (needs --image and inpaint artifacts)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("interpolate", help="mix text and image conditions, then decode one image")
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--text", nargs=2, action="append", metavar=("TEXT", "WEIGHT"), help="a text condition")
+    p.add_argument("--image", nargs=2, action="append", metavar=("PATH", "WEIGHT"), help="an image condition")
+    p.add_argument("--out", default="out.png")
+    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
+    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.set_defaults(func=_cmd_interpolate)
 
     p = sub.add_parser("bench", help="time stages and pipelines for several backends side by side")
     p.add_argument("--artifacts", help="artifacts directory from `export`")

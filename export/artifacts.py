@@ -37,7 +37,7 @@ class ExportConfig:
     out_dir: Path
     profile: Profile = Profile()
     precision: str = "fp16"
-    exporter: str = "legacy"
+    exporter: str = "dynamo"
     verify: bool = False
     networks: tuple[str, ...] | None = None  # None: every network the checkpoints provide
 

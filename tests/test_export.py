@@ -76,7 +76,8 @@ def test_constants_and_tokenizers(artifacts_fp32, tiny_checkpoint):
 
 def test_reexport_reuses_by_hash_and_redoes_what_changed(tmp_path, tiny_checkpoint):
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
-    config = ExportConfig(dirs, tmp_path, Profile(1, 64, 64), "fp32", networks=("movq_decoder", "prior"))
+    config = ExportConfig(dirs, tmp_path, Profile(1, 64, 64), "fp32", exporter="legacy",
+                          networks=("movq_decoder", "prior"))
     first = export_artifacts(config)
     assert sorted(first.exported) == ["movq_decoder", "prior"]
     assert sorted(export_artifacts(config).reused) == ["movq_decoder", "prior"]

@@ -203,14 +203,20 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cfg", action="store_true", help="profile without classifier-free guidance (batch not doubled)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kandinsky-trt",
-        description="Kandinsky 2.1 on ONNX Runtime / TensorRT. Start with `kandinsky-trt demo`.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by the commands that generate images."""
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--out", default="out.png", help="output image path (several images: out-0.png, ...)")
+    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="default ort (ONNX Runtime)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
+    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
 
+
+def _add_artifact_commands(sub) -> None:
     p = sub.add_parser("tiny-checkpoint", help="write tiny random-weight Kandinsky 2.1 checkpoints (diffusers format)")
     p.add_argument("out", help="output directory (gets prior/, decoder/, inpaint/)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
@@ -239,21 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when a matching plan exists")
     p.set_defaults(func=_cmd_build)
 
+
+def _add_image_commands(sub) -> None:
     p = sub.add_parser("generate", help="text -> image (with --image: img2img, with --mask: inpaint)")
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
-    p.add_argument("--out", default="out.png", help="output image path (several images: out-0.png, ...)")
-    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="default ort (ONNX Runtime)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _add_run_args(p)
     p.add_argument("--negative-prompt", help="what to avoid (prior and decoder)")
-    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
-    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     p.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4)")
     p.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4)")
     p.add_argument("--scheduler", choices=("ddim", "ddpm", "dpmpp2m"), help="decoder scheduler (default: ddim)")
-    p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--image", help="input image: img2img (or the image to inpaint with --mask)")
     p.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
@@ -261,19 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("interpolate", help="mix text and image conditions, then decode one image")
-    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    _add_run_args(p)
     p.add_argument("--text", nargs=2, action="append", metavar=("TEXT", "WEIGHT"), help="a text condition")
     p.add_argument("--image", nargs=2, action="append", metavar=("PATH", "WEIGHT"), help="an image condition")
-    p.add_argument("--out", default="out.png")
-    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
-    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
     p.set_defaults(func=_cmd_interpolate)
 
+    p = sub.add_parser("demo", help="tiny checkpoint -> ONNX -> image on CPU, no flags needed")
+    p.add_argument("--out", default="kandinsky-demo", help="working directory (default ./kandinsky-demo)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="time stages and pipelines for several backends side by side")
     p.add_argument("--artifacts", help="artifacts directory from `export`")
     p.add_argument("--backends", nargs="+", default=["torch", "ort"], choices=("torch", "ort", "trt"),
@@ -292,9 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (default 5%%)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="tiny checkpoint -> ONNX -> image on CPU, no flags needed")
-    p.add_argument("--out", default="kandinsky-demo", help="working directory (default ./kandinsky-demo)")
-    p.set_defaults(func=_cmd_demo)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kandinsky-trt",
+        description="Kandinsky 2.1 on ONNX Runtime / TensorRT. Start with `kandinsky-trt demo`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_artifact_commands(sub)
+    _add_image_commands(sub)
+    _add_bench_command(sub)
     return parser
 
 

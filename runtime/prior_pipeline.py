@@ -28,6 +28,16 @@ class KandinskyPriorPipelineOutput:
         return self.image_embeds, self.negative_image_embeds
 
 
+@dataclass(frozen=True)
+class PriorRows:
+    """One prior run, row-aligned: cond / uncond texts, initial latents, per-step noise."""
+
+    cond: list[str]
+    uncond: list[str]
+    latents: np.ndarray  # (rows, E)
+    step_noise: np.ndarray | None  # (stochastic steps, rows, E)
+
+
 def _output(out: KandinskyPriorPipelineOutput, output_type: str, return_dict: bool):
     args.check_output_type(output_type, ("np", "pt"))
     if output_type == "pt":  # drop-in convenience for torch users; the runtime itself never needs torch
@@ -59,21 +69,22 @@ class KandinskyPriorPipeline:
         return {"proj_embedding": encoded["text_embeds"], "encoder_hidden_states": encoded["last_hidden_state"],
                 "attention_mask": mask.astype(bool)}
 
-    def sample(self, cond: list[str], uncond: list[str], latents: np.ndarray, noise: np.ndarray | None,
-               steps: int, guidance_scale: float) -> np.ndarray:
+    def sample(self, rows: PriorRows, steps: int, guidance_scale: float) -> np.ndarray:
         """Run the prior loop on rows of texts; returns post-processed embeddings (rows, E)."""
         c = self.components
         table = c.scheduler("prior", steps)
         nets = LoopNetworks(c.session("prior"), c.session("prior_step"), "hidden_states", "predicted_image_embedding")
         batch, results = c.profile.batch, []
-        for rows in args.chunks(len(cond), batch):
-            chunk_noise = None if noise is None else args.take(noise.swapaxes(0, 1), rows, batch).swapaxes(0, 1)
+        for chunk in args.chunks(len(rows.cond), batch):
+            noise = rows.step_noise
+            chunk_noise = None if noise is None else args.take(noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
             loop = LoopInputs(
-                latents=args.take(latents, rows, batch) * np.float32(table.init_noise_sigma),
-                conditioning=self._encode(args.take_list(cond, rows, batch), args.take_list(uncond, rows, batch)),
+                latents=args.take(rows.latents, chunk, batch) * np.float32(table.init_noise_sigma),
+                conditioning=self._encode(args.take_list(rows.cond, chunk, batch),
+                                          args.take_list(rows.uncond, chunk, batch)),
                 step_extras={}, noise=chunk_noise, guidance_scale=guidance_scale,
             )
-            results.append(denoise(nets, table, loop)[: rows.stop - rows.start])
+            results.append(denoise(nets, table, loop)[: chunk.stop - chunk.start])
         embeds = np.concatenate(results)
         return embeds * c.constant("clip_std") + c.constant("clip_mean")
 
@@ -109,7 +120,7 @@ class KandinskyPriorPipeline:
         latents = args.draw_or_check(latents, (len(cond), dim), "latents", rng)
         stochastic = int(self.components.scheduler("prior", steps).stochastic.sum())
         step_noise = args.draw_or_check(step_noise, (stochastic, len(cond), dim), "step_noise", rng)
-        embeds = self.sample(cond, uncond, latents, step_noise, steps, guidance_scale)
+        embeds = self.sample(PriorRows(cond, uncond, latents, step_noise), steps, guidance_scale)
         if negatives is not None:
             image_embeds, negative_embeds = np.split(embeds, 2)
         else:

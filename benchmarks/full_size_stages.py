@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kandinsky_trt.benchmarks.harness import stage_inputs, time_calls
+from kandinsky_trt.benchmarks.harness import time_calls
 from kandinsky_trt.benchmarks.report import StageMeasurement, new_result, stage_result, with_baseline_ratios, write_result
+from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.spec import Profile, resolve
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _measure(name: str, profile: Profile, precision: str, repeat: int, work_dir:
     from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
 
     network = resolve(name, profile)
-    feeds = stage_inputs(network)
+    feeds = sample_inputs(network)
     wrapper = WRAPPERS[name](build_full_size_model(name, dtype=torch.float32), torch.float32)
     args = [torch.from_numpy(feeds[n]) for n in network.input_names]
     with torch.no_grad():

@@ -22,8 +22,9 @@ import numpy as np
 from kandinsky_trt.benchmarks.environment import peak_host_rss_mb, reset_peak_host_rss
 from kandinsky_trt.benchmarks.report import BenchResult, StageMeasurement, new_result, stage_result, with_baseline_ratios
 from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS, ResolvedNetwork
+from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS
 
 log = logging.getLogger(__name__)
 PIPELINES = ("text2img", "img2img", "inpaint")
@@ -43,22 +44,6 @@ class BenchConfig:
     reference_gpu: str = "H100 SXM"
 
 
-def stage_inputs(network: ResolvedNetwork, seed: int = 0) -> dict[str, np.ndarray]:
-    """Valid inputs for any network: token ids, full masks, a mid timestep, N(0,1) floats."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in network.inputs:
-        if t.name == "input_ids":
-            feeds[t.name] = rng.integers(3, 30, size=t.shape, dtype=np.int64)
-        elif t.dtype in ("int64", "bool"):
-            feeds[t.name] = np.ones(t.shape, dtype=t.dtype)
-        elif t.name in ("timestep", "guidance_scale"):
-            feeds[t.name] = np.full(t.shape, 500.0 if t.name == "timestep" else 4.0, np.float32)
-        else:
-            feeds[t.name] = rng.standard_normal(t.shape).astype(np.float32)
-    return feeds
-
-
 def time_calls(call: Callable[[], object], repeat: int, warmup: int) -> tuple[list[float], float]:
     """Wall-clock milliseconds of ``repeat`` calls after ``warmup``; and the peak host RSS (MB)."""
     for _ in range(warmup):
@@ -75,7 +60,7 @@ def time_calls(call: Callable[[], object], repeat: int, warmup: int) -> tuple[li
 def _stage_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
     names = config.stages or tuple(manifest.networks)
     for name in names:
-        feeds = stage_inputs(manifest.network(name).resolved)
+        feeds = sample_inputs(manifest.network(name).resolved)
         for backend, comp in components.items():
             session = comp.session(name)
             samples, rss = time_calls(lambda: session.run(feeds), config.repeat, config.warmup)

@@ -24,6 +24,7 @@ import onnx
 import torch
 
 from kandinsky_trt.export.precision import PrecisionPolicy, apply_policy
+from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.spec import ResolvedNetwork
@@ -47,24 +48,6 @@ class ExportRequest:
     policy: PrecisionPolicy
     out_dir: Path
     exporter: str = "dynamo"
-
-
-def dummy_inputs(network: ResolvedNetwork, seed: int = 0) -> dict[str, np.ndarray]:
-    """Plausible inputs for ``network``: text masks of mixed lengths, timestep 500, N(0,1) floats."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in network.inputs:
-        if t.name == "input_ids":
-            feeds[t.name] = rng.integers(3, 30, size=t.shape, dtype=np.int64)
-        elif t.name == "attention_mask":
-            lengths = rng.integers(2, t.shape[1] + 1, size=t.shape[0])
-            mask = np.arange(t.shape[1])[None, :] < lengths[:, None]
-            feeds[t.name] = mask.astype(t.dtype)
-        elif t.name == "timestep":
-            feeds[t.name] = np.full(t.shape, 500.0, dtype=np.float32)
-        else:
-            feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
-    return feeds
 
 
 def check_graph_io(model: onnx.ModelProto, network: ResolvedNetwork) -> None:
@@ -135,7 +118,7 @@ def export_network(model: torch.nn.Module, request: ExportRequest) -> list[Path]
         raise ExportError(f"exporter: expected one of {EXPORTERS}, found {request.exporter!r}")
     name = request.network.name
     wrapper = WRAPPERS[name](apply_policy(model, request.policy), request.policy.dtype)
-    args = tuple(torch.from_numpy(a) for a in dummy_inputs(request.network).values())
+    args = tuple(torch.from_numpy(a) for a in sample_inputs(request.network).values())
     with tempfile.TemporaryDirectory(dir=request.out_dir, prefix=f".{name}.") as tmp:
         raw_dir = Path(tmp) / "raw"
         raw_dir.mkdir()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kandinsky_trt.export.onnx_export import dummy_inputs
+from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.spec import ResolvedNetwork
 
 FP32_TOLERANCE = 1e-4
@@ -61,7 +61,7 @@ def verification_inputs(network: ResolvedNetwork) -> list[dict[str, np.ndarray]]
     """Three input sets unlike the tracing inputs (seed 0, timestep 500)."""
     sets = []
     for seed, t in enumerate(TIMESTEPS, start=1):
-        feeds = dummy_inputs(network, seed=seed)
+        feeds = sample_inputs(network, seed=seed)
         if "timestep" in feeds:
             feeds["timestep"] = np.full_like(feeds["timestep"], t)
         sets.append(feeds)

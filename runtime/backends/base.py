@@ -74,3 +74,21 @@ def check_feeds(network: ResolvedNetwork, feeds: Mapping[str, np.ndarray]) -> No
                 f"{network.name}.{name}: expected {tensor.dtype}{list(tensor.shape)}, "
                 f"found {array.dtype}{list(array.shape)}"
             )
+
+
+def sample_inputs(network: ResolvedNetwork, seed: int = 0) -> dict[str, np.ndarray]:
+    """Plausible inputs for any network: token ids, text masks of mixed lengths, timestep 500,
+    N(0, 1) floats. Used to trace exports, check parity and time stages."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in network.inputs:
+        if t.name == "input_ids":
+            feeds[t.name] = rng.integers(3, 30, size=t.shape, dtype=np.int64)
+        elif t.name == "attention_mask":
+            lengths = rng.integers(2, t.shape[1] + 1, size=t.shape[0])
+            feeds[t.name] = (np.arange(t.shape[1])[None, :] < lengths[:, None]).astype(t.dtype)
+        elif t.name == "timestep":
+            feeds[t.name] = np.full(t.shape, 500.0, dtype=np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+    return feeds

@@ -14,11 +14,12 @@ import argparse
 import gc
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from kandinsky_trt.benchmarks.harness import time_calls
+from kandinsky_trt.benchmarks.harness import reference_bounds, time_calls
 from kandinsky_trt.benchmarks.report import StageMeasurement, new_result, stage_result, with_baseline_ratios, write_result
 from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.spec import Profile, resolve
@@ -71,6 +72,7 @@ def main() -> None:
         gc.collect()
     rows = with_baseline_ratios([stage_result(m) for m in measurements])
     result = new_result(profile.to_dict(), args.precision, rows, device_name="cpu")
+    result = replace(result, device={**result.device, **reference_bounds(args.networks, profile, "fp16")})
     for path in write_result(result, Path(args.out), stem=args.name):
         if path is not None:
             print(f"wrote {path}")

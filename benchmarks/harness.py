@@ -119,19 +119,13 @@ def _pipeline_measurements(config: BenchConfig, manifest: mf.Manifest, component
             yield StageMeasurement(f"e2e:{kind}", backend, tuple(samples), rss)
 
 
-def _reference_bounds(manifest: mf.Manifest, names, gpu_name: str) -> dict:
-    """H100-class floors for full-size networks (tiny checkpoints have no meaningful bound)."""
-    if manifest.model_dims != KANDINSKY_2_1_DIMS:
-        return {}
+def reference_bounds(names, profile, precision: str, gpu_name: str = "H100 SXM") -> dict:
+    """Floors on a named GPU for full-size networks, stored beside figures measured elsewhere."""
     from kandinsky_trt.benchmarks.flops import lower_bound_ms, network_cost
     from kandinsky_trt.benchmarks.gpu_specs import GPU_SPECS
 
     gpu = next(g for g in GPU_SPECS if g.name == gpu_name)
-    precision = "fp16" if manifest.precision == "fp16" else "fp32"
-    bounds = {}
-    for name in names:
-        if name in manifest.networks and not name.endswith("_step"):
-            bounds[name] = lower_bound_ms(network_cost(name, manifest.profile, precision), gpu)
+    bounds = {n: lower_bound_ms(network_cost(n, profile, precision), gpu) for n in names if not n.endswith("_step")}
     return {"reference_gpu": gpu.name, "lower_bound_ms": bounds}
 
 
@@ -148,6 +142,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
             comp.close()
     rows = with_baseline_ratios([stage_result(m) for m in stages])
     result = new_result(manifest.profile.to_dict(), manifest.precision, rows, device_name=config.device)
-    names = {s.stage for s in rows}
-    bounds = _reference_bounds(manifest, names, config.reference_gpu)
+    names = [n for n in dict.fromkeys(s.stage for s in rows) if n in manifest.networks]
+    full_size = manifest.model_dims == KANDINSKY_2_1_DIMS  # tiny checkpoints have no meaningful floor
+    bounds = reference_bounds(names, manifest.profile, manifest.precision, config.reference_gpu) if full_size else {}
     return BenchResult(**{**result.__dict__, "device": {**result.device, **bounds}})

@@ -218,7 +218,19 @@ def render_markdown(result: BenchResult) -> str:
         )
     lines += ["", "% of bound = lower bound / median: the share of the physical floor reached "
               "(fp16 dense tensor peak and DRAM bandwidth, see benchmarks/flops.py)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _reference_bound_lines(result.device)) + "\n"
+
+
+def _reference_bound_lines(device: dict) -> list[str]:
+    """The floor of each network on a named GPU, listed beside figures measured elsewhere (a CPU)."""
+    bounds = device.get("lower_bound_ms") or {}
+    if not bounds:
+        return []
+    gpu = device.get("reference_gpu", "the reference GPU")
+    lines = ["", f"Physical floor per call on {gpu} at this profile (max of FLOPs / fp16 dense peak and "
+             "bytes / bandwidth), for scale; not a fraction of figures measured on another device:", "",
+             "| network | lower bound ms |", "|---|---:|"]
+    return lines + [f"| {name} | {ms:.3f} |" for name, ms in bounds.items()]
 
 
 def _draw_bars(ax, result: BenchResult, stages: list[str]) -> None:

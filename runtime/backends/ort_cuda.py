@@ -1,0 +1,251 @@
+"""ONNX Runtime with device-resident buffers bound once, and ONNX Runtime's own CUDA graphs.
+
+The host backend (``ort.py``) copies numpy feeds in and outputs out on every call. Here every
+input and output of a network is an ``OrtValue`` allocated once, from the resolved spec of the
+manifest entry, on the session's device, and bound by name to an ``IOBinding`` once. A call then
+only runs the binding; the caller updates inputs in place (:func:`upload`) between calls.
+
+With the CUDA execution provider and ``CudaGraphOptions(enabled=True)`` the session is created
+with the provider option ``enable_cuda_graph="1"`` and every binding gets its own ``gpu_graph_id``
+run option, so ONNX Runtime captures each binding once and replays it afterwards. The rules of
+ONNX Runtime's CUDA graphs this module relies on (CUDA EP documentation, "Using CUDA Graphs"):
+
+* capture is per ``gpu_graph_id`` within one session: the first run(s) of an id are ordinary
+  runs (they make the arena allocations; ONNX Runtime 1.18+ counts them per id), the next run
+  captures and replays, later runs only replay; ``0`` is the default id, so ids here start at 1;
+  ``-1`` runs a binding eagerly (:meth:`BoundRun.run` with ``graph=False``);
+* a replay re-issues the recorded kernels on the recorded addresses: the shapes and addresses of
+  the bound inputs and outputs must never change for an id, so a binding is never rebound — a
+  different set of buffers is a new binding with a new id;
+* new input values must be copied into the bound buffers (``OrtValue.update_inplace``), never
+  bound anew;
+* a ``Run`` may execute the graph more than once (recent versions do the warm-up runs and the
+  capture inside the first ``Run`` of an id), so a binding must be idempotent: it never reads a
+  buffer it writes (the denoising loop ping-pongs its state for that reason);
+* every node must run on the CUDA EP and the graph may hold no control flow; otherwise session
+  creation fails with ONNX Runtime's own message (reported here as :class:`BackendError`);
+* captured graphs live as long as the session, so bound buffers must outlive every replay: each
+  :class:`BoundRun` keeps its buffers alive, and sessions with graphs should not be shared by
+  objects that free their buffers while the session lives on.
+
+``update_inplace`` copies host to device with a plain ``cudaMemcpy`` on the legacy default stream,
+which does not order against ONNX Runtime's own stream; :meth:`BoundRun.synchronize_inputs`
+(``IOBinding.synchronize_inputs``: a device synchronisation by the session's CUDA EP) must follow
+uploads before the next run. ONNX Runtime's ``Run`` itself returns after its stream finished
+(its default; a graph replay synchronises as well).
+
+The same classes work on the CPU execution provider (``device="cpu"``: buffers in host memory, no
+graphs), which is how the binding logic is tested without a GPU. onnxruntime is imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.backends.base import BackendError
+from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
+from kandinsky_trt.runtime.spec import ResolvedNetwork, ResolvedTensor
+
+log = logging.getLogger(__name__)
+
+GRAPH_ID_KEY = "gpu_graph_id"  # kOrtRunOptionsConfigCudaGraphAnnotation
+FIRST_GRAPH_ID = 1  # 0 is ONNX Runtime's default id
+NO_GRAPH_ID = -1  # this run neither captures nor replays: the same binding, eagerly
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class CudaGraphOptions:
+    """Whether sessions on the CUDA EP capture and replay CUDA graphs (ignored on the CPU EP).
+
+    ``enabled=False`` is the ``--no-cuda-graph`` comparison: the same bindings, run eagerly.
+    """
+
+    enabled: bool = True
+    device_id: int = 0
+
+
+def cuda_available() -> bool:
+    """Whether the installed ONNX Runtime has the CUDA execution provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def provider_config(device: str, graphs: CudaGraphOptions) -> list:
+    """The ``providers`` argument of ``InferenceSession`` for ``device`` ("cpu" | "cuda").
+
+    Raises:
+        BackendError: "cuda" without the CUDA EP installed, or an unknown device.
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise BackendError(f"device: expected 'cpu' or 'cuda', found {device!r}")
+    if not cuda_available():
+        import onnxruntime as ort
+
+        raise BackendError(
+            f"device: expected ONNX Runtime with the {CUDA_PROVIDER} (pip install onnxruntime-gpu), "
+            f"found providers {ort.get_available_providers()}")
+    options = {"device_id": str(graphs.device_id), "enable_cuda_graph": "1" if graphs.enabled else "0"}
+    return [(CUDA_PROVIDER, options), "CPUExecutionProvider"]
+
+
+def allocate(tensor: ResolvedTensor, device: str, device_id: int = 0):
+    """An uninitialised ``OrtValue`` of ``tensor``'s shape and dtype on ``device``."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_shape_and_type(list(tensor.shape), np.dtype(tensor.dtype), device, device_id)
+
+
+def upload(value, array: np.ndarray, name: str) -> None:
+    """Copy ``array`` into the bound buffer ``value`` in place (its address never changes).
+
+    The shape and dtype must match exactly: ``update_inplace`` checks only the element count and
+    would copy the bytes of another dtype.
+
+    Raises:
+        BackendError: shape or dtype differ from the buffer's.
+    """
+    array = np.asarray(array)
+    expected = (tuple(value.shape()), np.dtype(_NUMPY_OF[value.data_type()]))
+    if (array.shape, array.dtype) != expected:
+        raise BackendError(
+            f"{name}: expected {expected[1]}{list(expected[0])}, found {array.dtype}{list(array.shape)}")
+    value.update_inplace(np.ascontiguousarray(array))
+
+
+_NUMPY_OF = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(bool)": "bool"}
+
+
+class BoundRun:
+    """One binding of a session: fixed buffers, one ``gpu_graph_id`` when graphs are enabled."""
+
+    def __init__(self, session, binding, graph_id: int | None, buffers: dict) -> None:
+        import onnxruntime as ort
+
+        self._session = session
+        self._binding = binding
+        self.graph_id = graph_id
+        self.buffers = buffers  # name -> OrtValue; held so that every captured address stays valid
+        self._options = {True: ort.RunOptions(), False: ort.RunOptions()}  # graph replay or not
+        if graph_id is not None:
+            self._options[True].add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
+            self._options[False].add_run_config_entry(GRAPH_ID_KEY, str(NO_GRAPH_ID))
+
+    def run(self, graph: bool = True) -> None:
+        """Run once: captured or replayed under this binding's graph id, or eagerly with ``graph=False``
+        (the exact comparison for a replay: same session, kernels and buffers). Returns after the
+        session's stream finished."""
+        self._session.run_with_iobinding(self._binding, self._options[graph])
+
+    def synchronize_inputs(self) -> None:
+        """Wait until in-place uploads into the bound inputs are complete on the device."""
+        self._binding.synchronize_inputs()
+
+    def synchronize_outputs(self) -> None:
+        self._binding.synchronize_outputs()
+
+
+class DeviceSession:
+    """A loaded network whose runs go through bindings (see :meth:`bind`)."""
+
+    def __init__(self, network: ResolvedNetwork, session, device: str, graphs: CudaGraphOptions) -> None:
+        self.network = network
+        self.device = device
+        self.graphs = graphs
+        self._session = session
+        self._next_graph_id = FIRST_GRAPH_ID
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device == "cuda" and self.graphs.enabled
+
+    def allocate(self, name: str):
+        """A fresh buffer for tensor ``name`` of this network, on this session's device."""
+        return allocate(self.network.tensor(name), self.device, self.graphs.device_id)
+
+    def bind(self, buffers: Mapping[str, object]) -> BoundRun:
+        """Bind one buffer to every input and output of the network, once; returns the run.
+
+        Each call is a new binding with its own graph id: buffers are never rebound.
+
+        Raises:
+            BackendError: a tensor without a buffer, an unknown name, or a buffer of another shape/dtype.
+        """
+        self._check_buffers(buffers)
+        binding = self._session.io_binding()
+        for name in self.network.input_names:
+            binding.bind_ortvalue_input(name, buffers[name])
+        for name in self.network.output_names:
+            binding.bind_ortvalue_output(name, buffers[name])
+        graph_id = None
+        if self.uses_cuda_graphs:
+            graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
+        log.debug("%s: bound on %s (graph id %s)", self.network.name, self.device, graph_id)
+        return BoundRun(self._session, binding, graph_id, dict(buffers))
+
+    def _check_buffers(self, buffers: Mapping[str, object]) -> None:
+        names = self.network.input_names + self.network.output_names
+        if sorted(buffers) != sorted(names):
+            raise BackendError(f"{self.network.name}: buffers expected for {sorted(names)}, found {sorted(buffers)}")
+        for name in names:
+            tensor, value = self.network.tensor(name), buffers[name]
+            found = (tuple(value.shape()), _NUMPY_OF.get(value.data_type(), value.data_type()))
+            if found != (tensor.shape, tensor.dtype):
+                raise BackendError(
+                    f"{self.network.name}.{name}: expected a {tensor.dtype}{list(tensor.shape)} buffer, "
+                    f"found {found[1]}{list(found[0])}")
+            if value.device_name().lower() != self.device:
+                raise BackendError(
+                    f"{self.network.name}.{name}: expected a buffer on {self.device}, found {value.device_name()}")
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OrtCudaBackend(OrtBackend):
+    """Sessions over the ONNX graphs of one artifacts directory, with bound device buffers.
+
+    Loading (file, sha256 and I/O checks against the manifest) is :class:`OrtBackend`'s; only the
+    execution providers differ. ``device="cpu"`` gives the same bindings on the CPU EP (tests).
+    """
+
+    name = "ort-cuda"
+
+    def __init__(self, manifest: mf.Manifest, device: str = "cuda", graphs: CudaGraphOptions = CudaGraphOptions()):
+        super().__init__(manifest, OrtOptions(device=device))
+        self.graphs = graphs
+        self._device_sessions: dict[str, DeviceSession] = {}
+        self._providers()  # fail now, with the message naming onnxruntime-gpu, not at the first load
+
+    def _providers(self) -> list:
+        return provider_config(self.options.device, self.graphs)
+
+    def device_session(self, network: str) -> DeviceSession:
+        """Load ``network`` and wrap it for bound runs; one wrapper per network, so graph ids stay unique."""
+        if network not in self._device_sessions:
+            session = self.load(network)
+            providers = session._session.get_providers()
+            if self.options.device == "cuda" and CUDA_PROVIDER not in providers:
+                # onnxruntime falls back to the CPU when the CUDA EP cannot load its libraries.
+                raise BackendError(
+                    f"{network}: expected a session on the {CUDA_PROVIDER}, found {providers} (the CUDA EP "
+                    "did not load: check that its CUDA and cuDNN libraries match the onnxruntime-gpu build)")
+            # OrtSession keeps its InferenceSession private; bindings need the session itself.
+            self._device_sessions[network] = DeviceSession(
+                session.network, session._session, self.options.device, self.graphs)
+        return self._device_sessions[network]
+
+    def close(self) -> None:
+        for session in self._device_sessions.values():
+            session.close()
+        self._device_sessions.clear()
+        super().close()

@@ -1,0 +1,397 @@
+"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and the GPU suite's shell.
+
+CPU tests (always run): the device loop on the CPU execution provider — the same bindings,
+ping-pong and identity-row code the CUDA path runs — equals :func:`denoise` on the tiny fp32
+artifacts (prior + UnCLIP, UNet + DDPM learned-range with stochastic rows, UNet + DPM-Solver++ 2M,
+which reads the x0 history); graph-id and binding logic against stand-in ORT objects; the wheel
+joining of ``benchmarks/gpu_suite.sh`` with bash on temporary files.
+
+``gpu`` tests (CUDA graph replay == eager) skip where onnxruntime has no CUDAExecutionProvider;
+they were not executed where this file was written (no GPU there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kandinsky_trt.runtime.backends.base import BackendError
+from kandinsky_trt.runtime.backends.ort_cuda import (
+    CudaGraphOptions, DeviceSession, OrtCudaBackend, cuda_available, provider_config, upload)
+from kandinsky_trt.runtime.denoise import LoopInputs, LoopNetworks, denoise
+from kandinsky_trt.runtime.device_loop import LoopNames, make_loop
+from kandinsky_trt.runtime.schedulers import scheduler_table
+from kandinsky_trt.runtime.spec import ResolvedNetwork, ResolvedTensor
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
+DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+               "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,
+               "clip_sample_range": 2.0, "prediction_type": "epsilon"}
+PRIOR = LoopNames("prior", "prior_step", "hidden_states", "predicted_image_embedding")
+UNET = LoopNames("unet", "unet_step", "sample", "noise_pred")
+EXACT = 1e-6  # same graphs, same EP: the loops must agree to float32 rounding (measured: 0.0)
+gpu = pytest.mark.skipif(not cuda_available(), reason="onnxruntime has no CUDAExecutionProvider")
+
+
+@pytest.fixture(scope="module")
+def components(artifacts_fp32):
+    from kandinsky_trt.runtime.components import Components
+
+    with Components(artifacts_fp32[0], backend="ort", device="cpu") as c:
+        yield c
+
+
+def _host_nets(c, names: LoopNames) -> LoopNetworks:
+    return LoopNetworks(c.session(names.network), c.session(names.step), names.sample_input, names.output)
+
+
+def _inputs(c, names: LoopNames, table, seed: int) -> LoopInputs:
+    """Random inputs of the spec's shapes: N(0,1) floats, text masks of mixed lengths."""
+    rng = np.random.default_rng(seed)
+    network = c.manifest.network(names.network).resolved
+    conditioning = {}
+    for t in network.inputs:
+        if t.name in (names.sample_input, "timestep"):
+            continue
+        if t.dtype == "bool":
+            conditioning[t.name] = np.arange(t.shape[1])[None, :] < rng.integers(2, t.shape[1], (t.shape[0], 1))
+        else:
+            conditioning[t.name] = rng.standard_normal(t.shape).astype(np.float32)
+    latents = rng.standard_normal(c.manifest.network(names.step).resolved.tensor("latents").shape).astype(np.float32)
+    stochastic = int(table.stochastic.sum())
+    noise = rng.standard_normal((stochastic, *latents.shape)).astype(np.float32) if stochastic else None
+    return LoopInputs(latents, conditioning, {}, noise, guidance_scale=4.0)
+
+
+def _compare(c, names: LoopNames, table, seeds=(0,)) -> float:
+    """Max |device loop - denoise| over the final latents and every callback, for each seed."""
+    worst = 0.0
+    with make_loop(c, names, device="cpu") as loop:
+        for seed in seeds:
+            inputs = _inputs(c, names, table, seed)
+            seen_host, seen_device = [], []
+            expected = denoise(_host_nets(c, names), table, inputs, lambda i, t, x: seen_host.append((i, t, x.copy())))
+            found = loop(_host_nets(c, names), table, inputs, lambda i, t, x: seen_device.append((i, t, x)))
+            assert [s[:2] for s in seen_device] == [s[:2] for s in seen_host]
+            diffs = [np.abs(found - expected).max()] + [np.abs(a[2] - b[2]).max() for a, b in zip(seen_device, seen_host)]
+            assert found.shape == expected.shape and found.dtype == np.float32
+            worst = max(worst, *map(float, diffs))
+    return worst
+
+
+def test_prior_loop_matches_denoise(components):
+    table = components.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
+    assert table.stochastic.any() and not table.stochastic.all()
+    assert _compare(components, PRIOR, table, seeds=(0, 1)) <= EXACT
+
+
+def test_unet_ddpm_loop_with_noise_matches_denoise(components):
+    table = scheduler_table(DDPM_CONFIG, 4)  # learned-range variance; the t=0 row is deterministic
+    assert table.stochastic.any() and not table.stochastic[-1]
+    assert _compare(components, UNET, table, seeds=(0, 1)) <= EXACT
+
+
+def test_unet_dpmpp_history_ping_pong_matches_denoise(components):
+    table = components.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
+    assert np.any(table.coefficients[:, list(table.to_manifest()["columns"]).index("r")] != 0)  # reads x0_prev
+    assert _compare(components, UNET, table) <= EXACT
+
+
+def test_single_step_and_ddim(components):
+    assert _compare(components, UNET, components.scheduler("decoder", 1)) <= EXACT
+    assert _compare(components, UNET, components.scheduler("decoder", 2)) <= EXACT
+
+
+def test_buffers_bound_once_and_linked(components):
+    with make_loop(components, UNET, device="cpu") as loop:
+        sample = loop.network_buffers["sample"]
+        a, b = (run.buffers for run in loop._step_runs)
+        assert a["model_input"] is sample and b["model_input"] is sample
+        assert a["model_output"] is loop.network_buffers["noise_pred"] is b["model_output"]
+        latents, x0 = loop.state["latents"], loop.state["x0_prev"]
+        assert (a["latents"], a["latents_next"], a["x0_prev"], a["x0"]) == (latents[0], latents[1], x0[0], x0[1])
+        assert (b["latents"], b["latents_next"], b["x0_prev"], b["x0"]) == (latents[1], latents[0], x0[1], x0[0])
+        pointers = {name: v.data_ptr() for name, v in loop.network_buffers.items()}
+        table = components.scheduler("decoder", 2)
+        inputs = _inputs(components, UNET, table, 3)
+        loop(None, table, inputs)
+        loop(UNET, table, inputs)
+        assert {name: v.data_ptr() for name, v in loop.network_buffers.items()} == pointers
+        assert loop.graph_ids == {"network": None, "step_a": None, "step_b": None}  # CPU EP: no graphs
+        # The step graph wrote the next network input straight into the network's sample buffer.
+        last = loop.state["latents"][1].numpy()  # identity row, then B, A: the state is back in buffers 1
+        np.testing.assert_array_equal(sample.numpy(), np.concatenate([last, last]))
+
+
+def test_bad_inputs_are_named(components):
+    table = scheduler_table(DDPM_CONFIG, 3)
+    good = _inputs(components, UNET, table, 0)
+    with make_loop(components, UNET, device="cpu") as loop:
+        with pytest.raises(BackendError, match=r"inputs.conditioning: expected \['encoder_hidden_states'"):
+            loop(None, table, LoopInputs(good.latents, {}, {}, good.noise, 4.0))
+        with pytest.raises(BackendError, match=r"inputs.latents: expected float32\[1, 4, 8, 8\], found float32\[2, 4, 8, 8\]"):
+            loop(None, table, LoopInputs(np.concatenate([good.latents] * 2), good.conditioning, {}, good.noise, 4.0))
+        with pytest.raises(BackendError, match="inputs.noise: expected 2 rows"):
+            loop(None, table, LoopInputs(good.latents, good.conditioning, {}, None, 4.0))
+        with pytest.raises(BackendError, match="this loop was built for"):
+            loop(PRIOR, table, good)
+
+
+def test_upload_checks_shape_and_dtype():
+    import onnxruntime as ort
+
+    value = ort.OrtValue.ortvalue_from_shape_and_type([2], np.float32, "cpu", 0)
+    upload(value, np.array([1.5, 2.5], np.float32), "x")
+    np.testing.assert_array_equal(value.numpy(), [1.5, 2.5])
+    with pytest.raises(BackendError, match=r"x: expected float32\[2\], found float64\[2\]"):
+        upload(value, np.zeros(2), "x")  # update_inplace alone would copy 16 bytes into 8
+    with pytest.raises(BackendError, match=r"found float32\[3\]"):
+        upload(value, np.zeros(3, np.float32), "x")
+
+
+def test_provider_config(monkeypatch):
+    import onnxruntime as ort
+
+    assert provider_config("cpu", CudaGraphOptions()) == ["CPUExecutionProvider"]
+    with pytest.raises(BackendError, match="expected 'cpu' or 'cuda'"):
+        provider_config("rocm", CudaGraphOptions())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    on = provider_config("cuda", CudaGraphOptions(device_id=1))
+    off = provider_config("cuda", CudaGraphOptions(enabled=False))
+    assert on[0] == ("CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "1"})
+    assert off[0] == ("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "0"})
+    assert on[1] == off[1] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(cuda_available(), reason="CUDA EP present: the missing-provider message cannot be provoked")
+def test_cuda_without_onnxruntime_gpu_fails_clearly(components):
+    with pytest.raises(BackendError, match="onnxruntime-gpu"):
+        make_loop(components, UNET, device="cuda")
+
+
+class _FakeValue:
+    """Stands in for an OrtValue on a CUDA device (shape, dtype, device only)."""
+
+    def __init__(self, shape, dtype="tensor(float)", device="Cuda"):
+        self._shape, self._dtype, self._device = list(shape), dtype, device
+
+    def shape(self):
+        return self._shape
+
+    def data_type(self):
+        return self._dtype
+
+    def device_name(self):
+        return self._device
+
+
+class _FakeSession:
+    def __init__(self):
+        self.runs = []
+
+    def io_binding(self):
+        class Binding:
+            def __init__(self):
+                self.inputs, self.outputs = {}, {}
+
+            def bind_ortvalue_input(self, name, value):
+                self.inputs[name] = value
+
+            def bind_ortvalue_output(self, name, value):
+                self.outputs[name] = value
+
+        return Binding()
+
+    def run_with_iobinding(self, binding, run_options):
+        self.runs.append((binding, run_options.get_run_config_entry("gpu_graph_id")))
+
+
+def _toy_network() -> ResolvedNetwork:
+    return ResolvedNetwork("toy", (ResolvedTensor("x", "float32", (2, 3)),), (ResolvedTensor("y", "float32", (2, 3)),))
+
+
+def test_each_binding_gets_its_own_graph_id():
+    session = _FakeSession()
+    device = DeviceSession(_toy_network(), session, "cuda", CudaGraphOptions())
+    runs = [device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}) for _ in range(3)]
+    assert [r.graph_id for r in runs] == [1, 2, 3]  # never 0 (ORT's default) nor -1 (capture off)
+    runs[1].run()
+    runs[1].run()
+    runs[1].run(graph=False)  # the same binding eagerly
+    assert [graph_id for _, graph_id in session.runs] == ["2", "2", "-1"]
+    eager = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions(enabled=False))
+    assert eager.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}).graph_id is None
+
+
+def test_bind_rejects_wrong_buffers():
+    device = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions())
+    with pytest.raises(BackendError, match=r"buffers expected for \['x', 'y'\], found \['x'\]"):
+        device.bind({"x": _FakeValue((2, 3))})
+    with pytest.raises(BackendError, match=r"toy.y: expected a float32\[2, 3\] buffer, found float16\[2, 3\]"):
+        device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3), "tensor(float16)")})
+    with pytest.raises(BackendError, match="toy.x: expected a buffer on cuda, found Cpu"):
+        device.bind({"x": _FakeValue((2, 3), device="Cpu"), "y": _FakeValue((2, 3))})
+
+
+def test_device_sessions_are_cached_per_backend(components):
+    with OrtCudaBackend(components.manifest, "cpu") as backend:
+        assert backend.device_session("unet_step") is backend.device_session("unet_step")
+
+
+# ---------------------------------------------------------------- the GPU suite's pieces, on the CPU
+
+
+def test_suite_torch_step_matches_the_numpy_reference():
+    import torch
+
+    from kandinsky_trt.benchmarks.gpu_suite import torch_step
+    from kandinsky_trt.runtime.schedulers import apply_step
+
+    table = scheduler_table(DDPM_CONFIG, 4)  # learned variance: exercises every column
+    rng = np.random.default_rng(0)
+    x, noise, x0_prev = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(3))
+    out = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    for row in table.coefficients:
+        expected = apply_step(row, x, out, noise, np.float32(4.0), x0_prev, True)
+        found = torch_step(*(torch.tensor(a) for a in (row, x, out, noise, np.float32(4.0), x0_prev)))
+        for f, e in zip(found, expected):
+            assert np.abs(f.numpy() - e).max() <= 1e-6  # measured 2.4e-7: float32 rounding
+
+
+def test_suite_torch_loop_matches_denoise(artifacts_fp32):
+    """The torch baseline's loop (tiny fp32 modules on the CPU) against denoise() on the torch backend."""
+    import torch
+
+    from kandinsky_trt.benchmarks.gpu_suite import torch_loop
+    from kandinsky_trt.runtime.components import Components
+
+    table = scheduler_table(DDPM_CONFIG, 3)
+    with Components(artifacts_fp32[0], backend="torch", device="cpu") as c:
+        inputs = _inputs(c, UNET, table, 0)
+        expected = denoise(_host_nets(c, UNET), table, inputs)
+        module = c.session("unet")._module
+        with torch.no_grad():
+            found = torch_loop(module, "decoder", table, {k: torch.tensor(v) for k, v in inputs.conditioning.items()},
+                               inputs).numpy()
+    assert np.abs(found - expected).max() <= 2e-5 * max(1.0, np.abs(expected).max())  # measured 3.3e-6 (max |x| 2.0)
+
+
+def test_suite_end_to_end_glue_runs_on_the_cpu_ep(components):
+    from kandinsky_trt.benchmarks.gpu_suite import OrtText2Image, Record, SuiteConfig, _with_fallback
+
+    record, config = Record(), SuiteConfig(out=Path("unused"), prior_steps=3, decoder_steps=2)
+    with OrtCudaBackend(components.manifest, "cpu") as backend:
+        e2e = OrtText2Image(lambda build, what: _with_fallback((backend,), build, what, record), {},
+                            components.manifest, config)
+        first, second = e2e(), e2e()
+    assert first.shape == (1, 3, 64, 64) and np.isfinite(first).all()
+    np.testing.assert_array_equal(first, second)
+    assert record.notes == {}
+
+
+def test_suite_graph_check_summary():
+    from kandinsky_trt.benchmarks.gpu_suite import graph_check_summary
+
+    eager = np.array([1.0, -2.0], np.float32)
+    checks = {"decoder": {"ort-cuda": [eager, eager, eager], "ort-cuda-graph": [eager + 1e-3, eager, eager]},
+              "prior": {"ort-cuda": [eager, eager, eager]}}  # the graph run failed: no summary
+    summary = graph_check_summary(checks)["decoder"]
+    assert list(graph_check_summary(checks)) == ["decoder"]
+    assert summary["replay_vs_eager_same_session"] == 0.0 == summary["replay_vs_session_without_graphs"]
+    assert summary["first_call_vs_eager_same_session"] == pytest.approx(1e-3, rel=1e-3)
+    assert summary["without_graphs_repeatable"] is True and summary["max_abs_latents"] == 2.0
+
+
+# ---------------------------------------------------------------- the GPU suite's shell script
+
+
+def _wheel(path: Path, size: int) -> bytes:
+    """A small valid zip named like a wheel, padded with incompressible bytes to ``size``."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("ktrt_probe/__init__.py", "VALUE = 42\n")
+        z.writestr("ktrt_probe/pad.bin", np.random.default_rng(0).bytes(size))
+        z.writestr("ktrt_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: ktrt-probe\nVersion: 1.0\n")
+        z.writestr("ktrt_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("ktrt_probe-1.0.dist-info/RECORD", "")
+    return path.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("split") is None, reason="needs bash and split")
+def test_suite_joins_split_wheels(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    whole = _wheel(source / "ktrt_probe-1.0-py3-none-any.whl", 300_000)
+    pieces = tmp_path / "wheels"
+    pieces.mkdir()
+    subprocess.run(["split", "-b", "100000", source / "ktrt_probe-1.0-py3-none-any.whl",
+                    pieces / "ktrt_probe-1.0-py3-none-any.whl.part-"], check=True)
+    assert sorted(p.name for p in pieces.iterdir())[-1].endswith(".part-ad")  # 4 pieces, joined in order
+    (pieces / "other-2.0-py3-none-any.whl").write_bytes(whole)  # an unsplit wheel is taken as it is
+    dest = tmp_path / "joined"
+    result = subprocess.run(["bash", SUITE_SH, "--join-only", pieces, dest], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["ktrt_probe-1.0-py3-none-any.whl", "other-2.0-py3-none-any.whl"]
+    assert (dest / "ktrt_probe-1.0-py3-none-any.whl").read_bytes() == whole
+    assert zipfile.ZipFile(dest / "ktrt_probe-1.0-py3-none-any.whl").testzip() is None
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_suite_refuses_a_missing_piece_and_no_cuda(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(tmp_path / "w.whl", 1000)
+    data = (tmp_path / "w.whl").read_bytes()
+    (wheels / "w-1.0-py3-none-any.whl.part-aa").write_bytes(data[:500])
+    (wheels / "w-1.0-py3-none-any.whl.part-ac").write_bytes(data[500:])  # -ab is missing
+    result = subprocess.run(["bash", SUITE_SH, "--join-only", wheels, tmp_path / "j"], capture_output=True, text=True)
+    assert result.returncode != 0 and "part-ab" in result.stderr
+    if cuda_available():
+        return
+    (wheels / "w-1.0-py3-none-any.whl.part-ac").unlink()
+    _wheel(wheels / "ktrt_probe-1.0-py3-none-any.whl", 100)
+    (wheels / "w-1.0-py3-none-any.whl.part-aa").unlink()
+    env = {**os.environ, "PYTHON": sys.executable, "SITE_DIR": str(tmp_path / "site")}
+    result = subprocess.run(["bash", SUITE_SH, wheels, tmp_path / "out"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "CUDAExecutionProvider" in result.stderr and "onnxruntime-gpu" in result.stderr
+    assert (tmp_path / "site" / "ktrt_probe" / "__init__.py").is_file()  # the wheels were installed first
+
+
+# ---------------------------------------------------------------- GPU (skipped without the CUDA EP)
+
+
+def _graph_vs_eager(c, names: LoopNames, table, seed: int) -> tuple[np.ndarray, ...]:
+    """(first call, replay call, same bindings eagerly, session without graphs, CPU denoise)."""
+    inputs = _inputs(c, names, table, seed)
+    with make_loop(c, names, device="cuda", cuda_graph=True) as graphed, \
+            make_loop(c, names, device="cuda", cuda_graph=False) as plain:
+        assert set(graphed.graph_ids.values()) == {1, 2}  # network id 1; step bindings 1 and 2
+        assert set(plain.graph_ids.values()) == {None}
+        first, replay = graphed(None, table, inputs), graphed(None, table, inputs)  # the second only replays
+        graphed.replay_graphs = False
+        eager = graphed(None, table, inputs)
+        other = plain(None, table, inputs)
+    return first, replay, eager, other, denoise(_host_nets(c, names), table, inputs)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("names", [UNET, PRIOR], ids=["unet", "prior"])
+def test_cuda_graph_replay_equals_eager(components, names):
+    """Replay of the captured graphs == the same bindings run eagerly (same session, same kernels);
+    a session without graphs and the CPU loop agree within kernel-choice / TF32 rounding
+    (tolerances not measured here: no GPU where this was written)."""
+    table = scheduler_table(DDPM_CONFIG, 6) if names is UNET else components.scheduler("prior", 6)
+    first, replay, eager, other, cpu = _graph_vs_eager(components, names, table, 0)
+    assert np.abs(replay - eager).max() <= 1e-6 and np.abs(first - eager).max() <= 1e-6
+    scale = max(1.0, float(np.abs(cpu).max()))
+    assert np.abs(other - eager).max() <= 1e-3 * scale
+    assert np.abs(eager - cpu).max() <= 5e-2 * scale

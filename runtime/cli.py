@@ -93,7 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
                   width=args.width, prior_guidance_scale=args.prior_guidance,
                   prior_num_inference_steps=args.prior_steps, generator=args.seed, scheduler=args.scheduler)
-    with Components(args.artifacts, args.backend, args.device) as components:
+    with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
         bar, callback = _progress(steps * args.num_images, "decoder")
         if mask is not None:
@@ -119,7 +119,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     conditions += [(_open_image(path, "--image").convert("RGB"), float(w)) for path, w in args.image or []]
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
-    with Components(args.artifacts, args.backend, args.device) as components:
+    with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
                                 num_inference_steps=args.prior_steps, generator=args.seed)
@@ -209,6 +209,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out.png", help="output image path (several images: out-0.png, ...)")
     p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="default ort (ONNX Runtime)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run the denoising loops eagerly instead of replaying CUDA graphs (to compare)")
     p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
     p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")

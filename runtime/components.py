@@ -15,6 +15,7 @@ import numpy as np
 
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
+from kandinsky_trt.runtime.denoise import LoopInputs, LoopNames, LoopNetworks, StepCallback, denoise
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.schedulers import SchedulerTable, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.spec import Profile
@@ -56,12 +57,31 @@ class Components:
         device: ``"cpu"`` or ``"cuda"``.
     """
 
-    def __init__(self, artifacts: str | os.PathLike, backend: str = "ort", device: str = "cpu") -> None:
+    def __init__(self, artifacts: str | os.PathLike, backend: str = "ort", device: str = "cpu",
+                 cuda_graph: bool = True) -> None:
         if backend not in BACKENDS:
             raise PipelineInputError(f"backend: expected one of {BACKENDS}, found {backend!r}")
         self.manifest = mf.load_manifest(artifacts)
         self.backend = make_backend(backend, self.manifest, device)
+        self.device, self.cuda_graph = device, cuda_graph
         self._tables: dict[tuple, SchedulerTable] = {}
+        self._device_loops: dict[LoopNames, object] = {}
+
+    def denoise(self, names: LoopNames, table: SchedulerTable, inputs: LoopInputs,
+                callback: StepCallback | None = None) -> np.ndarray:
+        """Run one chunk's denoising loop and return its final latents.
+
+        ``ort`` on CUDA keeps the loop's buffers on the device and replays ONNX Runtime CUDA graphs
+        (``cuda_graph=False`` runs the same bindings eagerly); other backends run the host loop.
+        """
+        if self.backend.name == "ort" and self.device == "cuda":
+            if names not in self._device_loops:
+                from kandinsky_trt.runtime.device_loop import make_loop
+
+                self._device_loops[names] = make_loop(self, names, "cuda", self.cuda_graph)
+            return self._device_loops[names](names, table, inputs, callback)
+        nets = LoopNetworks(self.session(names.network), self.session(names.step), names.sample_input, names.output)
+        return denoise(nets, table, inputs, callback)
 
     @property
     def profile(self) -> Profile:
@@ -121,6 +141,9 @@ class Components:
         return ("decoder_dpmpp2m", fast_solver_config(config)) if name == "dpmpp2m" else ("decoder", config)
 
     def close(self) -> None:
+        for loop in self._device_loops.values():
+            loop.close()
+        self._device_loops.clear()
         self.backend.close()
 
     def __enter__(self) -> "Components":

@@ -19,7 +19,7 @@ import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
 from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.denoise import LoopInputs, LoopNetworks, denoise
+from kandinsky_trt.runtime.denoise import INPAINT_LOOP, UNET_LOOP, LoopInputs
 from kandinsky_trt.runtime.image_processing import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
 from kandinsky_trt.runtime.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
@@ -58,8 +58,7 @@ def _embeds(value, name: str, rows: int) -> np.ndarray:
 class _DecoderPipeline:
     """Shared machinery of the three decoder pipelines."""
 
-    network = "unet"
-    step_network = "unet_step"
+    loop = UNET_LOOP
 
     def __init__(self, artifacts: str | os.PathLike | None = None, backend: str = "ort", device: str = "cpu",
                  components: Components | None = None) -> None:
@@ -93,10 +92,9 @@ class _DecoderPipeline:
 
     def _run(self, job: DecoderJob) -> np.ndarray:
         c = self.components
-        nets = LoopNetworks(c.session(self.network), c.session(self.step_network), "sample", "noise_pred")
         results = []
         for rows in args.chunks(len(job.prompts), c.profile.batch):
-            latents = denoise(nets, job.table, self._chunk_inputs(job, rows), job.callback)
+            latents = c.denoise(self.loop, job.table, self._chunk_inputs(job, rows), job.callback)
             results.append(latents[: rows.stop - rows.start])
         return self._decode_latents(np.concatenate(results))
 
@@ -208,8 +206,7 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
     """Inpainting decoder (diffusers ``KandinskyInpaintPipeline``): white / 1 in ``mask_image`` marks
     the region to repaint; the keep-region is eroded in latent space as diffusers does."""
 
-    network = "unet_inpaint"
-    step_network = "unet_inpaint_step"
+    loop = INPAINT_LOOP
 
     def __call__(self, prompt, image, mask_image, image_embeds, negative_image_embeds, negative_prompt=None,
                  height: int = 512, width: int = 512, num_inference_steps: int = 100, guidance_scale: float = 4.0,

@@ -34,6 +34,25 @@ class LoopNetworks:
 
 
 @dataclass(frozen=True)
+class LoopNames:
+    """Which networks a loop runs, by manifest name (what a backend loads for it)."""
+
+    network: str  # prior | unet | unet_inpaint
+    step: str  # prior_step | unet_step | unet_inpaint_step
+    sample_input: str  # the network input fed by the step graph's ``model_input``
+    output: str  # the network output fed to the step graph's ``model_output``
+
+    @classmethod
+    def of(cls, nets: LoopNetworks) -> "LoopNames":
+        return cls(nets.network.network.name, nets.step.network.name, nets.sample_input, nets.output)
+
+
+PRIOR_LOOP = LoopNames("prior", "prior_step", "hidden_states", "predicted_image_embedding")
+UNET_LOOP = LoopNames("unet", "unet_step", "sample", "noise_pred")
+INPAINT_LOOP = LoopNames("unet_inpaint", "unet_inpaint_step", "sample", "noise_pred")
+
+
+@dataclass(frozen=True)
 class LoopInputs:
     """One batch-sized chunk: initial latents, the network's fixed inputs, the step graph's extras."""
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.ort_cuda import CudaGraphOptions, DeviceSession, OrtCudaBackend, upload
-from kandinsky_trt.runtime.denoise import IDENTITY_ROW, LoopInputs, LoopNetworks, StepCallback
+from kandinsky_trt.runtime.denoise import IDENTITY_ROW, LoopInputs, LoopNames, LoopNetworks, StepCallback
 from kandinsky_trt.runtime.schedulers import SchedulerTable
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,6 @@ log = logging.getLogger(__name__)
 _STATE = {"latents": "latents_next", "x0_prev": "x0"}  # input read -> output written (ping-pong)
 _STEP_OWN = ("coefficients", "noise", "guidance_scale")
 _STEP_LINKED = ("model_output", "model_input")  # the network's output and sample input
-
-
-@dataclass(frozen=True)
-class LoopNames:
-    """Which networks a loop runs: the names behind :class:`LoopNetworks`."""
-
-    network: str  # prior | unet | unet_inpaint
-    step: str  # prior_step | unet_step | unet_inpaint_step
-    sample_input: str  # hidden_states | sample
-    output: str  # predicted_image_embedding | noise_pred
-
-    @classmethod
-    def of(cls, nets: LoopNetworks) -> "LoopNames":
-        return cls(nets.network.network.name, nets.step.network.name, nets.sample_input, nets.output)
 
 
 @dataclass(frozen=True)

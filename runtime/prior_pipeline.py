@@ -15,7 +15,7 @@ import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
 from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.denoise import LoopInputs, LoopNetworks, denoise
+from kandinsky_trt.runtime.denoise import PRIOR_LOOP, LoopInputs
 from kandinsky_trt.runtime.image_processing import clip_image_preprocess
 
 
@@ -73,7 +73,6 @@ class KandinskyPriorPipeline:
         """Run the prior loop on rows of texts; returns post-processed embeddings (rows, E)."""
         c = self.components
         table = c.scheduler("prior", steps)
-        nets = LoopNetworks(c.session("prior"), c.session("prior_step"), "hidden_states", "predicted_image_embedding")
         batch, results = c.profile.batch, []
         for chunk in args.chunks(len(rows.cond), batch):
             noise = rows.step_noise
@@ -84,7 +83,7 @@ class KandinskyPriorPipeline:
                                           args.take_list(rows.uncond, chunk, batch)),
                 step_extras={}, noise=chunk_noise, guidance_scale=guidance_scale,
             )
-            results.append(denoise(nets, table, loop)[: chunk.stop - chunk.start])
+            results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
         embeds = np.concatenate(results)
         return embeds * c.constant("clip_std") + c.constant("clip_mean")
 

@@ -159,3 +159,50 @@ def test_text2img_other_schedulers(scheduler, artifacts_fp32, tiny_checkpoint):
     # to 9.8e-4 in pixels (measured), DDPM to 5.7e-6.
     tolerance = 2e-3 if scheduler == "dpmpp2m" else TOLERANCE["artifacts_fp32"][1]
     check_close(f"text2img[{scheduler}]", max_diff(ref, ours), tolerance)
+
+
+def _diffusers_combined(kind: str, tiny_checkpoint):
+    import diffusers
+
+    prior = diffusers.KandinskyPriorPipeline.from_pretrained(tiny_checkpoint.prior)
+    decoder = diffusers.KandinskyPipeline.from_pretrained(
+        tiny_checkpoint.inpaint if kind == "inpaint" else tiny_checkpoint.decoder)
+    cls = {"img2img": diffusers.KandinskyImg2ImgCombinedPipeline,
+           "inpaint": diffusers.KandinskyInpaintCombinedPipeline}[kind]
+    return cls(**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()})
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+def test_combined_img2img(fixture, request, tiny_checkpoint):
+    from kandinsky_trt.runtime import KandinskyImg2ImgCombinedPipeline
+
+    out, _ = request.getfixturevalue(fixture)
+    steps, prior_steps, strength = 4, 3, 0.5
+    ref = _diffusers_combined("img2img", tiny_checkpoint)(
+        "a frog", [_picture(14)], num_inference_steps=steps, strength=strength, height=64, width=64,
+        prior_num_inference_steps=prior_steps, generator=generator(), output_type="np").images
+    latents, *noise, img_noise = torch_draws([(1, E)] * prior_steps + [(1, 4, H, H)])
+    ours = KandinskyImg2ImgCombinedPipeline(out)(
+        "a frog", _picture(14), num_inference_steps=steps, strength=strength, height=64, width=64,
+        prior_num_inference_steps=prior_steps, latents=latents, prior_step_noise=np.stack(noise), noise=img_noise,
+        output_type="np").images
+    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+
+
+@pytest.mark.parametrize("fixture", PRECISIONS)
+def test_combined_inpaint(fixture, request, tiny_checkpoint):
+    from kandinsky_trt.runtime import KandinskyInpaintCombinedPipeline
+
+    out, _ = request.getfixturevalue(fixture)
+    steps, prior_steps = 3, 3
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, :32] = 1
+    ref = _diffusers_combined("inpaint", tiny_checkpoint)(
+        "a hat", [_picture(15)], [mask], num_inference_steps=steps, height=64, width=64,
+        prior_num_inference_steps=prior_steps, generator=generator(), output_type="np").images
+    latents, *noise, dec_latents = torch_draws([(1, E)] * prior_steps + [(1, 4, H, H)])
+    ours = KandinskyInpaintCombinedPipeline(out)(
+        "a hat", _picture(15), mask, num_inference_steps=steps, height=64, width=64,
+        prior_num_inference_steps=prior_steps, latents=latents, prior_step_noise=np.stack(noise),
+        decoder_latents=dec_latents, output_type="np").images
+    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])

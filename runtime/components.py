@@ -72,8 +72,15 @@ class Components:
         """Run one chunk's denoising loop and return its final latents.
 
         ``ort`` on CUDA keeps the loop's buffers on the device and replays ONNX Runtime CUDA graphs
-        (``cuda_graph=False`` runs the same bindings eagerly); other backends run the host loop.
+        (``cuda_graph=False`` runs the same bindings eagerly); ``trt`` does the same on its engines
+        (:class:`~kandinsky_trt.runtime.trt_loop.TrtDenoiseLoop`); other backends run the host loop.
         """
+        if self.backend.name == "trt":
+            if names not in self._device_loops:
+                from kandinsky_trt.runtime.trt_loop import TrtDenoiseLoop
+
+                self._device_loops[names] = TrtDenoiseLoop(self.backend, names, cuda_graph=self.cuda_graph)
+            return self._device_loops[names](names, table, inputs, callback)
         if self.backend.name == "ort" and self.device == "cuda":
             if names not in self._device_loops:
                 from kandinsky_trt.runtime.device_loop import make_loop
@@ -141,7 +148,7 @@ class Components:
         return ("decoder_dpmpp2m", fast_solver_config(config)) if name == "dpmpp2m" else ("decoder", config)
 
     def close(self) -> None:
-        for loop in self._device_loops.values():
+        for loop in self._device_loops.values():  # before the backend: they free buffers on its stream
             loop.close()
         self._device_loops.clear()
         self.backend.close()

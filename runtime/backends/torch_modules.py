@@ -72,7 +72,9 @@ class TextEncoderWrapper(_Wrapper):
         hidden = self.model.transformer(input_ids=input_ids, attention_mask=attention_mask)[0]
         mask = attention_mask.unsqueeze(2).float()
         pooled = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1)
-        text_embeds = self.model.LinearTransformation(pooled)
+        projection = self.model.LinearTransformation
+        # fp32 when the projection is an fp32 island (its weights are fp32), else the model dtype.
+        text_embeds = projection(pooled.to(next(projection.parameters()).dtype))
         return self.cast_out(text_embeds, hidden)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,25 +142,48 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(byte_values, code_points)}
 
 
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
 def _train_clip_merges(corpus: list[str], n_merges: int) -> list[tuple[str, str]]:
-    """BPE merges learned with the exact normalizer/pre-tokenizer of transformers' CLIPTokenizer."""
-    from tokenizers import Tokenizer, models, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
+    """BPE merges over the exact normalizer/pre-tokenizer of transformers' CLIPTokenizer.
+
+    A plain Python trainer rather than ``tokenizers.trainers.BpeTrainer``: the latter breaks ties
+    between equally frequent pairs in hash-map order, so two runs gave different vocabularies.
+    Here the most frequent pair wins and ties go to the smallest pair, so a seed fixes the files.
+    """
     from transformers import CLIPTokenizer
 
     template = CLIPTokenizer().backend_tokenizer  # the pipeline normalizer + pre-tokenizer, not restated
-    tokenizer = Tokenizer(models.BPE(unk_token=CLIP_EOS, end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tokenizer.normalizer, tokenizer.pre_tokenizer = template.normalizer, template.pre_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=4 * CLIP_VOCAB_SIZE, initial_alphabet=ByteLevel.alphabet(),
-        end_of_word_suffix="</w>", show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(tokenizer.to_str())["model"]["merges"]]
-    if len(merges) < n_merges:
-        raise RuntimeError(f"CLIP BPE training: expected at least {n_merges} merges, the corpus gave {len(merges)}")
-    return merges[:n_merges]  # a prefix of a BPE merge list is itself a valid BPE model
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        for piece, _ in template.pre_tokenizer.pre_tokenize_str(template.normalizer.normalize_str(text)):
+            counts[piece] += 1
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in counts.items()}
+    merges: list[tuple[str, str]] = []
+    known = {s for w in words for s in w}
+    while len(merges) < n_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                if pair[0] + pair[1] not in known:  # one merge per token keeps the vocabulary distinct
+                    pairs[pair] += count
+        if not pairs:
+            raise RuntimeError(f"CLIP BPE training: expected {n_merges} merges, the corpus gave {len(merges)}")
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        known.add(best[0] + best[1])
+        words = {_merge_pair(symbols, best): c for symbols, c in words.items()}
+    return merges
 
 
 def train_clip_tokenizer(seed: int = 0) -> CLIPTokenizer:

@@ -20,17 +20,18 @@ from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.spec import ResolvedNetwork
 
 FP32_TOLERANCE = 1e-4
-# fp16 graph vs fp32 torch, relative to the output scale. Measured on the tiny and full-size
-# random-weight checkpoints (README "fp16 policy"); the bound is ~2x the worst value seen.
+# fp16 graph vs fp32 torch, relative to the output scale: ~2x the worst value measured on the tiny
+# and the full-size random-weight networks (benchmarks/results/cpu-2core_full-size_fp16-parity.json).
+# The MoVQ decoder's full-size maximum (1.1e-2) is a single-pixel outlier: mean error 0.2% of std.
 FP16_TOLERANCE = {
-    "prior_text_encoder": 5e-3,
-    "prior": 5e-3,
-    "image_encoder": 5e-3,
-    "text_encoder": 5e-3,
-    "unet": 5e-3,
-    "unet_inpaint": 5e-3,
-    "movq_decoder": 5e-3,
-    "movq_encoder": 5e-3,
+    "prior_text_encoder": 5e-3,  # measured 1.3e-3 tiny, 9.7e-4 full size
+    "prior": 5e-3,  # 6.9e-4, 1.0e-3
+    "image_encoder": 5e-3,  # 5.8e-4, 8.2e-4
+    "text_encoder": 5e-3,  # 4.4e-4, 2.6e-3
+    "unet": 5e-3,  # 9.4e-4, 9.2e-4
+    "unet_inpaint": 5e-3,  # 8.4e-4, (full size not run)
+    "movq_decoder": 2.5e-2,  # 1.3e-3, 1.1e-2
+    "movq_encoder": 5e-3,  # 1.2e-3, 7.9e-4
 }
 TIMESTEPS = (999.0, 500.0, 1.0)
 

@@ -127,7 +127,7 @@ class Components:
         cache_key = (key, num_inference_steps)
         if cache_key not in self._tables:
             stored = self.manifest.schedulers.get(key, {}).get("tables", {}).get(str(num_inference_steps))
-            if stored is not None and name != "dpmpp2m":
+            if stored is not None:
                 self._tables[cache_key] = SchedulerTable.from_manifest(stored)
             else:
                 self._tables[cache_key] = scheduler_table(config, num_inference_steps)

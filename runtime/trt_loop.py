@@ -276,11 +276,14 @@ class TrtDenoiseLoop:
         self._owned = []
 
     def close(self) -> None:
-        """Destroy the graph and free the loop's buffers (the engines stay bound to them: do not enqueue)."""
+        """Destroy the graph, unbind the engines and free the loop's buffers; the engines stay loaded."""
         if getattr(self, "_closed", True):
             return
         self._drain()
         self.steps.close()
+        for engine in (self.network, self.step):
+            if not engine.closed:
+                engine.unbind()
         self._free()
         self._closed = True
 

@@ -340,6 +340,10 @@ def test_close_frees_buffers_and_graph_but_not_the_backend(env):
     with pytest.raises(BackendError, match="found it closed"):
         loop(UNET_LOOP, table, _inputs(backend, UNET_LOOP, table, 1))
     assert backend.load("unet_step") is not None  # the backend is still open
+    with pytest.raises(BackendError, match="no bind"):  # unbound: no enqueue into freed buffers
+        loop.network.enqueue()
+    feeds = {t.name: np.zeros(t.shape, t.dtype) for t in loop.network.network.inputs}
+    assert loop.network.run(feeds)["noise_pred"].shape == loop.network.network.outputs[0].shape
     backend.close()
 
 

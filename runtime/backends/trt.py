@@ -253,6 +253,11 @@ class TrtNetwork(NetworkSession):
                                    f"found False ({self._backend.trt_errors()})")
         self._bound, self._bound_generation = buffers, getattr(buffers, "generation", None)
 
+    def unbind(self) -> None:
+        """Forget the bound buffers (their owner is freeing them): enqueue refuses until the next bind,
+        and ``run`` no longer restores them."""
+        self._bound, self._bound_generation = None, None
+
     def enqueue(self, stream: cuda.Stream | None = None) -> None:
         """Enqueue one execution on ``stream`` (default: the backend's); never synchronizes."""
         if self.closed or self._bound is None:

@@ -13,7 +13,6 @@ from kandinsky_trt.runtime import (
     KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline)
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.image_processing import NonFiniteOutputError, postprocess
 from kandinsky_trt.runtime.manifest import ManifestError
 

@@ -26,7 +26,7 @@ from kandinsky_trt.export.step_graphs import write_step_graph
 from kandinsky_trt.runtime.backends import torch_modules
 from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
 from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.spec import STEP_NETWORKS, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, resolve
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,46 @@ def _load_previous(out_dir: Path) -> mf.Manifest | None:
         return None
 
 
+def _network_entry(name: str, config: ExportConfig, dims: ModelDims, previous, report: ExportReport):
+    """Reuse ``name``'s graph when the hash of what produced it matches, else export (and verify) it."""
+    key, start = _export_key(name, config, dims), time.perf_counter()
+    entry = _reusable(previous, name, key) if not config.verify else None
+    if entry is not None:
+        log.info("    unchanged, reusing %s", entry.onnx)
+        report.reused.append(name)
+        return entry
+    log.info("    exporting (%s)...", config.precision)
+    model = checkpoint_loading.load_network(name, config.checkpoints)
+    entry, parity = _export_one(name, model, config, dims, key)
+    del model
+    gc.collect()
+    report.exported.append(name)
+    if parity is not None:
+        report.parity.append(parity)
+        log.info("    parity: %s", parity.line())
+    log.info("    done in %.1f s", time.perf_counter() - start)
+    return entry
+
+
+def _carried(previous: mf.Manifest | None, config: ExportConfig, dims: ModelDims, names: list[str]) -> dict:
+    """Networks exported earlier into the same profile and not asked for now: kept in the manifest."""
+    if previous is None or (previous.profile, previous.precision, previous.model_dims) != (
+            config.profile, config.precision, dims):
+        return {}
+    return {n: e for n, e in previous.networks.items() if n not in names and n in NETWORKS}
+
+
+def _constants(previous: mf.Manifest | None, report: ExportReport, config: ExportConfig, dims: ModelDims):
+    """The previous constants when the networks they come from were reused unchanged, else recomputed
+    (which loads the image encoder and the prior: 1.3 B parameters at full size)."""
+    sources = {"image_encoder", "prior"}
+    if previous is not None and sources <= set(report.reused) and all(
+            previous.path(c.file).is_file() and mf.sha256_file(previous.path(c.file)) == c.sha256
+            for c in previous.constants.values()):
+        return previous.constants
+    return export_constants(config.checkpoints, config.out_dir, dims)
+
+
 def export_artifacts(config: ExportConfig) -> ExportReport:
     """Export every requested network of ``config.checkpoints`` into ``config.out_dir``."""
     dirs = config.checkpoints
@@ -138,30 +178,15 @@ def export_artifacts(config: ExportConfig) -> ExportReport:
     previous = _load_previous(config.out_dir)
     names = list(config.networks or checkpoint_loading.networks_for(dirs))
     report = ExportReport(config.out_dir / mf.MANIFEST_NAME)
-    entries: dict[str, mf.NetworkEntry] = {}
+    entries = _carried(previous, config, dims, names)
     for index, name in enumerate(names, start=1):
-        key, start = _export_key(name, config, dims), time.perf_counter()
-        entry = _reusable(previous, name, key) if not config.verify else None
-        if entry is not None:
-            log.info("[%d/%d] %s: unchanged, reusing %s", index, len(names), name, entry.onnx)
-            report.reused.append(name)
-        else:
-            log.info("[%d/%d] %s: exporting (%s)...", index, len(names), name, config.precision)
-            model = checkpoint_loading.load_network(name, dirs)
-            entry, parity = _export_one(name, model, config, dims, key)
-            del model
-            gc.collect()
-            report.exported.append(name)
-            if parity is not None:
-                report.parity.append(parity)
-                log.info("    parity: %s", parity.line())
-            log.info("    done in %.1f s", time.perf_counter() - start)
-        entries[name] = entry
-    for entry in _step_entries(config, dims, names):
+        log.info("[%d/%d] %s", index, len(names), name)
+        entries[name] = _network_entry(name, config, dims, previous, report)
+    for entry in _step_entries(config, dims, list(entries)):
         entries[entry.name] = entry
     manifest = mf.Manifest(
         directory=config.out_dir, profile=config.profile, model_dims=dims, precision=config.precision,
-        networks=entries, constants=export_constants(dirs, config.out_dir, dims),
+        networks=entries, constants=_constants(previous, report, config, dims),
         schedulers=scheduler_entries(dirs), tokenizers=export_tokenizers(dirs, config.out_dir),
         image_processor=image_processor_config(dirs), producer=_producer(config),
         checkpoints={k: str(v) for k, v in vars(dirs).items() if v is not None},

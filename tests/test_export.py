@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import jsonschema
 import numpy as np
@@ -85,6 +86,24 @@ def test_reexport_reuses_by_hash_and_redoes_what_changed(tmp_path, tiny_checkpoi
     third = export_artifacts(config)
     assert third.exported == ["prior"] and third.reused == ["movq_decoder"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    # Exporting one network keeps the others of the same profile in the manifest.
+    fourth = export_artifacts(replace(config, networks=("prior",)))
+    assert fourth.reused == ["prior"] and {"prior", "movq_decoder"} <= set(mf.load_manifest(tmp_path).networks)
+
+
+def test_constants_are_reused_with_their_source_networks(tmp_path, tiny_checkpoint, monkeypatch):
+    from kandinsky_trt.export import artifacts
+
+    dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
+    config = ExportConfig(dirs, tmp_path, Profile(1, 64, 64), "fp32", exporter="legacy",
+                          networks=("prior", "image_encoder"))
+    first = mf.load_manifest(export_artifacts(config).manifest_path.parent).constants
+
+    def must_not_run(*args):
+        raise AssertionError("constants recomputed although prior and image_encoder were reused")
+
+    monkeypatch.setattr(artifacts, "export_constants", must_not_run)
+    assert mf.load_manifest(export_artifacts(config).manifest_path.parent).constants == first
 
 
 def test_model_dims_are_read_and_cross_checked(tiny_checkpoint, tmp_path):

@@ -80,6 +80,16 @@ def _open_image(path: str | None, name: str):
         raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
 
 
+def _size(args: argparse.Namespace, components) -> tuple[int, int]:
+    """--height/--width, or the artifacts' size when neither is given; refused before any network runs."""
+    from kandinsky_trt.runtime.inputs import check_size
+
+    height, width = check_size(args.height, args.width, components.profile)
+    if args.height is None and args.width is None:
+        print(f"size: width {width}, height {height} (the artifacts' size; --width/--height for another)", file=sys.stderr)
+    return height, width
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime import combined_pipelines as cp
     from kandinsky_trt.runtime.components import Components
@@ -90,10 +100,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if mask is not None and image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
-                  width=args.width, prior_guidance_scale=args.prior_guidance,
-                  prior_num_inference_steps=args.prior_steps, generator=args.seed, scheduler=args.scheduler)
+                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+                  prior_guidance_scale=args.prior_guidance, prior_num_inference_steps=args.prior_steps,
+                  generator=args.seed, scheduler=args.scheduler)
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
+        common["height"], common["width"] = _size(args, components)
         steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
         bar, callback = _progress(steps * args.num_images, "decoder")
         if mask is not None:
@@ -120,12 +131,13 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
+        height, width = _size(args, components)
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
                                 num_inference_steps=args.prior_steps, generator=args.seed)
         bar, callback = _progress(args.steps, "decoder")
         out = KandinskyPipeline(components=components)(
-            "", mix.image_embeds, mix.negative_image_embeds, height=args.height, width=args.width,
+            "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
             num_inference_steps=args.steps, generator=args.seed, callback=callback)
         bar.close()
     for path in _save_images(out.images, args.out):
@@ -134,28 +146,17 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
-    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
-    from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
-    from kandinsky_trt.runtime.combined_pipelines import KandinskyCombinedPipeline
-    from kandinsky_trt.runtime.spec import Profile
+    from kandinsky_trt.export.demo import run_demo
 
-    out = Path(args.out)
-    print("1/3 writing a tiny random-weight Kandinsky 2.1 checkpoint (diffusers format)")
-    ckpt = write_tiny_checkpoint(out / "checkpoint", seed=0)
-    print("2/3 exporting it to ONNX (fp32, 64x64) with a parity check against torch")
-    config = ExportConfig(CheckpointDirs(ckpt.prior, ckpt.decoder), out / "artifacts", Profile(1, 64, 64, True),
-                          precision="fp32", exporter="legacy", verify=True)  # legacy: 5x faster on tiny models
-    report = export_artifacts(config)
-    for parity in report.parity:
-        print("    " + parity.line())
-    print("3/3 generating on CPU with ONNX Runtime (random weights: expect coloured noise, not a picture)")
-    pipe = KandinskyCombinedPipeline(out / "artifacts", backend="ort")
-    image = pipe("a red cat sitting on a blue chair", height=64, width=64, num_inference_steps=10,
-                 prior_num_inference_steps=5, generator=0).images[0]
-    path = _save_images([image.resize((256, 256), 0)], str(out / "demo.png"))[0]
-    print(f"wrote {path}")
-    return 0 if report.passed else 1
+    result = run_demo(Path(args.out))
+    print(f"kandinsky-trt vs diffusers, same checkpoint, prompt and draws: max |difference| {result.max_diff:.2e}, "
+          f"mean {result.mean_diff:.2e} (images in [0, 1])")
+    art = result.artifacts
+    print(f"try: kandinsky-trt generate \"a cat\" --artifacts {art} --out cat.png  "
+          f"(--image {result.image} --strength 0.5 for img2img; add --mask {result.mask} to inpaint)")
+    print(f"files: checkpoint {result.checkpoint.decoder.parent}/  artifacts {art}/  image {result.image}  "
+          f"comparison {result.comparison}  mask {result.mask}")
+    return 0 if result.export.passed else 1
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -214,8 +215,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
     p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the artifacts' size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the artifacts' size)")
 
 
 def _add_artifact_commands(sub) -> None:

@@ -7,6 +7,8 @@ Fixed diffusers bugs (README "Divergences from diffusers"):
 - a bare PIL image works with several images per prompt (diffusers checks ``prompt`` instead of
   ``image`` and fails).
 As in diffusers, ``latents`` seeds the prior; ``decoder_latents`` / ``noise`` seed the decoder.
+``height``/``width`` default to the artifacts' size, and a size they cannot serve is refused before
+the prior runs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Combined:
 
     def _prior(self, call: dict):
         """Run the prior for every prompt x image; returns decoder rows (prompts repeated per image)."""
+        args.check_size(call["height"], call["width"], self.components.profile)  # before the prior runs
         prompts = args.as_prompt_list(call["prompt"])
         n = args.check_positive_int(call["num_images_per_prompt"], "num_images_per_prompt")
         rng = args.rng(call["generator"])
@@ -54,7 +57,7 @@ class KandinskyCombinedPipeline(_Combined):
     """Text-to-image, prior and decoder together (diffusers ``KandinskyCombinedPipeline``)."""
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 100, guidance_scale: float = 4.0,
-                 num_images_per_prompt: int = 1, height: int = 512, width: int = 512,
+                 num_images_per_prompt: int = 1, height: args.Size = None, width: args.Size = None,
                  prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
@@ -79,7 +82,7 @@ class KandinskyImg2ImgCombinedPipeline(_Combined):
 
     def __call__(self, prompt, image, negative_prompt=None, num_inference_steps: int = 100,
                  guidance_scale: float = 4.0, num_images_per_prompt: int = 1, strength: float = 0.3,
-                 height: int = 512, width: int = 512, prior_guidance_scale: float = 4.0,
+                 height: args.Size = None, width: args.Size = None, prior_guidance_scale: float = 4.0,
                  prior_num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
                  output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
                  scheduler: str | None = None, prior_step_noise=None, noise=None):
@@ -96,8 +99,8 @@ class KandinskyInpaintCombinedPipeline(_Combined):
     decoder_class = KandinskyInpaintPipeline
 
     def __call__(self, prompt, image, mask_image, negative_prompt=None, num_inference_steps: int = 100,
-                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, height: int = 512, width: int = 512,
-                 prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
+                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, height: args.Size = None,
+                 width: args.Size = None, prior_guidance_scale: float = 4.0, prior_num_inference_steps: int = 25,
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):

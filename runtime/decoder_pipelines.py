@@ -7,6 +7,11 @@ artifacts' batch; each row is independent, so chunking does not change results.
 Fixed diffusers bugs (README "Divergences from diffusers"): image embeddings are repeated per image
 also without guidance (diffusers crashes for ``guidance_scale <= 1`` with several images per prompt),
 and img2img no longer swaps height and width.
+
+``height``/``width`` default to the size the artifacts were exported for (diffusers defaults to 512,
+the size its model was trained at; static-shape artifacts serve only their own size). Other sizes
+are rounded up to a multiple of 64 as in diffusers and refused, before any network runs, if the
+artifacts do not hold them.
 """
 
 from __future__ import annotations
@@ -154,11 +159,11 @@ class KandinskyPipeline(_DecoderPipeline):
     """Text-to-image decoder (diffusers ``KandinskyPipeline``): same arguments and defaults, plus
     ``scheduler`` ("ddim" default, "ddpm", "dpmpp2m") and ``step_noise`` (stochastic schedulers)."""
 
-    def __call__(self, prompt, image_embeds, negative_image_embeds, negative_prompt=None, height: int = 512,
-                 width: int = 512, num_inference_steps: int = 100, guidance_scale: float = 4.0,
-                 num_images_per_prompt: int = 1, generator: args.Generator = None, latents=None,
-                 output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
-                 scheduler: str | None = None, step_noise=None):
+    def __call__(self, prompt, image_embeds, negative_image_embeds, negative_prompt=None,
+                 height: args.Size = None, width: args.Size = None, num_inference_steps: int = 100,
+                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
+                 latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
+                 return_dict: bool = True, scheduler: str | None = None, step_noise=None):
         call = dict(locals())
         d = self._common(call)
         table = d["table"]
@@ -173,11 +178,11 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
     ``t = int(1000 * strength) - 2``). ``image``: one image (used for every prompt) or one per prompt.
     """
 
-    def __call__(self, prompt, image, image_embeds, negative_image_embeds, negative_prompt=None, height: int = 512,
-                 width: int = 512, num_inference_steps: int = 100, strength: float = 0.3,
-                 guidance_scale: float = 7.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
-                 output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
-                 scheduler: str | None = None, noise=None, step_noise=None):
+    def __call__(self, prompt, image, image_embeds, negative_image_embeds, negative_prompt=None,
+                 height: args.Size = None, width: args.Size = None, num_inference_steps: int = 100,
+                 strength: float = 0.3, guidance_scale: float = 7.0, num_images_per_prompt: int = 1,
+                 generator: args.Generator = None, output_type: str = "pil", callback=None, callback_steps: int = 1,
+                 return_dict: bool = True, scheduler: str | None = None, noise=None, step_noise=None):
         call = dict(locals())
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise PipelineInputError(f"strength: expected a number in (0, 1], found {strength!r}")
@@ -209,10 +214,10 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
     loop = INPAINT_LOOP
 
     def __call__(self, prompt, image, mask_image, image_embeds, negative_image_embeds, negative_prompt=None,
-                 height: int = 512, width: int = 512, num_inference_steps: int = 100, guidance_scale: float = 4.0,
-                 num_images_per_prompt: int = 1, generator: args.Generator = None, latents=None,
-                 output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
-                 scheduler: str | None = None, step_noise=None):
+                 height: args.Size = None, width: args.Size = None, num_inference_steps: int = 100,
+                 guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
+                 latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
+                 return_dict: bool = True, scheduler: str | None = None, step_noise=None):
         call = dict(locals())
         if not self.components.has("unet_inpaint"):
             raise PipelineInputError("artifacts: expected an inpaint UNet (export with --inpaint DIR), found none")

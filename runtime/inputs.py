@@ -14,6 +14,7 @@ from kandinsky_trt.runtime.components import PipelineInputError
 from kandinsky_trt.runtime.spec import Profile
 
 Generator = int | np.random.Generator | None
+Size = int | None  # pixels; None: the artifacts' size
 
 
 def as_prompt_list(prompt, name: str = "prompt") -> list[str]:
@@ -69,8 +70,15 @@ def draw_or_check(array, shape: tuple[int, ...], name: str, generator: np.random
     return array
 
 
-def check_size(height: int, width: int, profile: Profile) -> tuple[int, int]:
-    """Round up to a multiple of 64 as diffusers does, then require the artifacts' profile size."""
+def check_size(height: int | None, width: int | None, profile: Profile) -> tuple[int, int]:
+    """The request's size, rounded up to a multiple of 64 as diffusers does; it must be the profile's.
+
+    ``None`` means the size the artifacts were exported for (diffusers' 512 is the size its model was
+    trained at; a static-shape engine can only serve what it was built for). Called before any
+    network runs, so a wrong size fails at once.
+    """
+    height = profile.height if height is None else height
+    width = profile.width if width is None else width
     for name, value in (("height", height), ("width", width)):
         check_positive_int(value, name)
     rounded = (-(-height // 64) * 64, -(-width // 64) * 64)

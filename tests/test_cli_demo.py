@@ -1,0 +1,112 @@
+"""The first five minutes: ``kandinsky-trt demo``, then every pipeline from the CLI on its artifacts.
+
+The demo runs once per module (about 15 s on 2 cores): tiny checkpoint, export of every network
+(inpaint included), our image and diffusers' image of the same draws, the comparison picture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kandinsky_trt.runtime.backends.ort import OrtBackend
+from kandinsky_trt.runtime.cli import main
+
+FAST = ["--steps", "2", "--prior-steps", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out, printed = tmp_path_factory.mktemp("demo"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out)]) == 0
+    return out, printed.getvalue().strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[0]
+
+
+def test_demo_writes_every_file(demo):
+    for name in ("demo.png", "demo_comparison.png", "mask.png", "artifacts/manifest.json",
+                 "artifacts/unet_inpaint.onnx"):
+        assert (demo / name).is_file(), name
+    assert Image.open(demo / "demo_comparison.png").size == (3 * 256 + 32, 256 + 64)
+
+
+def test_demo_prints_the_figures_and_where_files_went(demo_run):
+    """The demo's own report: its difference to diffusers, then where every file went as the last line."""
+    demo, lines = demo_run
+    figures = next(line for line in lines if line.startswith("kandinsky-trt vs diffusers"))
+    max_diff = float(figures.split("max |difference| ")[1].split(",")[0])
+    assert max_diff < 5e-4  # the fp32 parity tolerance for images (tests/test_pipelines.py)
+    assert lines[-1].startswith("files: ") and str(demo / "demo_comparison.png") in lines[-1]
+
+
+def _generate(demo, tmp_path, *extra) -> Image.Image:
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat", "--artifacts", str(demo / "artifacts"), "--out", str(out), *FAST, *extra]) == 0
+    return Image.open(out)
+
+
+@pytest.mark.parametrize("pipeline", ["text2img", "img2img", "inpaint"])
+def test_every_pipeline_runs_on_the_demo_artifacts_at_their_size(pipeline, demo, tmp_path, capsys):
+    extra = {"text2img": [], "img2img": ["--image", str(demo / "demo.png"), "--strength", "0.5"],
+             "inpaint": ["--image", str(demo / "demo.png"), "--mask", str(demo / "mask.png")]}[pipeline]
+    assert _generate(demo, tmp_path, *extra).size == (64, 64)  # no size given: the artifacts' 64x64
+    assert "size: width 64, height 64 (the artifacts' size" in capsys.readouterr().err
+
+
+def test_interpolate_runs_on_the_demo_artifacts(demo, tmp_path):
+    out = tmp_path / "mix.png"
+    assert main(["interpolate", "--artifacts", str(demo / "artifacts"), "--text", "a cat", "0.5",
+                 "--image", str(demo / "demo.png"), "0.5", "--out", str(out), *FAST]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_default_size_equals_the_explicit_one(demo, tmp_path):
+    implicit = np.asarray(_generate(demo, tmp_path))
+    explicit = np.asarray(_generate(demo, tmp_path, "--height", "64", "--width", "64"))
+    np.testing.assert_array_equal(implicit, explicit)
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "a cat"],
+    ["generate", "a cat", "--image", "{demo}/demo.png"],
+    ["generate", "a cat", "--image", "{demo}/demo.png", "--mask", "{demo}/mask.png"],
+    ["interpolate", "--text", "a cat", "1"],
+])
+def test_wrong_size_is_refused_before_any_network_runs(command, demo, tmp_path, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
+    argv = [a.format(demo=demo) for a in command]
+    code = main(argv + ["--artifacts", str(demo / "artifacts"), "--height", "128", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and loaded == []
+    err = capsys.readouterr().err
+    assert "height/width: these artifacts were exported for 64x64" in err and "found 128x64" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_api_combined_pipelines_refuse_a_wrong_size_before_the_prior(demo, monkeypatch):
+    from kandinsky_trt.runtime import KandinskyCombinedPipeline
+    from kandinsky_trt.runtime.components import PipelineInputError
+
+    pipe = KandinskyCombinedPipeline(demo / "artifacts")
+    loaded = []
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
+    with pytest.raises(PipelineInputError, match="found 64x192"):
+        pipe("a cat", width=192, num_inference_steps=2, prior_num_inference_steps=2)
+    assert loaded == []
+
+
+def test_api_default_size_is_the_artifacts_size(demo):
+    from kandinsky_trt.runtime import KandinskyCombinedPipeline
+
+    images = KandinskyCombinedPipeline(demo / "artifacts")(
+        "a cat", num_inference_steps=2, prior_num_inference_steps=2, generator=0, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)

@@ -1,0 +1,134 @@
+// ktrt_host_contract: what a C++ host does with an artifacts directory, minus running the networks.
+//
+//   ktrt_host_contract ARTIFACTS RECORDING [--tolerance 1e-6]
+//
+// 1. reads manifest.json and checks its schema version; takes the profile;
+// 2. verifies every file the manifest names (inside the directory, sha256 where recorded);
+// 3. lists the bindings of the loop's network and step graph, by name, dtype and shape;
+// 4. loads every constant (byte size against its shape, sha256);
+// 5. loads the scheduler's coefficient table and replays the step update over the model outputs
+//    the Python loop recorded (RECORDING/recording.json), comparing every step's latents with it.
+// Exit status: 0 reproduced within the tolerance, 1 not, 2 a contract error (one line on stderr).
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include "manifest.hpp"
+#include "sha256.hpp"
+#include "step_update.hpp"
+
+namespace {
+
+using ktrt::ContractError;
+
+std::vector<float> read_f32(const std::string& path, size_t count, const std::string& what) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw ContractError(what + ": expected a readable file " + path + ", found none");
+  const auto bytes = static_cast<size_t>(in.tellg());
+  if (bytes != count * sizeof(float))
+    throw ContractError(what + ": expected " + std::to_string(count * sizeof(float)) + " bytes of float32, found " +
+                        std::to_string(bytes));
+  std::vector<float> values(count);
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(bytes));
+  return values;
+}
+
+std::string shape_text(const ktrt::Tensor& t) {
+  std::string s = "[";
+  for (size_t i = 0; i < t.shape.size(); ++i) s += (i ? "," : "") + std::to_string(t.shape[i]);
+  return s + "]";
+}
+
+void verify_files(const ktrt::Manifest& m) {
+  size_t checked = 0;
+  for (const auto& [file, digest] : m.files()) {
+    const std::string path = m.path(file, "files");
+    if (!std::ifstream(path)) throw ContractError("files: expected " + path + ", found none");
+    if (!digest.empty() && ktrt::sha256_file(path) != digest)
+      throw ContractError("files: " + path + " does not match the sha256 in the manifest");
+    checked += !digest.empty();
+  }
+  std::printf("files: %zu named, %zu sha256-verified\n", m.files().size(), checked);
+}
+
+void print_bindings(const ktrt::Network& n) {
+  for (const auto* group : {&n.inputs, &n.outputs})
+    for (const auto& t : *group)
+      std::printf("  bind %-18s %-6s %-14s %s %s\n", n.name.c_str(), group == &n.inputs ? "input" : "output",
+                  t.name.c_str(), t.dtype.c_str(), shape_text(t).c_str());
+}
+
+struct Replay {
+  size_t steps = 0;
+  double worst_relative = 0.0;
+};
+
+Replay replay(const ktrt::Manifest& m, const std::string& dir, const nlohmann::json& rec) {
+  const auto& step_graph = m.network(rec.at("step_graph").get<std::string>());
+  const auto shapes = ktrt::StepShapes::of(step_graph, m.profile.cfg);
+  const auto table = m.table(rec.at("scheduler").get<std::string>(), rec.at("num_inference_steps").get<int64_t>());
+  const size_t n = table.rows.size(), latent = shapes.latent_count(), output = shapes.output_count();
+  const auto& files = rec.at("files");
+  auto file = [&](const char* key) { return dir + "/" + files.at(key).get<std::string>(); };
+  ktrt::StepState state{read_f32(file("latents"), latent, "latents"), std::vector<float>(latent, 0.0f)};
+  const auto outputs = read_f32(file("model_outputs"), n * output, "model_outputs");
+  const auto noise = read_f32(file("noise"), n * latent, "noise");
+  const auto expected = read_f32(file("expected"), n * latent, "expected");
+  const float guidance = rec.at("guidance_scale").get<float>();
+  Replay result{n, 0.0};
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<float> out(outputs.begin() + i * output, outputs.begin() + (i + 1) * output);
+    const std::vector<float> eta(noise.begin() + i * latent, noise.begin() + (i + 1) * latent);
+    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, state);
+    double diff = 0.0, scale = 0.0;
+    for (size_t j = 0; j < latent; ++j) {
+      const double want = expected[i * latent + j];
+      diff = std::max(diff, std::fabs(double(state.latents[j]) - want));
+      scale = std::max(scale, std::fabs(want));
+    }
+    result.worst_relative = std::max(result.worst_relative, scale > 0 ? diff / scale : diff);
+  }
+  return result;
+}
+
+int run(int argc, char** argv) {
+  if (argc != 3 && !(argc == 5 && std::string(argv[3]) == "--tolerance"))
+    throw ContractError("usage: ktrt_host_contract ARTIFACTS RECORDING [--tolerance 1e-6]");
+  const double tolerance = argc == 5 ? std::stod(argv[4]) : 1e-6;
+  const std::string artifacts = argv[1], recording = argv[2];
+  const auto m = ktrt::Manifest::load(artifacts);
+  std::printf("manifest: schema %lld, %s, profile batch %lld %lldx%lld cfg %s\n", (long long)m.schema_version,
+              m.precision.c_str(), (long long)m.profile.batch, (long long)m.profile.height,
+              (long long)m.profile.width, m.profile.cfg ? "on" : "off");
+  verify_files(m);
+  std::ifstream rec_in(recording + "/recording.json");
+  if (!rec_in) throw ContractError("recording: expected " + recording + "/recording.json, found none");
+  const auto rec = nlohmann::json::parse(rec_in);
+  print_bindings(m.network(rec.at("network").get<std::string>()));
+  print_bindings(m.network(rec.at("step_graph").get<std::string>()));
+  for (const auto& c : m.constants)
+    std::printf("  constant %-18s %zu float32 values\n", c.name.c_str(), m.constant(c.name).size());
+  const Replay r = replay(m, recording, rec);
+  const bool ok = r.worst_relative <= tolerance;
+  std::printf("replayed %zu steps of %s: max relative difference to the Python loop %.3e (tolerance %.0e) %s\n",
+              r.steps, rec.at("step_graph").get<std::string>().c_str(), r.worst_relative, tolerance, ok ? "ok" : "FAIL");
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const ContractError& err) {
+    std::fprintf(stderr, "error: %s\n", err.what());
+  } catch (const nlohmann::json::exception& err) {
+    std::fprintf(stderr, "error: recording: expected the documented JSON fields (%s)\n", err.what());
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "error: %s\n", err.what());
+  }
+  return 2;
+}

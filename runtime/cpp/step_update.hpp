@@ -1,0 +1,33 @@
+// One denoising step without the network: classifier-free guidance and the scheduler update from one
+// coefficient row, exactly as the ONNX step graphs compute it (export/step_graphs.py), in float32
+// and in the graph's operation order:
+//   eps = uncond + g * (cond - uncond)            (latent channels; the cond half with guidance)
+//   std = s + learned * exp(0.5 * (log_var_min + (var + 1) * 0.5 * (log_var_max - log_var_min)))
+//   x0 = clip(p * x + q * eps);  x_next = u * x0 + v * x + w * eps + r * x0_prev + std * noise
+#pragma once
+
+#include <vector>
+
+#include "manifest.hpp"
+
+namespace ktrt {
+
+// Shapes of one step graph, read from its manifest I/O: latents (batch, channels, ...rest) and
+// model_output (batch or 2 * batch with guidance, out_channels, ...rest).
+struct StepShapes {
+  size_t batch = 0, channels = 0, out_channels = 0, plane = 1;  // plane = product of the rest
+  bool cfg = true;
+  static StepShapes of(const Network& step_graph, bool cfg);
+  size_t latent_count() const { return batch * channels * plane; }
+  size_t output_count() const { return (cfg ? 2 : 1) * batch * out_channels * plane; }
+};
+
+struct StepState {
+  std::vector<float> latents, x0_prev;  // x and the previous x0 (zeros before the first step)
+};
+
+// Advances `state` by one step; `noise` is all zeros on deterministic steps.
+void step_update(const Row& row, const StepShapes& shapes, float guidance_scale, const std::vector<float>& model_output,
+                 const std::vector<float>& noise, StepState& state);
+
+}  // namespace ktrt

@@ -1,0 +1,186 @@
+"""The C++ host contract, proven: runtime/cpp reads the manifest and replays the Python loop's maths.
+
+The Python loop runs on the tiny fp32 artifacts with every network and step-graph call recorded;
+the C++ program (built here with CMake) loads the same manifest, its coefficient tables and
+constants, and replays the step update over the recorded model outputs. It must reproduce every
+step's latents to 1e-6 relative (max |c++ - python| / max |python| per step).
+
+Needs CMake, a C++17 compiler and nlohmann-json (Debian: cmake g++ nlohmann-json3-dev; .ci/run
+installs them). Skipped where they are missing, except in CI (``CI`` set), where that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kandinsky_trt.runtime import KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline
+from kandinsky_trt.runtime.components import Components
+
+SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
+E = 32
+
+
+@pytest.fixture(scope="module")
+def host_program(tmp_path_factory) -> Path:
+    if shutil.which("cmake") is None or not Path("/usr/include/nlohmann/json.hpp").is_file():
+        message = "the C++ host contract needs cmake, g++ and nlohmann-json3-dev"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI installs them in .ci/run)")
+        pytest.skip(message)
+    build = tmp_path_factory.mktemp("cpp-build")
+    for command in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"],
+                    ["cmake", "--build", str(build), "-j2"]):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return build / "ktrt_host_contract"
+
+
+class _Recording:
+    """Wraps a backend's ``load`` so every run of the loop's network and step graph is kept."""
+
+    def __init__(self, components: Components, network: str, step_graph: str) -> None:
+        self.calls: dict[str, list] = {network: [], step_graph: []}
+        load = components.backend.load
+
+        def recording_load(name: str):
+            session = load(name)
+            if name not in self.calls:
+                return session
+            calls = self.calls[name]
+
+            class Recorded:
+                def __getattr__(self, attr):
+                    return getattr(session, attr)
+
+                def run(self, feeds):
+                    out = session.run(feeds)
+                    calls.append(({k: np.array(v) for k, v in feeds.items()}, {k: np.array(v) for k, v in out.items()}))
+                    return out
+
+            return Recorded()
+
+        components.backend.load = recording_load
+
+    def write(self, out: Path, record: dict, output_name: str) -> Path:
+        """recording.json + raw float32 files in the layout runtime/cpp/main.cpp reads."""
+        network, step_graph = record["network"], record["step_graph"]
+        steps = self.calls[step_graph][1:]  # the first step-graph run is the identity row that makes the first input
+        arrays = {
+            "latents": self.calls[step_graph][0][0]["latents"],
+            "model_outputs": np.stack([outputs[output_name] for _, outputs in self.calls[network]]),
+            "noise": np.stack([feeds["noise"] for feeds, _ in steps]),
+            "expected": np.stack([outputs["latents_next"] for _, outputs in steps]),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            np.ascontiguousarray(array, "<f4").tofile(out / f"{name}.f32")
+        files = {name: f"{name}.f32" for name in arrays}
+        (out / "recording.json").write_text(json.dumps({**record, "files": files}))
+        return out
+
+
+def _replay(host_program: Path, artifacts: Path, recording: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(host_program), str(artifacts), str(recording)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _emb(seed: int, rows: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, E)).astype(np.float32)
+
+
+CASES = {
+    # loop, scheduler table key, steps (a table the manifest stores), guidance
+    "decoder-ddim": ("unet", "unet_step", "noise_pred", "decoder", 50, 4.0),
+    "decoder-ddpm": ("unet", "unet_step", "noise_pred", "decoder_ddpm", 100, 4.0),  # learned variance, noise
+    "prior-unclip": ("prior", "prior_step", "predicted_image_embedding", "prior", 25, 4.0),  # stochastic
+    "inpaint-ddim": ("unet_inpaint", "unet_inpaint_step", "noise_pred", "decoder", 50, 3.0),
+}
+
+
+def _run_case(case: str, artifacts: Path, seed: int = 0) -> _Recording:
+    network, step_graph, _, scheduler, steps, guidance = CASES[case]
+    with Components(artifacts) as components:
+        recorder = _Recording(components, network, step_graph)
+        common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=seed)
+        if case.startswith("prior"):
+            KandinskyPriorPipeline(components=components)("a red cat", **common)
+        elif case.startswith("inpaint"):
+            h, w = components.profile.height, components.profile.width
+            mask = np.zeros((h, w), np.float32)
+            mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1
+            image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+            KandinskyInpaintPipeline(components=components)("a hat", image, mask, _emb(1), _emb(2), **common)
+        else:
+            KandinskyPipeline(components=components)(
+                "a castle", _emb(1), _emb(2), scheduler="ddpm" if scheduler == "decoder_ddpm" else None, **common)
+    return recorder
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("fixture", ["artifacts_fp32", "artifacts_fp32_b2_wide"])
+def test_cpp_host_reproduces_the_python_loop(case, fixture, request, host_program, tmp_path):
+    artifacts = request.getfixturevalue(fixture)[0]
+    network, step_graph, output_name, scheduler, steps, guidance = CASES[case]
+    recorder = _run_case(case, artifacts)
+    record = dict(network=network, step_graph=step_graph, scheduler=scheduler, num_inference_steps=steps,
+                  guidance_scale=guidance)
+    done = _replay(host_program, artifacts, recorder.write(tmp_path / "rec", record, output_name))
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"replayed {steps} steps of {step_graph}") and last.endswith("ok"), done.stdout
+    assert f"bind {network}" in done.stdout and "constant zero_image_embeds" in done.stdout
+
+
+def test_cpp_host_detects_a_wrong_replay(host_program, artifacts_fp32, tmp_path):
+    """The comparison is real: a perturbed recorded model output makes the replay differ."""
+    artifacts = artifacts_fp32[0]
+    recorder = _run_case("decoder-ddim", artifacts)
+    feeds, outputs = recorder.calls["unet"][10]
+    outputs["noise_pred"] += 1e-3
+    record = dict(network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=50,
+                  guidance_scale=4.0)
+    done = _replay(host_program, artifacts, recorder.write(tmp_path / "rec", record, "noise_pred"))
+    assert done.returncode == 1 and done.stdout.strip().endswith("FAIL"), done.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 1, found 99"),
+    (lambda m: m["constants"][0].update(file="../outside.bin"),
+     "expected a file name inside the artifacts directory, found '../outside.bin'"),
+    (lambda m: m["constants"][0].update(file="/etc/passwd"),
+     "expected a file name inside the artifacts directory, found '/etc/passwd'"),
+    (lambda m: m["constants"][0].update(sha256="0" * 64), "does not match"),
+    (lambda m: m.pop("profile"), "manifest.profile: expected the field, found none"),
+])
+def test_cpp_host_contract_errors_are_one_line(edit, message, host_program, artifacts_fp32, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(artifacts_fp32[0], artifacts)
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    edit(manifest)
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+    recording = tmp_path / "rec"
+    recording.mkdir()
+    (recording / "recording.json").write_text(json.dumps(dict(
+        network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=50, guidance_scale=4.0,
+        files={})))
+    done = _replay(host_program, artifacts, recording)
+    assert done.returncode == 2
+    assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_cpp_host_names_a_missing_table(host_program, artifacts_fp32, tmp_path):
+    recording = tmp_path / "rec"
+    recording.mkdir()
+    (recording / "recording.json").write_text(json.dumps(dict(
+        network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=7, guidance_scale=4.0,
+        files={})))
+    done = _replay(host_program, artifacts_fp32[0], recording)
+    assert done.returncode == 2
+    assert "schedulers.decoder.tables: expected a table for 7 steps, found tables for 100 50" in done.stderr

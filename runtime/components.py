@@ -109,7 +109,10 @@ class Components:
         return self._tokenizer("decoder")
 
     def _tokenizer(self, which: str) -> TextTokenizer:
-        entry = self.manifest.tokenizers[which]
+        entry = self.manifest.tokenizers.get(which)
+        if entry is None:
+            raise BackendError(f"tokenizers.{which}: expected a tokenizer in {self.manifest.directory / mf.MANIFEST_NAME}, "
+                               f"found none (artifacts without text encoding?)")
         try:  # a reshuffled vocabulary would change every image silently
             self.manifest.verified_path(entry["file"], f"tokenizer {which}")
         except mf.IntegrityError as err:

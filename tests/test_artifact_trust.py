@@ -234,7 +234,6 @@ def _mutate(path: str, value):
 
 MUTATIONS = {
     "missing schedulers.decoder": (_mutate("schedulers/decoder", KeyError), r"schedulers\.decoder: expected this required field"),
-    "missing tokenizers.prior": (_mutate("tokenizers/prior", KeyError), r"tokenizers\.prior: expected this required field"),
     "missing files": (_mutate("files", KeyError), r"^.*: files: expected this required field"),
     "num_train_timesteps=1e12": (_mutate("schedulers/decoder/config/num_train_timesteps", 1e12),
                                  r"schedulers\.decoder\.config\.num_train_timesteps: expected a JSON integer"),

@@ -173,6 +173,7 @@ def export_full_size(config: SuiteConfig):
     from kandinsky_trt.export.checkpoints import scheduler_configs
     from kandinsky_trt.export.step_graphs import write_step_graph
     from kandinsky_trt.runtime import manifest as mf
+    from kandinsky_trt.runtime.integrity import file_record
     from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS, Profile, resolve
 
     config.work.mkdir(parents=True, exist_ok=True)
@@ -189,10 +190,12 @@ def export_full_size(config: SuiteConfig):
         path = write_step_graph(name, profile, KANDINSKY_2_1_DIMS, config.work / f"{name}.onnx")
         net = resolve(name, profile)
         entries[name] = mf.NetworkEntry(name, path.name, mf.sha256_file(path), "fp32", net.inputs, net.outputs)
-    schedulers = {k: {"config": {"_class_name": cls, **scheduler_configs()[src]}}
+    schedulers = {k: {"config": {"_class_name": cls, **scheduler_configs()[src]}, "tables": {}}
                   for k, cls, src in (("prior", "UnCLIPScheduler", "prior"), ("decoder", "DDIMScheduler", "ddim"))}
-    manifest = mf.Manifest(config.work, profile, KANDINSKY_2_1_DIMS, "fp16", entries, {}, schedulers, {}, {},
-                           {"exporter": config.exporter, "random_weights": True}, {})
+    files = {n: file_record(config.work / n) for e in entries.values() for n in (e.onnx, *e.external_data)}
+    clip = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    manifest = mf.Manifest(config.work, profile, KANDINSKY_2_1_DIMS, "fp16", entries, {}, schedulers, {}, clip,
+                           {"exporter": config.exporter, "random_weights": True}, {}, files)
     manifest.save()
     return manifest
 

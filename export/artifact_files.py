@@ -1,7 +1,9 @@
 """The non-graph files of an artifacts directory: constants, tokenizers, scheduler tables.
 
 Constants are raw little-endian float32 arrays (a C++ host can ``fread`` them); tokenizers are
-``tokenizer.json`` files the runtime reads with the ``tokenizers`` package.
+``tokenizer.json`` files the runtime reads with the ``tokenizers`` package. Both are written through
+the export's :class:`~kandinsky_trt.export.artifact_store.ArtifactStore` (content-addressed names,
+size + sha256 recorded, atomic, the umask's file mode).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kandinsky_trt.export.artifact_store import ArtifactStore
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, load_network
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.schedulers import scheduler_table
@@ -24,14 +27,13 @@ _SCHEDULER_DIRS = {"prior": ("prior", "scheduler"), "decoder": ("decoder", "sche
                    "decoder_ddpm": ("decoder", "ddpm_scheduler")}
 
 
-def _write_constant(out_dir: Path, name: str, array: np.ndarray) -> mf.ConstantEntry:
+def _write_constant(store: ArtifactStore, name: str, array: np.ndarray) -> mf.ConstantEntry:
     array = np.ascontiguousarray(array, dtype="<f4")
-    path = out_dir / f"{name}.f32.bin"
-    mf.write_bytes_atomic(path, array.tobytes())
-    return mf.ConstantEntry(name, path.name, "float32", tuple(array.shape), mf.sha256_file(path))
+    file_name = store.write_bytes(name, ".f32.bin", array.tobytes())
+    return mf.ConstantEntry(name, file_name, "float32", tuple(array.shape), store.records[file_name].sha256)
 
 
-def export_constants(dirs: CheckpointDirs, out_dir: Path, dims: ModelDims) -> dict[str, mf.ConstantEntry]:
+def export_constants(dirs: CheckpointDirs, store: ArtifactStore, dims: ModelDims) -> dict[str, mf.ConstantEntry]:
     """Zero-image embedding (the prior's negative branch) and the prior's CLIP mean / std."""
     with torch.no_grad():
         encoder = load_network("image_encoder", dirs)
@@ -43,27 +45,26 @@ def export_constants(dirs: CheckpointDirs, out_dir: Path, dims: ModelDims) -> di
         mean, std = prior.clip_mean.detach().numpy(), prior.clip_std.detach().numpy()
         del prior
     arrays = {"zero_image_embeds": zero_embeds, "clip_mean": mean, "clip_std": std}
-    return {name: _write_constant(out_dir, name, a) for name, a in arrays.items()}
+    return {name: _write_constant(store, name, a) for name, a in arrays.items()}
 
 
-def _tokenizer_json(folder: Path, out: Path) -> int:
-    """Write ``folder``'s tokenizer as ``out`` (tokenizer.json format); returns its pad id."""
+def _tokenizer_json(folder: Path, store: ArtifactStore, stem: str) -> tuple[str, int]:
+    """Write ``folder``'s tokenizer (tokenizer.json format); returns its file name and pad id."""
     from transformers import AutoTokenizer
 
     # Serialise the tokenizer transformers actually builds, not the checkpoint's tokenizer.json:
     # transformers rebuilds e.g. XLM-R's pre-tokenizer from its class and ignores the file's, so a
     # copied file can tokenize extra whitespace differently (tests/test_tokenization.py).
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    mf.write_bytes_atomic(out, tokenizer.backend_tokenizer.to_str().encode())
-    return int(tokenizer.pad_token_id)
+    file_name = store.write_bytes(stem, ".json", tokenizer.backend_tokenizer.to_str().encode())
+    return file_name, int(tokenizer.pad_token_id)
 
 
-def export_tokenizers(dirs: CheckpointDirs, out_dir: Path) -> dict[str, dict]:
+def export_tokenizers(dirs: CheckpointDirs, store: ArtifactStore) -> dict[str, dict]:
     entries = {}
     for which in ("prior", "decoder"):
-        out = out_dir / f"{which}_tokenizer.json"
-        pad_id = _tokenizer_json(dirs.root(which) / "tokenizer", out)
-        entries[which] = {"file": out.name, "max_length": 77, "pad_id": pad_id}
+        file_name, pad_id = _tokenizer_json(dirs.root(which) / "tokenizer", store, f"{which}_tokenizer")
+        entries[which] = {"file": file_name, "max_length": 77, "pad_id": pad_id}
     return entries
 
 

@@ -1,15 +1,19 @@
 """Export a whole artifacts directory: every network, step graphs, constants, tokenizers, manifest.
 
-Reuse is keyed by a hash of what produced each graph (checkpoint files, precision policy, profile,
-exporter, library versions and this package's export code) — never by "the file exists".
+Reuse is keyed by a hash of what produced each graph (checkpoint files, precision policy, every
+production setting of :class:`ExportConfig`, library versions and this package's export code) — never
+by "the file exists"; a reused graph's files must also match their recorded size and sha256. Writes
+are transactional (:mod:`~kandinsky_trt.export.artifact_store`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +24,15 @@ import torch
 from kandinsky_trt.export import checkpoint_loading, onnx_export, precision, step_graphs, verify
 from kandinsky_trt.export.artifact_files import (
     export_constants, export_tokenizers, image_processor_config, scheduler_entries)
+from kandinsky_trt.export.artifact_store import ArtifactStore, read_pending
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.precision import policy_for
-from kandinsky_trt.export.step_graphs import write_step_graph
+from kandinsky_trt.export.step_graphs import build_step_graph
 from kandinsky_trt.runtime.backends import torch_modules
 from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
 from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.integrity import VERIFIED
+from kandinsky_trt.runtime.manifest_checks import ManifestRuleError, check_inside
 from kandinsky_trt.runtime.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, resolve
 
 log = logging.getLogger(__name__)
@@ -62,64 +69,96 @@ def _tree_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ExportConfig fields that do not change what a graph is (everything else enters the export key,
+# so a new field, e.g. a precision option, invalidates reuse without touching this function).
+_NOT_PRODUCTION = ("checkpoints", "out_dir", "verify", "networks")
+
+
+def _json_value(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (Path, set, frozenset)):
+        return str(value) if isinstance(value, Path) else sorted(value)
+    raise TypeError(f"ExportConfig: cannot hash a {type(value).__name__}")
+
+
 def _export_key(network: str, config: ExportConfig, dims: ModelDims) -> str:
     import diffusers
 
     code = (precision, onnx_export, step_graphs, torch_modules)  # a change here invalidates the graph
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_PRODUCTION}
     payload = {
         "network": network,
         "checkpoint": _tree_hash(config.checkpoints.component(network)),
         "policy": policy_for(network, config.precision).islands,
-        "precision": config.precision,
-        "profile": config.profile.to_dict(),
+        "config": settings,
         "dims": dims.to_dict(),
-        "exporter": config.exporter,
         "versions": [torch.__version__, diffusers.__version__],
         "code": [mf.sha256_file(Path(m.__file__)) for m in code],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=_json_value).encode()).hexdigest()
 
 
-def _reusable(previous: mf.Manifest | None, name: str, key: str) -> mf.NetworkEntry | None:
-    entry = previous.networks.get(name) if previous else None
-    if entry is None or entry.export_key != key:
+@dataclass
+class _Candidates:
+    """Finished networks an export may reuse: the committed manifest's and a killed run's."""
+
+    out_dir: Path
+    entries: list[tuple[mf.NetworkEntry, dict]] = field(default_factory=list)
+
+    def reusable(self, name: str, key: str) -> tuple[mf.NetworkEntry, dict] | None:
+        for entry, records in self.entries:
+            if entry.name == name and entry.export_key == key and _files_verify(self.out_dir, entry, records):
+                return entry, records
         return None
-    path = previous.path(entry.onnx)
-    if not path.is_file() or mf.sha256_file(path) != entry.onnx_sha256:
-        return None
-    return entry
 
 
-def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, dims: ModelDims, key: str):
-    """Export one network; returns its manifest entry and (with --verify) its parity."""
-    network = resolve(name, config.profile, dims)
+def _entry_files(entry: mf.NetworkEntry) -> tuple[str, ...]:
+    return (entry.onnx, *entry.external_data)
+
+
+def _files_verify(out_dir: Path, entry: mf.NetworkEntry, records: dict) -> bool:
+    try:
+        for name in _entry_files(entry):
+            path = check_inside(out_dir, name, f"{entry.name} file")
+            VERIFIED.verify(path, records[name], entry.name)
+    except (ManifestRuleError, mf.IntegrityError, KeyError):
+        return False
+    return True
+
+
+def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_Export", key: str):
+    """Export one network through staging; returns its manifest entry and (with --verify) its parity."""
+    network = resolve(name, config.profile, ctx.dims)
     policy = policy_for(name, config.precision)
     inputs = reference = None
     if config.verify:
         inputs = verify.verification_inputs(network)
         reference = verify.torch_reference(WRAPPERS[name](model, torch.float32), inputs)
-    request = onnx_export.ExportRequest(network, policy, config.out_dir, config.exporter)
+    request = onnx_export.ExportRequest(network, policy, ctx.store.staging_dir(name), config.exporter)
     files = onnx_export.export_network(model, request)
     parity = None
     if config.verify:
         parity = verify.compare(name, config.precision, reference, verify.onnx_outputs(files[0], inputs))
+    onnx_name, data_names = ctx.store.place_network(files, name)
+    shutil.rmtree(request.out_dir, ignore_errors=True)
     entry = mf.NetworkEntry(
-        name=name, onnx=files[0].name, onnx_sha256=mf.sha256_file(files[0]), precision=config.precision,
-        inputs=network.inputs, outputs=network.outputs, external_data=tuple(f.name for f in files[1:]),
+        name=name, onnx=onnx_name, onnx_sha256=ctx.store.records[onnx_name].sha256, precision=config.precision,
+        inputs=network.inputs, outputs=network.outputs, external_data=data_names,
         fp32_islands=policy.islands, export_key=key,
     )
     return entry, parity
 
 
-def _step_entries(config: ExportConfig, dims: ModelDims, names: list[str]) -> list[mf.NetworkEntry]:
-    entries = []
+def _step_entries(ctx: "_Export", names: list[str]) -> list[mf.NetworkEntry]:
+    entries, profile = [], ctx.config.profile
     for name in STEP_NETWORKS:
         if name == "unet_inpaint_step" and "unet_inpaint" not in names:
             continue
-        path = config.out_dir / f"{name}.onnx"
-        write_step_graph(name, config.profile, dims, path)
-        network = resolve(name, config.profile, dims)
-        entries.append(mf.NetworkEntry(name, path.name, mf.sha256_file(path), "fp32", network.inputs, network.outputs))
+        file_name = ctx.store.write_bytes(name, ".onnx", build_step_graph(name, profile, ctx.dims).SerializeToString())
+        network = resolve(name, profile, ctx.dims)
+        entries.append(mf.NetworkEntry(name, file_name, ctx.store.records[file_name].sha256, "fp32",
+                                       network.inputs, network.outputs))
     return entries
 
 
@@ -130,69 +169,140 @@ def _load_previous(out_dir: Path) -> mf.Manifest | None:
         return None
 
 
-def _network_entry(name: str, config: ExportConfig, dims: ModelDims, previous, report: ExportReport):
+@dataclass
+class _Export:
+    """The state of one export run."""
+
+    config: ExportConfig
+    dims: ModelDims
+    store: ArtifactStore
+    previous: mf.Manifest | None
+    candidates: _Candidates
+    report: ExportReport
+
+
+def _network_entry(name: str, ctx: _Export) -> mf.NetworkEntry:
     """Reuse ``name``'s graph when the hash of what produced it matches, else export (and verify) it."""
-    key, start = _export_key(name, config, dims), time.perf_counter()
-    entry = _reusable(previous, name, key) if not config.verify else None
-    if entry is not None:
+    config = ctx.config
+    key, start = _export_key(name, config, ctx.dims), time.perf_counter()
+    found = ctx.candidates.reusable(name, key) if not config.verify else None
+    if found is not None:
+        entry, records = found
         log.info("    unchanged, reusing %s", entry.onnx)
-        report.reused.append(name)
+        ctx.store.adopt(_entry_files(entry), records)
+        ctx.report.reused.append(name)
         return entry
     log.info("    exporting (%s)...", config.precision)
     model = checkpoint_loading.load_network(name, config.checkpoints)
-    entry, parity = _export_one(name, model, config, dims, key)
+    entry, parity = _export_one(name, model, config, ctx, key)
     del model
     gc.collect()
-    report.exported.append(name)
+    ctx.store.checkpoint(entry)
+    ctx.report.exported.append(name)
     if parity is not None:
-        report.parity.append(parity)
+        ctx.report.parity.append(parity)
         log.info("    parity: %s", parity.line())
     log.info("    done in %.1f s", time.perf_counter() - start)
     return entry
 
 
-def _carried(previous: mf.Manifest | None, config: ExportConfig, dims: ModelDims, names: list[str]) -> dict:
+def _carried(ctx: _Export, names: list[str]) -> dict:
     """Networks exported earlier into the same profile and not asked for now: kept in the manifest."""
+    previous, config = ctx.previous, ctx.config
     if previous is None or (previous.profile, previous.precision, previous.model_dims) != (
-            config.profile, config.precision, dims):
+            config.profile, config.precision, ctx.dims):
         return {}
-    return {n: e for n, e in previous.networks.items() if n not in names and n in NETWORKS}
+    carried = {n: e for n, e in previous.networks.items() if n not in names and n in NETWORKS}
+    for entry in carried.values():
+        ctx.store.adopt(_entry_files(entry), previous.files)
+    return carried
 
 
-def _constants(previous: mf.Manifest | None, report: ExportReport, config: ExportConfig, dims: ModelDims):
+def _constants(ctx: _Export) -> dict[str, mf.ConstantEntry]:
     """The previous constants when the networks they come from were reused unchanged, else recomputed
     (which loads the image encoder and the prior: 1.3 B parameters at full size)."""
-    sources = {"image_encoder", "prior"}
-    if previous is not None and sources <= set(report.reused) and all(
-            previous.path(c.file).is_file() and mf.sha256_file(previous.path(c.file)) == c.sha256
-            for c in previous.constants.values()):
-        return previous.constants
-    return export_constants(config.checkpoints, config.out_dir, dims)
+    previous = ctx.previous
+    if previous is not None and {"image_encoder", "prior"} <= set(ctx.report.reused):
+        try:
+            for c in previous.constants.values():
+                previous.verified_path(c.file, f"constant {c.name}")
+        except mf.IntegrityError:
+            pass
+        else:
+            ctx.store.adopt(tuple(c.file for c in previous.constants.values()), previous.files)
+            return previous.constants
+    return export_constants(ctx.config.checkpoints, ctx.store, ctx.dims)
+
+
+def validate_export_config(config: ExportConfig) -> list[str]:
+    """The networks to export; raises before anything is written when the request cannot work.
+
+    Raises:
+        ExportError: ``out_dir`` is a file, or ``networks`` names a network the checkpoints lack.
+        SpecError / CheckpointError: a checkpoint folder or its weights are missing or not safetensors.
+    """
+    out = Path(config.out_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise onnx_export.ExportError(f"out_dir: expected a directory (or a path to create), found {blocking} "
+                                      f"is a file")
+    available = checkpoint_loading.networks_for(config.checkpoints)
+    names = list(config.networks or available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        hint = " (unet_inpaint needs --inpaint)" if "unet_inpaint" in unknown else ""
+        raise onnx_export.ExportError(f"networks: expected names from {available}{hint}, found unknown {unknown}")
+    for name in names:
+        checkpoint_loading.check_weights(name, config.checkpoints)
+    return list(dict.fromkeys(names))
 
 
 def export_artifacts(config: ExportConfig) -> ExportReport:
-    """Export every requested network of ``config.checkpoints`` into ``config.out_dir``."""
-    dirs = config.checkpoints
-    dims = checkpoint_loading.read_model_dims(dirs)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _load_previous(config.out_dir)
-    names = list(config.networks or checkpoint_loading.networks_for(dirs))
-    report = ExportReport(config.out_dir / mf.MANIFEST_NAME)
-    entries = _carried(previous, config, dims, names)
+    """Export every requested network of ``config.checkpoints`` into ``config.out_dir``, transactionally.
+
+    Whatever instant the process dies, ``manifest.json`` describes files that exist and match; a
+    re-run reuses the networks a killed run finished (:mod:`~kandinsky_trt.export.artifact_store`).
+    """
+    names = validate_export_config(config)
+    dims = checkpoint_loading.read_model_dims(config.checkpoints)
+    out_dir = Path(config.out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with ArtifactStore(out_dir) as store:
+            return _export_into(_start(config, dims, store), names)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing worth keeping: leave no empty directory behind
+        raise
+
+
+def _start(config: ExportConfig, dims: ModelDims, store: ArtifactStore) -> _Export:
+    previous = _load_previous(store.out_dir)
+    candidates = _Candidates(store.out_dir)
+    if previous is not None:
+        candidates.entries += [(e, previous.files) for e in previous.networks.values()]
+    pending, records = read_pending(store.out_dir)
+    candidates.entries += [(e, records) for e in pending]
+    return _Export(config, dims, store, previous, candidates, ExportReport(store.out_dir / mf.MANIFEST_NAME))
+
+
+def _export_into(ctx: _Export, names: list[str]) -> ExportReport:
+    config, dirs = ctx.config, ctx.config.checkpoints
+    entries = _carried(ctx, names)
     for index, name in enumerate(names, start=1):
         log.info("[%d/%d] %s", index, len(names), name)
-        entries[name] = _network_entry(name, config, dims, previous, report)
-    for entry in _step_entries(config, dims, list(entries)):
+        entries[name] = _network_entry(name, ctx)
+    for entry in _step_entries(ctx, list(entries)):
         entries[entry.name] = entry
     manifest = mf.Manifest(
-        directory=config.out_dir, profile=config.profile, model_dims=dims, precision=config.precision,
-        networks=entries, constants=_constants(previous, report, config, dims),
-        schedulers=scheduler_entries(dirs), tokenizers=export_tokenizers(dirs, config.out_dir),
-        image_processor=image_processor_config(dirs), producer=_producer(config),
-        checkpoints={k: str(v) for k, v in vars(dirs).items() if v is not None},
+        directory=ctx.store.out_dir, profile=config.profile, model_dims=ctx.dims, precision=config.precision,
+        networks=entries, constants=_constants(ctx), schedulers=scheduler_entries(dirs),
+        tokenizers=export_tokenizers(dirs, ctx.store), image_processor=image_processor_config(dirs),
+        producer=_producer(config), checkpoints={k: str(v) for k, v in vars(dirs).items() if v is not None},
     )
-    manifest.save()
-    return report
+    ctx.store.commit(manifest)
+    return ctx.report
 
 
 def _producer(config: ExportConfig) -> dict:

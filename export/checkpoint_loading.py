@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky_trt.runtime import spec
+from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.spec import ModelDims, SpecError
+
+# Weights that unpickle (and so can run code) when loaded: refused, safetensors expected.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(KandinskyTrtError, ValueError):
+    """A checkpoint folder whose weights are missing or not in safetensors format."""
+
 
 @dataclass(frozen=True)
 class CheckpointDirs:
@@ -41,11 +50,29 @@ def networks_for(dirs: CheckpointDirs) -> list[str]:
     return [n for n in spec.NETWORKS if n != "unet_inpaint" or dirs.inpaint is not None]
 
 
+def check_weights(network: str, dirs: CheckpointDirs) -> Path:
+    """``network``'s component folder, once it holds safetensors weights.
+
+    Raises:
+        CheckpointError: the folder holds only pickle weights (``*.bin`` ...), or no weights at all.
+    """
+    folder = dirs.component(network)
+    if any(folder.glob("*.safetensors")):
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder / pickles[0]}: expected safetensors weights (e.g. diffusion_pytorch_model.safetensors or "
+            f"model.safetensors) for {network}, found a pickle file; re-save the checkpoint with "
+            f"save_pretrained(..., safe_serialization=True) (pickles can run code when loaded)")
+    raise CheckpointError(f"{folder}: expected safetensors weights for {network}, found no *.safetensors file")
+
+
 def load_network(network: str, dirs: CheckpointDirs):
-    """Load the torch module behind ``network`` in fp32, eval mode."""
+    """Load the torch module behind ``network`` in fp32, eval mode (safetensors weights only)."""
     from kandinsky_trt.runtime.backends.torch_modules import load_module
 
-    return load_module(network, dirs.component(network))
+    return load_module(network, check_weights(network, dirs))
 
 
 def _config(dirs: CheckpointDirs, network: str) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kandinsky_trt.export.checkpoint_loading import CheckpointError
 from kandinsky_trt.export.full_size import full_size_configs, instantiate
 from kandinsky_trt.export.tokenizer_training import write_clip_tokenizer, write_xlmr_tokenizer
 
@@ -189,6 +190,18 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
             raise
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse a file where a folder must go, and a non-checkpoint folder that the swap would replace."""
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"out: expected a directory (or a path to create), found {blocking} is a file")
+    for name in CHECKPOINTS:
+        target = out_dir / name
+        if (target.exists() or target.is_symlink()) and not (target.is_dir() and (target / "model_index.json").is_file()):
+            raise CheckpointError(f"out: expected {target} to be absent or an earlier checkpoint (with "
+                                  f"model_index.json), found something else; it would be replaced")
+
+
 def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> TinyCheckpoint:
     """Write ``out_dir/{prior,decoder,inpaint}`` (tiny, random, deterministic for ``seed``).
 
@@ -198,7 +211,8 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> TinyCheckpoint:
     """
     out_dir = Path(out_dir)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, found {seed!r}")
+        raise CheckpointError(f"seed: expected a non-negative integer, found {seed!r}")
+    _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-checkpoint-", dir=out_dir))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from kandinsky_trt.runtime.integrity import write_bytes_atomic
 from kandinsky_trt.runtime.spec import (
     COEFFICIENT_COLUMNS,
     KANDINSKY_2_1_DIMS,
@@ -158,13 +158,6 @@ def write_step_graph(name: str, profile: Profile, dims: ModelDims, path: str | o
     path = Path(path)
     model = build_step_graph(name, profile, dims)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, model.SerializeToString())
     logger.info("wrote %s (%s, %s)", path, name, profile.name)
     return path

@@ -102,19 +102,31 @@ class Components:
 
     @cached_property
     def prior_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.from_manifest_entry(self.manifest.tokenizers["prior"], self.manifest.directory)
+        return self._tokenizer("prior")
 
     @cached_property
     def decoder_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.from_manifest_entry(self.manifest.tokenizers["decoder"], self.manifest.directory)
+        return self._tokenizer("decoder")
+
+    def _tokenizer(self, which: str) -> TextTokenizer:
+        entry = self.manifest.tokenizers.get(which)
+        if entry is None:
+            raise BackendError(f"tokenizers.{which}: expected a tokenizer in {self.manifest.directory / mf.MANIFEST_NAME}, "
+                               f"found none (artifacts without text encoding?)")
+        try:  # a reshuffled vocabulary would change every image silently
+            self.manifest.verified_path(entry["file"], f"tokenizer {which}")
+        except mf.IntegrityError as err:
+            raise BackendError(str(err)) from None
+        return TextTokenizer.from_manifest_entry(entry, self.manifest.directory)
 
     def constant(self, name: str) -> np.ndarray:
         entry = self.manifest.constants.get(name)
         if entry is None:
             raise BackendError(f"constant: expected {name!r} in the manifest, found {sorted(self.manifest.constants)}")
-        path = self.manifest.path(entry.file)
-        if not path.is_file() or mf.sha256_file(path) != entry.sha256:
-            raise BackendError(f"constant {name}: {path} is missing or does not match the manifest's sha256")
+        try:  # the manifest's load checked that the recorded size is the shape's
+            path = self.manifest.verified_path(entry.file, f"constant {name}")
+        except mf.IntegrityError as err:
+            raise BackendError(str(err)) from None
         return np.fromfile(path, dtype="<" + np.dtype(entry.dtype).str[1:]).reshape(entry.shape)
 
     def scheduler(self, which: str, num_inference_steps: int, name: str | None = None) -> SchedulerTable:

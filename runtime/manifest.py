@@ -1,61 +1,50 @@
 """``manifest.json``: the flat, versioned description of an artifacts directory.
 
 Written by export (and updated by the engine build), read by every backend and by C++ hosts. Its JSON
-Schema lives beside this module (``manifest.schema.json``). Standard library only.
+Schema lives beside this module (``manifest.schema.json``) and is enforced at every load, with range
+limits and file rules (:mod:`~kandinsky_trt.runtime.manifest_checks`), before anything is allocated.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     schema_version, producer{...}, precision, profile{batch,height,width,cfg}, model_dims{...},
-    checkpoints{prior|decoder|inpaint: {path, sha256}},
-    networks[{name, onnx, onnx_sha256, external_data[], precision, fp32_islands[],
-              inputs[{name,dtype,shape}], outputs[...], engine{...}|null}],
+    checkpoints{prior|decoder|inpaint: path},
+    networks[{name, onnx, onnx_sha256, external_data[], precision, fp32_islands[], export_key,
+              inputs[{name,dtype,shape}], outputs[...], engine{file, sha256, ...}|null}],
     constants[{name, file, dtype, shape, sha256}],
-    schedulers{prior|decoder|decoder_ddpm: {config{...}, tables{steps: table}}},
-    tokenizers{prior|decoder: {file, max_length, pad_id}},
-    image_processor{size, mean, std}  (CLIP preprocessing for ``interpolate`` image conditions)
+    schedulers{prior, decoder[, decoder_ddpm]: {config{...}, tables{steps: table}}},
+    tokenizers{prior, decoder: {file, max_length, pad_id}},
+    image_processor{size, mean, std}  (CLIP preprocessing for ``interpolate`` image conditions),
+    files{name: {size, sha256}}  (every file named above except engine plans)
+
+Every file name is relative to the manifest's directory and must stay inside it. Schema 1 (before
+kandinsky-trt 0.2.0) recorded no sizes and no hashes of external data or tokenizers: refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.integrity import VERIFIED, FileRecord, IntegrityError, sha256_file, write_bytes_atomic
+from kandinsky_trt.runtime.manifest_schema import SCHEMA_PATH, SchemaViolation, validate
 from kandinsky_trt.runtime.spec import ModelDims, Profile, ResolvedNetwork, ResolvedTensor
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "SCHEMA_PATH", "ManifestError", "NetworkEntry", "ConstantEntry",
+           "Manifest", "load_manifest", "sha256_file", "write_bytes_atomic", "FileRecord", "IntegrityError"]
+
+SCHEMA_VERSION = 2
+# The first release writing schema 2 (size + sha256 of every file, content-addressed names).
+MIN_PRODUCER_VERSION = "0.2.0"
 MANIFEST_NAME = "manifest.json"
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+MAX_MANIFEST_BYTES = 64 << 20  # the largest real manifest is ~1 MB (coefficient tables)
 
 
 class ManifestError(KandinskyTrtError, ValueError):
     """A manifest that is missing, unreadable, of another schema version, or inconsistent."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensors(entries: list[dict]) -> tuple[ResolvedTensor, ...]:
@@ -132,7 +121,12 @@ class ConstantEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The parsed manifest. ``directory`` is where its relative file names live."""
+    """The parsed manifest. ``directory`` is where its relative file names live.
+
+    ``files`` holds the size + sha256 of every file the other fields name (engine plans excepted:
+    their ``engine`` record carries its own sha256); :meth:`verified_path` checks a file against it
+    before the runtime opens the file.
+    """
 
     directory: Path
     profile: Profile
@@ -145,6 +139,7 @@ class Manifest:
     image_processor: dict[str, Any]
     producer: dict[str, Any]
     checkpoints: dict[str, Any]
+    files: dict[str, FileRecord] = field(default_factory=dict)
 
     def network(self, name: str) -> NetworkEntry:
         if name not in self.networks:
@@ -156,6 +151,27 @@ class Manifest:
 
     def path(self, file_name: str) -> Path:
         return self.directory / file_name
+
+    def verified_path(self, file_name: str, label: str) -> Path:
+        """``file_name``'s path once its size and sha256 match the manifest (hashed once per process).
+
+        Raises:
+            IntegrityError: the file is missing or differs from its record (``label`` says what it is).
+        """
+        record = self.files.get(file_name)
+        if record is None:
+            raise IntegrityError(f"{label}: expected a size + sha256 record for {file_name!r} in "
+                                 f"{self.directory / MANIFEST_NAME}, found none")
+        path = self.path(file_name)
+        VERIFIED.verify(path, record, label)
+        return path
+
+    def verified_network(self, name: str) -> Path:
+        """The ONNX path of network ``name`` once it and its external-data files are verified."""
+        entry = self.network(name)
+        for data_file in entry.external_data:
+            self.verified_path(data_file, f"{name} (external data)")
+        return self.verified_path(entry.onnx, name)
 
     def to_dict(self) -> dict:
         return {
@@ -170,51 +186,88 @@ class Manifest:
             "schedulers": self.schedulers,
             "tokenizers": self.tokenizers,
             "image_processor": self.image_processor,
+            "files": {name: record.to_dict() for name, record in sorted(self.files.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict, directory: Path) -> "Manifest":
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version!r}")
-        try:
-            return cls(
-                directory=Path(directory),
-                profile=Profile(**d["profile"]),
-                model_dims=ModelDims(**d["model_dims"]),
-                precision=d["precision"],
-                networks={n["name"]: NetworkEntry.from_dict(n) for n in d["networks"]},
-                constants={c["name"]: ConstantEntry.from_dict(c) for c in d["constants"]},
-                schedulers=d["schedulers"],
-                tokenizers=d["tokenizers"],
-                image_processor=d["image_processor"],
-                producer=d["producer"],
-                checkpoints=d["checkpoints"],
-            )
-        except (KeyError, TypeError) as err:
-            raise ManifestError(f"{directory / MANIFEST_NAME}: malformed manifest ({err!r})") from None
+        """Validate ``d`` (schema, ranges, file names, records) and build the manifest.
 
-    def save(self) -> Path:
+        Raises:
+            ManifestError: one line naming the field, what was expected and what was found.
+        """
+        from kandinsky_trt.runtime.manifest_checks import check_manifest
+
+        _check_version(d.get("schema_version") if isinstance(d, dict) else None)
+        try:
+            validate(d)
+            check_manifest(d, Path(directory))
+        except (SchemaViolation, ValueError) as err:
+            raise ManifestError(f"{Path(directory) / MANIFEST_NAME}: {err}") from None
+        return cls(
+            directory=Path(directory),
+            profile=Profile(**d["profile"]),
+            model_dims=ModelDims(**d["model_dims"]),
+            precision=d["precision"],
+            networks={n["name"]: NetworkEntry.from_dict(n) for n in d["networks"]},
+            constants={c["name"]: ConstantEntry.from_dict(c) for c in d["constants"]},
+            schedulers=d["schedulers"],
+            tokenizers=d["tokenizers"],
+            image_processor=d["image_processor"],
+            producer=d["producer"],
+            checkpoints=d["checkpoints"],
+            files={name: FileRecord.from_dict(r) for name, r in d["files"].items()},
+        )
+
+    def save(self, tmp_dir: str | os.PathLike | None = None) -> Path:
+        """Write ``manifest.json`` atomically (the temporary file in ``tmp_dir``, default beside it)."""
         path = self.directory / MANIFEST_NAME
-        write_bytes_atomic(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode())
+        write_bytes_atomic(path, (json.dumps(self.to_dict(), indent=1) + "\n").encode(), tmp_dir)
         return path
 
 
+def _check_version(version: object) -> None:
+    if version == SCHEMA_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version} (written by an older "
+                            f"kandinsky-trt; re-export with kandinsky-trt >= {MIN_PRODUCER_VERSION})")
+    raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version!r} (a newer or foreign "
+                        f"manifest; re-export with this kandinsky-trt)")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"a finite JSON number, found {name}")
+
+
+def read_manifest_json(path: Path) -> dict:
+    """The JSON object in ``path``: bounded in size, strict UTF-8, no NaN/Infinity, an object at the top."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: expected a manifest of at most {MAX_MANIFEST_BYTES} bytes, found {size}")
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ManifestError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ManifestError(f"{path}: expected a JSON manifest, found unreadable content ({reason})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def load_manifest(directory: str | os.PathLike) -> Manifest:
-    """Read ``directory/manifest.json``.
+    """Read and validate ``directory/manifest.json`` (files are verified later, when opened).
 
     Raises:
-        ManifestError: the directory or file is missing, is not JSON, or has another schema version.
+        ManifestError: the directory or file is missing, unreadable, of another schema version, or
+            breaks the schema, a range or a file rule (one line naming the field).
     """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(
             f"artifacts: expected {path} (run `kandinsky-trt export` first), found no such file"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: expected a JSON manifest, found unreadable content ({err})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return Manifest.from_dict(data, path.parent)
+    return Manifest.from_dict(read_manifest_json(path), path.parent)

@@ -33,6 +33,7 @@ from kandinsky_trt.engine.errors import (
 )
 from kandinsky_trt.runtime import cuda
 from kandinsky_trt.runtime.backends.trt import import_tensorrt
+from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
 TRT_VERSION = "11.4.0.106"
@@ -71,13 +72,13 @@ def _write_artifacts(directory, onnx_dtype: str = "float32") -> Manifest:
             "external_data": [], "precision": "fp32", "fp32_islands": [], "export_key": f"key-{name}",
             "inputs": _io(ins), "outputs": _io(outs), "engine": None,
         })
-    manifest = Manifest.from_dict({
-        "schema_version": 1, "producer": {}, "precision": "fp32",
+    manifest = Manifest.from_dict(complete_manifest({
+        "producer": {}, "precision": "fp32",
         "profile": {"batch": 1, "height": 64, "width": 64, "cfg": True},
         "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4}, "checkpoints": {},
         "networks": networks, "constants": [], "schedulers": {}, "tokenizers": {},
         "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
-    }, directory)
+    }, directory), directory)
     manifest.save()
     return manifest
 

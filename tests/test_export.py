@@ -82,7 +82,7 @@ def test_reexport_reuses_by_hash_and_redoes_what_changed(tmp_path, tiny_checkpoi
     first = export_artifacts(config)
     assert sorted(first.exported) == ["movq_decoder", "prior"]
     assert sorted(export_artifacts(config).reused) == ["movq_decoder", "prior"]
-    (tmp_path / "prior.onnx").write_bytes(b"tampered")  # same name, different content: not reusable
+    (tmp_path / mf.load_manifest(tmp_path).network("prior").onnx).write_bytes(b"tampered")  # not reusable
     third = export_artifacts(config)
     assert third.exported == ["prior"] and third.reused == ["movq_decoder"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers

@@ -6,6 +6,7 @@ import jsonschema
 import pytest
 
 from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.schedulers import scheduler_table
 from kandinsky_trt.runtime.spec import NETWORKS, ModelDims, Profile, resolve
 
 SHA = "0" * 64
@@ -18,14 +19,19 @@ def _manifest(directory) -> mf.Manifest:
         network = resolve(name, profile, dims)
         networks[name] = mf.NetworkEntry(name, f"{name}.onnx", SHA, "fp16", network.inputs, network.outputs,
                                          fp32_islands=("GroupNorm",), export_key="k" * 8)
-    table = {"timesteps": [501, 1], "coefficients": [[0.0] * 12] * 2, "stochastic": [False, False]}
+    table = scheduler_table({"_class_name": "DDIMScheduler"}, 2).to_manifest()
+    files = {f"{name}.onnx": mf.FileRecord(100, SHA) for name in NETWORKS}
+    files |= {"clip_mean.f32.bin": mf.FileRecord(128, SHA), "prior_tokenizer.json": mf.FileRecord(10, SHA),
+              "decoder_tokenizer.json": mf.FileRecord(10, SHA)}
     return mf.Manifest(
         directory=directory, profile=profile, model_dims=dims, precision="fp16", networks=networks,
         constants={"clip_mean": mf.ConstantEntry("clip_mean", "clip_mean.f32.bin", "float32", (1, 32), SHA)},
-        schedulers={"decoder": {"config": {"_class_name": "DDIMScheduler"}, "tables": {"2": table}}},
-        tokenizers={"prior": {"file": "prior_tokenizer.json", "max_length": 77, "pad_id": 0}},
+        schedulers={"decoder": {"config": {"_class_name": "DDIMScheduler"}, "tables": {"2": table}},
+                    "prior": {"config": {"_class_name": "UnCLIPScheduler"}, "tables": {}}},
+        tokenizers={"prior": {"file": "prior_tokenizer.json", "max_length": 77, "pad_id": 0},
+                    "decoder": {"file": "decoder_tokenizer.json", "max_length": 77, "pad_id": 1}},
         image_processor={"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3},
-        producer={"exporter": "legacy"}, checkpoints={"prior": "/ckpt/prior"},
+        producer={"exporter": "legacy"}, checkpoints={"prior": "/ckpt/prior"}, files=files,
     )
 
 
@@ -54,7 +60,7 @@ def test_missing_and_corrupt_manifests_are_named(tmp_path):
     with pytest.raises(mf.ManifestError, match="expected a JSON manifest, found unreadable"):
         mf.load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
-    with pytest.raises(mf.ManifestError, match="schema_version: expected 1, found 99"):
+    with pytest.raises(mf.ManifestError, match="schema_version: expected 2, found 99"):
         mf.load_manifest(tmp_path)
 
 

@@ -32,6 +32,7 @@ from kandinsky_trt.runtime.backends.trt import (
     import_tensorrt,
 )
 from kandinsky_trt.runtime.cuda_graphs import BindingSet, CapturedLoop, LoopConfig, RowCopy, StepChain
+from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
 from kandinsky_trt.runtime.spec import ResolvedTensor
 
@@ -296,13 +297,13 @@ def _write_toy_artifacts(directory, version=TRT_VERSION) -> Manifest:
                        "gpu_name": H100.name, "compute_capability": "9.0", "onnx_sha256": "c" * 64,
                        "device_memory_bytes": TOY_ARENA[name]},
         })
-    manifest = Manifest.from_dict({
-        "schema_version": 1, "producer": {}, "precision": "fp32",
+    manifest = Manifest.from_dict(complete_manifest({
+        "producer": {}, "precision": "fp32",
         "profile": {"batch": 1, "height": 64, "width": 64, "cfg": True},
         "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4}, "checkpoints": {},
         "networks": networks, "constants": [], "schedulers": {}, "tokenizers": {},
         "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
-    }, directory)
+    }, directory), directory)
     manifest.save()
     return manifest
 

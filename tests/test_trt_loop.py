@@ -31,6 +31,7 @@ from kandinsky_trt.runtime import cuda
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.trt import TensorInfo, TrtBackend
 from kandinsky_trt.runtime.denoise import INPAINT_LOOP, UNET_LOOP, LoopInputs, LoopNetworks, denoise
+from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.manifest import Manifest
 from kandinsky_trt.runtime.schedulers import SchedulerTable, apply_step, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.spec import K, ModelDims, Profile, resolve
@@ -96,11 +97,11 @@ def _write_artifacts(directory) -> None:
                        "tensorrt_version": TRT_VERSION, "gpu_name": H100.name, "compute_capability": "9.0",
                        "onnx_sha256": "c" * 64, "device_memory_bytes": ARENA[name]},
         })
-    Manifest.from_dict({
-        "schema_version": 1, "producer": {}, "precision": "fp32", "profile": PROFILE.to_dict(),
+    Manifest.from_dict(complete_manifest({
+        "producer": {}, "precision": "fp32", "profile": PROFILE.to_dict(),
         "model_dims": DIMS.to_dict(), "checkpoints": {}, "networks": networks, "constants": [],
         "schedulers": {}, "tokenizers": {}, "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
-    }, directory).save()
+    }, directory), directory).save()
 
 
 class _Env(types.SimpleNamespace):

@@ -1,8 +1,8 @@
 """ONNX Runtime backend: the CPU execution provider everywhere, the CUDA one where available.
 
-Each network's ONNX file is checked against the manifest (sha256, then I/O names/dtypes/shapes)
-before a session is created, so a stale or foreign graph fails with a readable message instead of
-a traceback from inside ONNX Runtime.
+Each network's ONNX file and its external data are checked against the manifest (size + sha256, once
+per process; then I/O names/dtypes/shapes) before a session is created, so a stale or foreign graph
+fails with a readable message instead of a traceback from inside ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ class OrtBackend(Backend):
         path = self.manifest.path(entry.onnx)
         if not path.is_file():
             raise BackendError(f"{network}: expected the ONNX file {path}, found no such file (re-run export)")
-        if self.options.check_hashes and mf.sha256_file(path) != entry.onnx_sha256:
-            raise BackendError(f"{network}: {path} does not match the manifest's sha256 (modified or stale; re-run export)")
+        if self.options.check_hashes:  # size + sha256 of the graph and its external data, once per process
+            try:
+                self.manifest.verified_network(network)
+            except mf.IntegrityError as err:
+                raise BackendError(str(err)) from None
         options = ort.SessionOptions()
         options.log_severity_level = 3  # fp16 graphs log CPU constant-folding warnings that are not errors
         if self.options.intra_op_threads:

@@ -151,7 +151,7 @@ def test_cpp_host_detects_a_wrong_replay(host_program, artifacts_fp32, tmp_path)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 1, found 99"),
+    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 2, found 99"),
     (lambda m: m["constants"][0].update(file="../outside.bin"),
      "expected a file name inside the artifacts directory, found '../outside.bin'"),
     (lambda m: m["constants"][0].update(file="/etc/passwd"),
@@ -184,3 +184,15 @@ def test_cpp_host_names_a_missing_table(host_program, artifacts_fp32, tmp_path):
     done = _replay(host_program, artifacts_fp32[0], recording)
     assert done.returncode == 2
     assert "schedulers.decoder.tables: expected a table for 7 steps, found tables for 100 50" in done.stderr
+
+
+def test_cpp_host_refuses_a_flipped_byte(host_program, artifacts_fp32, tmp_path):
+    """Same size, other bytes: the host's own sha256 catches what the manifest's `files` records say."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(artifacts_fp32[0], artifacts)
+    constant = artifacts / json.loads((artifacts / "manifest.json").read_text())["constants"][0]["file"]
+    data = bytearray(constant.read_bytes())
+    data[0] ^= 0xFF
+    constant.write_bytes(bytes(data))
+    done = _replay(host_program, artifacts, tmp_path)
+    assert done.returncode == 2 and "does not match the sha256 in the manifest" in done.stderr, done.stderr

@@ -43,15 +43,21 @@ std::string shape_text(const ktrt::Tensor& t) {
 }
 
 void verify_files(const ktrt::Manifest& m) {
-  size_t checked = 0;
-  for (const auto& [file, digest] : m.files()) {
-    const std::string path = m.path(file, "files");
-    if (!std::ifstream(path)) throw ContractError("files: expected " + path + ", found none");
-    if (!digest.empty() && ktrt::sha256_file(path) != digest)
+  size_t bytes = 0;
+  const auto files = m.files();
+  for (const auto& record : files) {
+    const std::string path = m.path(record.file, "files");
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) throw ContractError("files: expected " + path + ", found none");
+    const auto size = static_cast<int64_t>(in.tellg());
+    if (record.size >= 0 && size != record.size)
+      throw ContractError("files: " + path + " has " + std::to_string(size) + " bytes, the manifest records " +
+                          std::to_string(record.size));
+    if (ktrt::sha256_file(path) != record.sha256)
       throw ContractError("files: " + path + " does not match the sha256 in the manifest");
-    checked += !digest.empty();
+    bytes += static_cast<size_t>(size);
   }
-  std::printf("files: %zu named, %zu sha256-verified\n", m.files().size(), checked);
+  std::printf("files: %zu named, size and sha256 verified (%zu bytes)\n", files.size(), bytes);
 }
 
 void print_bindings(const ktrt::Network& n) {

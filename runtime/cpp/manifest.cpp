@@ -9,7 +9,7 @@ namespace ktrt {
 namespace {
 
 // The manifest schema versions this host understands (runtime/manifest.py SCHEMA_VERSION).
-constexpr int64_t kSchemaVersion = 1;
+constexpr int64_t kSchemaVersion = 2;
 
 const nlohmann::json& field(const nlohmann::json& j, const std::string& key, const std::string& where) {
   if (!j.is_object() || !j.contains(key))
@@ -45,11 +45,18 @@ const Tensor& find(const std::vector<Tensor>& list, const std::string& name, con
   throw ContractError(where + ": expected a tensor named " + name + ", found none");
 }
 
-// A file entry is a name, or an object {file, sha256, ...} (external data, engines).
-void add_file(std::vector<std::pair<std::string, std::string>>& files, const nlohmann::json& entry) {
-  if (entry.is_string()) files.emplace_back(entry.get<std::string>(), "");
-  else if (entry.is_object() && entry.contains("file"))
-    files.emplace_back(entry.at("file").get<std::string>(), entry.value("sha256", std::string()));
+// The file names a manifest's fields refer to (each must have a record in `files`).
+std::vector<std::string> named_files(const nlohmann::json& j) {
+  std::vector<std::string> names;
+  for (const auto& n : j.at("networks")) {
+    names.push_back(n.at("onnx").get<std::string>());
+    if (n.contains("external_data"))
+      for (const auto& e : n.at("external_data")) names.push_back(e.get<std::string>());
+  }
+  for (const auto& c : j.at("constants")) names.push_back(c.at("file").get<std::string>());
+  const nlohmann::json tokenizers = j.value("tokenizers", nlohmann::json::object());  // kept alive for the loop
+  for (const auto& item : tokenizers.items()) names.push_back(item.value().at("file").get<std::string>());
+  return names;
 }
 
 }  // namespace
@@ -91,7 +98,10 @@ Manifest Manifest::load(const std::string& artifacts_dir) {
     m.constants.push_back({get<std::string>(c, "name", "constants[]"), get<std::string>(c, "file", "constants[]"),
                            get<std::string>(c, "dtype", "constants[]"), get<std::string>(c, "sha256", "constants[]"),
                            get<std::vector<int64_t>>(c, "shape", "constants[]")});
-  for (const auto& [file_name, digest] : m.files()) m.path(file_name, "files");  // refuses paths that leave the dir
+  const auto& records = field(m.json_, "files", "manifest");
+  for (const auto& name : named_files(m.json_))
+    if (m.path(name, "file name").empty() || !records.contains(name)) throw ContractError("files: expected a size + sha256 record for " + name + ", found none");
+  for (const auto& record : m.files()) m.path(record.file, "files");  // refuses paths that leave the directory
   return m;
 }
 
@@ -150,16 +160,13 @@ std::vector<float> Manifest::constant(const std::string& name) const {
   throw ContractError("constants: expected a constant named " + name + ", found none");
 }
 
-std::vector<std::pair<std::string, std::string>> Manifest::files() const {
-  std::vector<std::pair<std::string, std::string>> files;
-  for (const auto& n : json_.at("networks")) {
-    files.emplace_back(n.at("onnx").get<std::string>(), n.value("onnx_sha256", std::string()));
-    for (const auto& e : n.value("external_data", nlohmann::json::array())) add_file(files, e);
-    if (n.contains("engine") && !n.at("engine").is_null()) add_file(files, n.at("engine"));
-  }
-  for (const auto& c : constants) files.emplace_back(c.file, c.sha256);
-  if (json_.contains("tokenizers"))
-    for (const auto& [which, t] : json_.at("tokenizers").items()) add_file(files, t);
+std::vector<FileRecord> Manifest::files() const {
+  std::vector<FileRecord> files;
+  for (const auto& [name, record] : json_.at("files").items())
+    files.push_back({name, get<std::string>(record, "sha256", "files." + name), get<int64_t>(record, "size", "files." + name)});
+  for (const auto& n : json_.at("networks"))
+    if (n.contains("engine") && !n.at("engine").is_null())
+      files.push_back({get<std::string>(n.at("engine"), "file", "engine"), n.at("engine").value("sha256", ""), -1});
   return files;
 }
 

@@ -46,6 +46,11 @@ struct Constant {
   std::vector<int64_t> shape;
 };
 
+struct FileRecord {
+  std::string file, sha256;
+  int64_t size = -1;
+};
+
 struct SchedulerTable {
   std::string kind;
   int64_t steps = 0;
@@ -69,9 +74,9 @@ class Manifest {
   SchedulerTable table(const std::string& scheduler, int64_t steps) const;
   // The constant's float32 values; its byte size and sha256 are checked against the manifest.
   std::vector<float> constant(const std::string& name) const;
-  // Every file the manifest names (graphs, external data, plans, constants, tokenizers), with the
-  // sha256 it records ("" where it records none), as paths inside the artifacts directory.
-  std::vector<std::pair<std::string, std::string>> files() const;
+  // Every file the manifest names: the `files` records (graphs, external data, constants,
+  // tokenizers: size + sha256) and the engine plans (sha256; size -1 = not recorded).
+  std::vector<FileRecord> files() const;
   std::string path(const std::string& file, const std::string& field) const;
 
  private:

@@ -158,19 +158,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from kandinsky_trt.engine.builder import BuildConfig, build_engines
-
-    config = BuildConfig(
-        artifacts=Path(args.artifacts), networks=tuple(args.networks) if args.networks else None,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None, opt_level=args.opt_level,
-        workspace_gb=args.workspace, force=args.force,
-    )
-    for path in build_engines(config):
-        print(f"engine: {path}")
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kandinsky_trt.benchmarks.report import compare_results, write_result
 
@@ -238,15 +225,6 @@ def _add_artifact_commands(sub) -> None:
     _add_profile_args(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("build", help="build TensorRT engines (one plan per network) from exported artifacts")
-    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
-    p.add_argument("--networks", nargs="+", help="build only these networks (default: all)")
-    p.add_argument("--timing-cache", help="TensorRT timing cache file to load and update")
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
-    p.add_argument("--workspace", type=float, help="workspace memory pool limit in GB (default: TensorRT's)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a matching plan exists")
-    p.set_defaults(func=_cmd_build)
-
 
 def _add_image_commands(sub) -> None:
     p = sub.add_parser("generate", help="text -> image (with --image: img2img, with --mask: inpaint)")
@@ -301,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_artifact_commands(sub)
+    from kandinsky_trt.engine import commands as engine_commands  # argparse only; no TensorRT import
+    from kandinsky_trt.export import commands as export_commands  # argparse only; no torch import
+
+    engine_commands.add_commands(sub)
+    export_commands.add_commands(sub)
     _add_image_commands(sub)
     _add_bench_command(sub)
     return parser

@@ -40,6 +40,7 @@ class ExportConfig:
     exporter: str = "dynamo"
     verify: bool = False
     networks: tuple[str, ...] | None = None  # None: every network the checkpoints provide
+    fp32_nodes: tuple[str, ...] = ()  # extra fp32 islands, "network:module.path" (precision.policy_for)
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _export_key(network: str, config: ExportConfig, dims: ModelDims) -> str:
     payload = {
         "network": network,
         "checkpoint": _tree_hash(config.checkpoints.component(network)),
-        "policy": policy_for(network, config.precision).islands,
+        "policy": policy_for(network, config.precision, config.fp32_nodes).islands,
         "precision": config.precision,
         "profile": config.profile.to_dict(),
         "dims": dims.to_dict(),
@@ -93,7 +94,7 @@ def _reusable(previous: mf.Manifest | None, name: str, key: str) -> mf.NetworkEn
 def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, dims: ModelDims, key: str):
     """Export one network; returns its manifest entry and (with --verify) its parity."""
     network = resolve(name, config.profile, dims)
-    policy = policy_for(name, config.precision)
+    policy = policy_for(name, config.precision, config.fp32_nodes)
     inputs = reference = None
     if config.verify:
         inputs = verify.verification_inputs(network)

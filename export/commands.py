@@ -48,9 +48,9 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample inputs (default 0)")
     p.add_argument("--tolerance", type=float,
                    help="relative error per tensor above which a node fails (default: DEFAULT_TOLERANCE in "
-                        "export/precision_debug.py, 2e-2)")
+                        "export/precision_debug.py, 5e-2)")
     p.add_argument("--top", type=int, default=10, help="how many worst nodes to list (default 10)")
-    p.add_argument("--segment-mb", type=float, default=1024,
-                   help="memory budget of one graph segment's outputs and weights in MiB (default 1024)")
+    p.add_argument("--segment-mb", type=float, default=512,
+                   help="memory budget of one graph segment's outputs and weights in MiB (default 512)")
     p.add_argument("--out", help="write the JSON report here")
     p.set_defaults(func=_cmd_debug_precision)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SegmentLimits:
-    budget_bytes: int = 1 << 30  # outputs + weights of one segment
+    budget_bytes: int = 512 << 20  # outputs + weights of one segment
     max_nodes: int = 400
 
 
@@ -121,6 +121,8 @@ class SegmentedGraph:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3  # fp16 graphs warn about CPU fallbacks; not errors
+        options.enable_cpu_mem_arena = False  # give each segment's memory back when it ends
+        options.enable_mem_pattern = False
         model = self._segment_model(start, stop, live)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         del model

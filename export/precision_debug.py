@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kandinsky_trt.export.graph_alignment import NodeOrigin, align, origins
-from kandinsky_trt.export.onnx_segments import SegmentedGraph, SegmentLimits
+from kandinsky_trt.export.onnx_segments import SegmentedGraph, SegmentLimits, node_inputs
 from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.manifest import ManifestError, NetworkEntry, load_manifest
@@ -35,10 +35,12 @@ from kandinsky_trt.runtime.manifest import ManifestError, NetworkEntry, load_man
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0  # largest finite float16
-# Relative error (to the tensor's own scale) above which a node counts as departing from fp32. The
-# clean tiny fp16 UNet peaks at 4.2e-3 over its ~700 compared tensors (fp16 rounding is 4.9e-4 per
-# operation and accumulates through the graph); 2e-2 leaves 5x headroom, and an overflow is inf.
-DEFAULT_TOLERANCE = 2e-2
+# Relative error (to the tensor's own scale) above which a node counts as departing from fp32: about
+# 2.4x the worst tensor of clean fp16 exports measured (tiny checkpoint, every network: 2.1e-2, the
+# MoVQ decoder's final Sigmoid at 64x128, whose inputs reach |x| = 17; UNet 2.2e-3 tiny, 4.7e-3 full
+# size). fp16 rounds to 4.9e-4 per operation, and the errors accumulate along the graph. An overflow
+# gives inf; broken fp16 numerics (a softmax or a variance in fp16) give errors of order 0.1 to 1.
+DEFAULT_TOLERANCE = 5e-2
 
 
 class PrecisionDebugError(KandinskyTrtError, ValueError):
@@ -70,7 +72,7 @@ class NodeResult:
     non_finite: int
     ref_max_abs: float | None = None  # None: no reference tensor (Casts, differently decomposed scopes)
     rel_error: float | None = None
-    saturated: int = 0  # +-65504 masking constants left out of the comparison (see compare_arrays)
+    saturated: int = 0  # masking constants (+-inf, +-65504) left out of the comparison (see compare_arrays)
 
     def over(self, tolerance: float) -> bool:
         return self.rel_error is not None and not self.rel_error <= tolerance
@@ -150,41 +152,46 @@ def tensor_stats(array: np.ndarray) -> tuple[float, int]:
     return float(np.max(np.abs(values), where=finite, initial=0.0)), count
 
 
-def compare_arrays(found: np.ndarray, reference: np.ndarray) -> tuple[float, float, int]:
-    """(relative error, reference max |x|, saturated elements) for tensors of one shape.
+def compare_arrays(found: np.ndarray, reference: np.ndarray) -> tuple[float, float, int, int]:
+    """(relative error, reference max |x|, masked elements, unexplained non-finite) for one shape.
 
-    Relative error: ``max|found - reference| / max|reference|``; inf when only ``found`` has
-    non-finite values, NaN when the reference has some. *Saturated* elements — exactly +-65504 in
-    an fp16 tensor where the reference is at least as large, same sign — are masking constants such
-    as ``finfo(dtype).min`` in attention masks (a real overflow rounds to inf, never to 65504); they
-    are left out of both numbers and counted.
+    Relative error: ``max|found - reference| / max|reference|``; inf when ``found`` has non-finite
+    values the reference lacks, NaN when the reference has some of its own. *Masked* elements are
+    left out of both numbers and counted: masking constants — the same +-inf in both tensors (causal
+    masks), or exactly +-65504 in an fp16 tensor where the reference is at least as large, same sign
+    (``finfo(dtype).min`` masks; a real overflow rounds to inf, never to 65504).
     """
     half = found.dtype == np.float16
     found, reference = np.asarray(found, np.float32), np.asarray(reference, np.float32)
-    at_limit = np.abs(found) == FP16_MAX if half else None
-    keep = None
-    if at_limit is not None and at_limit.any():
-        keep = ~(at_limit & (np.abs(reference) >= FP16_MAX) & (np.sign(found) == np.sign(reference)))
-    saturated = 0 if keep is None else int(keep.size - np.count_nonzero(keep))
-    where = True if keep is None else keep
-    if not np.isfinite(reference).all(where=where):
-        return math.nan, math.nan, saturated
-    ref_max = float(np.max(np.abs(reference), where=where, initial=0.0))
-    if not np.isfinite(found).all(where=where):
-        return math.inf, ref_max, saturated
-    diff = float(np.max(np.abs(found - reference), where=where, initial=0.0))
-    return (diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else math.inf)), ref_max, saturated
+    masked = np.isinf(found) & (found == reference)
+    if half:
+        masked |= (np.abs(found) == FP16_MAX) & (np.abs(reference) >= FP16_MAX) & (np.sign(found) == np.sign(reference))
+    keep = ~masked
+    excluded = int(masked.sum())
+    unexplained = int(np.count_nonzero(~np.isfinite(found) & keep))
+    if not np.isfinite(reference).all(where=keep):
+        return math.nan, math.nan, excluded, unexplained
+    ref_max = float(np.max(np.abs(reference), where=keep, initial=0.0))
+    if unexplained:
+        return math.inf, ref_max, excluded, unexplained
+    with np.errstate(invalid="ignore"):  # masked infinities subtract to NaN; they are left out
+        diff = float(np.max(np.abs(found - reference), where=keep, initial=0.0))
+    return (diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else math.inf)), ref_max, excluded, unexplained
 
 
-def _result(index: int, node, origin: NodeOrigin | None, name: str, arrays: tuple) -> NodeResult:
+def _result(index: int, node, origin: NodeOrigin | None, name: str, arrays: tuple, inherited: bool) -> NodeResult:
+    """One tensor's numbers. Without a reference, non-finite values count only where this node made
+    them: not for literal constants, nor where an input already held non-finite values (masks)."""
     found, reference = arrays
     max_abs, non_finite = tensor_stats(found)
     rel = ref_max = None
-    saturated = 0
+    masked = 0
     if reference is not None and reference.shape == found.shape:
-        rel, ref_max, saturated = compare_arrays(found, reference)
+        rel, ref_max, masked, non_finite = compare_arrays(found, reference)
+    elif inherited:
+        masked, non_finite = non_finite, 0
     return NodeResult(index, node.name or name, node.op_type, origin.scope if origin else "", name,
-                      found.dtype.name, max_abs, non_finite, ref_max, rel, saturated)
+                      found.dtype.name, max_abs, non_finite, ref_max, rel, masked)
 
 
 def compare_graphs(fp16: SegmentedGraph, reference: SegmentedGraph, feeds: dict[str, np.ndarray]) -> list[NodeResult]:
@@ -192,7 +199,9 @@ def compare_graphs(fp16: SegmentedGraph, reference: SegmentedGraph, feeds: dict[
     pairs = align(fp16.model, reference.model)
     wanted = set(pairs.values())
     found16 = origins(fp16.model)
+    produced = {o for n in fp16.nodes for o in n.output}
     ahead: dict[str, np.ndarray] = {}  # reference tensors produced before their fp16 counterpart
+    holds_non_finite: set[str] = set()  # fp16 tensors with any non-finite value, masks included
     ref_run = reference.run(feeds)
 
     def reference_of(name: str) -> np.ndarray | None:
@@ -206,10 +215,15 @@ def compare_graphs(fp16: SegmentedGraph, reference: SegmentedGraph, feeds: dict[
 
     results = []
     for index, node, outputs in fp16.run(feeds):
+        inputs = [i for i in node_inputs(node) if i in produced]
+        inherited = not inputs or any(i in holds_non_finite for i in inputs)
         for name, array in outputs.items():
             ref = reference_of(name)
             if np.issubdtype(array.dtype, np.floating):
-                results.append(_result(index, node, found16[index], name, (array, ref)))
+                result = _result(index, node, found16[index], name, (array, ref), inherited)
+                if result.non_finite or result.saturated:
+                    holds_non_finite.add(name)
+                results.append(result)
     return results
 
 

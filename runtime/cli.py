@@ -37,6 +37,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         checkpoints=dirs, out_dir=Path(args.out), profile=_profile(args), precision=args.precision,
         exporter=args.exporter, verify=args.verify, networks=tuple(args.networks) if args.networks else None,
+        fp32_nodes=tuple(args.fp32_nodes or ()),
     )
     report = export_artifacts(config)
     print(f"manifest: {report.manifest_path}  (exported {len(report.exported)}, reused {len(report.reused)})")
@@ -222,6 +223,9 @@ def _add_artifact_commands(sub) -> None:
                         "real fp16 forward, very slow on CPU at full size; see export/onnx_export.py)")
     p.add_argument("--verify", action="store_true", help="check every graph in ONNX Runtime against torch")
     p.add_argument("--networks", nargs="+", help="export only these networks (default: all)")
+    p.add_argument("--fp32-nodes", nargs="+", metavar="NETWORK:MODULE",
+                   help="extra fp32 islands in fp16 graphs, e.g. unet:down_blocks.0.resnets.0 (module paths "
+                        "of the network's model, as `debug-precision` suggests them)")
     _add_profile_args(p)
     p.set_defaults(func=_cmd_export)
 

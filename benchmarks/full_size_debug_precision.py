@@ -33,7 +33,7 @@ def _watchdog(limit_gb: float, peak: list[float]) -> None:
         time.sleep(0.5)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp16", required=True)
     parser.add_argument("--fp32", required=True)
@@ -43,22 +43,17 @@ def main() -> None:
     parser.add_argument("--segment-mb", type=float, default=512)
     parser.add_argument("--rss-limit-gb", type=float, default=13.5)
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from kandinsky_trt.benchmarks.environment import peak_host_rss_mb
+
+def _run(args: argparse.Namespace):
+    """The comparison as ``debug-precision`` runs it; returns (report, fp16 graph, fp32 graph, seconds)."""
     from kandinsky_trt.export.onnx_segments import SegmentedGraph, SegmentLimits
     from kandinsky_trt.export.precision_debug import DEFAULT_TOLERANCE, NetworkReport, compare_graphs
     from kandinsky_trt.export.precision_fix import suggest_islands
-    from kandinsky_trt.export.precision_report import format_report
     from kandinsky_trt.runtime.backends.base import sample_inputs
     from kandinsky_trt.runtime.spec import Profile, resolve
 
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("kandinsky_trt.export.onnx_segments").setLevel(logging.DEBUG)
-    sampled = [0.0]
-    threading.Thread(target=_watchdog, args=(args.rss_limit_gb, sampled), daemon=True).start()
     limits = SegmentLimits(budget_bytes=int(args.segment_mb * 2**20))
     start = time.perf_counter()
     fp16 = SegmentedGraph(Path(args.fp16) / f"{args.network}.onnx", limits)
@@ -67,7 +62,21 @@ def main() -> None:
     nodes = compare_graphs(fp16, fp32, sample_inputs(network, seed=0))
     report = NetworkReport(args.network, DEFAULT_TOLERANCE, 10, nodes)
     report.suggestion, report.notes = suggest_islands(report, fp16)
-    seconds = time.perf_counter() - start
+    return report, fp16, fp32, time.perf_counter() - start
+
+
+def main() -> None:
+    import logging
+
+    from kandinsky_trt.benchmarks.environment import peak_host_rss_mb
+    from kandinsky_trt.export.precision_report import format_report
+
+    args = _arguments()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("kandinsky_trt.export.onnx_segments").setLevel(logging.DEBUG)
+    sampled = [0.0]
+    threading.Thread(target=_watchdog, args=(args.rss_limit_gb, sampled), daemon=True).start()
+    report, fp16, fp32, seconds = _run(args)
     table = format_report(report)
     print(table)
     result = {
@@ -82,6 +91,10 @@ def main() -> None:
         "max_rel_error": max((n.rel_error for n in report.compared), default=None),
         "report": {k: v for k, v in report.to_dict().items() if k != "nodes"},
     }
+    _write(result, table, args)
+
+
+def _write(result: dict, table: str, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-2core_full-size-{args.network}_debug-precision"

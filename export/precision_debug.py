@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kandinsky_trt.export.graph_alignment import NodeOrigin, align, origins
+from kandinsky_trt.export.graph_alignment import align, origins
 from kandinsky_trt.export.onnx_segments import SegmentedGraph, SegmentLimits, node_inputs
 from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.errors import KandinskyTrtError
@@ -106,9 +106,8 @@ class NetworkReport:
 
     @property
     def overflow_candidates(self) -> list[NodeResult]:
-        """fp16 tensors whose reference reaches the fp16 limit, or that are non-finite themselves."""
-        return [n for n in self.nodes if n.dtype == "float16" and (
-            (n.ref_max_abs or 0.0) >= FP16_MAX or n.non_finite)]
+        """fp16 tensors whose fp32 reference reaches the fp16 limit (they cannot be fp16)."""
+        return [n for n in self.nodes if n.dtype == "float16" and (n.ref_max_abs or 0.0) >= FP16_MAX]
 
     @property
     def top_activations(self) -> list[NodeResult]:
@@ -179,10 +178,11 @@ def compare_arrays(found: np.ndarray, reference: np.ndarray) -> tuple[float, flo
     return (diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else math.inf)), ref_max, excluded, unexplained
 
 
-def _result(index: int, node, origin: NodeOrigin | None, name: str, arrays: tuple, inherited: bool) -> NodeResult:
+def _result(place: tuple, name: str, arrays: tuple, inherited: bool) -> NodeResult:
     """One tensor's numbers. Without a reference, non-finite values count only where this node made
-    them: not for literal constants, nor where an input already held non-finite values (masks)."""
-    found, reference = arrays
+    them: not for literal constants, nor where an input already held non-finite values (masks).
+    ``place``: (topological index, node, its :class:`NodeOrigin` or None)."""
+    (index, node, origin), (found, reference) = place, arrays
     max_abs, non_finite = tensor_stats(found)
     rel = ref_max = None
     masked = 0
@@ -220,7 +220,7 @@ def compare_graphs(fp16: SegmentedGraph, reference: SegmentedGraph, feeds: dict[
         for name, array in outputs.items():
             ref = reference_of(name)
             if np.issubdtype(array.dtype, np.floating):
-                result = _result(index, node, found16[index], name, (array, ref), inherited)
+                result = _result((index, node, found16[index]), name, (array, ref), inherited)
                 if result.non_finite or result.saturated:
                     holds_non_finite.add(name)
                 results.append(result)
@@ -249,9 +249,9 @@ def debug_network(config: DebugConfig, name: str) -> NetworkReport:
     fp16 = _entry(Path(config.fp16_artifacts), name, "fp16", "--artifacts")
     reference = _entry(Path(config.reference), name, "fp32", "--reference")
     if fp16.inputs != reference.inputs:
-        raise PrecisionDebugError(f"--reference: expected {name}'s inputs of the fp16 artifacts "
-                                  f"{[t.to_dict() for t in fp16.inputs]}, found {[t.to_dict() for t in reference.inputs]}"
-                                  " (export the reference at the same profile)")
+        wanted, found = ([t.to_dict() for t in e.inputs] for e in (fp16, reference))
+        raise PrecisionDebugError(f"--reference: expected {name}'s inputs of the fp16 artifacts {wanted}, found "
+                                  f"{found} (export the reference at the same profile)")
     graph16 = SegmentedGraph(Path(config.fp16_artifacts) / fp16.onnx, config.limits)
     graph32 = SegmentedGraph(Path(config.reference) / reference.onnx, config.limits)
     feeds = sample_inputs(fp16.resolved, seed=config.seed)

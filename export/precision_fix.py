@@ -5,7 +5,8 @@ node in fp32 does not help — its output is cast back to fp16 and overflows the
 must be a module whose boundary the large values never cross. For each overflow candidate (in
 topological order) the module scopes around it are tried from the innermost outwards; the first
 whose inputs and outputs (the tensors that cross its boundary, read through Casts to their
-reference) all stay below the limit in the fp32 reference is suggested. Without an overflow, the
+reference; a tensor without reference by its own fp16 range if finite) all stay below the limit in
+the fp32 reference is suggested. Without an overflow, the
 innermost module of the first node over tolerance is suggested. Islands are module paths of the
 network's model, applied at export by :func:`~kandinsky_trt.export.precision.apply_policy`.
 """
@@ -35,16 +36,18 @@ class _Boundary:
         self.producer = {o: i for i, n in enumerate(graph.nodes) for o in n.output}
 
     def reference_range(self, value: str) -> float | None:
-        """The reference's max |x| for ``value``, read through Casts (which the reference lacks)."""
+        """The reference's max |x| for ``value``, read through Casts (which the reference lacks); else
+        the fp16 tensor's own range if it is finite (it did not overflow); else None (unknown)."""
+        start = self.results.get(value)
         for _ in range(8):
             result = self.results.get(value)
             if result is not None and result.ref_max_abs is not None:
                 return result.ref_max_abs
             node = self.graph.nodes[self.producer[value]] if value in self.producer else None
             if node is None or node.op_type != "Cast":
-                return None
+                break
             value = node.input[0]
-        return None
+        return start.max_abs if start is not None and not (start.non_finite or start.saturated) else None
 
     def crossing(self, module: str) -> list[str]:
         """Float tensors entering or leaving ``module`` (produced by a node, not weights or graph inputs)."""

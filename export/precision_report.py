@@ -18,7 +18,7 @@ def _num(value: float | None) -> str:
 
 def _row(label: str, node: NodeResult) -> str:
     where = node.scope or "(wrapper)"
-    return (f"  {label:<9} #{node.index:<5} {node.node[:34]:<34} {node.op:<14} {where[:40]:<40} "
+    return (f"  {label:<9} #{node.index:<5} {node.node[:34]:<34} {node.op[:21]:<21} {where[:40]:<40} "
             f"{_num(node.rel_error):>9} {_num(node.ref_max_abs):>9} {_num(node.max_abs):>9} {node.non_finite:>6}")
 
 
@@ -27,7 +27,7 @@ def format_report(report: NetworkReport) -> str:
     verdict = "ok" if report.passed else "FAIL"
     lines = [f"{report.network}: {verdict}  ({len(report.compared)} of {len(report.nodes)} fp16 tensors compared "
              f"with fp32; tolerance {report.tolerance:.0e} relative; fp16 limit {FP16_MAX:.0f})",
-             f"  {'':<9} {'node':<6} {'name':<34} {'op':<14} {'module':<40} {'rel err':>9} {'|fp32|':>9} "
+             f"  {'':<9} {'node':<6} {'name':<34} {'op':<21} {'module':<40} {'rel err':>9} {'|fp32|':>9} "
              f"{'|fp16|':>9} {'nonfin':>6}"]
     first, non_finite = report.first_over_tolerance, report.first_non_finite
     lines.append(_row("first>tol", first) if first else "  first>tol none")

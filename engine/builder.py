@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky_trt.engine.errors import BuildConfigError, EngineBuildError
-from kandinsky_trt.engine.plan import BuildRequest, BuiltPlan, PlanBuilder, Platform
+from kandinsky_trt.engine.plan import BuildRequest, PlanBuilder, Platform
 from kandinsky_trt.runtime.manifest import Manifest, ManifestError, NetworkEntry, load_manifest, sha256_file, \
     write_bytes_atomic
 

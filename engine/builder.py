@@ -1,20 +1,15 @@
 """ONNX → TensorRT plans for the networks of an artifacts manifest, and the manifest's ``engine`` fields.
 
 :func:`build_engines` validates its :class:`BuildConfig` first (without importing TensorRT), then
-for each selected network (the step graphs are networks too):
-
-1. checks that the ONNX file still has the hash the manifest recorded at export;
-2. names the plan after what produced it — network, TensorRT version, GPU, ONNX hash, e.g.
-   ``unet.trt11.4.0.sm90.1a2b3c4d.plan`` — and reuses an existing plan only when the manifest's
-   ``engine`` entry names that file, its sha256 matches the file, and the TensorRT version,
-   compute capability, export key and optimization level agree (a cache keyed by hashes, never by
-   "the file exists");
-3. otherwise builds it (:mod:`kandinsky_trt.engine.trt_builder`), writes it atomically, records
-   ``engine = {file, sha256, tensorrt_version, gpu_name, compute_capability, onnx_sha256,
-   device_memory_bytes, ...}`` and saves the manifest atomically after each network.
-
-The TensorRT part sits behind the small :class:`PlanBuilder` protocol so this orchestration is
-tested on CPU with a stand-in. Imports: the runtime's manifest and errors; TensorRT lazily.
+for each selected network (the step graphs are networks too): checks that the ONNX file still has
+the hash recorded at export; names the plan after what produced it (network, TensorRT version, GPU,
+ONNX hash: ``unet.trt11.4.0.sm90.1a2b3c4d.plan``) and reuses it only when the manifest's ``engine``
+entry names that file, its sha256 matches and the TensorRT version, compute capability, export key
+and optimization level agree (keyed by hashes, never by "the file exists"); otherwise builds it
+(:mod:`~kandinsky_trt.engine.polygraphy_builder`), writes it atomically, records ``engine = {file,
+sha256, tensorrt_version, gpu_name, compute_capability, onnx_sha256, device_memory_bytes, ...}`` and
+saves the manifest atomically after each network. The TensorRT part sits behind the
+:class:`~kandinsky_trt.engine.plan.PlanBuilder` protocol, so this runs on CPU with a stand-in.
 """
 
 from __future__ import annotations
@@ -26,11 +21,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from kandinsky_trt.engine.errors import BuildConfigError, EngineBuildError
-from kandinsky_trt.runtime.manifest import Manifest, ManifestError, NetworkEntry, load_manifest, sha256_file
-from kandinsky_trt.runtime.manifest import write_bytes_atomic
+from kandinsky_trt.engine.plan import BuildRequest, PlanBuilder, Platform
+from kandinsky_trt.runtime.manifest import Manifest, ManifestError, NetworkEntry, load_manifest, sha256_file, \
+    write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,61 +34,18 @@ MAX_OPT_LEVEL = 5  # IBuilderConfig.builder_optimization_level: 0..5, TensorRT's
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to build.
+    """What to build."""
 
-    Args:
-        artifacts: the artifacts directory written by ``kandinsky-trt export``.
-        networks: names from the manifest, or None for all of them (step graphs included).
-        timing_cache: TensorRT timing-cache file, loaded when present and saved after each build.
-        opt_level: TensorRT builder optimization level, 0..5 (higher builds longer, may run faster).
-        workspace_gb: cap on TensorRT's workspace memory pool in GiB; None lets TensorRT decide.
-        force: rebuild even when a matching plan exists.
-    """
-
-    artifacts: Path
-    networks: tuple[str, ...] | None = None
-    timing_cache: Path | None = None
-    opt_level: int = 3
-    workspace_gb: float | None = None
-    force: bool = False
+    artifacts: Path  # the artifacts directory written by ``kandinsky-trt export``
+    networks: tuple[str, ...] | None = None  # names from the manifest; None: all (step graphs included)
+    timing_cache: Path | None = None  # loaded when present, updated after each build
+    opt_level: int = 3  # TensorRT builder optimization level 0..5 (higher builds longer, may run faster)
+    workspace_gb: float | None = None  # cap on TensorRT's workspace pool in GiB; None: TensorRT decides
+    force: bool = False  # rebuild even when a matching plan exists
 
     @property
     def workspace_bytes(self) -> int | None:
         return None if self.workspace_gb is None else int(self.workspace_gb * 2**30)
-
-
-@dataclass(frozen=True)
-class Platform:
-    """The TensorRT and GPU a plan is built with (plans only load on the same pair)."""
-
-    tensorrt_version: str  # full, e.g. "11.4.0.106"
-    gpu_name: str
-    compute_capability: str  # "9.0"
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    """One network to build: its manifest entry, its ONNX path and the builder options."""
-
-    entry: NetworkEntry
-    onnx_path: Path
-    opt_level: int
-    workspace_bytes: int | None
-    timing_cache: Path | None
-
-
-@dataclass(frozen=True)
-class BuiltPlan:
-    """A serialized plan (bytes or a buffer such as TensorRT's ``IHostMemory``) and its activation size."""
-
-    data: Any
-    device_memory_bytes: int
-
-
-class PlanBuilder(Protocol):
-    def platform(self) -> Platform: ...
-
-    def build(self, request: BuildRequest) -> BuiltPlan: ...
 
 
 def _validate_options(config: BuildConfig) -> None:
@@ -107,18 +59,16 @@ def _validate_options(config: BuildConfig) -> None:
     is_number = isinstance(gb, (int, float)) and not isinstance(gb, bool)
     if gb is not None and not (is_number and math.isfinite(gb) and gb > 0):
         raise BuildConfigError(f"workspace_gb: expected a number of GiB > 0 (or None), found {gb!r}")
-    if config.networks is not None:
-        if isinstance(config.networks, str) or not all(isinstance(n, str) for n in config.networks):
-            raise BuildConfigError(f"networks: expected a tuple of network names, found {config.networks!r}")
-        if not config.networks:
-            raise BuildConfigError("networks: expected at least one network name (or None for all), found ()")
-    cache = config.timing_cache
-    if cache is not None:
-        cache = Path(cache)
-        if cache.exists() and not cache.is_file():
-            raise BuildConfigError(f"timing_cache: expected a file path, found a directory {cache}")
-        if not cache.parent.is_dir():
-            raise BuildConfigError(f"timing_cache: expected a path in an existing directory, found {cache}")
+    names = config.networks
+    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+        raise BuildConfigError(f"networks: expected a tuple of network names, found {names!r}")
+    if names is not None and not names:
+        raise BuildConfigError("networks: expected at least one network name (or None for all), found ()")
+    cache = None if config.timing_cache is None else Path(config.timing_cache)
+    if cache is not None and cache.exists() and not cache.is_file():
+        raise BuildConfigError(f"timing_cache: expected a file path, found a directory {cache}")
+    if cache is not None and not cache.parent.is_dir():
+        raise BuildConfigError(f"timing_cache: expected a path in an existing directory, found {cache}")
 
 
 def selected_networks(config: BuildConfig, manifest: Manifest) -> tuple[str, ...]:
@@ -139,13 +89,9 @@ def _validate_files(manifest: Manifest, names: tuple[str, ...]) -> None:
 
 
 def validate_build_config(config: BuildConfig) -> Manifest:
-    """Check every argument and the artifacts it names, without importing TensorRT.
+    """Check every argument and the artifacts it names, without importing TensorRT; returns the manifest.
 
-    Returns:
-        The artifacts' manifest.
-
-    Raises:
-        BuildConfigError: an argument is out of range, a network name is unknown, or files are missing.
+    Raises ``BuildConfigError``: an argument out of range, an unknown network name, missing files.
     """
     _validate_options(config)
     artifacts = Path(config.artifacts)
@@ -160,9 +106,7 @@ def validate_build_config(config: BuildConfig) -> Manifest:
         raise BuildConfigError(str(err)) from err
     unknown = [n for n in config.networks or () if n not in manifest.networks]
     if unknown:
-        raise BuildConfigError(
-            f"networks: expected names from {sorted(manifest.networks)}, found unknown {unknown}"
-        )
+        raise BuildConfigError(f"networks: expected names from {sorted(manifest.networks)}, found unknown {unknown}")
     _validate_files(manifest, selected_networks(config, manifest))
     return manifest
 
@@ -176,19 +120,11 @@ def plan_file_name(network: str, tensorrt_version: str, compute_capability: str,
     return f"{network}.trt{major_minor_patch}.sm{''.join(parts)}.{onnx_sha256[:8]}.plan"
 
 
-def _engine_record(request: BuildRequest, file_name: str, digest: str, platform: Platform, built: BuiltPlan) -> dict:
-    entry = request.entry
-    return {
-        "file": file_name,
-        "sha256": digest,
-        "tensorrt_version": platform.tensorrt_version,
-        "gpu_name": platform.gpu_name,
-        "compute_capability": platform.compute_capability,
-        "onnx_sha256": entry.onnx_sha256,
-        "device_memory_bytes": int(built.device_memory_bytes),
-        "export_key": entry.export_key,
-        "builder_optimization_level": request.opt_level,
-    }
+def _reuse_keys(entry: NetworkEntry, file_name: str, platform: Platform, opt_level: int) -> dict:
+    """The ``engine`` fields that must all agree for a plan to be reused."""
+    return {"file": file_name, "tensorrt_version": platform.tensorrt_version,
+            "compute_capability": platform.compute_capability, "onnx_sha256": entry.onnx_sha256,
+            "export_key": entry.export_key, "builder_optimization_level": opt_level}
 
 
 def reuse_mismatch(entry: NetworkEntry, path: Path, platform: Platform, opt_level: int) -> str | None:
@@ -196,12 +132,7 @@ def reuse_mismatch(entry: NetworkEntry, path: Path, platform: Platform, opt_leve
     built = entry.engine
     if not built:
         return "no engine recorded in the manifest"
-    wanted = {
-        "file": path.name, "tensorrt_version": platform.tensorrt_version,
-        "compute_capability": platform.compute_capability, "onnx_sha256": entry.onnx_sha256,
-        "export_key": entry.export_key, "builder_optimization_level": opt_level,
-    }
-    for key, value in wanted.items():
+    for key, value in _reuse_keys(entry, path.name, platform, opt_level).items():
         if built.get(key) != value:
             return f"{key} recorded {built.get(key)!r}, now {value!r}"
     if not path.is_file():
@@ -240,7 +171,8 @@ def _build_one(manifest: Manifest, name: str, config: BuildConfig, builder: Plan
     built = builder.build(request)
     write_bytes_atomic(path, built.data)
     digest = hashlib.sha256(memoryview(built.data)).hexdigest()
-    record = _engine_record(request, path.name, digest, platform, built)
+    record = {**_reuse_keys(entry, path.name, platform, config.opt_level), "sha256": digest,
+              "gpu_name": platform.gpu_name, "device_memory_bytes": int(built.device_memory_bytes)}
     manifest = dataclasses.replace(
         manifest, networks={**manifest.networks, name: dataclasses.replace(entry, engine=record)}
     )
@@ -265,24 +197,17 @@ def _remove_stale_plan(manifest: Manifest, old_entry: NetworkEntry, new_path: Pa
 
 
 def build_engines(config: BuildConfig, builder: PlanBuilder | None = None) -> list[Path]:
-    """Build (or reuse) one plan per selected network and record them in the manifest.
+    """Build (or reuse) one plan per selected network, record them in the manifest; returns their paths.
 
-    Args:
-        config: what to build; validated before TensorRT is imported.
-        builder: the TensorRT plan builder; a stand-in in tests.
-
-    Returns:
-        The plan paths, in the order of the networks.
-
-    Raises:
+    ``config`` is validated before TensorRT is imported; ``builder`` is a stand-in in tests. Raises:
         BuildConfigError: invalid arguments or missing artifacts.
-        TensorRTUnavailableError: ``tensorrt`` cannot be imported.
+        TensorRTUnavailableError: ``tensorrt`` or ``polygraphy`` cannot be imported.
         OnnxParseError, EngineBuildError: TensorRT rejected a graph or failed to build it.
     """
     manifest = validate_build_config(config)
     names = selected_networks(config, manifest)
     if builder is None:
-        from kandinsky_trt.engine.trt_builder import TensorRTPlanBuilder
+        from kandinsky_trt.engine.polygraphy_builder import TensorRTPlanBuilder
 
         builder = TensorRTPlanBuilder()
     platform = builder.platform()

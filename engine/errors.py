@@ -23,7 +23,7 @@ class EngineBuildError(KandinskyTrtError, RuntimeError):
 
 
 class OnnxParseError(EngineBuildError):
-    """TensorRT's ONNX parser rejected a graph; ``errors`` has one line per parser error."""
+    """TensorRT's ONNX parser rejected a graph; ``errors`` has one line per parser error (as TensorRT prints it)."""
 
     def __init__(self, network: str, onnx_path: Path, errors: list[str]) -> None:
         self.network = network

@@ -47,6 +47,7 @@ class ExportConfig:
     exporter: str = "dynamo"
     verify: bool = False
     networks: tuple[str, ...] | None = None  # None: every network the checkpoints provide
+    fp32_nodes: tuple[str, ...] = ()  # extra fp32 islands, "network:module.path" (precision.policy_for)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _export_key(network: str, config: ExportConfig, dims: ModelDims) -> str:
     payload = {
         "network": network,
         "checkpoint": _tree_hash(config.checkpoints.component(network)),
-        "policy": policy_for(network, config.precision).islands,
+        "policy": policy_for(network, config.precision, config.fp32_nodes).islands,
         "config": settings,
         "dims": dims.to_dict(),
         "versions": [torch.__version__, diffusers.__version__],
@@ -130,7 +131,7 @@ def _files_verify(out_dir: Path, entry: mf.NetworkEntry, records: dict) -> bool:
 def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_Export", key: str):
     """Export one network through staging; returns its manifest entry and (with --verify) its parity."""
     network = resolve(name, config.profile, ctx.dims)
-    policy = policy_for(name, config.precision)
+    policy = policy_for(name, config.precision, config.fp32_nodes)
     inputs = reference = None
     if config.verify:
         inputs = verify.verification_inputs(network)

@@ -15,6 +15,11 @@ Islands (``FP16_ISLANDS``), each kept for a measured or documented reason:
   attention (head dim 512 over 4,096+ tokens) is the likeliest overflow spot.
 - ``pooling``: MultilingualCLIP's masked mean over 77 tokens of XLM-R states, and its projection.
 
+Islands can be added per export without editing this file: ``kandinsky-trt export --fp32-nodes
+unet:down_blocks.0.resnets.0`` keeps that module of the UNet in fp32 (``fp32_modules``), which is what
+``kandinsky-trt debug-precision`` suggests when an fp16 tensor leaves the fp16 range; the extra
+islands enter the manifest's ``fp32_islands`` and the export's production hash.
+
 Measured (README "Precision", benchmarks/results/cpu-2core_full-size_fp16-parity.json): on the
 full-size networks with random weights the islands change the fp16 error by nothing measurable
 (MoVQ decoder 1.11e-2 with or without them; M-CLIP 2.6e-3 vs 2.5e-3). Random weights do not have
@@ -24,12 +29,18 @@ the islands stay because they cost a few casts and guard the known fp16 failure 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor
+
+from kandinsky_trt.runtime.errors import KandinskyTrtError
+
+
+class PrecisionPolicyError(KandinskyTrtError, ValueError):
+    """A bad ``--fp32-nodes`` entry (syntax, network or module path)."""
 
 
 @dataclass(frozen=True)
@@ -69,21 +80,52 @@ FP16_ISLANDS: dict[str, PrecisionPolicy] = {
 PRECISIONS = ("fp16", "fp32")
 
 
-def policy_for(network: str, precision: str) -> PrecisionPolicy:
+def extra_islands(network: str, fp32_nodes: tuple[str, ...]) -> tuple[str, ...]:
+    """The module paths of ``network`` among ``fp32_nodes`` entries ``NETWORK:MODULE_PATH``."""
+    paths = []
+    for item in fp32_nodes:
+        name, sep, path = item.partition(":")
+        if not sep or not path or name not in FP16_ISLANDS:
+            raise PrecisionPolicyError(
+                f"--fp32-nodes: expected NETWORK:MODULE_PATH with NETWORK one of {sorted(FP16_ISLANDS)} "
+                f"(e.g. unet:down_blocks.0.resnets.0, as `debug-precision` prints it), found {item!r}")
+        if name == network:
+            paths.append(path)
+    return tuple(dict.fromkeys(paths))
+
+
+def policy_for(network: str, precision: str, fp32_nodes: tuple[str, ...] = ()) -> PrecisionPolicy:
+    """``network``'s policy; ``fp32_nodes`` (``NETWORK:MODULE_PATH``) adds islands to fp16 policies."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
-    return FP32 if precision == "fp32" else FP16_ISLANDS[network]
+    if precision == "fp32":
+        return FP32
+    policy = FP16_ISLANDS[network]
+    extra = tuple(p for p in extra_islands(network, tuple(fp32_nodes)) if p not in policy.fp32_modules)
+    return replace(policy, fp32_modules=policy.fp32_modules + extra) if extra else policy
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value`` with its floating tensors (also inside plain tuples and lists) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if type(value) in (tuple, list):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
 
 
 class Fp32Island(nn.Module):
-    """Runs ``module`` in fp32 and returns its output in the dtype of its (first) input."""
+    """Runs ``module`` in fp32 (every floating tensor argument cast up) and returns its output in the
+    dtype of its first floating argument."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module.float()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.module(x.float(), *args, **kwargs).to(x.dtype)
+    def forward(self, *args, **kwargs):
+        dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        out = self.module(*_cast(list(args), torch.float32), **{k: _cast(v, torch.float32) for k, v in kwargs.items()})
+        return out if dtype is None else _cast(out, dtype)
 
 
 def _wrap_children(root: nn.Module, types: tuple[type, ...]) -> int:
@@ -119,6 +161,13 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
         _wrap_children(model, (nn.GroupNorm, nn.LayerNorm))
     for path in policy.fp32_modules:
         parent, _, attr = path.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, attr, Fp32Island(getattr(owner, attr)))
+        try:
+            owner = model.get_submodule(parent) if parent else model
+            target = getattr(owner, attr)
+        except AttributeError:
+            target = None
+        if not isinstance(target, nn.Module):
+            raise PrecisionPolicyError(f"--fp32-nodes: expected a module path of {type(model).__name__} "
+                                       f"(e.g. down_blocks.0.resnets.0), found {path!r} (no such submodule)")
+        setattr(owner, attr, Fp32Island(target))
     return model

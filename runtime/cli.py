@@ -37,6 +37,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         checkpoints=dirs, out_dir=Path(args.out), profile=_profile(args), precision=args.precision,
         exporter=args.exporter, verify=args.verify, networks=tuple(args.networks) if args.networks else None,
+        fp32_nodes=tuple(args.fp32_nodes or ()),
     )
     report = export_artifacts(config)
     print(f"manifest: {report.manifest_path}  (exported {len(report.exported)}, reused {len(report.reused)})")
@@ -159,19 +160,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result.export.passed else 1
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from kandinsky_trt.engine.builder import BuildConfig, build_engines
-
-    config = BuildConfig(
-        artifacts=Path(args.artifacts), networks=tuple(args.networks) if args.networks else None,
-        timing_cache=Path(args.timing_cache) if args.timing_cache else None, opt_level=args.opt_level,
-        workspace_gb=args.workspace, force=args.force,
-    )
-    for path in build_engines(config):
-        print(f"engine: {path}")
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kandinsky_trt.benchmarks.report import compare_results, write_result
 
@@ -236,17 +224,11 @@ def _add_artifact_commands(sub) -> None:
                         "real fp16 forward, very slow on CPU at full size; see export/onnx_export.py)")
     p.add_argument("--verify", action="store_true", help="check every graph in ONNX Runtime against torch")
     p.add_argument("--networks", nargs="+", help="export only these networks (default: all)")
+    p.add_argument("--fp32-nodes", nargs="+", metavar="NETWORK:MODULE",
+                   help="extra fp32 islands in fp16 graphs, e.g. unet:down_blocks.0.resnets.0 (module paths "
+                        "of the network's model, as `debug-precision` suggests them)")
     _add_profile_args(p)
     p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("build", help="build TensorRT engines (one plan per network) from exported artifacts")
-    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
-    p.add_argument("--networks", nargs="+", help="build only these networks (default: all)")
-    p.add_argument("--timing-cache", help="TensorRT timing cache file to load and update")
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default 3)")
-    p.add_argument("--workspace", type=float, help="workspace memory pool limit in GB (default: TensorRT's)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a matching plan exists")
-    p.set_defaults(func=_cmd_build)
 
 
 def _add_image_commands(sub) -> None:
@@ -302,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_artifact_commands(sub)
+    from kandinsky_trt.engine import commands as engine_commands  # argparse only; no TensorRT import
+    from kandinsky_trt.export import commands as export_commands  # argparse only; no torch import
+
+    engine_commands.add_commands(sub)
+    export_commands.add_commands(sub)
     _add_image_commands(sub)
     _add_bench_command(sub)
     return parser

@@ -1,8 +1,9 @@
 """The engine builder: argument validation, plan naming, hash-keyed reuse, manifest updates, errors.
 
-CPU tests run the orchestration with a stand-in plan builder, and ``TensorRTPlanBuilder`` itself
-against a stand-in ``tensorrt`` module that mirrors the documented 10.x/11.x Python API (so every
-line of the TensorRT path runs here, but only against our reading of that API). The ``tensorrt``
+CPU tests run the orchestration with a stand-in plan builder, and ``TensorRTPlanBuilder`` itself —
+Polygraphy's real loaders — against a stand-in ``tensorrt`` module (tests/fake_tensorrt.py) that
+mirrors the documented 10.x/11.x Python API (so every line of our build path and of the Polygraphy
+loaders it uses runs here, but only against our reading of TensorRT's API). The ``tensorrt``
 test at the end builds and runs a real tiny engine; it skips where TensorRT or a GPU is missing
 (it was not executed where this file was written).
 """
@@ -10,33 +11,26 @@ test at the end builds and runs a real tiny engine; it skips where TensorRT or a
 from __future__ import annotations
 
 import json
+import logging
 import sys
-import types
 
 import numpy as np
 import pytest
 
-from kandinsky_trt.engine import trt_builder
-from kandinsky_trt.engine.builder import (
-    BuildConfig,
-    BuiltPlan,
-    Platform,
-    build_engines,
-    plan_file_name,
-    validate_build_config,
-)
+from fake_tensorrt import TRT_VERSION, ParserError, fake_tensorrt
+from kandinsky_trt.engine.builder import BuildConfig, build_engines, plan_file_name, validate_build_config
 from kandinsky_trt.engine.errors import (
     BuildConfigError,
     EngineBuildError,
     OnnxParseError,
     TensorRTUnavailableError,
 )
+from kandinsky_trt.engine.plan import BuiltPlan, Platform
 from kandinsky_trt.runtime import cuda
 from kandinsky_trt.runtime.backends.trt import import_tensorrt
 from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
-TRT_VERSION = "11.4.0.106"
 H100 = Platform(TRT_VERSION, "NVIDIA H100 80GB HBM3", "9.0")
 
 
@@ -229,210 +223,107 @@ def test_onnx_changed_after_export(tmp_path):
         build_engines(BuildConfig(tmp_path), FakePlanBuilder())
 
 
-# -- TensorRTPlanBuilder against a stand-in tensorrt module ------------------------------------------
-
-
-class FakeParserError:
-    def __init__(self, node, name, op, desc):
-        self._v = node, name, op, desc
-
-    def node(self):
-        return self._v[0]
-
-    def node_name(self):
-        return self._v[1]
-
-    def node_operator(self):
-        return self._v[2]
-
-    def desc(self):
-        return self._v[3]
-
-    def code(self):
-        return "UNSUPPORTED_NODE"
-
-
-def _fake_tensorrt(parser_errors=(), build_fails=False):
-    """The subset of the tensorrt module the builder uses, with what it was called with in ``calls``."""
-    calls: dict = {"pool": [], "profiles": [], "caches_loaded": []}
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = TRT_VERSION
-    trt.ILogger = type("ILogger", (), {})
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
-    trt.nptype = lambda dtype: {1: np.float32, 10: np.float16}[dtype]
-    severity = types.SimpleNamespace(name="ERROR")
-
-    def value_info(v):
-        return types.SimpleNamespace(name=v.name, dtype=v.type.tensor_type.elem_type,
-                                     shape=tuple(d.dim_value for d in v.type.tensor_type.shape.dim))
-
-    class Network:
-        inputs: list = []
-        outputs: list = []
-        num_inputs = property(lambda self: len(self.inputs))
-        num_outputs = property(lambda self: len(self.outputs))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.errors = network, list(parser_errors)
-
-        def parse_from_file(self, path):
-            calls["parsed"] = path
-            graph = pytest.importorskip("onnx").load(path).graph
-            self.network.inputs = [value_info(v) for v in graph.input]
-            self.network.outputs = [value_info(v) for v in graph.output]
-            return not self.errors
-
-        num_errors = property(lambda self: len(self.errors))
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    class Cache:
-        def __init__(self, data):
-            self.data = bytes(data)
-
-        def serialize(self):
-            return self.data + b"+timings"
-
-        def combine(self, other, ignore_mismatch):
-            return True
-
-    class Config:
-        builder_optimization_level = 3
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["pool"].append((pool, size))
-
-        def create_timing_cache(self, data):
-            calls["caches_loaded"].append(bytes(data))
-            return Cache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def add_optimization_profile(self, profile):
-            calls["profiles"].append(profile)
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            calls["flags"] = flags
-            return Network()
-
-        def create_builder_config(self):
-            calls["config"] = Config()
-            return calls["config"]
-
-        def create_optimization_profile(self):
-            return object()
-
-        def build_serialized_network(self, network, config):
-            if build_fails:
-                self.logger.log(severity, "Requested amount of GPU memory could not be allocated")
-                return None
-            io = [[t.name, t.dtype, list(t.shape)] for t in network.inputs + network.outputs]
-            return json.dumps({"inputs": len(network.inputs), "io": io}).encode()
-
-    class Engine:
-        def __init__(self, plan):
-            self.plan, self.device_memory_size_v2 = json.loads(bytes(plan)), 2048
-
-        num_io_tensors = property(lambda self: len(self.plan["io"]))
-
-        def get_tensor_name(self, i):
-            return self.plan["io"][i][0]
-
-        def _row(self, name):
-            return next((i, row) for i, row in enumerate(self.plan["io"]) if row[0] == name)
-
-        def get_tensor_mode(self, name):
-            return types.SimpleNamespace(name="INPUT" if self._row(name)[0] < self.plan["inputs"] else "OUTPUT")
-
-        def get_tensor_dtype(self, name):
-            return self._row(name)[1][1]
-
-        def get_tensor_shape(self, name):
-            return tuple(self._row(name)[1][2])
-
-        def create_execution_context(self, strategy):
-            return types.SimpleNamespace(get_tensor_shape=self.get_tensor_shape)
-
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
-    trt.Runtime = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=Engine)
-    return trt, calls
+# -- TensorRTPlanBuilder: Polygraphy's loaders against the stand-in tensorrt (tests/fake_tensorrt.py) --
 
 
 @pytest.fixture()
-def on_h100(monkeypatch):
-    monkeypatch.setattr(cuda, "device_info", lambda device=None: cuda.DeviceInfo(0, H100.gpu_name, "9.0"))
+def fake_trt(monkeypatch):
+    """Installs the session's stand-in ``tensorrt`` (fresh state) on a simulated H100; returns the state."""
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.trt import loader
 
-
-def test_tensorrt_builder_path(tmp_path, monkeypatch, on_h100):
-    trt, calls = _fake_tensorrt()
+    trt, state = fake_tensorrt()
+    if loader.trt.module not in (None, trt):  # Polygraphy keeps the first tensorrt it imported
+        pytest.skip("Polygraphy already imported the real tensorrt in this process")
+    state.reset()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(cuda, "device_info", lambda device=None: cuda.DeviceInfo(0, H100.gpu_name, "9.0"))
+    return state
+
+
+def test_tensorrt_builder_path(tmp_path, fake_trt, caplog):
     _write_artifacts(tmp_path)
     cache = tmp_path / "timing.cache"
-    paths = build_engines(BuildConfig(tmp_path, networks=("toy",), timing_cache=cache, opt_level=1, workspace_gb=0.5))
-    assert calls["flags"] == 1 << 0  # strongly typed
+    with caplog.at_level(logging.INFO):
+        paths = build_engines(BuildConfig(tmp_path, networks=("toy",), timing_cache=cache, opt_level=1,
+                                          workspace_gb=0.5))
+    calls = fake_trt.calls
+    assert calls["network_flags"] == 1 << 0  # strongly typed, nothing else
     assert calls["parsed"] == str(tmp_path / "toy.onnx")  # parse_from_file: external data beside it is found
     assert calls["config"].builder_optimization_level == 1
-    assert calls["pool"] == [("WORKSPACE", 2**29)]
-    assert calls["profiles"] == []  # static ONNX shapes need no profile
+    assert calls["pool"] == [(sys.modules["tensorrt"].MemoryPoolType.WORKSPACE, 2**29)]
+    assert calls["profiles"] == [{"x": ((2, 3),) * 3, "y": ((2, 3),) * 3}]  # static: min = opt = max
+    assert calls["flags_set"] == []  # no precision flag: the graph's types are the engine's
+    assert calls["caches_loaded"] == [b"", b""]  # no cache yet: empty, then Polygraphy's merge read
     assert cache.read_bytes() == b"+timings"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
     assert load_manifest(tmp_path).networks["toy"].engine["device_memory_bytes"] == 2048
     assert paths[0].is_file()
+    assert any(r.name == "Polygraphy" and "Building engine" in r.getMessage() for r in caplog.records)
     build_engines(BuildConfig(tmp_path, networks=("toy",), timing_cache=cache, force=True))
-    assert calls["caches_loaded"][-2:] == [b"+timings", b"+timings"]  # loaded before, merged after
+    assert fake_trt.calls["caches_loaded"][-2:] == [b"+timings", b"+timings"]  # loaded before, merged after
+    assert cache.read_bytes() == b"+timings+timings"
 
 
-def test_parser_errors_are_listed(tmp_path, monkeypatch, on_h100):
-    errors = [FakeParserError(1, "add_1", "Add", "broadcast mismatch"), FakeParserError(-1, "", "", "bad model")]
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(parser_errors=errors)[0])
+def test_polygraphy_logger_is_restored(tmp_path, fake_trt):
+    from polygraphy.logger import G_LOGGER
+
+    before = (G_LOGGER.use_python_logging_system, G_LOGGER.colors, G_LOGGER.letter)
+    _write_artifacts(tmp_path)
+    build_engines(BuildConfig(tmp_path, networks=("toy",)))
+    assert (G_LOGGER.use_python_logging_system, G_LOGGER.colors, G_LOGGER.letter) == before
+
+
+def test_parser_errors_are_listed(tmp_path, fake_trt):
+    errors = [ParserError(1, "add_1", "Add", "broadcast mismatch"), ParserError(-1, "", "", "bad model")]
+    fake_trt.reset(parser_errors=errors)
     _write_artifacts(tmp_path)
     with pytest.raises(OnnxParseError) as caught:
         build_engines(BuildConfig(tmp_path))
-    assert caught.value.errors == ("node 1 'add_1' (Add): broadcast mismatch [UNSUPPORTED_NODE]",
-                                   "graph: bad model [UNSUPPORTED_NODE]")
+    assert caught.value.errors == tuple(str(e) for e in errors)
     assert "toy.onnx, found 2 error(s)" in str(caught.value)
 
 
-def test_failed_build_says_why(tmp_path, monkeypatch, on_h100):
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(build_fails=True)[0])
+def test_failed_build_says_why(tmp_path, fake_trt):
+    fake_trt.reset(build_fails=True)
     _write_artifacts(tmp_path)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
     with pytest.raises(EngineBuildError) as caught:
-        build_engines(BuildConfig(tmp_path))
+        build_engines(BuildConfig(tmp_path, timing_cache=cache))
     message = str(caught.value)
     assert "out of GPU memory" in message and "--workspace" in message
     assert "Requested amount of GPU memory could not be allocated" in message
     assert load_manifest(tmp_path).networks["toy"].engine is None  # nothing recorded
+    assert cache.read_bytes() == b"old" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_graph_io_must_match_the_manifest(tmp_path, monkeypatch, on_h100):
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt()[0])
+def test_graph_io_must_match_the_manifest(tmp_path, fake_trt):
     _write_artifacts(tmp_path, onnx_dtype="float16")
     with pytest.raises(EngineBuildError, match=r"the parsed ONNX graph expected the manifest's I/O") as caught:
         build_engines(BuildConfig(tmp_path))
     assert "toy.x: dtype expected float32, found float16" in str(caught.value)
 
 
-def test_describe_parser_error():
-    assert trt_builder.describe_parser_error(FakeParserError(3, "mul", "Mul", "oops")) == \
-        "node 3 'mul' (Mul): oops [UNSUPPORTED_NODE]"
+def test_polygraphy_missing_names_the_install(tmp_path, fake_trt, monkeypatch):
+    for name in ("polygraphy", "polygraphy.backend", "polygraphy.backend.trt"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import polygraphy...` fails even where installed
+    _write_artifacts(tmp_path)
+    with pytest.raises(TensorRTUnavailableError, match=r"polygraphy: expected the package .*kandinsky-trt\[gpu\]"):
+        build_engines(BuildConfig(tmp_path))
+
+
+def test_engine_modules_import_without_a_cycle():
+    """builder and polygraphy_builder share engine/plan.py; neither imports the other at module level."""
+    import ast
+    from pathlib import Path
+
+    import kandinsky_trt.engine as engine
+
+    for name in ("builder", "polygraphy_builder"):
+        tree = ast.parse((Path(engine.__file__).parent / f"{name}.py").read_text())
+        top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+        assert not top & {"kandinsky_trt.engine.builder", "kandinsky_trt.engine.polygraphy_builder"}, name
 
 
 # -- real TensorRT (skipped where it is not installed) ----------------------------------------------

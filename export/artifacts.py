@@ -72,7 +72,8 @@ def _tree_hash(path: Path) -> str:
 
 # ExportConfig fields that do not change what a graph is (everything else enters the export key,
 # so a new field, e.g. a precision option, invalidates reuse without touching this function).
-_NOT_PRODUCTION = ("checkpoints", "out_dir", "verify", "networks")
+# ``fp32_nodes`` enters per network, through the policy, so one network's island keeps the others' graphs.
+_NOT_PRODUCTION = ("checkpoints", "out_dir", "verify", "networks", "fp32_nodes")
 
 
 def _json_value(value):

@@ -1,10 +1,10 @@
-"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and the GPU suite's shell.
+"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and GPU-suite pieces.
 
 CPU tests (always run): the bound loop on the CPU execution provider — the same bindings,
 ping-pong and identity-row code the CUDA path runs — equals the host loop on the tiny fp32
 artifacts (prior + UnCLIP, UNet + DDPM learned-range with stochastic rows, UNet + DPM-Solver++ 2M,
 which reads the x0 history); graph-id and binding logic against stand-in ORT objects; the wheel
-joining of ``benchmarks/gpu_suite.sh`` with bash on temporary files.
+joining of ``benchmarks/gpu_suite.sh`` is tested in ``test_gpu_suite_shell.py``.
 
 ``gpu`` tests (CUDA graph replay == eager) skip where onnxruntime has no CUDAExecutionProvider;
 they were not executed where this file was written (no GPU there).
@@ -12,11 +12,6 @@ they were not executed where this file was written (no GPU there).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +29,6 @@ from kandinsky_trt.runtime.spec import PRIOR_LOOP as PRIOR
 from kandinsky_trt.runtime.spec import UNET_LOOP as UNET
 from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
-REPO = Path(__file__).resolve().parents[1]
-SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,
                "clip_sample_range": 2.0, "prediction_type": "epsilon"}
@@ -337,61 +330,6 @@ def test_suite_graph_check_summary():
     assert summary["replay_vs_eager_same_session"] == 0.0 == summary["replay_vs_session_without_graphs"]
     assert summary["first_call_vs_eager_same_session"] == pytest.approx(1e-3, rel=1e-3)
     assert summary["without_graphs_repeatable"] is True and summary["max_abs_latents"] == 2.0
-
-
-# ---------------------------------------------------------------- the GPU suite's shell script
-
-
-def _wheel(path: Path, size: int) -> bytes:
-    """A small valid zip named like a wheel, padded with incompressible bytes to ``size``."""
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("ktrt_probe/__init__.py", "VALUE = 42\n")
-        z.writestr("ktrt_probe/pad.bin", np.random.default_rng(0).bytes(size))
-        z.writestr("ktrt_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: ktrt-probe\nVersion: 1.0\n")
-        z.writestr("ktrt_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("ktrt_probe-1.0.dist-info/RECORD", "")
-    return path.read_bytes()
-
-
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("split") is None, reason="needs bash and split")
-def test_suite_joins_split_wheels(tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    whole = _wheel(source / "ktrt_probe-1.0-py3-none-any.whl", 300_000)
-    pieces = tmp_path / "wheels"
-    pieces.mkdir()
-    subprocess.run(["split", "-b", "100000", source / "ktrt_probe-1.0-py3-none-any.whl",
-                    pieces / "ktrt_probe-1.0-py3-none-any.whl.part-"], check=True)
-    assert sorted(p.name for p in pieces.iterdir())[-1].endswith(".part-ad")  # 4 pieces, joined in order
-    (pieces / "other-2.0-py3-none-any.whl").write_bytes(whole)  # an unsplit wheel is taken as it is
-    dest = tmp_path / "joined"
-    result = subprocess.run(["bash", SUITE_SH, "--join-only", pieces, dest], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in dest.iterdir()) == ["ktrt_probe-1.0-py3-none-any.whl", "other-2.0-py3-none-any.whl"]
-    assert (dest / "ktrt_probe-1.0-py3-none-any.whl").read_bytes() == whole
-    assert zipfile.ZipFile(dest / "ktrt_probe-1.0-py3-none-any.whl").testzip() is None
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_suite_refuses_a_missing_piece_and_no_cuda(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(tmp_path / "w.whl", 1000)
-    data = (tmp_path / "w.whl").read_bytes()
-    (wheels / "w-1.0-py3-none-any.whl.part-aa").write_bytes(data[:500])
-    (wheels / "w-1.0-py3-none-any.whl.part-ac").write_bytes(data[500:])  # -ab is missing
-    result = subprocess.run(["bash", SUITE_SH, "--join-only", wheels, tmp_path / "j"], capture_output=True, text=True)
-    assert result.returncode != 0 and "part-ab" in result.stderr
-    if cuda_available():
-        return
-    (wheels / "w-1.0-py3-none-any.whl.part-ac").unlink()
-    _wheel(wheels / "ktrt_probe-1.0-py3-none-any.whl", 100)
-    (wheels / "w-1.0-py3-none-any.whl.part-aa").unlink()
-    env = {**os.environ, "PYTHON": sys.executable, "SITE_DIR": str(tmp_path / "site")}
-    result = subprocess.run(["bash", SUITE_SH, wheels, tmp_path / "out"], capture_output=True, text=True, env=env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "CUDAExecutionProvider" in result.stderr and "onnxruntime-gpu" in result.stderr
-    assert (tmp_path / "site" / "ktrt_probe" / "__init__.py").is_file()  # the wheels were installed first
 
 
 # ---------------------------------------------------------------- GPU (skipped without the CUDA EP)

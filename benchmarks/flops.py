@@ -17,7 +17,6 @@ the runtime never does. Nothing is cached.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,8 +32,6 @@ from kandinsky_trt.runtime.errors import KandinskyTrtError
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
-_SPEC_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
-_SPEC_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
 
 METHOD_FULL = "flop_counter_meta"
 METHOD_NO_MASK = (
@@ -187,7 +184,7 @@ def _meta_inputs(resolved: ResolvedNetwork, dtype: torch.dtype) -> dict[str, tor
     """Meta tensors of the spec shapes; float inputs at the compute dtype, masks all ones."""
     tensors = {}
     for t in resolved.inputs:
-        spec_dtype = _SPEC_DTYPES[t.dtype]
+        spec_dtype = getattr(torch, t.dtype)  # the spec names are torch names too
         if spec_dtype.is_floating_point:
             tensors[t.name] = torch.empty(t.shape, dtype=dtype, device="meta")
         else:
@@ -196,7 +193,7 @@ def _meta_inputs(resolved: ResolvedNetwork, dtype: torch.dtype) -> dict[str, tor
 
 
 def _io_bytes(resolved: ResolvedNetwork) -> int:
-    return sum(math.prod(t.shape) * _SPEC_ITEMSIZE[t.dtype] for t in resolved.inputs + resolved.outputs)
+    return sum(t.nbytes for t in resolved.inputs + resolved.outputs)
 
 
 def _forward(network: str, model: torch.nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], Any]:

@@ -40,14 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kandinsky_trt.runtime.device_loop import LoopNames
+from kandinsky_trt.runtime.spec import PRIOR_LOOP, UNET_LOOP
 
 log = logging.getLogger("kandinsky_trt.benchmarks.gpu_suite")
 
 NETWORKS = ("prior_text_encoder", "prior", "text_encoder", "unet", "movq_decoder")
 STEPS = ("prior_step", "unet_step")
-LOOPS = {"prior": LoopNames("prior", "prior_step", "hidden_states", "predicted_image_embedding"),
-         "decoder": LoopNames("unet", "unet_step", "sample", "noise_pred")}
+LOOPS = {"prior": PRIOR_LOOP, "decoder": UNET_LOOP}
 ORT_BACKENDS = {"ort-cuda": False, "ort-cuda-graph": True}
 MIN_GRAPH_WARMUP = 3  # captured within the first Run of a graph id (recent ORT) or by the third
 
@@ -215,7 +214,7 @@ def _table(manifest, loop: str, steps: int):
 def _loop_inputs(manifest, loop: str, table, seed: int = 0):
     """Random conditioning of the spec's shapes (``sample_inputs``), N(0,1) latents and noise."""
     from kandinsky_trt.runtime.backends.base import sample_inputs
-    from kandinsky_trt.runtime.denoise import LoopInputs
+    from kandinsky_trt.runtime.loop import LoopInputs
 
     names = LOOPS[loop]
     feeds = sample_inputs(manifest.network(names.network).resolved, seed)
@@ -234,30 +233,26 @@ def _ort_bound_stage(backend, name: str):
     from kandinsky_trt.runtime.backends.base import sample_inputs
     from kandinsky_trt.runtime.backends.ort_cuda import upload
 
-    session = backend.device_session(name)
-    buffers = {n: session.allocate(n) for n in session.network.input_names + session.network.output_names}
-    for n, array in sample_inputs(session.network).items():
+    network = backend.load(name).network
+    buffers = {t.name: backend.allocate(t) for t in network.inputs + network.outputs}
+    for n, array in sample_inputs(network).items():
         upload(buffers[n], array, n)
-    run = session.bind(buffers)
+    run = backend.bind(name, buffers)
     run.synchronize_inputs()
     return run
 
 
 def _ort_loop(backend, loop: str):
-    from kandinsky_trt.runtime.device_loop import DeviceDenoiseLoop, DeviceLoopNetworks
-
-    names = LOOPS[loop]
-    return DeviceDenoiseLoop(DeviceLoopNetworks(backend.device_session(names.network), backend.device_session(names.step),
-                                                names.sample_input, names.output))
+    return backend.loop(LOOPS[loop])
 
 
 def _check_runs(loop, table, inputs) -> list[np.ndarray]:
     """Final latents of two calls (with graphs: captures, then replays) and one eager call of the
     same bindings (``gpu_graph_id`` -1)."""
-    runs = [loop(None, table, inputs) for _ in range(2)]
+    runs = [loop(table, inputs) for _ in range(2)]
     loop.replay_graphs = False
     try:
-        return runs + [loop(None, table, inputs)]
+        return runs + [loop(table, inputs)]
     finally:
         loop.replay_graphs = True
 
@@ -300,7 +295,7 @@ def run_ort(config: SuiteConfig, manifest, record: Record, label: str) -> None:
             with record.guard(f"{name}/{label}"):
                 before = device_used_mb()
                 run = _ort_bound_stage(backends[0], name)
-                _measure(record, name, label, run.run, config.repeat, warmup, lambda: _delta(before))
+                _measure(record, name, label, run.enqueue, config.repeat, warmup, lambda: _delta(before))
         loops = {}
         for loop, steps in _loops(config):
             with record.guard(f"loop:{loop}/{label}"):
@@ -310,7 +305,7 @@ def run_ort(config: SuiteConfig, manifest, record: Record, label: str) -> None:
                 record.checks.setdefault(loop, {})[label] = _check_runs(loops[loop], check, inputs)
                 table = _table(manifest, loop, steps)
                 inputs = _loop_inputs(manifest, loop, table)
-                _measure(record, f"loop:{loop}", label, lambda: loops[loop](None, table, inputs),
+                _measure(record, f"loop:{loop}", label, lambda: loops[loop](table, inputs),
                          config.loop_repeat, 1, lambda: _delta(start_mb))
         if set(NETWORKS) - set(config.networks):
             return  # end to end needs every network
@@ -339,7 +334,7 @@ class OrtText2Image:
 
     @staticmethod
     def _outputs(run) -> dict:
-        run.run()
+        run.enqueue()
         return {n: run.buffers[n].numpy().copy() for n in ("text_embeds", "last_hidden_state")}
 
     def __call__(self) -> np.ndarray:
@@ -347,14 +342,14 @@ class OrtText2Image:
 
         clip, prior_in = self._outputs(self.prior_text), self.inputs["prior"]
         prior_in.conditioning.update(proj_embedding=clip["text_embeds"], encoder_hidden_states=clip["last_hidden_state"])
-        embeds = self.loops["prior"](None, self.tables["prior"], prior_in)
+        embeds = self.loops["prior"](self.tables["prior"], prior_in)
         text, unet_in = self._outputs(self.text), self.inputs["decoder"]
         unet_in.conditioning.update(encoder_hidden_states=text["last_hidden_state"], text_embeds=text["text_embeds"],
                                     image_embeds=np.concatenate([np.zeros_like(embeds), embeds]))
-        latents = self.loops["decoder"](None, self.tables["decoder"], unet_in)
+        latents = self.loops["decoder"](self.tables["decoder"], unet_in)
         upload(self.movq.buffers["latents"], latents, "latents")
         self.movq.synchronize_inputs()
-        self.movq.run()
+        self.movq.enqueue()
         return self.movq.buffers["image"].numpy().copy()
 
 

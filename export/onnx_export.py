@@ -25,6 +25,7 @@ import torch
 from kandinsky_trt.export.precision import PrecisionPolicy, apply_policy
 from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
+from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.spec import ResolvedNetwork
 
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 EXPORTERS = ("legacy", "dynamo")
 OPSET = {"legacy": 17, "dynamo": 18}
 _PROTOBUF_LIMIT = 2**31 - 1
-_ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-                "int64": onnx.TensorProto.INT64, "bool": onnx.TensorProto.BOOL}
 
 
 class ExportError(KandinskyTrtError, RuntimeError):
@@ -56,7 +55,7 @@ def check_graph_io(model: onnx.ModelProto, network: ResolvedNetwork) -> None:
                                      ("output", model.graph.output, network.outputs)):
         found = [(v.name, v.type.tensor_type.elem_type,
                   tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in graph_io]
-        wanted = [(t.name, _ONNX_DTYPES[t.dtype], t.shape) for t in expected]
+        wanted = [(t.name, DTYPE_TABLE[t.dtype].onnx, t.shape) for t in expected]
         if found != wanted:
             problems.append(f"{kind}s expected {wanted}, found {found}")
     if problems:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from kandinsky_trt.runtime.integrity import write_bytes_atomic
+from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
 from kandinsky_trt.runtime.spec import (
     COEFFICIENT_COLUMNS,
     KANDINSKY_2_1_DIMS,
@@ -33,8 +34,6 @@ from kandinsky_trt.runtime.spec import (
 logger = logging.getLogger(__name__)
 
 OPSET = 18
-_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
-                "bool": TensorProto.BOOL}  # fmt: skip
 
 
 @dataclass
@@ -56,7 +55,7 @@ class _GraphBuilder:
 
 
 def _value_info(tensor) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(tensor.name, _ONNX_DTYPES[tensor.dtype], list(tensor.shape))
+    return helper.make_tensor_value_info(tensor.name, DTYPE_TABLE[tensor.dtype].onnx, list(tensor.shape))
 
 
 def _guidance(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> tuple[str, str | None]:

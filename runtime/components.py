@@ -15,10 +15,10 @@ import numpy as np
 
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
-from kandinsky_trt.runtime.denoise import LoopInputs, LoopNames, LoopNetworks, StepCallback, denoise
+from kandinsky_trt.runtime.loop import DenoiseLoop, LoopInputs, StepCallback
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.schedulers import SchedulerTable, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.spec import Profile
+from kandinsky_trt.runtime.spec import LoopSpec, Profile
 from kandinsky_trt.runtime.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -65,30 +65,20 @@ class Components:
         self.backend = make_backend(backend, self.manifest, device)
         self.device, self.cuda_graph = device, cuda_graph
         self._tables: dict[tuple, SchedulerTable] = {}
-        self._device_loops: dict[LoopNames, object] = {}
+        self._loops: dict[LoopSpec, DenoiseLoop] = {}
 
-    def denoise(self, names: LoopNames, table: SchedulerTable, inputs: LoopInputs,
+    def denoise(self, spec: LoopSpec, table: SchedulerTable, inputs: LoopInputs,
                 callback: StepCallback | None = None) -> np.ndarray:
-        """Run one chunk's denoising loop and return its final latents.
+        """Run one chunk of the loop ``spec`` and return its final latents.
 
-        ``ort`` on CUDA keeps the loop's buffers on the device and replays ONNX Runtime CUDA graphs
-        (``cuda_graph=False`` runs the same bindings eagerly); ``trt`` does the same on its engines
-        (:class:`~kandinsky_trt.runtime.trt_loop.TrtDenoiseLoop`); other backends run the host loop.
+        The backend supplies the loop (``backend.loop``): the host loop for ``torch`` and ``ort`` on
+        the CPU, the bound loop for ``ort`` on CUDA (``cuda_graph=False``: the same bindings eagerly),
+        the TensorRT loop for ``trt``. One loop per spec, kept until :meth:`close`.
         """
-        if self.backend.name == "trt":
-            if names not in self._device_loops:
-                from kandinsky_trt.runtime.trt_loop import TrtDenoiseLoop
-
-                self._device_loops[names] = TrtDenoiseLoop(self.backend, names, cuda_graph=self.cuda_graph)
-            return self._device_loops[names](names, table, inputs, callback)
-        if self.backend.name == "ort" and self.device == "cuda":
-            if names not in self._device_loops:
-                from kandinsky_trt.runtime.device_loop import make_loop
-
-                self._device_loops[names] = make_loop(self, names, "cuda", self.cuda_graph)
-            return self._device_loops[names](names, table, inputs, callback)
-        nets = LoopNetworks(self.session(names.network), self.session(names.step), names.sample_input, names.output)
-        return denoise(nets, table, inputs, callback)
+        loop = self._loops.get(spec)
+        if loop is None:
+            loop = self._loops[spec] = self.backend.loop(spec, cuda_graph=self.cuda_graph)
+        return loop(table, inputs, callback)
 
     @property
     def profile(self) -> Profile:
@@ -160,9 +150,9 @@ class Components:
         return ("decoder_dpmpp2m", fast_solver_config(config)) if name == "dpmpp2m" else ("decoder", config)
 
     def close(self) -> None:
-        for loop in self._device_loops.values():  # before the backend: they free buffers on its stream
+        for loop in self._loops.values():  # before the backend: they free buffers on its stream
             loop.close()
-        self._device_loops.clear()
+        self._loops.clear()
         self.backend.close()
 
     def __enter__(self) -> "Components":

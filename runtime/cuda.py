@@ -1,4 +1,4 @@
-"""A thin wrapper over cuda-python's runtime API: streams, device buffers, copies, events, graphs.
+"""A thin wrapper over cuda-python's runtime API: streams, device buffers, copies, graphs.
 
 Only what the TensorRT backend and the CUDA-graph loop need, each call checked. cuda-python is
 imported lazily (``from cuda.bindings import runtime``, or ``from cuda import cudart`` for
@@ -221,34 +221,6 @@ class DeviceBuffer:
 
     def __repr__(self) -> str:
         return f"DeviceBuffer(nbytes={self.nbytes}, ptr=0x{self.ptr:x})"
-
-
-class Event:
-    """A CUDA event for timing work on a stream (benchmarks)."""
-
-    def __init__(self) -> None:
-        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
-
-    def record(self, stream: Stream) -> None:
-        check(cudart().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
-
-    def synchronize(self) -> None:
-        check(cudart().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
-
-    def elapsed_ms(self, end: "Event") -> float:
-        """Milliseconds from this event to ``end`` (both recorded and complete)."""
-        return float(check(cudart().cudaEventElapsedTime(self.handle, end.handle), "cudaEventElapsedTime"))
-
-    def close(self) -> None:
-        if self.handle is not None:
-            check(cudart().cudaEventDestroy(self.handle), "cudaEventDestroy")
-            self.handle = None
-
-    def __enter__(self) -> "Event":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- graph capture: the operations cuda_graphs.CapturedLoop uses (a fake replaces them in tests) --

@@ -10,8 +10,9 @@ it reads and writes buffers bound once, so it can be captured into one CUDA grap
 * the first run after (re)binding is eager: it is the warm-up TensorRT needs before capture
   (``execute_async_v3`` once after addresses are set) and it is also that step's real work, so no
   step runs twice; the next step captures (capture does not execute) and launches the graph;
-* every :class:`BindingSet` (and any other object with a ``generation``) the loop watches is
-  compared before each launch: when one changed, the graph is destroyed and captured again;
+* every object with a ``generation`` the loop watches (the TensorRT backend, whose shared
+  activation arena moves when a larger engine loads) is compared before each launch: when one
+  changed, the graph is destroyed and captured again;
 * ``enabled=False`` (``--no-cuda-graph``) runs the same enqueue callable eagerly every step.
 
 The CUDA operations come from :mod:`kandinsky_trt.runtime.cuda` unless a stand-in is given, which
@@ -21,45 +22,14 @@ is how the invalidation logic is tested without a GPU. Imports: the runtime's cu
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from kandinsky_trt.runtime import cuda as cuda_ops
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[Any], None]  # takes a stream, enqueues work on it, never synchronizes
-
-
-class BindingSet(Mapping):
-    """Named device buffers bound to one network, with a generation bumped on every rebinding.
-
-    Captured graphs bake buffer addresses in; comparing generations tells when they are stale.
-    """
-
-    def __init__(self, buffers: Mapping[str, Any] | None = None) -> None:
-        self._buffers: dict[str, Any] = dict(buffers or {})
-        self.generation = 0
-
-    def bind(self, name: str, buffer: Any) -> None:
-        """Bind ``buffer`` to tensor ``name``; rebinding the same buffer object changes nothing."""
-        if self._buffers.get(name) is not buffer:
-            self._buffers[name] = buffer
-            self.generation += 1
-
-    def update(self, buffers: Mapping[str, Any]) -> None:
-        for name, buffer in buffers.items():
-            self.bind(name, buffer)
-
-    def __getitem__(self, name: str) -> Any:
-        return self._buffers[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def __len__(self) -> int:
-        return len(self._buffers)
 
 
 @dataclass(frozen=True)
@@ -123,7 +93,7 @@ class LoopConfig:
     Args:
         enqueue: enqueues one step's work on a stream (e.g. a :class:`StepChain`); never syncs.
         rows: per-step table rows copied into bound inputs before each step.
-        watch: objects with an integer ``generation`` (binding sets, the backend's arena); a change
+        watch: objects with an integer ``generation`` (the backend's arena); a change
             in any of them invalidates the captured graph.
         enabled: False runs ``enqueue`` eagerly every step (the ``--no-cuda-graph`` path).
     """

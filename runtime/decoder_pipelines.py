@@ -24,11 +24,11 @@ import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
 from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.denoise import INPAINT_LOOP, UNET_LOOP, LoopInputs
 from kandinsky_trt.runtime.image_processing import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
+from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
-from kandinsky_trt.runtime.spec import LATENT_CHANNELS, LATENT_SCALE
+from kandinsky_trt.runtime.spec import INPAINT_LOOP, LATENT_CHANNELS, LATENT_SCALE, UNET_LOOP
 
 
 @dataclass

@@ -1,93 +1,52 @@
-"""The denoising loop on host buffers: ``network`` then its step graph, one coefficient row per step.
+"""The host strategy of the denoising loop: numpy arrays through ``NetworkSession.run``.
 
-The same loop serves the prior (``prior`` + ``prior_step``) and the decoders (``unet`` /
-``unet_inpaint`` + their step graphs). The step graph does classifier-free guidance and the
-scheduler update and also prepares the next network input (the [uncond, cond] duplicate, plus the
-inpaint conditioning), so the loop holds no model maths. The first network input is made by the
-same graph with an identity row, so that logic exists once.
+What every backend without device buffers runs (``ort`` on the CPU, ``torch``), and the reference
+the device strategies are tested against. The loop itself (checks, identity-row start, stepping,
+callback) is :class:`~kandinsky_trt.runtime.loop.DenoiseLoop`'s; here only the feeds are built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from kandinsky_trt.runtime.backends.base import NetworkSession
-from kandinsky_trt.runtime.schedulers import SchedulerTable
-from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS
-
-# x_next = x, nothing else: used once to build the first network input through the step graph.
-_IDENTITY = dict.fromkeys(COEFFICIENT_COLUMNS, 0.0) | {"v": 1.0, "clip_min": -1.0, "clip_max": 1.0}
-IDENTITY_ROW = np.array([_IDENTITY[c] for c in COEFFICIENT_COLUMNS], dtype=np.float32)
-
-StepCallback = Callable[[int, int, np.ndarray], None]
+from kandinsky_trt.runtime.loop import Chunk, DenoiseLoop
+from kandinsky_trt.runtime.spec import LoopSpec
 
 
-@dataclass(frozen=True)
-class LoopNetworks:
-    network: NetworkSession  # prior | unet | unet_inpaint
-    step: NetworkSession  # prior_step | unet_step | unet_inpaint_step
-    sample_input: str  # the network input fed by the step graph's ``model_input``
-    output: str  # the network output fed to the step graph's ``model_output``
+class HostLoop(DenoiseLoop):
+    """:class:`DenoiseLoop` on two host-level sessions of one backend (it does not close them)."""
 
+    def __init__(self, spec: LoopSpec, network: NetworkSession, step: NetworkSession) -> None:
+        super().__init__(spec, network.network, step.network)
+        self.network, self.step = network, step
+        self._fixed: dict[str, np.ndarray] = {}
+        self._conditioning: dict[str, np.ndarray] = {}
+        self._state: dict[str, np.ndarray] = {}
 
-@dataclass(frozen=True)
-class LoopNames:
-    """Which networks a loop runs, by manifest name (what a backend loads for it)."""
+    def _start(self, chunk: Chunk) -> None:
+        io = self.spec.io
+        self._fixed, self._conditioning = dict(chunk.start), chunk.conditioning
+        # The loop starts from x0_prev = 0 and the input latents, whatever the identity row wrote.
+        self._state = {io.latents: chunk.start[io.latents], io.x0_prev: chunk.start[io.x0_prev],
+                       io.model_input: self.step.run(self._fixed)[io.model_input]}
 
-    network: str  # prior | unet | unet_inpaint
-    step: str  # prior_step | unet_step | unet_inpaint_step
-    sample_input: str  # the network input fed by the step graph's ``model_input``
-    output: str  # the network output fed to the step graph's ``model_output``
+    def _step(self, chunk: Chunk, index: int) -> None:
+        spec, io, state = self.spec, self.spec.io, self._state
+        feeds = {spec.sample_input: state[io.model_input], **chunk.network_row(index), **self._conditioning}
+        output = self.network.run(feeds)[spec.output]
+        step_feeds = {**self._fixed, **chunk.step_row(index), io.model_output: output,
+                      io.latents: state[io.latents], io.x0_prev: state[io.x0_prev]}
+        result = self.step.run(step_feeds)
+        for written, read in spec.carried:
+            state[read] = result[written]
+        state[io.model_input] = result[io.model_input]
 
-    @classmethod
-    def of(cls, nets: LoopNetworks) -> "LoopNames":
-        return cls(nets.network.network.name, nets.step.network.name, nets.sample_input, nets.output)
+    def _latents(self) -> np.ndarray:
+        return self._state[self.spec.io.latents]
 
+    def _end(self) -> None:
+        self._fixed, self._conditioning = {}, {}
 
-PRIOR_LOOP = LoopNames("prior", "prior_step", "hidden_states", "predicted_image_embedding")
-UNET_LOOP = LoopNames("unet", "unet_step", "sample", "noise_pred")
-INPAINT_LOOP = LoopNames("unet_inpaint", "unet_inpaint_step", "sample", "noise_pred")
-
-
-@dataclass(frozen=True)
-class LoopInputs:
-    """One batch-sized chunk: initial latents, the network's fixed inputs, the step graph's extras."""
-
-    latents: np.ndarray
-    conditioning: dict[str, np.ndarray]  # network inputs other than sample / timestep
-    step_extras: dict[str, np.ndarray]  # e.g. ``conditioning`` of the inpaint step graph
-    noise: np.ndarray | None  # (stochastic steps, *latents.shape)
-    guidance_scale: float
-
-
-def denoise(nets: LoopNetworks, table: SchedulerTable, inputs: LoopInputs,
-            callback: StepCallback | None = None) -> np.ndarray:
-    """Run every row of ``table`` on one chunk and return the final latents."""
-    latents = inputs.latents.astype(np.float32)
-    x0_prev = np.zeros_like(latents)
-    guidance = np.array([inputs.guidance_scale], dtype=np.float32)
-    zeros = np.zeros_like(latents)
-
-    def step(row: np.ndarray, model_output: np.ndarray, noise: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"latents": latents, "model_output": model_output, "coefficients": row, "noise": noise,
-                 "guidance_scale": guidance, "x0_prev": x0_prev, **inputs.step_extras}
-        return nets.step.run(feeds)
-
-    output_shape = nets.step.network.tensor("model_output").shape
-    model_input = step(IDENTITY_ROW, np.zeros(output_shape, np.float32), zeros)["model_input"]
-    noise_index = 0
-    for i, t in enumerate(table.timesteps):
-        feeds = {nets.sample_input: model_input, "timestep": np.array([t], np.float32), **inputs.conditioning}
-        model_output = nets.network.run(feeds)[nets.output]
-        noise = zeros
-        if table.stochastic[i]:
-            noise = inputs.noise[noise_index].astype(np.float32)
-            noise_index += 1
-        result = step(table.coefficients[i], model_output, noise)
-        latents, x0_prev, model_input = result["latents_next"], result["x0"], result["model_input"]
-        if callback is not None:
-            callback(i, int(t), latents)
-    return latents
+    def _release(self) -> None:
+        self._state = {}

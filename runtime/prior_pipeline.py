@@ -15,8 +15,9 @@ import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
 from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.denoise import PRIOR_LOOP, LoopInputs
 from kandinsky_trt.runtime.image_processing import clip_image_preprocess
+from kandinsky_trt.runtime.loop import LoopInputs
+from kandinsky_trt.runtime.spec import PRIOR_LOOP
 
 
 @dataclass

@@ -21,14 +21,15 @@ to convert buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from math import prod
 
+from kandinsky_trt.runtime.dtypes import DTYPE_TABLE, DTYPES
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 
 LATENT_SCALE = 8  # MoVQ downsamples 3 times: latent = pixels / 8
 LATENT_CHANNELS = 4
 UNET_OUT_CHANNELS = 8  # 4 noise + 4 learned-variance channels
 INPAINT_IN_CHANNELS = 9  # latents 4 + masked-image latents 4 + mask 1
-DTYPES = ("float32", "float16", "int64", "bool")
 
 
 class SpecError(KandinskyTrtError, ValueError):
@@ -111,6 +112,11 @@ class ResolvedTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one dense tensor of this shape and dtype."""
+        return prod(self.shape) * DTYPE_TABLE[self.dtype].itemsize
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -215,23 +221,46 @@ COEFFICIENT_COLUMNS = (
 K = len(COEFFICIENT_COLUMNS)
 
 
+@dataclass(frozen=True)
+class StepTensors:
+    """The tensor names every step graph shares (guidance + scheduler update, DESIGN §4).
+
+    Inputs: ``latents``, ``model_output`` (the network's output), ``coefficients`` (one table row),
+    ``noise``, ``guidance_scale``, ``x0_prev``; outputs: ``latents_next``, ``x0`` and ``model_input``
+    (the next network input).
+    """
+
+    latents: str = "latents"
+    model_output: str = "model_output"
+    coefficients: str = "coefficients"
+    noise: str = "noise"
+    guidance_scale: str = "guidance_scale"
+    x0_prev: str = "x0_prev"
+    latents_next: str = "latents_next"
+    x0: str = "x0"
+    model_input: str = "model_input"
+
+
+STEP = StepTensors()
+
+
 def _step_spec(name: str, latent: tuple, output: tuple, model_input: tuple, extra: tuple = ()) -> NetworkSpec:
     """Guidance + scheduler update: a tiny elementwise graph run after each network call."""
     return NetworkSpec(
         name,
         inputs=(
-            _t("latents", F32, "B", *latent),
-            _t("model_output", F32, "B2", *output),
-            _t("coefficients", F32, K),
-            _t("noise", F32, "B", *latent),
-            _t("guidance_scale", F32, 1),
-            _t("x0_prev", F32, "B", *latent),
+            _t(STEP.latents, F32, "B", *latent),
+            _t(STEP.model_output, F32, "B2", *output),
+            _t(STEP.coefficients, F32, K),
+            _t(STEP.noise, F32, "B", *latent),
+            _t(STEP.guidance_scale, F32, 1),
+            _t(STEP.x0_prev, F32, "B", *latent),
         )
         + extra,
         outputs=(
-            _t("latents_next", F32, "B", *latent),
-            _t("x0", F32, "B", *latent),
-            _t("model_input", F32, "B2", *model_input),
+            _t(STEP.latents_next, F32, "B", *latent),
+            _t(STEP.x0, F32, "B", *latent),
+            _t(STEP.model_input, F32, "B2", *model_input),
         ),
     )
 
@@ -264,6 +293,51 @@ NETWORK_SOURCE = {
     "movq_decoder": ("decoder", "movq"),
     "movq_encoder": ("decoder", "movq"),
 }
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """How a network and its step graph form one denoising loop (DESIGN §4).
+
+    Per step: ``network`` reads ``sample_input`` (written by the step graph's ``model_input``), the
+    per-step ``timestep`` row and its fixed conditioning, and writes ``output`` (read by the step
+    graph's ``model_output``); ``step`` reads its per-step ``coefficients`` and ``noise`` rows, and
+    its outputs :attr:`carried` back into its inputs. Any other input is fixed for a chunk.
+    """
+
+    network: str  # prior | unet | unet_inpaint
+    step: str  # prior_step | unet_step | unet_inpaint_step
+    sample_input: str  # the network input fed by the step graph's model_input
+    output: str  # the network output fed back to the step graph's model_output
+    timestep: str = "timestep"  # the network's per-step row
+    io: StepTensors = STEP
+
+    @property
+    def carried(self) -> tuple[tuple[str, str], ...]:
+        """(step output, step input) pairs carried to the next step: the latents first, then x0."""
+        return (self.io.latents_next, self.io.latents), (self.io.x0, self.io.x0_prev)
+
+    @property
+    def links(self) -> tuple[tuple[str, str], ...]:
+        """(step tensor, network tensor) pairs that are one buffer on a device."""
+        return (self.io.model_output, self.output), (self.io.model_input, self.sample_input)
+
+    @property
+    def network_fed(self) -> tuple[str, ...]:
+        """Network inputs the loop writes; the others are the chunk's conditioning."""
+        return self.sample_input, self.timestep
+
+    @property
+    def step_fed(self) -> tuple[str, ...]:
+        """Step-graph inputs the loop writes; the others are the chunk's step extras."""
+        io = self.io
+        return io.latents, io.model_output, io.coefficients, io.noise, io.guidance_scale, io.x0_prev
+
+
+PRIOR_LOOP = LoopSpec("prior", "prior_step", "hidden_states", "predicted_image_embedding")
+UNET_LOOP = LoopSpec("unet", "unet_step", "sample", "noise_pred")
+INPAINT_LOOP = LoopSpec("unet_inpaint", "unet_inpaint_step", "sample", "noise_pred")
+LOOPS: dict[str, LoopSpec] = {loop.network: loop for loop in (PRIOR_LOOP, UNET_LOOP, INPAINT_LOOP)}
 
 
 def dim_values(profile: Profile, dims: ModelDims) -> dict[str, int]:

@@ -1,10 +1,10 @@
-"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and the GPU suite's shell.
+"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and GPU-suite pieces.
 
-CPU tests (always run): the device loop on the CPU execution provider — the same bindings,
-ping-pong and identity-row code the CUDA path runs — equals :func:`denoise` on the tiny fp32
+CPU tests (always run): the bound loop on the CPU execution provider — the same bindings,
+ping-pong and identity-row code the CUDA path runs — equals the host loop on the tiny fp32
 artifacts (prior + UnCLIP, UNet + DDPM learned-range with stochastic rows, UNet + DPM-Solver++ 2M,
 which reads the x0 history); graph-id and binding logic against stand-in ORT objects; the wheel
-joining of ``benchmarks/gpu_suite.sh`` with bash on temporary files.
+joining of ``benchmarks/gpu_suite.sh`` is tested in ``test_gpu_suite_shell.py``.
 
 ``gpu`` tests (CUDA graph replay == eager) skip where onnxruntime has no CUDAExecutionProvider;
 they were not executed where this file was written (no GPU there).
@@ -12,11 +12,6 @@ they were not executed where this file was written (no GPU there).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +20,18 @@ import pytest
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.ort_cuda import (
     CudaGraphOptions, DeviceSession, OrtCudaBackend, cuda_available, provider_config, upload)
-from kandinsky_trt.runtime.denoise import LoopInputs, LoopNetworks, denoise
-from kandinsky_trt.runtime.device_loop import LoopNames, make_loop
+from kandinsky_trt.runtime.denoise import HostLoop
+from kandinsky_trt.runtime.device_loop import bound_loop
+from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
+from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.schedulers import scheduler_table
-from kandinsky_trt.runtime.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.spec import PRIOR_LOOP as PRIOR
+from kandinsky_trt.runtime.spec import UNET_LOOP as UNET
+from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
-REPO = Path(__file__).resolve().parents[1]
-SUITE_SH = REPO / "benchmarks" / "gpu_suite.sh"
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,
                "clip_sample_range": 2.0, "prediction_type": "epsilon"}
-PRIOR = LoopNames("prior", "prior_step", "hidden_states", "predicted_image_embedding")
-UNET = LoopNames("unet", "unet_step", "sample", "noise_pred")
 EXACT = 1e-6  # same graphs, same EP: the loops must agree to float32 rounding (measured: 0.0)
 gpu = pytest.mark.skipif(not cuda_available(), reason="onnxruntime has no CUDAExecutionProvider")
 
@@ -49,11 +44,12 @@ def components(artifacts_fp32):
         yield c
 
 
-def _host_nets(c, names: LoopNames) -> LoopNetworks:
-    return LoopNetworks(c.session(names.network), c.session(names.step), names.sample_input, names.output)
+def _host(c, spec: LoopSpec, table, inputs, callback=None) -> np.ndarray:
+    """The host loop on ``c``'s sessions: the reference of the bound loop."""
+    return HostLoop(spec, c.session(spec.network), c.session(spec.step))(table, inputs, callback)
 
 
-def _inputs(c, names: LoopNames, table, seed: int) -> LoopInputs:
+def _inputs(c, names: LoopSpec, table, seed: int) -> LoopInputs:
     """Random inputs of the spec's shapes: N(0,1) floats, text masks of mixed lengths."""
     rng = np.random.default_rng(seed)
     network = c.manifest.network(names.network).resolved
@@ -71,15 +67,15 @@ def _inputs(c, names: LoopNames, table, seed: int) -> LoopInputs:
     return LoopInputs(latents, conditioning, {}, noise, guidance_scale=4.0)
 
 
-def _compare(c, names: LoopNames, table, seeds=(0,)) -> float:
-    """Max |device loop - denoise| over the final latents and every callback, for each seed."""
+def _compare(c, names: LoopSpec, table, seeds=(0,)) -> float:
+    """Max |bound loop - host loop| over the final latents and every callback, for each seed."""
     worst = 0.0
-    with make_loop(c, names, device="cpu") as loop:
+    with bound_loop(c.manifest, names, device="cpu") as loop:
         for seed in seeds:
             inputs = _inputs(c, names, table, seed)
             seen_host, seen_device = [], []
-            expected = denoise(_host_nets(c, names), table, inputs, lambda i, t, x: seen_host.append((i, t, x.copy())))
-            found = loop(_host_nets(c, names), table, inputs, lambda i, t, x: seen_device.append((i, t, x)))
+            expected = _host(c, names, table, inputs, lambda i, t, x: seen_host.append((i, t, x.copy())))
+            found = loop(table, inputs, lambda i, t, x: seen_device.append((i, t, x)))
             assert [s[:2] for s in seen_device] == [s[:2] for s in seen_host]
             diffs = [np.abs(found - expected).max()] + [np.abs(a[2] - b[2]).max() for a, b in zip(seen_device, seen_host)]
             assert found.shape == expected.shape and found.dtype == np.float32
@@ -87,19 +83,19 @@ def _compare(c, names: LoopNames, table, seeds=(0,)) -> float:
     return worst
 
 
-def test_prior_loop_matches_denoise(components):
+def test_prior_loop_matches_the_host_loop(components):
     table = components.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
     assert table.stochastic.any() and not table.stochastic.all()
     assert _compare(components, PRIOR, table, seeds=(0, 1)) <= EXACT
 
 
-def test_unet_ddpm_loop_with_noise_matches_denoise(components):
+def test_unet_ddpm_loop_with_noise_matches_the_host_loop(components):
     table = scheduler_table(DDPM_CONFIG, 4)  # learned-range variance; the t=0 row is deterministic
     assert table.stochastic.any() and not table.stochastic[-1]
     assert _compare(components, UNET, table, seeds=(0, 1)) <= EXACT
 
 
-def test_unet_dpmpp_history_ping_pong_matches_denoise(components):
+def test_unet_dpmpp_history_ping_pong_matches_the_host_loop(components):
     table = components.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
     assert np.any(table.coefficients[:, list(table.to_manifest()["columns"]).index("r")] != 0)  # reads x0_prev
     assert _compare(components, UNET, table) <= EXACT
@@ -111,7 +107,7 @@ def test_single_step_and_ddim(components):
 
 
 def test_buffers_bound_once_and_linked(components):
-    with make_loop(components, UNET, device="cpu") as loop:
+    with bound_loop(components.manifest, UNET, device="cpu") as loop:
         sample = loop.network_buffers["sample"]
         a, b = (run.buffers for run in loop._step_runs)
         assert a["model_input"] is sample and b["model_input"] is sample
@@ -122,8 +118,8 @@ def test_buffers_bound_once_and_linked(components):
         pointers = {name: v.data_ptr() for name, v in loop.network_buffers.items()}
         table = components.scheduler("decoder", 2)
         inputs = _inputs(components, UNET, table, 3)
-        loop(None, table, inputs)
-        loop(UNET, table, inputs)
+        loop(table, inputs)
+        loop(table, inputs)
         assert {name: v.data_ptr() for name, v in loop.network_buffers.items()} == pointers
         assert loop.graph_ids == {"network": None, "step_a": None, "step_b": None}  # CPU EP: no graphs
         # The step graph wrote the next network input straight into the network's sample buffer.
@@ -134,15 +130,13 @@ def test_buffers_bound_once_and_linked(components):
 def test_bad_inputs_are_named(components):
     table = scheduler_table(DDPM_CONFIG, 3)
     good = _inputs(components, UNET, table, 0)
-    with make_loop(components, UNET, device="cpu") as loop:
+    with bound_loop(components.manifest, UNET, device="cpu") as loop:
         with pytest.raises(BackendError, match=r"inputs.conditioning: expected \['encoder_hidden_states'"):
-            loop(None, table, LoopInputs(good.latents, {}, {}, good.noise, 4.0))
+            loop(table, LoopInputs(good.latents, {}, {}, good.noise, 4.0))
         with pytest.raises(BackendError, match=r"inputs.latents: expected float32\[1, 4, 8, 8\], found float32\[2, 4, 8, 8\]"):
-            loop(None, table, LoopInputs(np.concatenate([good.latents] * 2), good.conditioning, {}, good.noise, 4.0))
+            loop(table, LoopInputs(np.concatenate([good.latents] * 2), good.conditioning, {}, good.noise, 4.0))
         with pytest.raises(BackendError, match="inputs.noise: expected 2 rows"):
-            loop(None, table, LoopInputs(good.latents, good.conditioning, {}, None, 4.0))
-        with pytest.raises(BackendError, match="this loop was built for"):
-            loop(PRIOR, table, good)
+            loop(table, LoopInputs(good.latents, good.conditioning, {}, None, 4.0))
 
 
 def test_upload_checks_shape_and_dtype():
@@ -174,7 +168,35 @@ def test_provider_config(monkeypatch):
 @pytest.mark.skipif(cuda_available(), reason="CUDA EP present: the missing-provider message cannot be provoked")
 def test_cuda_without_onnxruntime_gpu_fails_clearly(components):
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
-        make_loop(components, UNET, device="cuda")
+        bound_loop(components.manifest, UNET, device="cuda")
+
+
+def test_backends_return_their_loop(components):
+    """``backend.loop``: the host loop on the CPU, the bound loop for ORT on CUDA; one loop per spec."""
+    from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
+
+    table = components.scheduler("decoder", 2)
+    inputs = _inputs(components, UNET, table, 0)
+    first = components.denoise(UNET, table, inputs)
+    np.testing.assert_array_equal(components.denoise(UNET, table, inputs), first)
+    assert [type(loop) for loop in components._loops.values()] == [HostLoop]
+    with OrtCudaBackend(components.manifest, "cpu") as backend, backend.loop(UNET) as loop:
+        assert type(loop).__name__ == "OrtBoundLoop" and loop.replay_graphs
+        assert np.abs(loop(table, inputs) - first).max() <= EXACT
+    if not cuda_available():  # ORT on CUDA builds the bound loop, which needs onnxruntime-gpu
+        with pytest.raises(BackendError, match="onnxruntime-gpu"):
+            OrtBackend(components.manifest, OrtOptions(device="cuda")).loop(UNET)
+
+
+def test_dtype_table_matches_onnx_and_onnxruntime():
+    import onnx
+    import onnxruntime as ort
+
+    for dtype in DTYPE_TABLE.values():
+        assert onnx.helper.tensor_dtype_to_np_dtype(dtype.onnx) == np.dtype(dtype.name)
+        assert ort.OrtValue.ortvalue_from_shape_and_type([2], np.dtype(dtype.name), "cpu", 0).data_type() == dtype.ort
+        assert np.dtype(dtype.name).itemsize == dtype.itemsize
+    assert ResolvedTensor("x", "float16", (2, 3)).nbytes == 12
 
 
 class _FakeValue:
@@ -223,9 +245,9 @@ def test_each_binding_gets_its_own_graph_id():
     device = DeviceSession(_toy_network(), session, "cuda", CudaGraphOptions())
     runs = [device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}) for _ in range(3)]
     assert [r.graph_id for r in runs] == [1, 2, 3]  # never 0 (ORT's default) nor -1 (capture off)
-    runs[1].run()
-    runs[1].run()
-    runs[1].run(graph=False)  # the same binding eagerly
+    runs[1].enqueue()
+    runs[1].enqueue()
+    runs[1].enqueue(graph=False)  # the same binding eagerly
     assert [graph_id for _, graph_id in session.runs] == ["2", "2", "-1"]
     eager = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions(enabled=False))
     assert eager.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}).graph_id is None
@@ -233,7 +255,7 @@ def test_each_binding_gets_its_own_graph_id():
 
 def test_bind_rejects_wrong_buffers():
     device = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions())
-    with pytest.raises(BackendError, match=r"buffers expected for \['x', 'y'\], found \['x'\]"):
+    with pytest.raises(BackendError, match=r"buffers expected \['x', 'y'\], found \['x'\]"):
         device.bind({"x": _FakeValue((2, 3))})
     with pytest.raises(BackendError, match=r"toy.y: expected a float32\[2, 3\] buffer, found float16\[2, 3\]"):
         device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3), "tensor(float16)")})
@@ -266,8 +288,8 @@ def test_suite_torch_step_matches_the_numpy_reference():
             assert np.abs(f.numpy() - e).max() <= 1e-6  # measured 2.4e-7: float32 rounding
 
 
-def test_suite_torch_loop_matches_denoise(artifacts_fp32):
-    """The torch baseline's loop (tiny fp32 modules on the CPU) against denoise() on the torch backend."""
+def test_suite_torch_loop_matches_the_host_loop(artifacts_fp32):
+    """The torch baseline's loop (tiny fp32 modules on the CPU) against the host loop on the torch backend."""
     import torch
 
     from kandinsky_trt.benchmarks.gpu_suite import torch_loop
@@ -276,7 +298,7 @@ def test_suite_torch_loop_matches_denoise(artifacts_fp32):
     table = scheduler_table(DDPM_CONFIG, 3)
     with Components(artifacts_fp32[0], backend="torch", device="cpu") as c:
         inputs = _inputs(c, UNET, table, 0)
-        expected = denoise(_host_nets(c, UNET), table, inputs)
+        expected = _host(c, UNET, table, inputs)
         module = c.session("unet")._module
         with torch.no_grad():
             found = torch_loop(module, "decoder", table, {k: torch.tensor(v) for k, v in inputs.conditioning.items()},
@@ -310,76 +332,21 @@ def test_suite_graph_check_summary():
     assert summary["without_graphs_repeatable"] is True and summary["max_abs_latents"] == 2.0
 
 
-# ---------------------------------------------------------------- the GPU suite's shell script
-
-
-def _wheel(path: Path, size: int) -> bytes:
-    """A small valid zip named like a wheel, padded with incompressible bytes to ``size``."""
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("ktrt_probe/__init__.py", "VALUE = 42\n")
-        z.writestr("ktrt_probe/pad.bin", np.random.default_rng(0).bytes(size))
-        z.writestr("ktrt_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: ktrt-probe\nVersion: 1.0\n")
-        z.writestr("ktrt_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("ktrt_probe-1.0.dist-info/RECORD", "")
-    return path.read_bytes()
-
-
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("split") is None, reason="needs bash and split")
-def test_suite_joins_split_wheels(tmp_path):
-    source = tmp_path / "src"
-    source.mkdir()
-    whole = _wheel(source / "ktrt_probe-1.0-py3-none-any.whl", 300_000)
-    pieces = tmp_path / "wheels"
-    pieces.mkdir()
-    subprocess.run(["split", "-b", "100000", source / "ktrt_probe-1.0-py3-none-any.whl",
-                    pieces / "ktrt_probe-1.0-py3-none-any.whl.part-"], check=True)
-    assert sorted(p.name for p in pieces.iterdir())[-1].endswith(".part-ad")  # 4 pieces, joined in order
-    (pieces / "other-2.0-py3-none-any.whl").write_bytes(whole)  # an unsplit wheel is taken as it is
-    dest = tmp_path / "joined"
-    result = subprocess.run(["bash", SUITE_SH, "--join-only", pieces, dest], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in dest.iterdir()) == ["ktrt_probe-1.0-py3-none-any.whl", "other-2.0-py3-none-any.whl"]
-    assert (dest / "ktrt_probe-1.0-py3-none-any.whl").read_bytes() == whole
-    assert zipfile.ZipFile(dest / "ktrt_probe-1.0-py3-none-any.whl").testzip() is None
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_suite_refuses_a_missing_piece_and_no_cuda(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(tmp_path / "w.whl", 1000)
-    data = (tmp_path / "w.whl").read_bytes()
-    (wheels / "w-1.0-py3-none-any.whl.part-aa").write_bytes(data[:500])
-    (wheels / "w-1.0-py3-none-any.whl.part-ac").write_bytes(data[500:])  # -ab is missing
-    result = subprocess.run(["bash", SUITE_SH, "--join-only", wheels, tmp_path / "j"], capture_output=True, text=True)
-    assert result.returncode != 0 and "part-ab" in result.stderr
-    if cuda_available():
-        return
-    (wheels / "w-1.0-py3-none-any.whl.part-ac").unlink()
-    _wheel(wheels / "ktrt_probe-1.0-py3-none-any.whl", 100)
-    (wheels / "w-1.0-py3-none-any.whl.part-aa").unlink()
-    env = {**os.environ, "PYTHON": sys.executable, "SITE_DIR": str(tmp_path / "site")}
-    result = subprocess.run(["bash", SUITE_SH, wheels, tmp_path / "out"], capture_output=True, text=True, env=env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "CUDAExecutionProvider" in result.stderr and "onnxruntime-gpu" in result.stderr
-    assert (tmp_path / "site" / "ktrt_probe" / "__init__.py").is_file()  # the wheels were installed first
-
-
 # ---------------------------------------------------------------- GPU (skipped without the CUDA EP)
 
 
-def _graph_vs_eager(c, names: LoopNames, table, seed: int) -> tuple[np.ndarray, ...]:
-    """(first call, replay call, same bindings eagerly, session without graphs, CPU denoise)."""
+def _graph_vs_eager(c, names: LoopSpec, table, seed: int) -> tuple[np.ndarray, ...]:
+    """(first call, replay call, same bindings eagerly, session without graphs, CPU host loop)."""
     inputs = _inputs(c, names, table, seed)
-    with make_loop(c, names, device="cuda", cuda_graph=True) as graphed, \
-            make_loop(c, names, device="cuda", cuda_graph=False) as plain:
+    with bound_loop(c.manifest, names, device="cuda", cuda_graph=True) as graphed, \
+            bound_loop(c.manifest, names, device="cuda", cuda_graph=False) as plain:
         assert set(graphed.graph_ids.values()) == {1, 2}  # network id 1; step bindings 1 and 2
         assert set(plain.graph_ids.values()) == {None}
-        first, replay = graphed(None, table, inputs), graphed(None, table, inputs)  # the second only replays
+        first, replay = graphed(table, inputs), graphed(table, inputs)  # the second only replays
         graphed.replay_graphs = False
-        eager = graphed(None, table, inputs)
-        other = plain(None, table, inputs)
-    return first, replay, eager, other, denoise(_host_nets(c, names), table, inputs)
+        eager = graphed(table, inputs)
+        other = plain(table, inputs)
+    return first, replay, eager, other, _host(c, names, table, inputs)
 
 
 @pytest.mark.gpu

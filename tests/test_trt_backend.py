@@ -1,10 +1,9 @@
-"""The TensorRT backend and the CUDA-graph loop.
+"""The TensorRT backend.
 
 CPU tests (always run): the engine-vs-manifest diff on plain :class:`EngineInfo` data; the backend's
 load / bind / enqueue / run / shared-arena logic against a stand-in ``tensorrt`` module and a
-simulated CUDA memory; :class:`CapturedLoop` (warm-up, capture, replay, invalidation) against a
-simulated CUDA layer whose stream capture records operations and whose graph launch replays them.
-These check our logic, not TensorRT or CUDA themselves.
+simulated CUDA memory (``fake_trt_runtime.py``). These check our logic, not TensorRT or CUDA
+themselves. The CUDA-graph loop's tests are in ``test_cuda_graphs.py``.
 
 ``gpu`` / ``tensorrt`` tests run the real thing and skip where cuda-python, a GPU or TensorRT is
 missing (they were not executed where this file was written: no GPU, no TensorRT there).
@@ -12,13 +11,14 @@ missing (they were not executed where this file was written: no GPU, no TensorRT
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import types
 
 import numpy as np
 import pytest
+from fake_trt_runtime import (  # tests/ is on sys.path under pytest
+    H100, TRT_VERSION, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts)
 
 from kandinsky_trt.runtime import cuda
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -31,13 +31,8 @@ from kandinsky_trt.runtime.backends.trt import (
     check_engine_against_manifest,
     import_tensorrt,
 )
-from kandinsky_trt.runtime.cuda_graphs import BindingSet, CapturedLoop, LoopConfig, RowCopy, StepChain
-from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
 from kandinsky_trt.runtime.spec import ResolvedTensor
-
-H100 = cuda.DeviceInfo(0, "NVIDIA H100 80GB HBM3", "9.0")
-TRT_VERSION = "11.4.0.106"
 
 
 def _unet_entry(engine: dict | None = None) -> NetworkEntry:
@@ -158,119 +153,7 @@ def test_trt_logger_forwards_to_logging_and_keeps_errors(caplog):
     del sink.isEnabledFor
 
 
-# -- a simulated CUDA memory and a stand-in tensorrt module ------------------------------------------
-
-
-class FakeMemory:
-    """Device memory by pointer: one byte array, bump allocation, frees recorded."""
-
-    BASE = 0x10000
-
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.bytes = np.zeros(size, np.uint8)
-        self.top = 0
-        self.freed: list[int] = []
-
-    def alloc(self, nbytes: int) -> int:
-        ptr = self.BASE + self.top
-        self.top += -(-nbytes // 256) * 256  # 256-byte aligned, like cudaMalloc
-        assert self.top <= self.bytes.size
-        return ptr
-
-    def view(self, ptr: int, nbytes: int) -> np.ndarray:
-        offset = ptr - self.BASE
-        return self.bytes[offset:offset + nbytes]
-
-
-class FakeStream:
-    def __init__(self) -> None:
-        self.handle, self.syncs, self.closed = object(), 0, False
-
-    @property
-    def ptr(self) -> int:
-        return 7
-
-    def synchronize(self) -> None:
-        self.syncs += 1
-
-    def close(self) -> None:
-        self.closed, self.handle = True, None
-
-
-def _fake_buffer_class(memory: FakeMemory):
-    class FakeDeviceBuffer:
-        def __init__(self, nbytes: int) -> None:
-            self.nbytes, self.ptr = nbytes, memory.alloc(nbytes)
-
-        def copy_from_host(self, array, stream=None):
-            memory.view(self.ptr, array.nbytes)[:] = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
-
-        def copy_to_host(self, out, stream=None):
-            out.view(np.uint8).reshape(-1)[:] = memory.view(self.ptr, out.nbytes)
-            return out
-
-        def close(self):
-            if self.ptr:
-                memory.freed.append(self.ptr)
-                self.ptr = 0
-
-    return FakeDeviceBuffer
-
-
-class FakeEngine:
-    """An engine with named I/O whose execution is a numpy function over simulated device memory."""
-
-    def __init__(self, tensors: list[TensorInfo], fn, device_memory: int) -> None:
-        self.tensors, self.fn, self.device_memory_size_v2 = {t.name: t for t in tensors}, fn, device_memory
-
-    num_io_tensors = property(lambda self: len(self.tensors))
-
-    def get_tensor_name(self, i):
-        return list(self.tensors)[i]
-
-    def get_tensor_mode(self, name):
-        return types.SimpleNamespace(name=self.tensors[name].mode.upper())
-
-    def get_tensor_dtype(self, name):
-        return self.tensors[name].dtype
-
-    def get_tensor_shape(self, name):
-        return self.tensors[name].shape
-
-    def create_execution_context(self, strategy):
-        assert strategy == "USER_MANAGED"
-        return FakeContext(self)
-
-
-class FakeContext:
-    memory: FakeMemory  # set by the fixture
-
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine, self.addresses, self.device_memory, self.executions = engine, {}, None, 0
-
-    def get_tensor_shape(self, name):
-        return self.engine.get_tensor_shape(name)
-
-    def set_device_memory(self, ptr, size):
-        assert size >= self.engine.device_memory_size_v2
-        self.device_memory = (ptr, size)
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return name in self.engine.tensors
-
-    def execute_async_v3(self, stream_handle):
-        def array(t: TensorInfo):
-            nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
-            return self.memory.view(self.addresses[t.name], nbytes).view(t.dtype).reshape(t.shape)
-
-        tensors = self.engine.tensors.values()
-        outputs = self.engine.fn(**{t.name: array(t).copy() for t in tensors if t.mode == "input"})
-        for t in tensors:
-            if t.mode == "output":
-                array(t)[...] = outputs[t.name]
-        self.executions += 1
-        return True
+# -- the backend against a stand-in tensorrt module and simulated CUDA memory -------------------------
 
 
 def _toy_tensors(name: str) -> list[TensorInfo]:
@@ -285,55 +168,21 @@ TOY_ARENA = {"toy": 1000, "toy2": 5000}
 
 
 def _write_toy_artifacts(directory, version=TRT_VERSION) -> Manifest:
-    networks = []
+    networks = {}
     for name in ("toy", "toy2"):
-        plan = f"plan:{name}".encode()
-        (directory / f"{name}.plan").write_bytes(plan)
         io = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in _toy_tensors(name)]
-        networks.append({
-            "name": name, "onnx": f"{name}.onnx", "onnx_sha256": "c" * 64, "external_data": [], "precision": "fp32",
-            "fp32_islands": [], "inputs": io[:-1], "outputs": io[-1:],
-            "engine": {"file": f"{name}.plan", "sha256": hashlib.sha256(plan).hexdigest(), "tensorrt_version": version,
-                       "gpu_name": H100.name, "compute_capability": "9.0", "onnx_sha256": "c" * 64,
-                       "device_memory_bytes": TOY_ARENA[name]},
-        })
-    manifest = Manifest.from_dict(complete_manifest({
-        "producer": {}, "precision": "fp32",
-        "profile": {"batch": 1, "height": 64, "width": 64, "cfg": True},
-        "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4}, "checkpoints": {},
-        "networks": networks, "constants": [], "schedulers": {}, "tokenizers": {},
-        "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
-    }, directory), directory)
-    manifest.save()
-    return manifest
+        networks[name] = (io[:-1], io[-1:])
+    return write_plan_artifacts(directory, networks, TOY_ARENA, version)
 
 
 @pytest.fixture()
 def fake_trt(monkeypatch):
     """Installs a stand-in ``tensorrt`` and CUDA layer; returns (module, memory, deserialized names)."""
     memory = FakeMemory()
-    FakeContext.memory = memory
     deserialized: list[str] = []
-
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data):
-            name = bytes(data).decode().split(":", 1)[1]
-            deserialized.append(name)
-            return FakeEngine(_toy_tensors(name), TOY_FUNCTIONS[name], TOY_ARENA[name])
-
-    module = types.ModuleType("tensorrt")
-    module.__version__ = TRT_VERSION
-    module.ILogger = type("ILogger", (), {})
-    module.Runtime = Runtime
-    module.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
-    module.nptype = lambda dtype: np.dtype(dtype).type
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(cuda, "device_info", lambda device=None: H100)
-    monkeypatch.setattr(cuda, "Stream", FakeStream)
-    monkeypatch.setattr(cuda, "DeviceBuffer", _fake_buffer_class(memory))
+    module = fake_tensorrt(lambda name: FakeEngine(_toy_tensors(name), TOY_FUNCTIONS[name], TOY_ARENA[name], memory),
+                           deserialized)
+    install(monkeypatch, module, memory)
     return module, memory, deserialized
 
 
@@ -375,27 +224,33 @@ def test_bind_and_enqueue_at_device_level(fake_trt, tmp_path):
     _write_toy_artifacts(tmp_path)
     with TrtBackend(tmp_path) as backend:
         toy = backend.load("toy")
-        with pytest.raises(BackendError, match="no bind"):
-            toy.enqueue()
-        buffers = BindingSet({n: cuda.DeviceBuffer(24) for n in ("x", "y", "z")})
+        buffers = {t.name: backend.allocate(t) for t in toy.network.inputs + toy.network.outputs}
+        assert [b.nbytes for b in buffers.values()] == [24, 24, 24]  # ResolvedTensor.nbytes: 2*3 float32
         with pytest.raises(BackendError, match=r"buffers expected \['x', 'y', 'z'\], found \['x', 'y'\]"):
-            toy.bind({"x": buffers["x"], "y": buffers["y"]})
+            backend.bind("toy", {"x": buffers["x"], "y": buffers["y"]})
         with pytest.raises(BackendError, match=r"toy.z: buffer expected >= 24 bytes"):
-            toy.bind({"x": buffers["x"], "y": buffers["y"], "z": cuda.DeviceBuffer(8)})
-        toy.bind(buffers)
+            backend.bind("toy", {"x": buffers["x"], "y": buffers["y"], "z": cuda.DeviceBuffer(8)})
+        binding = backend.bind("toy", buffers)
+        context = binding._context
+        assert context is not toy._context and context.device_memory == toy._context.device_memory  # one arena
         feeds, syncs = _feeds(1), backend.stream.syncs
         for name, array in feeds.items():
             buffers[name].copy_from_host(array)
-        toy.enqueue()
+        binding.enqueue()
         np.testing.assert_array_equal(buffers["z"].copy_to_host(np.empty((2, 3), np.float32)),
                                       feeds["x"] * feeds["y"] + feeds["x"])
         assert backend.stream.syncs == syncs  # enqueue never synchronizes
-        new_z = cuda.DeviceBuffer(24)
-        buffers.bind("z", new_z)  # rebinding is picked up by the next enqueue
-        toy.enqueue()
-        assert toy._context.addresses["z"] == new_z.ptr
-        toy.run(_feeds(2))  # host-level run uses its own buffers and restores the loop's binding
-        assert toy._context.addresses["z"] == new_z.ptr
+        addresses = dict(context.addresses)
+        other = _feeds(2)
+        np.testing.assert_array_equal(toy.run(other)["z"], other["x"] * other["y"] + other["x"])
+        assert context.addresses == addresses  # host-level run has a context of its own: the binding is untouched
+        np.testing.assert_array_equal(buffers["z"].copy_to_host(np.empty((2, 3), np.float32)),
+                                      feeds["x"] * feeds["y"] + feeds["x"])
+        backend.load("toy2")  # a larger arena: every context follows it, the binding's too
+        assert context.device_memory == toy._context.device_memory and context.device_memory[1] == TOY_ARENA["toy2"]
+        binding.close()
+        with pytest.raises(BackendError, match="toy: expected an open binding, found it closed"):
+            binding.enqueue()
 
 
 def test_tampered_plan_is_refused(fake_trt, tmp_path):
@@ -430,191 +285,3 @@ def test_backend_without_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailableError, match="pip install"):
         TrtBackend(load_manifest(tmp_path))
-
-
-# -- CapturedLoop against a simulated CUDA layer ------------------------------------------------------
-
-
-class FakeCuda:
-    """Stream capture records operations instead of running them; a graph launch replays them."""
-
-    def __init__(self, memory: FakeMemory) -> None:
-        self.memory, self.capturing, self.recorded = memory, False, []
-        self.graphs: dict[int, list] = {}
-        self.execs: dict[int, list] = {}
-        self.next_id = 0
-
-    def _submit(self, op) -> None:
-        if self.capturing:
-            self.recorded.append(op)
-        else:
-            op()
-
-    def memcpy_d2d(self, dst, src, nbytes, stream):
-        self._submit(lambda: self.memory.view(dst, nbytes).__setitem__(slice(None), self.memory.view(src, nbytes)))
-
-    def kernel(self, fn):
-        self._submit(fn)
-
-    def begin_capture(self, stream):
-        assert not self.capturing
-        self.capturing, self.recorded = True, []
-
-    def end_capture(self, stream):
-        self.capturing, self.next_id = False, self.next_id + 1
-        self.graphs[self.next_id] = self.recorded
-        return self.next_id
-
-    def instantiate(self, graph):
-        self.next_id += 1
-        self.execs[self.next_id] = list(self.graphs[graph])
-        return self.next_id
-
-    def launch(self, graph_exec, stream):
-        for op in self.execs[graph_exec]:
-            op()
-
-    def destroy_graph(self, graph):
-        del self.graphs[graph]
-
-    def destroy_graph_exec(self, graph_exec):
-        del self.execs[graph_exec]
-
-
-class Buf:
-    def __init__(self, memory: FakeMemory, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        self.memory, self.nbytes, self.ptr = memory, array.nbytes, memory.alloc(array.nbytes)
-        self.shape = array.shape
-        memory.view(self.ptr, self.nbytes)[:] = np.frombuffer(array.tobytes(), np.uint8)
-
-    def array(self) -> np.ndarray:
-        return self.memory.view(self.ptr, self.nbytes).view(np.float32).reshape(self.shape)
-
-
-STEPS = 6
-
-
-def _toy_loop(enabled: bool, rebind_at: int | None = None):
-    """A denoising-shaped loop: x_next = x * c[0] + c[1] + noise, carried back into x; per-step rows."""
-    memory = FakeMemory()
-    fake = FakeCuda(memory)
-    rng = np.random.default_rng(3)
-    coefficients, noise, x0 = (rng.standard_normal(s).astype(np.float32) for s in ((STEPS, 2), (STEPS, 4), (4,)))
-    bufs = {"x": Buf(memory, x0), "c": Buf(memory, np.zeros(2)), "noise": Buf(memory, np.zeros(4)),
-            "x_next": Buf(memory, np.zeros(4))}
-    bindings = BindingSet(bufs)
-    stream = FakeStream()
-
-    def network(stream_):
-        b = dict(bindings)  # read at enqueue time, like TensorRT addresses
-
-        def run():
-            b["x_next"].array()[:] = b["x"].array() * b["c"].array()[0] + b["c"].array()[1] + b["noise"].array()
-        fake.kernel(run)
-
-    rows = (RowCopy(Buf(memory, coefficients), bufs["c"]), RowCopy(Buf(memory, noise), bufs["noise"]))
-    config = LoopConfig(StepChain((network,), carries=((bufs["x_next"], bufs["x"]),), cuda=fake), rows,
-                        watch=(bindings,), enabled=enabled)
-    loop = CapturedLoop(config, stream, cuda=fake)
-    for step in range(STEPS):
-        if step == rebind_at:
-            bindings.bind("x_next", Buf(memory, np.zeros(4)))  # a new buffer: the graph is stale
-            rows_target = bindings["x_next"]
-            loop.config = LoopConfig(StepChain((network,), ((rows_target, bufs["x"]),), cuda=fake), rows,
-                                     watch=(bindings,), enabled=enabled)
-        loop.step(step)
-    expected = x0.copy()
-    for step in range(STEPS):
-        expected = expected * coefficients[step, 0] + coefficients[step, 1] + noise[step]
-    return loop, fake, stream, bufs["x"].array().copy(), expected
-
-
-def test_graph_replay_equals_eager_and_numpy():
-    graph_loop, fake, stream, graph_x, expected = _toy_loop(enabled=True)
-    eager_loop, _, _, eager_x, _ = _toy_loop(enabled=False)
-    np.testing.assert_allclose(graph_x, expected, rtol=1e-6)
-    np.testing.assert_array_equal(graph_x, eager_x)  # same float32 operations in the same order
-    assert (graph_loop.eager_runs, graph_loop.captures, graph_loop.launches) == (1, 1, STEPS - 1)
-    assert (eager_loop.eager_runs, eager_loop.captures, eager_loop.launches) == (STEPS, 0, 0)
-    assert stream.syncs == 0  # no host sync inside the loop
-    assert len(fake.execs) == 1 and not fake.graphs  # the source graph is freed after instantiation
-    graph_loop.close()
-    assert not fake.execs
-    with pytest.raises(RuntimeError, match="closed"):
-        graph_loop.step(0)
-
-
-def test_rebinding_invalidates_and_recaptures():
-    loop, fake, _, x, expected = _toy_loop(enabled=True, rebind_at=3)
-    np.testing.assert_allclose(x, expected, rtol=1e-6)
-    # steps 0 eager, 1 capture+launch, 2 launch, 3 eager after rebinding, 4 re-capture+launch, 5 launch
-    assert (loop.eager_runs, loop.captures, loop.launches) == (2, 2, 4)
-    assert len(fake.execs) == 1  # the stale graph was destroyed
-
-
-def test_binding_the_same_buffer_keeps_the_generation():
-    buffer = object()
-    bindings = BindingSet({"a": buffer})
-    bindings.bind("a", buffer)
-    assert bindings.generation == 0
-    bindings.update({"a": object()})
-    assert bindings.generation == 1
-
-
-def test_failed_capture_ends_the_capture_and_raises():
-    fake, calls = FakeCuda(FakeMemory()), []
-
-    def enqueue(stream):
-        calls.append(fake.capturing)
-        if fake.capturing:
-            raise BackendError("enqueue failed during capture")
-
-    loop = CapturedLoop(LoopConfig(enqueue), FakeStream(), cuda=fake)
-    loop.step(0)
-    with pytest.raises(BackendError, match="during capture"):
-        loop.step(1)
-    assert calls == [False, True] and not fake.capturing and not fake.graphs and not fake.execs
-
-
-def test_row_copy_validation():
-    memory = FakeMemory()
-    target = Buf(memory, np.zeros(2))
-    with pytest.raises(ValueError, match="whole number of 8-byte rows"):
-        RowCopy(Buf(memory, np.zeros(3)), target)
-    row = RowCopy(Buf(memory, np.zeros((2, 2))), target)
-    with pytest.raises(IndexError, match=r"0 <= step < 2"):
-        row.enqueue(2, FakeStream(), FakeCuda(memory))
-    with pytest.raises(ValueError, match="equal sizes"):
-        StepChain((), carries=((target, Buf(memory, np.zeros(3))),))
-
-
-# -- real CUDA / TensorRT (skipped where unavailable) ------------------------------------------------
-
-
-def _require_cuda():
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
-
-
-@pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager_with_copies():
-    """Real capture/instantiate/launch over D2D copies only (no kernels needed)."""
-    _require_cuda()
-    table = np.arange(STEPS * 4, dtype=np.float32).reshape(STEPS, 4)
-    results = {}
-    for enabled in (True, False):
-        with cuda.Stream() as stream:
-            buffers = [cuda.DeviceBuffer.from_numpy(np.zeros(4, np.float32)) for _ in range(3)]
-            rows_table = cuda.DeviceBuffer.from_numpy(table)
-            target, middle, out = buffers
-            chain = StepChain((lambda s: middle.copy_from(target, s),), carries=((middle, out),))
-            with CapturedLoop(LoopConfig(chain, (RowCopy(rows_table, target),), enabled=enabled), stream) as loop:
-                loop.run(STEPS)
-                stream.synchronize()
-                results[enabled] = out.to_numpy((4,), np.float32)
-                assert loop.captures == (1 if enabled else 0)
-            for b in (*buffers, rows_table):
-                b.close()
-    np.testing.assert_array_equal(results[True], table[-1])
-    np.testing.assert_array_equal(results[False], table[-1])

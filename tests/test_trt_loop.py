@@ -1,12 +1,12 @@
-"""TrtDenoiseLoop: the TensorRT device loop equals the host ``denoise()`` on the same engines.
+"""TrtGraphLoop: the TensorRT strategy of the loop equals the host loop on the same engines.
 
 CPU tests run the loop against the stand-in ``tensorrt`` module and simulated CUDA memory of
-``test_trt_backend.py``, with two additions: engine executions go through the simulated CUDA layer
-(so a stream capture records them and a graph launch replays them with the addresses and arena
-pointer they had when captured, failing if those were freed since), and the engines compute real
+``fake_trt_runtime.py``, with engine executions going through the simulated CUDA layer (so a
+stream capture records them and a graph launch replays them with the addresses and arena pointer
+they had when captured, failing if those were freed since), and engines that compute real
 step maths — a deterministic fake UNet and the step graphs' numpy reference
 (:func:`~kandinsky_trt.runtime.schedulers.apply_step`). The I/O is the real spec resolved at a tiny
-profile. The host reference is ``denoise()`` over the same engines' host-level ``run``. These check
+profile. The host reference is the host loop over the same engines' host-level ``run``. These check
 our loop logic (bindings, uploads, row copies, carries, capture/replay/re-capture, syncs), not
 TensorRT or CUDA themselves.
 
@@ -17,25 +17,21 @@ is missing (it was not executed where this file was written: no GPU, no TensorRT
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import sys
 import types
 
 import numpy as np
 import pytest
-from test_trt_backend import (  # the fakes of the backend tests (tests/ is on sys.path under pytest)
-    H100, TRT_VERSION, FakeContext, FakeCuda, FakeEngine, FakeMemory, FakeStream, _fake_buffer_class)
+from fake_trt_runtime import FakeCuda, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts
 
 from kandinsky_trt.runtime import cuda
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.trt import TensorInfo, TrtBackend
-from kandinsky_trt.runtime.denoise import INPAINT_LOOP, UNET_LOOP, LoopInputs, LoopNetworks, denoise
-from manifest_helpers import complete_manifest
-from kandinsky_trt.runtime.manifest import Manifest
+from kandinsky_trt.runtime.denoise import HostLoop
+from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.schedulers import SchedulerTable, apply_step, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.spec import K, ModelDims, Profile, resolve
-from kandinsky_trt.runtime.trt_loop import TrtDenoiseLoop
+from kandinsky_trt.runtime.spec import INPAINT_LOOP, UNET_LOOP, K, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.trt_loop import TrtGraphLoop
 
 PROFILE = Profile(batch=1, height=64, width=64, cfg=True)
 DIMS = ModelDims(clip_dim=8, text_dim=8, image_size=8, text_len=4)
@@ -85,88 +81,32 @@ def _tensors(name: str) -> list[TensorInfo]:
 
 
 def _write_artifacts(directory) -> None:
-    networks = []
+    networks = {}
     for name in FUNCTIONS:
-        plan, net = f"plan:{name}".encode(), resolve(name, PROFILE, DIMS)
-        (directory / f"{name}.plan").write_bytes(plan)
-        networks.append({
-            "name": name, "onnx": f"{name}.onnx", "onnx_sha256": "c" * 64, "external_data": [], "precision": "fp32",
-            "fp32_islands": [], "inputs": [t.to_dict() for t in net.inputs],
-            "outputs": [t.to_dict() for t in net.outputs],
-            "engine": {"file": f"{name}.plan", "sha256": hashlib.sha256(plan).hexdigest(),
-                       "tensorrt_version": TRT_VERSION, "gpu_name": H100.name, "compute_capability": "9.0",
-                       "onnx_sha256": "c" * 64, "device_memory_bytes": ARENA[name]},
-        })
-    Manifest.from_dict(complete_manifest({
-        "producer": {}, "precision": "fp32", "profile": PROFILE.to_dict(),
-        "model_dims": DIMS.to_dict(), "checkpoints": {}, "networks": networks, "constants": [],
-        "schedulers": {}, "tokenizers": {}, "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
-    }, directory), directory).save()
+        net = resolve(name, PROFILE, DIMS)
+        networks[name] = ([t.to_dict() for t in net.inputs], [t.to_dict() for t in net.outputs])
+    write_plan_artifacts(directory, networks, ARENA, geometry=(PROFILE.to_dict(), DIMS.to_dict()))
 
 
 class _Env(types.SimpleNamespace):
-    """memory, cuda (the simulated CUDA layer), contexts (engine name -> its last context), directory."""
+    """memory, cuda (the simulated CUDA layer), engines (name -> the engine last deserialized), directory."""
 
-
-class LoopContext(FakeContext):
-    """A context whose executions are kernels of the simulated CUDA layer (recorded while capturing)."""
-
-    def __init__(self, engine: "LoopEngine", env: _Env) -> None:
-        super().__init__(engine)
-        self.memory, self.cuda = env.memory, env.cuda
-
-    def execute_async_v3(self, stream_handle):
-        # A kernel uses the addresses and arena it had when enqueued (a captured graph bakes them in).
-        addresses, arena = dict(self.addresses), self.device_memory
-
-        def run():
-            stale = [p for p in (*addresses.values(), arena[0]) if p in self.memory.freed]
-            assert not stale, f"kernel uses freed device memory at {stale}"
-            current, self.addresses = self.addresses, addresses
-            try:
-                FakeContext.execute_async_v3(self, stream_handle)
-            finally:
-                self.addresses = current
-
-        self.cuda.kernel(run)
-        return True
-
-
-class LoopEngine(FakeEngine):
-    def __init__(self, name: str, env: _Env) -> None:
-        super().__init__(_tensors(name), FUNCTIONS[name], ARENA[name])
-        self.name, self.env = name, env
-
-    def create_execution_context(self, strategy):
-        assert strategy == "USER_MANAGED"
-        context = self.env.contexts[self.name] = LoopContext(self, self.env)
-        return context
-
-
-def _fake_tensorrt(env: _Env) -> types.ModuleType:
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data):
-            return LoopEngine(bytes(data).decode().split(":", 1)[1], env)
-
-    module = types.ModuleType("tensorrt")
-    module.__version__, module.ILogger, module.Runtime = TRT_VERSION, type("ILogger", (), {}), Runtime
-    module.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
-    module.nptype = lambda dtype: np.dtype(dtype).type
-    return module
+    def context(self, name: str):
+        """The execution context created last for engine ``name`` (a loop's binding, once one is built)."""
+        return self.engines[name].contexts[-1]
 
 
 @pytest.fixture()
 def env(monkeypatch, tmp_path):
     memory = FakeMemory(1 << 21)
     memory.bytes[:] = 0xFF  # cudaMalloc does not zero: fresh buffers hold NaN bit patterns here
-    env = _Env(memory=memory, cuda=FakeCuda(memory), contexts={}, directory=tmp_path)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(env))
-    monkeypatch.setattr(cuda, "device_info", lambda device=None: H100)
-    monkeypatch.setattr(cuda, "Stream", FakeStream)
-    monkeypatch.setattr(cuda, "DeviceBuffer", _fake_buffer_class(memory))
+    env = _Env(memory=memory, cuda=FakeCuda(memory), engines={}, directory=tmp_path)
+
+    def make_engine(name):
+        env.engines[name] = FakeEngine(_tensors(name), FUNCTIONS[name], ARENA[name], memory, env.cuda)
+        return env.engines[name]
+
+    install(monkeypatch, fake_tensorrt(make_engine), memory)
     _write_artifacts(tmp_path)
     return env
 
@@ -183,12 +123,11 @@ def _inputs(backend: TrtBackend, names, table: SchedulerTable, seed: int) -> Loo
     return LoopInputs(rng.standard_normal(latent).astype(np.float32), conditioning, extras, noise, 4.0)
 
 
-def _host(backend: TrtBackend, names, table, inputs, callback=None) -> np.ndarray:
-    nets = LoopNetworks(backend.load(names.network), backend.load(names.step), names.sample_input, names.output)
-    return denoise(nets, table, inputs, callback)
+def _host(backend: TrtBackend, spec, table, inputs, callback=None) -> np.ndarray:
+    return HostLoop(spec, backend.load(spec.network), backend.load(spec.step))(table, inputs, callback)
 
 
-def _counts(loop: TrtDenoiseLoop) -> tuple[int, int, int]:
+def _counts(loop: TrtGraphLoop) -> tuple[int, int, int]:
     return loop.steps.eager_runs, loop.steps.captures, loop.steps.launches
 
 
@@ -200,12 +139,12 @@ def _counts(loop: TrtDenoiseLoop) -> tuple[int, int, int]:
 def test_loop_equals_host_denoise(env, config, graph):
     """DDIM (deterministic), DDPM with learned variance (noise rows), DPM-Solver++ 2M (x0 -> x0_prev carry)."""
     table = scheduler_table(config, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, graph, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, graph, env.cuda) as loop:
         for chunk, seed in enumerate((1, 2)):  # two chunks: the graph of the first is replayed by the second
             inputs = _inputs(backend, UNET_LOOP, table, seed)
             expected = _host(backend, UNET_LOOP, table, inputs)
             syncs, freed = backend.stream.syncs, len(env.memory.freed)
-            got = loop(UNET_LOOP, table, inputs)
+            got = loop(table, inputs)
             # Same float32 numpy operations in the same order on both paths: bit-identical.
             np.testing.assert_array_equal(got, expected)
             assert backend.stream.syncs == syncs + 1  # one sync per chunk, none inside the loop
@@ -222,28 +161,28 @@ def test_loop_equals_host_denoise(env, config, graph):
 def test_stochastic_rows_reach_the_step_graph(env):
     """A DDPM table's noise rows matter: other noise gives other latents, the same noise the same ones."""
     table = scheduler_table(DDPM, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
         inputs = _inputs(backend, UNET_LOOP, table, 5)
-        first = loop(UNET_LOOP, table, inputs)
-        other = loop(UNET_LOOP, table, LoopInputs(inputs.latents, inputs.conditioning, {}, -inputs.noise, 4.0))
-        again = loop(UNET_LOOP, table, inputs)
+        first = loop(table, inputs)
+        other = loop(table, LoopInputs(inputs.latents, inputs.conditioning, {}, -inputs.noise, 4.0))
+        again = loop(table, inputs)
     assert np.abs(first - other).max() > 1e-2
     np.testing.assert_array_equal(first, again)
 
 
 def test_inpaint_loop_uploads_step_extras(env):
     table = scheduler_table(DDIM, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, INPAINT_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, INPAINT_LOOP, True, env.cuda) as loop:
         inputs = _inputs(backend, INPAINT_LOOP, table, 3)
-        np.testing.assert_array_equal(loop(INPAINT_LOOP, table, inputs), _host(backend, INPAINT_LOOP, table, inputs))
+        np.testing.assert_array_equal(loop(table, inputs), _host(backend, INPAINT_LOOP, table, inputs))
         moved = inputs.step_extras["conditioning"] + 1
         shifted = LoopInputs(inputs.latents, inputs.conditioning, {"conditioning": moved}, inputs.noise, 4.0)
-        np.testing.assert_array_equal(loop(INPAINT_LOOP, table, shifted), _host(backend, INPAINT_LOOP, table, shifted))
+        np.testing.assert_array_equal(loop(table, shifted), _host(backend, INPAINT_LOOP, table, shifted))
 
 
 def test_callback_gets_every_step_and_costs_a_sync_each(env):
     table = scheduler_table(DDPM, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
         inputs = _inputs(backend, UNET_LOOP, table, 4)
         host_calls, device_calls = [], []
         expected = _host(backend, UNET_LOOP, table, inputs, lambda i, t, x: host_calls.append((i, t, x.copy())))
@@ -253,7 +192,7 @@ def test_callback_gets_every_step_and_costs_a_sync_each(env):
             device_calls.append((i, t, x.copy()))
             x[...] = np.nan  # the callback's array is a copy: the loop's state is unaffected
 
-        got = loop(UNET_LOOP, table, inputs, record)
+        got = loop(table, inputs, record)
         assert backend.stream.syncs == syncs + STEPS + 1  # one per step for the callback, one at the end
     np.testing.assert_array_equal(got, expected)
     assert [(i, t) for i, t, _ in device_calls] == [(i, int(t)) for i, t in enumerate(table.timesteps)]
@@ -263,8 +202,8 @@ def test_callback_gets_every_step_and_costs_a_sync_each(env):
 
 def test_grown_arena_forces_a_recapture(env):
     table = scheduler_table(DDIM, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
-        loop(UNET_LOOP, table, _inputs(backend, UNET_LOOP, table, 1))
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+        loop(table, _inputs(backend, UNET_LOOP, table, 1))
         (old_exec, ops), = env.cuda.execs.items()
         generation = backend.generation
         backend.load("movq_decoder")  # needs a larger activation arena: the old one is freed
@@ -273,7 +212,7 @@ def test_grown_arena_forces_a_recapture(env):
             for op in ops:
                 op()
         inputs = _inputs(backend, UNET_LOOP, table, 2)
-        got = loop(UNET_LOOP, table, inputs)
+        got = loop(table, inputs)
         np.testing.assert_array_equal(got, _host(backend, UNET_LOOP, table, inputs))
         # chunk 2: eager warm-up on the new arena, a second capture, and the old graph destroyed
         assert _counts(loop) == (2, 2, 2 * (STEPS - 1))
@@ -283,15 +222,15 @@ def test_grown_arena_forces_a_recapture(env):
 def test_first_network_input_comes_from_the_identity_row(env):
     """Before step 0 the step graph (identity row) writes [x; x] into the network's sample buffer."""
     table = scheduler_table(DDIM, 1)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
         inputs = _inputs(backend, UNET_LOOP, table, 6)
         seen = []
-        unet = env.contexts["unet"]
+        unet = env.context("unet")
         original = unet.engine.fn
         unet.engine.fn = lambda **feeds: (seen.append(feeds["sample"]), original(**feeds))[1]
-        loop(UNET_LOOP, table, inputs)
+        loop(table, inputs)
     np.testing.assert_array_equal(seen[0], np.concatenate([inputs.latents, inputs.latents]))
-    assert loop.network_buffers["sample"] is loop.step_buffers["model_input"]
+    assert loop.network_buffers["sample"] is loop.step_buffers["model_input"]  # spec.links: one buffer
     assert loop.network_buffers["noise_pred"] is loop.step_buffers["model_output"]
 
 
@@ -300,51 +239,51 @@ def test_first_network_input_comes_from_the_identity_row(env):
 
 def test_bad_calls_are_refused_before_anything_is_enqueued(env):
     table = scheduler_table(DDPM, STEPS)
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
         good = _inputs(backend, UNET_LOOP, table, 1)
-        executions = env.contexts["unet_step"].executions
-        with pytest.raises(BackendError, match="this loop was built for"):
-            loop(INPAINT_LOOP, table, good)
+        executions = env.context("unet_step").executions
         with pytest.raises(BackendError, match=r"inputs.noise: expected 6 rows .* found 2"):
-            loop(UNET_LOOP, table, LoopInputs(good.latents, good.conditioning, {}, good.noise[:2], 4.0))
+            loop(table, LoopInputs(good.latents, good.conditioning, {}, good.noise[:2], 4.0))
         missing = {k: v for k, v in good.conditioning.items() if k != "text_embeds"}
         with pytest.raises(BackendError, match=r"inputs.conditioning: expected \['encoder_hidden_states', "
                                                r"'image_embeds', 'text_embeds'\], found"):
-            loop(UNET_LOOP, table, LoopInputs(good.latents, missing, {}, good.noise, 4.0))
+            loop(table, LoopInputs(good.latents, missing, {}, good.noise, 4.0))
         wrong = dict(good.conditioning, text_embeds=good.conditioning["text_embeds"].astype(np.float64))
         with pytest.raises(BackendError, match=r"\['text_embeds'\]: expected float32\[2, 8\], found float64\[2, 8\]"):
-            loop(UNET_LOOP, table, LoopInputs(good.latents, wrong, {}, good.noise, 4.0))
+            loop(table, LoopInputs(good.latents, wrong, {}, good.noise, 4.0))
         with pytest.raises(BackendError, match=r"inputs.latents: expected float32\[1, 4, 8, 8\], found"):
-            loop(UNET_LOOP, table, LoopInputs(good.latents[:, :2], good.conditioning, {}, good.noise, 4.0))
-        assert env.contexts["unet_step"].executions == executions
-        np.testing.assert_array_equal(loop(UNET_LOOP, table, good), _host(backend, UNET_LOOP, table, good))
+            loop(table, LoopInputs(good.latents[:, :2], good.conditioning, {}, good.noise, 4.0))
+        assert env.context("unet_step").executions == executions
+        np.testing.assert_array_equal(loop(table, good), _host(backend, UNET_LOOP, table, good))
 
 
 def test_empty_table_returns_the_latents(env):
     table = SchedulerTable("DDIMScheduler", np.zeros(0, np.int64), np.zeros((0, K), np.float32), np.zeros(0, bool))
-    with TrtBackend(env.directory) as backend, TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda) as loop:
+    with TrtBackend(env.directory) as backend, TrtGraphLoop(backend, UNET_LOOP, True, env.cuda) as loop:
         inputs = _inputs(backend, UNET_LOOP, table, 1)
-        np.testing.assert_array_equal(loop(None, table, inputs), _host(backend, UNET_LOOP, table, inputs))
+        np.testing.assert_array_equal(loop(table, inputs), _host(backend, UNET_LOOP, table, inputs))
         assert _counts(loop) == (0, 0, 0)
 
 
 def test_close_frees_buffers_and_graph_but_not_the_backend(env):
     table = scheduler_table(DDIM, 3)
     backend = TrtBackend(env.directory)
-    loop = TrtDenoiseLoop(backend, UNET_LOOP, True, env.cuda)
-    loop(UNET_LOOP, table, _inputs(backend, UNET_LOOP, table, 1))
+    loop = TrtGraphLoop(backend, UNET_LOOP, True, env.cuda)
+    loop(table, _inputs(backend, UNET_LOOP, table, 1))
     owned = {b.ptr for b in (*loop.network_buffers.values(), *loop.step_buffers.values())}
     assert len(owned) == 6 + 9 - 2  # unet I/O + unet_step I/O; the two linked pairs are one buffer each
+    network_binding = loop._bindings[0]
     loop.close()
     assert owned <= set(env.memory.freed) and not env.cuda.execs
     loop.close()  # idempotent
     with pytest.raises(BackendError, match="found it closed"):
-        loop(UNET_LOOP, table, _inputs(backend, UNET_LOOP, table, 1))
+        loop(table, _inputs(backend, UNET_LOOP, table, 1))
     assert backend.load("unet_step") is not None  # the backend is still open
-    with pytest.raises(BackendError, match="no bind"):  # unbound: no enqueue into freed buffers
-        loop.network.enqueue()
-    feeds = {t.name: np.zeros(t.shape, t.dtype) for t in loop.network.network.inputs}
-    assert loop.network.run(feeds)["noise_pred"].shape == loop.network.network.outputs[0].shape
+    with pytest.raises(BackendError, match="open binding, found it closed"):  # no enqueue into freed buffers
+        network_binding.enqueue()
+    unet = backend.load("unet")
+    feeds = {t.name: np.zeros(t.shape, t.dtype) for t in unet.network.inputs}
+    assert unet.run(feeds)["noise_pred"].shape == unet.network.outputs[0].shape
     backend.close()
 
 
@@ -360,8 +299,8 @@ def test_components_run_trt_loops_and_close_them(env, monkeypatch):
     expected = _host(components.backend, UNET_LOOP, table, inputs)
     np.testing.assert_array_equal(components.denoise(UNET_LOOP, table, inputs), expected)
     np.testing.assert_array_equal(components.denoise(UNET_LOOP, table, inputs), expected)
-    (loop,) = components._device_loops.values()
-    assert isinstance(loop, TrtDenoiseLoop) and _counts(loop) == (1, 1, 2 * STEPS - 1)  # one loop, reused
+    (loop,) = components._loops.values()
+    assert isinstance(loop, TrtGraphLoop) and _counts(loop) == (1, 1, 2 * STEPS - 1)  # one loop, reused
     components.close()
     assert loop._closed and not env.cuda.execs and components.backend._closed
 

@@ -1,18 +1,30 @@
-"""The backend interface: load a network named in the manifest, run it by tensor name.
+"""The backend interface at two levels, and the denoising loop each backend runs.
 
-Every backend (``ort``, ``torch``, ``trt``) returns :class:`NetworkSession` objects with the same
-contract, so pipelines never know which one runs underneath. Standard library + numpy only.
+* Host level, every backend (``ort``, ``torch``, ``trt``): ``load(network)`` returns a
+  :class:`NetworkSession`; ``run(feeds)`` takes and returns host numpy arrays by spec tensor name,
+  so pipelines never know which backend runs underneath.
+* Device level, the backends with device buffers (:class:`DeviceBackend`: ONNX Runtime with IO
+  binding, TensorRT): ``allocate(tensor)`` a buffer, ``bind(network, buffers)`` one buffer to every
+  input and output once, and ``BoundNetwork.enqueue(stream)`` runs on them. The device loops are
+  built on this level only.
+* ``loop(spec, cuda_graph=...)``: the backend's strategy of the one denoising loop
+  (:mod:`kandinsky_trt.runtime.loop`); the default is the host loop over ``load``.
+
+Standard library + numpy at import (the loop modules are imported when a loop is made).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.spec import ResolvedNetwork
+from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+
+if TYPE_CHECKING:
+    from kandinsky_trt.runtime.loop import DenoiseLoop
 
 
 class BackendError(KandinskyTrtError, RuntimeError):
@@ -48,6 +60,15 @@ class Backend(abc.ABC):
     def load(self, network: str) -> NetworkSession:
         """Load ``network`` (a name from the manifest) and check it against the manifest."""
 
+    def loop(self, spec: LoopSpec, cuda_graph: bool = True) -> "DenoiseLoop":
+        """The denoising loop of ``spec`` on this backend; here the host loop (``cuda_graph`` unused).
+
+        The caller closes it; closing a loop never closes the backend.
+        """
+        from kandinsky_trt.runtime.denoise import HostLoop
+
+        return HostLoop(spec, self.load(spec.network), self.load(spec.step))
+
     def close(self) -> None:
         """Free every session this backend created; idempotent."""
 
@@ -56,6 +77,40 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BoundNetwork(abc.ABC):
+    """One network with a device buffer bound to each input and output, once; runs read and write them."""
+
+    def __init__(self, network: ResolvedNetwork, buffers: Mapping[str, Any]) -> None:
+        self.network = network
+        self.buffers = dict(buffers)  # held so that every bound (and captured) address stays valid
+
+    @abc.abstractmethod
+    def enqueue(self, stream: Any = None) -> None:
+        """Run once on the bound buffers, on ``stream`` where the backend takes one."""
+
+    def close(self) -> None:
+        """Release the binding (not the buffers: their owner frees them); idempotent."""
+
+
+class DeviceBackend(Backend):
+    """A backend with device buffers: the device level of the interface (see the module docstring)."""
+
+    @abc.abstractmethod
+    def allocate(self, tensor: ResolvedTensor) -> Any:
+        """A new, uninitialised buffer for ``tensor`` on this backend's device; the caller frees it."""
+
+    @abc.abstractmethod
+    def bind(self, network: str, buffers: Mapping[str, Any]) -> BoundNetwork:
+        """Bind ``buffers`` (one per input and output of ``network``, by name) once."""
+
+
+def check_buffer_names(network: ResolvedNetwork, buffers: Mapping[str, Any]) -> None:
+    """Raise unless ``buffers`` has exactly one entry per input and output of ``network``."""
+    names = sorted(network.input_names + network.output_names)
+    if sorted(buffers) != names:
+        raise BackendError(f"{network.name}: buffers expected {names}, found {sorted(buffers)}")
 
 
 def check_feeds(network: ResolvedNetwork, feeds: Mapping[str, np.ndarray]) -> None:

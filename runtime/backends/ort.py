@@ -15,11 +15,11 @@ import numpy as np
 
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
+from kandinsky_trt.runtime.dtypes import DTYPE_OF_ORT
+from kandinsky_trt.runtime.spec import LoopSpec
 
 log = logging.getLogger(__name__)
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(bool)": "bool"}
 DEVICES = ("cpu", "cuda")
 
 
@@ -34,7 +34,7 @@ def _session_io(session) -> list[str]:
     lines = []
     for kind, items in (("input", session.get_inputs()), ("output", session.get_outputs())):
         for item in items:
-            lines.append(f"{kind} {item.name}: {_ORT_TYPES.get(item.type, item.type)}{list(item.shape)}")
+            lines.append(f"{kind} {item.name}: {DTYPE_OF_ORT.get(item.type, item.type)}{list(item.shape)}")
     return lines
 
 
@@ -47,6 +47,11 @@ class OrtSession(NetworkSession):
     def __init__(self, entry: mf.NetworkEntry, session) -> None:
         super().__init__(entry.resolved)
         self._session = session
+
+    @property
+    def inference_session(self):
+        """The ``onnxruntime.InferenceSession`` (for IO binding: ``ort_cuda.py``); None once closed."""
+        return self._session
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.network, feeds)
@@ -109,6 +114,19 @@ class OrtBackend(Backend):
         self._sessions[network] = OrtSession(entry, session)
         log.debug("loaded %s with %s", network, session.get_providers())
         return self._sessions[network]
+
+    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
+        """The host loop on the CPU; on CUDA the bound loop, over sessions of its own.
+
+        CUDA graphs are a session option, and captured graphs must keep their buffers: the CUDA loop
+        gets its own :class:`~kandinsky_trt.runtime.backends.ort_cuda.OrtCudaBackend` (closed with
+        the loop) rather than this backend's sessions.
+        """
+        if self.options.device != "cuda":
+            return super().loop(spec, cuda_graph)
+        from kandinsky_trt.runtime.device_loop import bound_loop
+
+        return bound_loop(self.manifest, spec, "cuda", cuda_graph)
 
     def close(self) -> None:
         for session in self._sessions.values():

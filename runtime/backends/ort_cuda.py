@@ -3,7 +3,9 @@
 The host backend (``ort.py``) copies numpy feeds in and outputs out on every call. Here every
 input and output of a network is an ``OrtValue`` allocated once, from the resolved spec of the
 manifest entry, on the session's device, and bound by name to an ``IOBinding`` once. A call then
-only runs the binding; the caller updates inputs in place (:func:`upload`) between calls.
+only runs the binding; the caller updates inputs in place (:func:`upload`) between calls. This is
+the device level of the backend interface (``allocate`` / ``bind`` -> :class:`BoundRun`, whose
+``enqueue`` runs the binding); :meth:`OrtCudaBackend.loop` is the bound denoising loop on it.
 
 With the CUDA execution provider and ``CudaGraphOptions(enabled=True)`` the session is created
 with the provider option ``enable_cuda_graph="1"`` and every binding gets its own ``gpu_graph_id``
@@ -13,7 +15,7 @@ ONNX Runtime's CUDA graphs this module relies on (CUDA EP documentation, "Using 
 * capture is per ``gpu_graph_id`` within one session: the first run(s) of an id are ordinary
   runs (they make the arena allocations; ONNX Runtime 1.18+ counts them per id), the next run
   captures and replays, later runs only replay; ``0`` is the default id, so ids here start at 1;
-  ``-1`` runs a binding eagerly (:meth:`BoundRun.run` with ``graph=False``);
+  ``-1`` runs a binding eagerly (:meth:`BoundRun.enqueue` with ``graph=False``);
 * a replay re-issues the recorded kernels on the recorded addresses: the shapes and addresses of
   the bound inputs and outputs must never change for an id, so a binding is never rebound — a
   different set of buffers is a new binding with a new id;
@@ -42,14 +44,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.backends.base import BackendError
+from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend, check_buffer_names
 from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
-from kandinsky_trt.runtime.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.dtypes import DTYPE_OF_ORT
+from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
 log = logging.getLogger(__name__)
 
@@ -114,36 +117,37 @@ def upload(value, array: np.ndarray, name: str) -> None:
         BackendError: shape or dtype differ from the buffer's.
     """
     array = np.asarray(array)
-    expected = (tuple(value.shape()), np.dtype(_NUMPY_OF[value.data_type()]))
+    expected = (tuple(value.shape()), np.dtype(DTYPE_OF_ORT[value.data_type()]))
     if (array.shape, array.dtype) != expected:
         raise BackendError(
             f"{name}: expected {expected[1]}{list(expected[0])}, found {array.dtype}{list(array.shape)}")
     value.update_inplace(np.ascontiguousarray(array))
 
 
-_NUMPY_OF = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-             "tensor(bool)": "bool"}
-
-
-class BoundRun:
+class BoundRun(BoundNetwork):
     """One binding of a session: fixed buffers, one ``gpu_graph_id`` when graphs are enabled."""
 
-    def __init__(self, session, binding, graph_id: int | None, buffers: dict) -> None:
+    def __init__(self, network: ResolvedNetwork, session, binding, graph_id: int | None, buffers: Mapping) -> None:
         import onnxruntime as ort
 
+        super().__init__(network, buffers)
         self._session = session
         self._binding = binding
         self.graph_id = graph_id
-        self.buffers = buffers  # name -> OrtValue; held so that every captured address stays valid
         self._options = {True: ort.RunOptions(), False: ort.RunOptions()}  # graph replay or not
         if graph_id is not None:
             self._options[True].add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
             self._options[False].add_run_config_entry(GRAPH_ID_KEY, str(NO_GRAPH_ID))
 
-    def run(self, graph: bool = True) -> None:
+    def enqueue(self, stream: Any = None, graph: bool = True) -> None:
         """Run once: captured or replayed under this binding's graph id, or eagerly with ``graph=False``
-        (the exact comparison for a replay: same session, kernels and buffers). Returns after the
-        session's stream finished."""
+        (the exact comparison for a replay: same session, kernels and buffers).
+
+        ONNX Runtime runs on its own stream and returns after that stream finished, so ``stream``
+        is not used (it is the interface's: TensorRT takes one).
+        """
+        if self._session is None:
+            raise BackendError(f"{self.network.name}: expected an open binding, found it closed")
         self._session.run_with_iobinding(self._binding, self._options[graph])
 
     def synchronize_inputs(self) -> None:
@@ -152,6 +156,9 @@ class BoundRun:
 
     def synchronize_outputs(self) -> None:
         self._binding.synchronize_outputs()
+
+    def close(self) -> None:
+        self._session = self._binding = None
 
 
 class DeviceSession:
@@ -167,10 +174,6 @@ class DeviceSession:
     @property
     def uses_cuda_graphs(self) -> bool:
         return self.device == "cuda" and self.graphs.enabled
-
-    def allocate(self, name: str):
-        """A fresh buffer for tensor ``name`` of this network, on this session's device."""
-        return allocate(self.network.tensor(name), self.device, self.graphs.device_id)
 
     def bind(self, buffers: Mapping[str, object]) -> BoundRun:
         """Bind one buffer to every input and output of the network, once; returns the run.
@@ -190,15 +193,13 @@ class DeviceSession:
         if self.uses_cuda_graphs:
             graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
         log.debug("%s: bound on %s (graph id %s)", self.network.name, self.device, graph_id)
-        return BoundRun(self._session, binding, graph_id, dict(buffers))
+        return BoundRun(self.network, self._session, binding, graph_id, buffers)
 
     def _check_buffers(self, buffers: Mapping[str, object]) -> None:
-        names = self.network.input_names + self.network.output_names
-        if sorted(buffers) != sorted(names):
-            raise BackendError(f"{self.network.name}: buffers expected for {sorted(names)}, found {sorted(buffers)}")
-        for name in names:
+        check_buffer_names(self.network, buffers)
+        for name in self.network.input_names + self.network.output_names:
             tensor, value = self.network.tensor(name), buffers[name]
-            found = (tuple(value.shape()), _NUMPY_OF.get(value.data_type(), value.data_type()))
+            found = (tuple(value.shape()), DTYPE_OF_ORT.get(value.data_type(), value.data_type()))
             if found != (tensor.shape, tensor.dtype):
                 raise BackendError(
                     f"{self.network.name}.{name}: expected a {tensor.dtype}{list(tensor.shape)} buffer, "
@@ -211,7 +212,7 @@ class DeviceSession:
         self._session = None
 
 
-class OrtCudaBackend(OrtBackend):
+class OrtCudaBackend(OrtBackend, DeviceBackend):
     """Sessions over the ONNX graphs of one artifacts directory, with bound device buffers.
 
     Loading (file, sha256 and I/O checks against the manifest) is :class:`OrtBackend`'s; only the
@@ -233,16 +234,29 @@ class OrtCudaBackend(OrtBackend):
         """Load ``network`` and wrap it for bound runs; one wrapper per network, so graph ids stay unique."""
         if network not in self._device_sessions:
             session = self.load(network)
-            providers = session._session.get_providers()
+            providers = session.inference_session.get_providers()
             if self.options.device == "cuda" and CUDA_PROVIDER not in providers:
                 # onnxruntime falls back to the CPU when the CUDA EP cannot load its libraries.
                 raise BackendError(
                     f"{network}: expected a session on the {CUDA_PROVIDER}, found {providers} (the CUDA EP "
                     "did not load: check that its CUDA and cuDNN libraries match the onnxruntime-gpu build)")
-            # OrtSession keeps its InferenceSession private; bindings need the session itself.
             self._device_sessions[network] = DeviceSession(
-                session.network, session._session, self.options.device, self.graphs)
+                session.network, session.inference_session, self.options.device, self.graphs)
         return self._device_sessions[network]
+
+    def allocate(self, tensor: ResolvedTensor):
+        """An uninitialised ``OrtValue`` for ``tensor`` on this backend's device."""
+        return allocate(tensor, self.options.device, self.graphs.device_id)
+
+    def bind(self, network: str, buffers: Mapping[str, Any]) -> BoundRun:
+        """Bind ``buffers`` to ``network`` once: a new binding with its own graph id (see :meth:`DeviceSession.bind`)."""
+        return self.device_session(network).bind(buffers)
+
+    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
+        """The bound loop on this backend's sessions; ``cuda_graph=False`` runs its bindings eagerly."""
+        from kandinsky_trt.runtime.device_loop import OrtBoundLoop
+
+        return OrtBoundLoop(self, spec, replay_graphs=cuda_graph)
 
     def close(self) -> None:
         for session in self._device_sessions.values():

@@ -12,8 +12,9 @@ Two levels of use:
 
 * :class:`NetworkSession` contract (``run(feeds)`` with host numpy arrays: copy in, enqueue, copy
   out, one stream sync) — what pipelines and tests call;
-* device level for the loops: :meth:`TrtNetwork.bind` device buffers once, :meth:`TrtNetwork.enqueue`
-  on a stream without syncing (capturable by :mod:`kandinsky_trt.runtime.cuda_graphs`).
+* device level for the loops: :meth:`TrtBackend.bind` device buffers once (a :class:`TrtBinding`,
+  with an execution context of its own), :meth:`TrtBinding.enqueue` on a stream without syncing
+  (capturable by :mod:`kandinsky_trt.runtime.cuda_graphs`).
 
 The networks of one backend run one after another on its stream, so they share one activation
 arena: contexts use ``USER_MANAGED`` memory and get one buffer sized to the largest
@@ -35,10 +36,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from kandinsky_trt.runtime import cuda
-from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
+from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
+from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, point_at
 from kandinsky_trt.runtime.errors import KandinskyTrtError
 from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.spec import ResolvedNetwork
+from kandinsky_trt.runtime.spec import LoopSpec, ResolvedTensor
 
 log = logging.getLogger(__name__)
 
@@ -220,87 +222,7 @@ def set_static_input_shapes(engine: Any, context: Any, entry: NetworkEntry) -> N
                                    "expected True, found False (outside the engine's profile)")
 
 
-class TrtNetwork(NetworkSession):
-    """One engine and its execution context; addresses are set by :meth:`bind`, work by :meth:`enqueue`."""
-
-    def __init__(self, network: ResolvedNetwork, engine: Any, context: Any, backend: "TrtBackend") -> None:
-        super().__init__(network)
-        self._engine, self._context, self._backend = engine, context, backend
-        self.device_memory_bytes = int(engine.device_memory_size_v2)
-        self._bound: Mapping[str, Any] | None = None
-        self._bound_generation: int | None = None
-        self._own: dict[str, cuda.DeviceBuffer] = {}
-        self.closed = False
-
-    def set_device_memory(self, arena: cuda.DeviceBuffer | None) -> None:
-        """Point the context at the shared arena (size 0 engines accept a null pointer)."""
-        ptr, size = (arena.ptr, arena.nbytes) if arena is not None else (0, 0)
-        self._context.set_device_memory(ptr, size)
-
-    def bind(self, buffers: Mapping[str, Any]) -> None:
-        """Bind one device buffer per I/O tensor by name (a dict or a ``BindingSet``)."""
-        tensors = self.network.inputs + self.network.outputs
-        expected = {t.name for t in tensors}
-        if set(buffers) != expected:
-            raise BackendError(f"{self.network.name}: buffers expected {sorted(expected)}, found {sorted(buffers)}")
-        for tensor in tensors:
-            buffer, nbytes = buffers[tensor.name], int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
-            if buffer.nbytes < nbytes:
-                raise BackendError(f"{self.network.name}.{tensor.name}: buffer expected >= {nbytes} bytes "
-                                   f"({tensor.dtype}{_fmt(tensor.shape)}), found {buffer.nbytes}")
-            if not self._context.set_tensor_address(tensor.name, buffer.ptr):
-                raise BackendError(f"{self.network.name}.{tensor.name}: set_tensor_address expected True, "
-                                   f"found False ({self._backend.trt_errors()})")
-        self._bound, self._bound_generation = buffers, getattr(buffers, "generation", None)
-
-    def unbind(self) -> None:
-        """Forget the bound buffers (their owner is freeing them): enqueue refuses until the next bind,
-        and ``run`` no longer restores them."""
-        self._bound, self._bound_generation = None, None
-
-    def enqueue(self, stream: cuda.Stream | None = None) -> None:
-        """Enqueue one execution on ``stream`` (default: the backend's); never synchronizes."""
-        if self.closed or self._bound is None:
-            raise BackendError(f"{self.network.name}: expected bound buffers on an open network, "
-                               f"found {'a closed network' if self.closed else 'no bind() call'}")
-        if getattr(self._bound, "generation", None) != self._bound_generation:
-            self.bind(self._bound)  # the binding set changed since the addresses were set
-        stream = stream or self._backend.stream
-        if not self._context.execute_async_v3(stream.ptr):
-            raise BackendError(f"{self.network.name}: execute_async_v3 expected True, found False "
-                               f"({self._backend.trt_errors()})")
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(self.network, feeds)
-        previous = self._bound
-        if not self._own:
-            self._own = {t.name: cuda.DeviceBuffer(max(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize, 1))
-                         for t in self.network.inputs + self.network.outputs}
-        self.bind(self._own)
-        stream = self._backend.stream
-        hosts = [np.ascontiguousarray(feeds[t.name]) for t in self.network.inputs]  # alive until the sync
-        for tensor, host in zip(self.network.inputs, hosts):
-            self._own[tensor.name].copy_from_host(host, stream)
-        self.enqueue(stream)
-        outputs = {t.name: self._own[t.name].copy_to_host(np.empty(t.shape, t.dtype), stream)
-                   for t in self.network.outputs}
-        stream.synchronize()
-        if previous is not None and previous is not self._own:
-            self.bind(previous)  # leave the loop's binding as it was
-        return outputs
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        for buffer in self._own.values():
-            buffer.close()
-        self._own, self._bound = {}, None
-        self._context = None  # the context goes before its engine
-        self._engine = None
-        self.closed = True
-
-
-class TrtBackend(Backend):
+class TrtBackend(DeviceBackend):
     """Loads the plans named in an artifacts manifest onto the current GPU.
 
     Args:
@@ -312,13 +234,14 @@ class TrtBackend(Backend):
 
     def __init__(self, artifacts: str | os.PathLike | Manifest, stream: cuda.Stream | None = None) -> None:
         self.manifest = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
-        self._trt = import_tensorrt()
+        self.trt = import_tensorrt()
         self.device = cuda.device_info()
-        self._logger = make_trt_logger(self._trt)
-        self._runtime = self._trt.Runtime(self._logger)
+        self._logger = make_trt_logger(self.trt)
+        self._runtime = self.trt.Runtime(self._logger)
         self._owns_stream = stream is None
         self.stream = stream if stream is not None else cuda.Stream()
         self._networks: dict[str, TrtNetwork] = {}
+        self._bindings: list[TrtBinding] = []
         self._arena: cuda.DeviceBuffer | None = None
         self.generation = 0  # bumped when the arena moves: captured graphs must be re-captured
         self._closed = False
@@ -335,13 +258,8 @@ class TrtBackend(Backend):
             return cached
         entry = self.manifest.network(network)
         engine = self._deserialize(entry)
-        trt = self._trt
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if context is None:
-            raise BackendError(f"{network}: create_execution_context expected a context, found None "
-                               f"({self.trt_errors()})")
-        set_static_input_shapes(engine, context, entry)
-        check_engine_against_manifest(engine_info(engine, trt, context), entry, self.device)
+        context = self._new_context(engine, entry)
+        check_engine_against_manifest(engine_info(engine, self.trt, context), entry, self.device)
         session = TrtNetwork(entry.resolved, engine, context, self)
         self._networks[network] = session
         self._fit_arena(session)
@@ -349,9 +267,18 @@ class TrtBackend(Backend):
                  session.device_memory_bytes / 2**20)
         return session
 
+    def _new_context(self, engine: Any, entry: NetworkEntry) -> Any:
+        """An execution context of ``engine`` on user-managed memory, with the manifest's input shapes."""
+        context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise BackendError(f"{entry.name}: create_execution_context expected a context, found None "
+                               f"({self.trt_errors()})")
+        set_static_input_shapes(engine, context, entry)
+        return context
+
     def _deserialize(self, entry: NetworkEntry) -> Any:
         built = entry.engine
-        lines = platform_differences(entry, str(self._trt.__version__), self.device)
+        lines = platform_differences(entry, str(self.trt.__version__), self.device)
         if lines:  # a plan from another TensorRT/GPU does not deserialize: say why before trying
             raise EngineMismatchError(entry.name, lines)
         path = self.manifest.path(built["file"])
@@ -382,12 +309,37 @@ class TrtBackend(Backend):
         for net in self._networks.values():
             if not net.closed:
                 net.set_device_memory(self._arena)
+        self._bindings = [b for b in self._bindings if b.open]
+        for binding in self._bindings:
+            binding.set_device_memory(self._arena)
+
+    def allocate(self, tensor: ResolvedTensor) -> cuda.DeviceBuffer:
+        """``cudaMalloc`` for ``tensor`` (at least one byte); the caller closes it."""
+        return cuda.DeviceBuffer(max(tensor.nbytes, 1))
+
+    def bind(self, network: str, buffers: Mapping[str, Any]) -> TrtBinding:
+        """A new execution context of ``network`` with its addresses set to ``buffers`` once."""
+        session = self.load(network)
+        context = self._new_context(session.engine, self.manifest.network(network))
+        point_at(context, self._arena)
+        binding = TrtBinding(session, context, buffers, self)
+        self._bindings.append(binding)
+        return binding
+
+    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
+        """The TensorRT loop (:class:`~kandinsky_trt.runtime.trt_loop.TrtGraphLoop`) on this backend."""
+        from kandinsky_trt.runtime.trt_loop import TrtGraphLoop
+
+        return TrtGraphLoop(self, spec, cuda_graph=cuda_graph)
 
     def close(self) -> None:
         if self._closed:
             return
         if self.stream.handle is not None:
             self.stream.synchronize()
+        for binding in self._bindings:
+            binding.close()
+        self._bindings.clear()
         for session in self._networks.values():
             session.close()
         self._networks.clear()

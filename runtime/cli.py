@@ -49,15 +49,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _save_images(images: list, out: str) -> list[Path]:
-    """``out`` for one image, ``stem-<i>.suffix`` for several; written through a temporary name."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(images))]
-    for image, target in zip(images, paths):
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.save(tmp, format=(target.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-        tmp.replace(target)
-    return paths
+    """``out`` for one image, ``stem-<i>.suffix`` for several; written through unique temporary names."""
+    from kandinsky_trt.runtime.output_paths import image_targets, save_images
+
+    return save_images(images, image_targets(out, len(images)))
+
+
+# API argument -> the flag a CLI user typed, so library errors name the flag.
+_FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "guidance_scale": "--guidance",
+          "prior_guidance_scale": "--prior-guidance", "num_inference_steps": "--steps",
+          "prior_num_inference_steps": "--prior-steps", "num_images_per_prompt": "--num-images",
+          "generator": "--seed", "strength": "--strength", "image": "--image", "mask": "--mask",
+          "mask_image": "--mask", "height": "--height", "width": "--width", "weights": "WEIGHT",
+          "images_and_prompts": "--text/--image", "scheduler": "--scheduler"}
+
+
+def _check_run_args(args: argparse.Namespace, images: int) -> list[Path]:
+    """The checks that need no artifacts, before any work: numbers, seed, output paths."""
+    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime.output_paths import image_targets
+
+    inputs.rng(args.seed)
+    inputs.check_positive_int(args.steps, "num_inference_steps")
+    inputs.check_positive_int(args.prior_steps, "prior_num_inference_steps")
+    for name, flag in (("guidance_scale", "guidance"), ("prior_guidance_scale", "prior_guidance")):
+        if hasattr(args, flag):  # generate's flags; interpolate has none
+            inputs.check_number(getattr(args, flag), name)
+    return image_targets(args.out, images)
 
 
 def _progress(total: int, desc: str):
@@ -75,20 +93,34 @@ def _open_image(path: str | None, name: str):
     from kandinsky_trt.runtime.components import PipelineInputError
 
     try:
-        return Image.open(path).convert("RGB") if name == "--image" else Image.open(path)
-    except OSError as err:
+        image = Image.open(path)
+        image.load()  # PIL reads lazily: a truncated file fails here, not deep in a pipeline
+        return image.convert("RGB") if name == "--image" else image
+    except (OSError, SyntaxError, ValueError) as err:
         raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import inputs
+
+    with inputs.renamed(_FLAGS):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime import combined_pipelines as cp
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.output_paths import save_images
 
-    from kandinsky_trt.runtime.components import PipelineInputError
-
-    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
-    if mask is not None and image is None:
+    n = inputs.check_images_per_prompt(args.num_images, 1)
+    targets = _check_run_args(args, n)
+    inputs.as_prompt_list(args.prompt)
+    if args.mask is not None and args.image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
+    if args.image is not None and args.mask is None:
+        inputs.check_strength(args.strength, args.steps)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
                   width=args.width, prior_guidance_scale=args.prior_guidance,
@@ -105,18 +137,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
         bar.close()
-    for path in _save_images(out.images, args.out):
+    for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
 
 
+def _weight(text: str, flag: str, condition: str) -> float:
+    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime.components import PipelineInputError
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise PipelineInputError(f"{flag} {condition!r} WEIGHT: expected a number, found {text!r}") from None
+    return inputs.check_number(value, f"{flag} WEIGHT")
+
+
 def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import inputs
+
+    with inputs.renamed(_FLAGS):
+        return _interpolate(args)
+
+
+def _interpolate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.components import Components, PipelineInputError
     from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
+    from kandinsky_trt.runtime.output_paths import save_images
     from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
 
-    conditions = [(text, float(w)) for text, w in args.text or []]
-    conditions += [(_open_image(path, "--image").convert("RGB"), float(w)) for path, w in args.image or []]
+    targets = _check_run_args(args, 1)
+    texts = [(text, _weight(w, "--text", text)) for text, w in args.text or []]
+    images = [(path, _weight(w, "--image", path)) for path, w in args.image or []]
+    conditions = texts + [(_open_image(path, "--image").convert("RGB"), w) for path, w in images]
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
@@ -128,7 +181,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
             "", mix.image_embeds, mix.negative_image_embeds, height=args.height, width=args.width,
             num_inference_steps=args.steps, generator=args.seed, callback=callback)
         bar.close()
-    for path in _save_images(out.images, args.out):
+    for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
 
@@ -183,6 +236,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         raise PipelineInputError("--artifacts: expected an artifacts directory (or --compare A.json B.json), found none")
     from kandinsky_trt.benchmarks.harness import BenchConfig, run_benchmark
+    from kandinsky_trt.runtime.output_paths import check_writable_directory
+
+    check_writable_directory(args.out, "--out")
 
     config = BenchConfig(
         artifacts=Path(args.artifacts), backends=tuple(args.backends),

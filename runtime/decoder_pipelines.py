@@ -219,7 +219,8 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
     def _prepare_inputs(self, call: dict, d: dict) -> None:
         if not self.components.has("unet_inpaint"):
             raise PipelineInputError("artifacts: expected an inpaint UNet (export with --inpaint DIR), found none")
-        pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"])
+        with args.renamed({"mask": "mask_image"}):  # image_processing's name for it
+            pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"])
         d["pixels"] = self._pixels(list(pixels[:, None]), d, "image")
         keep = latent_keep_mask(keep, d["latent_shape"][-2:])
         if len(keep) not in (1, d["count"]):

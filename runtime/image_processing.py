@@ -192,7 +192,9 @@ def prepare_inpaint_inputs(
     _check_size(height, width)
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
-    if not images or len(images) != len(masks):
+    if not images:
+        raise ImageInputError("image: expected at least one image, found an empty list")
+    if len(images) != len(masks):
         raise ImageInputError(f"mask: expected one mask per image ({len(images)}), found {len(masks)}")
     pixels = np.stack([_inpaint_image(i, height, width) for i in images])
     repaint = np.stack([_inpaint_repaint_mask(m, height, width) for m in masks])[:, None]

@@ -122,11 +122,13 @@ class KandinskyPriorPipeline:
             negative_embeds = np.repeat(self.components.constant("zero_image_embeds"), len(embeds), axis=0)
         return _output(KandinskyPriorPipelineOutput(image_embeds, negative_embeds), output_type, return_dict)
 
+    def _clip_pixels(self, image) -> np.ndarray:
+        config = self.components.manifest.image_processor
+        return clip_image_preprocess(image, size=config["size"], mean=config["mean"], std=config["std"])
+
     def encode_image(self, image) -> np.ndarray:
         """CLIP image embedding (1, E) of a PIL image, preprocessed like diffusers' CLIPImageProcessor."""
-        config = self.components.manifest.image_processor
-        pixels = clip_image_preprocess(image, size=config["size"], mean=config["mean"], std=config["std"])
-        return self.components.run("image_encoder", {"pixel_values": pixels})["image_embeds"]
+        return self.components.run("image_encoder", {"pixel_values": self._clip_pixels(image)})["image_embeds"]
 
     def interpolate(self, images_and_prompts: list, weights: list[float], num_images_per_prompt: int = 1,
                     num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
@@ -139,30 +141,40 @@ class KandinskyPriorPipeline:
         j-th sample, giving (N, E) (identical for N = 1). ``step_noise``: one array per prior run
         (each text condition in order, then the negative), as in ``__call__``.
         """
-        texts = args.check_conditions(images_and_prompts)
-        weights = args.check_weights(weights, len(images_and_prompts))
-        n = args.check_images_per_prompt(num_images_per_prompt, 1)
-        args.check_guidance(guidance_scale, "guidance_scale", self.components.profile)
-        args.check_positive_int(num_inference_steps, "num_inference_steps")
-        if not isinstance(negative_prompt, str):
-            raise PipelineInputError(f"negative_prompt: expected a str, found {type(negative_prompt).__name__}")
-        args.as_prompt_list(negative_prompt, "negative_prompt")  # valid Unicode
-        if step_noise is not None and (not isinstance(step_noise, (list, tuple)) or len(step_noise) != texts + 1):
-            raise PipelineInputError(f"step_noise: expected a list of {texts + 1} arrays (one per text condition, "
-                                     f"then the negative), found {args.describe(step_noise)}")
+        conditions, weights, n = self._check_interpolate(dict(locals()))
         rng = args.rng(generator)
         noises = iter(step_noise) if step_noise is not None else None
         run = dict(num_images_per_prompt=n, num_inference_steps=num_inference_steps, generator=rng, latents=latents,
                    negative_prompt=negative_prior_prompt, guidance_scale=guidance_scale)
         mixed = 0.0
-        for cond, weight in zip(images_and_prompts, weights):
+        for cond, weight in zip(conditions, weights):
             if isinstance(cond, str):
                 emb = self(cond, step_noise=next(noises) if noises else None, **run).image_embeds
-            else:  # a PIL image
-                emb = np.repeat(self.encode_image(cond), n, axis=0)
+            else:  # CLIP pixels of an image condition
+                emb = np.repeat(self.components.run("image_encoder", {"pixel_values": cond})["image_embeds"], n, 0)
             mixed = mixed + emb * np.float32(weight)
         out = self(negative_prompt, step_noise=next(noises) if noises else None, **run)
         negative = out.negative_image_embeds if negative_prompt == "" else out.image_embeds
         mixed = require_finite(np.asarray(mixed, np.float32), "interpolate (weighted sum of the conditions)",
                                cause="weights too large for float32?")
         return KandinskyPriorPipelineOutput(mixed, negative)
+
+    def _check_interpolate(self, call: dict) -> tuple[list, list[float], int]:
+        """Validate ``interpolate``'s arguments before any network runs; image conditions become CLIP pixels."""
+        texts = args.check_conditions(call["images_and_prompts"])
+        weights = args.check_weights(call["weights"], len(call["images_and_prompts"]))
+        n = args.check_images_per_prompt(call["num_images_per_prompt"], 1)
+        args.check_guidance(call["guidance_scale"], "guidance_scale", self.components.profile)
+        args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
+        args.rng(call["generator"])
+        args.check_array(call["latents"], (n, self.components.manifest.model_dims.clip_dim), "latents")
+        args.negative_prompts(call["negative_prior_prompt"], 1)
+        if not isinstance(call["negative_prompt"], str):
+            raise PipelineInputError(f"negative_prompt: expected a str, found {type(call['negative_prompt']).__name__}")
+        args.as_prompt_list(call["negative_prompt"], "negative_prompt")  # valid Unicode
+        noise = call["step_noise"]
+        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != texts + 1):
+            raise PipelineInputError(f"step_noise: expected a list of {texts + 1} arrays (one per text condition, "
+                                     f"then the negative), found {args.describe(noise)}")
+        conditions = [c if isinstance(c, str) else self._clip_pixels(c) for c in call["images_and_prompts"]]
+        return conditions, weights, n

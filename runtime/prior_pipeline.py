@@ -152,7 +152,8 @@ class KandinskyPriorPipeline:
                 emb = self(cond, step_noise=next(noises) if noises else None, **run).image_embeds
             else:  # CLIP pixels of an image condition
                 emb = np.repeat(self.components.run("image_encoder", {"pixel_values": cond})["image_embeds"], n, 0)
-            mixed = mixed + emb * np.float32(weight)
+            with np.errstate(over="ignore"):  # an overflow is reported below, naming the weights
+                mixed = mixed + emb * np.float32(weight)
         out = self(negative_prompt, step_noise=next(noises) if noises else None, **run)
         negative = out.negative_image_embeds if negative_prompt == "" else out.image_embeds
         mixed = require_finite(np.asarray(mixed, np.float32), "interpolate (weighted sum of the conditions)",

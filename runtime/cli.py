@@ -78,11 +78,27 @@ def _check_run_args(args: argparse.Namespace, images: int) -> list[Path]:
     return image_targets(args.out, images)
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
+class _Progress:
+    """A step callback whose bar appears at the first step, so errors before it print on a clean line."""
 
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
-    return bar, (lambda i, t, latents: bar.update(1))
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.bar = total, desc, None
+
+    def __call__(self, i: int, t: int, latents) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(total: int, desc: str):
+    progress = _Progress(total, desc)
+    return progress, progress
 
 
 def _open_image(path: str | None, name: str):
@@ -161,6 +177,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def _interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import inputs
     from kandinsky_trt.runtime.components import Components, PipelineInputError
     from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
     from kandinsky_trt.runtime.output_paths import save_images
@@ -168,6 +185,8 @@ def _interpolate(args: argparse.Namespace) -> int:
 
     targets = _check_run_args(args, 1)
     texts = [(text, _weight(w, "--text", text)) for text, w in args.text or []]
+    if texts:
+        inputs.check_conditions([text for text, _ in texts])
     images = [(path, _weight(w, "--image", path)) for path, w in args.image or []]
     conditions = texts + [(_open_image(path, "--image").convert("RGB"), w) for path, w in images]
     if not conditions:

@@ -55,52 +55,6 @@ def _save_images(images: list, out: str) -> list[Path]:
     return save_images(images, image_targets(out, len(images)))
 
 
-# API argument -> the flag a CLI user typed, so library errors name the flag.
-_FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "guidance_scale": "--guidance",
-          "prior_guidance_scale": "--prior-guidance", "num_inference_steps": "--steps",
-          "prior_num_inference_steps": "--prior-steps", "num_images_per_prompt": "--num-images",
-          "generator": "--seed", "strength": "--strength", "image": "--image", "mask": "--mask",
-          "mask_image": "--mask", "height": "--height", "width": "--width", "weights": "WEIGHT",
-          "images_and_prompts": "--text/--image", "scheduler": "--scheduler"}
-
-
-def _check_run_args(args: argparse.Namespace, images: int) -> list[Path]:
-    """The checks that need no artifacts, before any work: numbers, seed, output paths."""
-    from kandinsky_trt.runtime import inputs
-    from kandinsky_trt.runtime.output_paths import image_targets
-
-    inputs.rng(args.seed)
-    inputs.check_positive_int(args.steps, "num_inference_steps")
-    inputs.check_positive_int(args.prior_steps, "prior_num_inference_steps")
-    for name, flag in (("guidance_scale", "guidance"), ("prior_guidance_scale", "prior_guidance")):
-        if hasattr(args, flag):  # generate's flags; interpolate has none
-            inputs.check_number(getattr(args, flag), name)
-    return image_targets(args.out, images)
-
-
-class _Progress:
-    """A step callback whose bar appears at the first step, so errors before it print on a clean line."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.bar = total, desc, None
-
-    def __call__(self, i: int, t: int, latents) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="step", leave=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _progress(total: int, desc: str):
-    progress = _Progress(total, desc)
-    return progress, progress
-
-
 def _open_image(path: str | None, name: str):
     if path is None:
         return None
@@ -117,20 +71,20 @@ def _open_image(path: str | None, name: str):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime import cli_checks, inputs
 
-    with inputs.renamed(_FLAGS):
+    with inputs.renamed(cli_checks.FLAGS):
         return _generate(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import cli_checks, inputs
     from kandinsky_trt.runtime import combined_pipelines as cp
-    from kandinsky_trt.runtime import inputs
     from kandinsky_trt.runtime.components import Components, PipelineInputError
     from kandinsky_trt.runtime.output_paths import save_images
 
     n = inputs.check_images_per_prompt(args.num_images, 1)
-    targets = _check_run_args(args, n)
+    targets = cli_checks.run_args(args, n)
     inputs.as_prompt_list(args.prompt)
     if args.mask is not None and args.image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
@@ -143,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
                   prior_num_inference_steps=args.prior_steps, generator=args.seed, scheduler=args.scheduler)
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
-        bar, callback = _progress(steps * args.num_images, "decoder")
+        bar = callback = cli_checks.Progress(steps * args.num_images, "decoder")
         if mask is not None:
             pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
             out = pipe(args.prompt, image, mask, callback=callback, **common)
@@ -158,36 +112,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weight(text: str, flag: str, condition: str) -> float:
-    from kandinsky_trt.runtime import inputs
-    from kandinsky_trt.runtime.components import PipelineInputError
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise PipelineInputError(f"{flag} {condition!r} WEIGHT: expected a number, found {text!r}") from None
-    return inputs.check_number(value, f"{flag} WEIGHT")
-
-
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime import cli_checks, inputs
 
-    with inputs.renamed(_FLAGS):
+    with inputs.renamed(cli_checks.FLAGS):
         return _interpolate(args)
 
 
 def _interpolate(args: argparse.Namespace) -> int:
-    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime import cli_checks, inputs
     from kandinsky_trt.runtime.components import Components, PipelineInputError
     from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
     from kandinsky_trt.runtime.output_paths import save_images
     from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
 
-    targets = _check_run_args(args, 1)
-    texts = [(text, _weight(w, "--text", text)) for text, w in args.text or []]
+    targets = cli_checks.run_args(args, 1)
+    texts = [(text, cli_checks.weight(w, "--text", text)) for text, w in args.text or []]
     if texts:
         inputs.check_conditions([text for text, _ in texts])
-    images = [(path, _weight(w, "--image", path)) for path, w in args.image or []]
+    images = [(path, cli_checks.weight(w, "--image", path)) for path, w in args.image or []]
     conditions = texts + [(_open_image(path, "--image").convert("RGB"), w) for path, w in images]
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
@@ -195,7 +138,7 @@ def _interpolate(args: argparse.Namespace) -> int:
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
                                 num_inference_steps=args.prior_steps, generator=args.seed)
-        bar, callback = _progress(args.steps, "decoder")
+        bar = callback = cli_checks.Progress(args.steps, "decoder")
         out = KandinskyPipeline(components=components)(
             "", mix.image_embeds, mix.negative_image_embeds, height=args.height, width=args.width,
             num_inference_steps=args.steps, generator=args.seed, callback=callback)

@@ -6,8 +6,6 @@ Every error a user can cause (bad arguments, missing or mismatched artifacts) de
 
 from __future__ import annotations
 
-import numpy as np
-
 
 class KandinskyTrtError(Exception):
     """Base class: the message names the argument, what was expected and what was found."""
@@ -24,13 +22,16 @@ class NonFiniteOutputError(KandinskyTrtError, ValueError):
 USER_ERRORS = (KandinskyTrtError,)
 
 
-def require_finite(array: np.ndarray, stage: str, rows: str = "row(s)", cause: str = "") -> np.ndarray:
+def require_finite(array, stage: str, rows: str = "row(s)", cause: str = ""):
     """``array`` unchanged if every value is finite, else :class:`NonFiniteOutputError` naming ``stage``.
 
     One ``isfinite`` pass per stage boundary (never per step): inputs are validated before any
     network runs, so a non-finite value here was made inside ``stage`` (fp16 overflow, or an
-    extreme but finite guidance scale).
+    extreme but finite guidance scale). (numpy is imported here: the manifest and spec modules,
+    which import this one, stay standard-library only.)
     """
+    import numpy as np
+
     finite = np.isfinite(array)
     if finite.all():
         return array

@@ -108,11 +108,12 @@ def _steps_run(strength: float, steps: int, train_timesteps: int) -> bool:
 
 
 def min_strength(steps: int, train_timesteps: int) -> float:
-    """The smallest strength, rounded up to few digits, at which img2img runs at least one step."""
+    """The smallest strength at which img2img runs a step, rounded up to 3 significant digits."""
     exact = max(1.0 / steps, 2.0 / train_timesteps)
-    for digits in range(2, 18):
-        shown = math.ceil(exact * 10**digits) / 10**digits
-        if _steps_run(shown, steps, train_timesteps):
+    for digits in range(3, 18):
+        quantum = 10.0 ** (math.floor(math.log10(exact)) - digits + 1)
+        shown = float(f"{math.ceil(exact / quantum) * quantum:.{digits}g}")
+        if shown >= exact and _steps_run(shown, steps, train_timesteps):
             return shown
     return float(np.nextafter(exact, 2.0))
 
@@ -174,7 +175,8 @@ def float_array(value, name: str, shape: tuple[int, ...] | None = None) -> np.nd
         raise PipelineInputError(f"{name}: expected a float array, found {type(value).__name__} ({err})") from None
     if array.dtype.kind not in "fiu":
         raise PipelineInputError(f"{name}: expected a float array, found dtype {array.dtype}")
-    array = array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused just below
+        array = array.astype(np.float32, copy=False)
     if shape is not None and array.shape != tuple(shape):
         raise PipelineInputError(f"{name}: expected shape {tuple(shape)}, found {array.shape}")
     bad = array.size - int(np.isfinite(array).sum())

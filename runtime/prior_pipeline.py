@@ -169,7 +169,8 @@ class KandinskyPriorPipeline:
         args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
         args.rng(call["generator"])
         args.check_array(call["latents"], (n, self.components.manifest.model_dims.clip_dim), "latents")
-        args.negative_prompts(call["negative_prior_prompt"], 1)
+        with args.renamed({"negative_prompt": "negative_prior_prompt"}):
+            args.negative_prompts(call["negative_prior_prompt"], 1)
         if not isinstance(call["negative_prompt"], str):
             raise PipelineInputError(f"negative_prompt: expected a str, found {type(call['negative_prompt']).__name__}")
         args.as_prompt_list(call["negative_prompt"], "negative_prompt")  # valid Unicode

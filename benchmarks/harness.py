@@ -23,7 +23,8 @@ from kandinsky_trt.benchmarks.environment import peak_host_rss_mb, reset_peak_ho
 from kandinsky_trt.benchmarks.report import BenchResult, StageMeasurement, new_result, stage_result, with_baseline_ratios
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.components import BACKENDS, Components
+from kandinsky_trt.runtime.errors import PipelineInputError
 from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,38 @@ def reference_bounds(names, profile, precision: str, gpu_name: str = "H100 SXM")
     return {"reference_gpu": gpu.name, "lower_bound_ms": bounds}
 
 
+# End-to-end runs and the networks each needs beyond the text-to-image set.
+_PIPELINE_NEEDS = {"text2img": (), "img2img": ("movq_encoder",), "inpaint": ("unet_inpaint", "movq_encoder")}
+
+
+def check_config(config: BenchConfig, manifest: mf.Manifest) -> None:
+    """Refuse what would fail midway, before anything is loaded or timed."""
+    from kandinsky_trt.runtime import inputs
+
+    for name, value in (("--repeat", config.repeat), ("--steps", config.steps), ("--prior-steps", config.prior_steps)):
+        inputs.check_positive_int(value, name)
+    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
+        raise PipelineInputError(f"--warmup: expected an integer >= 0, found {config.warmup!r}")
+    for backend in config.backends:
+        if backend not in BACKENDS:
+            raise PipelineInputError(f"--backends: expected names from {BACKENDS}, found {backend!r}")
+    unknown = [s for s in config.stages or () if s not in manifest.networks]
+    if unknown:
+        raise PipelineInputError(f"--stages: expected networks of {config.artifacts} "
+                                 f"({', '.join(manifest.networks)}), found {', '.join(unknown)}")
+    for kind in config.pipelines:
+        if kind not in _PIPELINE_NEEDS:
+            raise PipelineInputError(f"--pipelines: expected names from {PIPELINES}, found {kind!r}")
+        missing = [n for n in _PIPELINE_NEEDS[kind] if n not in manifest.networks]
+        if missing:
+            hint = " (export with --inpaint DIR)" if "unet_inpaint" in missing else ""
+            raise PipelineInputError(f"--pipelines {kind}: expected artifacts with {', '.join(missing)}{hint}, "
+                                     f"found none in {config.artifacts}")
+
+
 def run_benchmark(config: BenchConfig) -> BenchResult:
     manifest = mf.load_manifest(config.artifacts)
+    check_config(config, manifest)
     # "torch" stages run the diffusers modules through the torch backend; "torch" end to end runs
     # diffusers' pipelines themselves (nothing of ours in the loop).
     components = {b: Components(config.artifacts, b, config.device) for b in config.backends}

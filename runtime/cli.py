@@ -50,22 +50,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _save_images(images: list, out: str) -> list[Path]:
-    """``out`` for one image, ``stem-<i>.suffix`` for several; written through a temporary name."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [path] if len(images) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(images))]
-    for image, target in zip(images, paths):
-        tmp = target.with_name(f".{target.name}.tmp")
-        image.save(tmp, format=(target.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-        tmp.replace(target)
-    return paths
+    """``out`` for one image, ``stem-<i>.suffix`` for several; written through unique temporary names."""
+    from kandinsky_trt.runtime.output_paths import image_targets, save_images
 
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
-    return bar, (lambda i, t, latents: bar.update(1))
+    return save_images(images, image_targets(out, len(images)))
 
 
 def _open_image(path: str | None, name: str):
@@ -76,8 +64,10 @@ def _open_image(path: str | None, name: str):
     from kandinsky_trt.runtime.components import PipelineInputError
 
     try:
-        return Image.open(path).convert("RGB") if name == "--image" else Image.open(path)
-    except OSError as err:
+        image = Image.open(path)
+        image.load()  # PIL reads lazily: a truncated file fails here, not deep in a pipeline
+        return image.convert("RGB") if name == "--image" else image
+    except (OSError, SyntaxError, ValueError) as err:
         raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
 
 
@@ -92,14 +82,26 @@ def _size(args: argparse.Namespace, components) -> tuple[int, int]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import cli_checks, inputs
+
+    with inputs.renamed(cli_checks.FLAGS):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import cli_checks, inputs
     from kandinsky_trt.runtime import combined_pipelines as cp
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.output_paths import save_images
 
-    from kandinsky_trt.runtime.components import PipelineInputError
-
-    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
-    if mask is not None and image is None:
+    n = inputs.check_images_per_prompt(args.num_images, 1)
+    targets = cli_checks.run_args(args, n)
+    inputs.as_prompt_list(args.prompt)
+    if args.mask is not None and args.image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
+    if args.image is not None and args.mask is None:
+        inputs.check_strength(args.strength, args.steps)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
                   prior_guidance_scale=args.prior_guidance, prior_num_inference_steps=args.prior_steps,
@@ -107,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         common["height"], common["width"] = _size(args, components)
         steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
-        bar, callback = _progress(steps * args.num_images, "decoder")
+        bar = callback = cli_checks.Progress(steps * args.num_images, "decoder")
         if mask is not None:
             pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
             out = pipe(args.prompt, image, mask, callback=callback, **common)
@@ -117,18 +119,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
         bar.close()
-    for path in _save_images(out.images, args.out):
+    for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import cli_checks, inputs
+
+    with inputs.renamed(cli_checks.FLAGS):
+        return _interpolate(args)
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime import cli_checks, inputs
     from kandinsky_trt.runtime.components import Components, PipelineInputError
     from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
+    from kandinsky_trt.runtime.output_paths import save_images
     from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
 
-    conditions = [(text, float(w)) for text, w in args.text or []]
-    conditions += [(_open_image(path, "--image").convert("RGB"), float(w)) for path, w in args.image or []]
+    targets = cli_checks.run_args(args, 1)
+    texts = [(text, cli_checks.weight(w, "--text", text)) for text, w in args.text or []]
+    if texts:
+        inputs.check_conditions([text for text, _ in texts])
+    images = [(path, cli_checks.weight(w, "--image", path)) for path, w in args.image or []]
+    conditions = texts + [(_open_image(path, "--image").convert("RGB"), w) for path, w in images]
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
@@ -136,12 +151,12 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
                                 num_inference_steps=args.prior_steps, generator=args.seed)
-        bar, callback = _progress(args.steps, "decoder")
+        bar = callback = cli_checks.Progress(args.steps, "decoder")
         out = KandinskyPipeline(components=components)(
             "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
             num_inference_steps=args.steps, generator=args.seed, callback=callback)
         bar.close()
-    for path in _save_images(out.images, args.out):
+    for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
 
@@ -172,6 +187,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         raise PipelineInputError("--artifacts: expected an artifacts directory (or --compare A.json B.json), found none")
     from kandinsky_trt.benchmarks.harness import BenchConfig, run_benchmark
+    from kandinsky_trt.runtime.output_paths import check_writable_directory
+
+    check_writable_directory(args.out, "--out")
 
     config = BenchConfig(
         artifacts=Path(args.artifacts), backends=tuple(args.backends),

@@ -7,12 +7,11 @@ Fixed diffusers bugs (README "Divergences from diffusers"):
 - a bare PIL image works with several images per prompt (diffusers checks ``prompt`` instead of
   ``image`` and fails).
 As in diffusers, ``latents`` seeds the prior; ``decoder_latents`` / ``noise`` seed the decoder.
-``height``/``width`` default to the artifacts' size, and a size they cannot serve is refused before
-the prior runs.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from kandinsky_trt.runtime import inputs as args
@@ -20,6 +19,11 @@ from kandinsky_trt.runtime.components import Components
 from kandinsky_trt.runtime.decoder_pipelines import (
     KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
 from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
+
+
+# The prior's arguments as the combined pipelines name them (error messages use these).
+_PRIOR_NAMES = {"guidance_scale": "prior_guidance_scale", "num_inference_steps": "prior_num_inference_steps",
+                "step_noise": "prior_step_noise"}
 
 
 class _Combined:
@@ -31,26 +35,33 @@ class _Combined:
         self.prior_pipe = KandinskyPriorPipeline(components=self.components)
         self.decoder_pipe = self.decoder_class(components=self.components)
 
-    def _prior(self, call: dict):
-        """Run the prior for every prompt x image; returns decoder rows (prompts repeated per image)."""
-        args.check_size(call["height"], call["width"], self.components.profile)  # before the prior runs
-        prompts = args.as_prompt_list(call["prompt"])
-        n = args.check_positive_int(call["num_images_per_prompt"], "num_images_per_prompt")
-        rng = args.rng(call["generator"])
-        out = self.prior_pipe(prompts, call["negative_prompt"], n, call["prior_num_inference_steps"], rng,
-                              call["latents"], call["prior_guidance_scale"], step_noise=call["prior_step_noise"])
-        negatives = args.negative_prompts(call["negative_prompt"], len(prompts))
-        repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(n)]  # noqa: E731
-        return out, repeat(prompts), repeat(negatives), rng
+    def _call(self, call: dict, **decoder_inputs):
+        """Validate the decoder's arguments (no network runs), run the prior, then the decoder.
 
-    def _decoder_args(self, call: dict, out, negatives, rng) -> dict:
-        return dict(
-            image_embeds=out.image_embeds, negative_image_embeds=out.negative_image_embeds,
-            negative_prompt=negatives, height=call["height"], width=call["width"],
+        The decoder gets the prompts repeated per image (``num_images_per_prompt`` 1) and one
+        ``decoder_inputs`` entry (images, masks) per row; one generator serves both halves, so the
+        draws come in diffusers' order: prior latents and noise, then the decoder's.
+        """
+        prompts = args.as_prompt_list(call["prompt"])
+        n = args.check_images_per_prompt(call["num_images_per_prompt"], len(prompts))
+        rng = args.rng(call["generator"])
+        repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(n)]  # noqa: E731
+        negatives = args.negative_prompts(call["negative_prompt"], len(prompts))
+        decoder_call = dict(
+            prompt=repeat(prompts), negative_prompt=repeat(negatives), height=call["height"], width=call["width"],
             num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"],
             generator=rng, output_type=call["output_type"], callback=call["callback"],
             callback_steps=call["callback_steps"], return_dict=call["return_dict"], scheduler=call["scheduler"],
-        )
+            **decoder_inputs)
+        bound = inspect.signature(self.decoder_pipe.__call__).bind(image_embeds=None, negative_image_embeds=None,
+                                                                   **decoder_call)
+        bound.apply_defaults()
+        with args.renamed({"latents": "decoder_latents"}):
+            prepared = self.decoder_pipe._prepare(bound.arguments)
+        with args.renamed(_PRIOR_NAMES):
+            out = self.prior_pipe(prompts, call["negative_prompt"], n, call["prior_num_inference_steps"], rng,
+                                  call["latents"], call["prior_guidance_scale"], step_noise=call["prior_step_noise"])
+        return self.decoder_pipe._generate(prepared, out.image_embeds, out.negative_image_embeds)
 
 
 class KandinskyCombinedPipeline(_Combined):
@@ -62,9 +73,7 @@ class KandinskyCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        call = dict(locals())
-        out, prompts, negatives, rng = self._prior(call)
-        return self.decoder_pipe(prompts, latents=decoder_latents, **self._decoder_args(call, out, negatives, rng))
+        return self._call(dict(locals()), latents=decoder_latents)
 
 
 def _images_per_row(image, prompts: int, n: int) -> list:
@@ -86,11 +95,8 @@ class KandinskyImg2ImgCombinedPipeline(_Combined):
                  prior_num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
                  output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
                  scheduler: str | None = None, prior_step_noise=None, noise=None):
-        call = dict(locals())
-        out, prompts, negatives, rng = self._prior(call)
-        images = _images_per_row(image, len(args.as_prompt_list(prompt)), call["num_images_per_prompt"])
-        return self.decoder_pipe(prompts, images, strength=strength, noise=noise,
-                                 **self._decoder_args(call, out, negatives, rng))
+        count, n = len(args.as_prompt_list(prompt)), args.check_images_per_prompt(num_images_per_prompt, 1)
+        return self._call(dict(locals()), image=_images_per_row(image, count, n), strength=strength, noise=noise)
 
 
 class KandinskyInpaintCombinedPipeline(_Combined):
@@ -104,9 +110,6 @@ class KandinskyInpaintCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        call = dict(locals())
-        out, prompts, negatives, rng = self._prior(call)
-        count, n = len(args.as_prompt_list(prompt)), call["num_images_per_prompt"]
-        images, masks = _images_per_row(image, count, n), _images_per_row(mask_image, count, n)
-        return self.decoder_pipe(prompts, images, masks, latents=decoder_latents,
-                                 **self._decoder_args(call, out, negatives, rng))
+        count, n = len(args.as_prompt_list(prompt)), args.check_images_per_prompt(num_images_per_prompt, 1)
+        return self._call(dict(locals()), image=_images_per_row(image, count, n),
+                          mask_image=_images_per_row(mask_image, count, n), latents=decoder_latents)

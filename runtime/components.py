@@ -2,21 +2,25 @@
 
 ``Components`` owns the backend (and so every loaded network), the tokenizers, the constants and
 the scheduler tables; the combined pipelines hand the same instance to their prior and decoder
-halves, so nothing is loaded twice.
+halves, so nothing is loaded twice. Everything is loaded on first use through a :class:`OnceCache`,
+so one instance serves many threads with exactly one session per network; the device loops (which
+own bound buffers) run one call at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from functools import cached_property
+import threading
+from contextlib import nullcontext
 
 import numpy as np
 
 from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
-from kandinsky_trt.runtime.loop import DenoiseLoop, LoopInputs, StepCallback
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.errors import PipelineInputError, require_finite
+from kandinsky_trt.runtime.loop import LoopInputs, StepCallback, conditional_only, guided
+from kandinsky_trt.runtime.once import OnceCache
 from kandinsky_trt.runtime.schedulers import SchedulerTable, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.spec import LoopSpec, Profile
 from kandinsky_trt.runtime.tokenization import TextTokenizer
@@ -26,10 +30,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("ort", "torch", "trt")
 # CLI / API scheduler names -> which manifest config they use.
 DECODER_SCHEDULERS = ("ddim", "ddpm", "dpmpp2m")
-
-
-class PipelineInputError(KandinskyTrtError, ValueError):
-    """A pipeline argument that does not fit the artifacts or diffusers' conventions."""
+__all__ = ["Components", "PipelineInputError", "make_backend"]  # PipelineInputError: its old home
 
 
 def make_backend(name: str, manifest: mf.Manifest, device: str = "cpu") -> Backend:
@@ -64,8 +65,12 @@ class Components:
         self.manifest = mf.load_manifest(artifacts)
         self.backend = make_backend(backend, self.manifest, device)
         self.device, self.cuda_graph = device, cuda_graph
-        self._tables: dict[tuple, SchedulerTable] = {}
-        self._loops: dict[LoopSpec, DenoiseLoop] = {}
+        self._cache = OnceCache()  # sessions, tokenizers, constants, scheduler tables
+        self._loops = OnceCache()  # LoopSpec -> the backend's loop (it holds one call's state)
+        self._loop_locks = OnceCache()  # LoopSpec -> the lock its calls run under
+        # TensorRT engines share one activation arena (sized on load): they must load and run one
+        # after another, so one lock serialises all TensorRT work of this instance.
+        self._trt_lock = threading.RLock() if backend == "trt" else None
 
     def denoise(self, spec: LoopSpec, table: SchedulerTable, inputs: LoopInputs,
                 callback: StepCallback | None = None) -> np.ndarray:
@@ -73,32 +78,62 @@ class Components:
 
         The backend supplies the loop (``backend.loop``): the host loop for ``torch`` and ``ort`` on
         the CPU, the bound loop for ``ort`` on CUDA (``cuda_graph=False``: the same bindings eagerly),
-        the TensorRT loop for ``trt``. One loop per spec, kept until :meth:`close`.
+        the TensorRT loop for ``trt``; one per spec, kept until :meth:`close`. A loop holds one call's
+        state (host arrays or bound device buffers), so its calls run one at a time.
+        ``guidance_scale <= 1`` runs the conditional prediction alone, as diffusers does (for every
+        strategy, prior and decoders alike). The final latents are checked once for NaN/Inf.
         """
-        loop = self._loops.get(spec)
-        if loop is None:
-            loop = self._loops[spec] = self.backend.loop(spec, cuda_graph=self.cuda_graph)
-        return loop(table, inputs, callback)
+        if self.profile.cfg and not guided(inputs.guidance_scale):
+            inputs = conditional_only(inputs)
+
+        def build():
+            with self._serial():
+                return self.backend.loop(spec, cuda_graph=self.cuda_graph)
+
+        loop = self._loops.get(spec, build)
+        with self._serial(), self._loop_locks.get(spec, threading.Lock):
+            latents = loop(table, inputs, callback)
+        return require_finite(latents, f"{spec.network} loop (final latents)")
+
+    def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a stage network once (encoders, MoVQ); every output is checked for NaN/Inf, naming it."""
+        session = self.session(network)
+        with self._serial():
+            outputs = session.run(feeds)
+        for name, array in outputs.items():
+            require_finite(array, f"{network}.{name}")
+        return outputs
 
     @property
     def profile(self) -> Profile:
         return self.manifest.profile
 
     def session(self, network: str) -> NetworkSession:
-        return self.backend.load(network)
+        """The loaded network; created once per ``Components`` whatever the concurrency."""
+        def build() -> NetworkSession:
+            with self._serial():
+                return self.backend.load(network)
+
+        return self._cache.get(("session", network), build)
+
+    def _serial(self):
+        return self._trt_lock if self._trt_lock is not None else nullcontext()
 
     def has(self, network: str) -> bool:
         return network in self.manifest.networks
 
-    @cached_property
+    @property
     def prior_tokenizer(self) -> TextTokenizer:
         return self._tokenizer("prior")
 
-    @cached_property
+    @property
     def decoder_tokenizer(self) -> TextTokenizer:
         return self._tokenizer("decoder")
 
     def _tokenizer(self, which: str) -> TextTokenizer:
+        return self._cache.get(("tokenizer", which), lambda: self._load_tokenizer(which))
+
+    def _load_tokenizer(self, which: str) -> TextTokenizer:
         entry = self.manifest.tokenizers.get(which)
         if entry is None:
             raise BackendError(f"tokenizers.{which}: expected a tokenizer in {self.manifest.directory / mf.MANIFEST_NAME}, "
@@ -110,6 +145,10 @@ class Components:
         return TextTokenizer.from_manifest_entry(entry, self.manifest.directory)
 
     def constant(self, name: str) -> np.ndarray:
+        """A manifest constant, read (and hash-checked) once; the array is read-only."""
+        return self._cache.get(("constant", name), lambda: self._load_constant(name))
+
+    def _load_constant(self, name: str) -> np.ndarray:
         entry = self.manifest.constants.get(name)
         if entry is None:
             raise BackendError(f"constant: expected {name!r} in the manifest, found {sorted(self.manifest.constants)}")
@@ -117,7 +156,9 @@ class Components:
             path = self.manifest.verified_path(entry.file, f"constant {name}")
         except mf.IntegrityError as err:
             raise BackendError(str(err)) from None
-        return np.fromfile(path, dtype="<" + np.dtype(entry.dtype).str[1:]).reshape(entry.shape)
+        array = np.fromfile(path, dtype="<" + np.dtype(entry.dtype).str[1:]).reshape(entry.shape)
+        array.flags.writeable = False  # shared by every caller and thread
+        return array
 
     def scheduler(self, which: str, num_inference_steps: int, name: str | None = None) -> SchedulerTable:
         """The coefficient table of the prior's or decoder's scheduler at ``num_inference_steps``.
@@ -126,14 +167,12 @@ class Components:
         from the shipped config (numpy only).
         """
         key, config = self._scheduler_config(which, name)
-        cache_key = (key, num_inference_steps)
-        if cache_key not in self._tables:
+
+        def build() -> SchedulerTable:
             stored = self.manifest.schedulers.get(key, {}).get("tables", {}).get(str(num_inference_steps))
-            if stored is not None:
-                self._tables[cache_key] = SchedulerTable.from_manifest(stored)
-            else:
-                self._tables[cache_key] = scheduler_table(config, num_inference_steps)
-        return self._tables[cache_key]
+            return SchedulerTable.from_manifest(stored) if stored is not None else scheduler_table(config, num_inference_steps)
+
+        return self._cache.get(("table", key, num_inference_steps), build)
 
     def _scheduler_config(self, which: str, name: str | None) -> tuple[str, dict]:
         schedulers = self.manifest.schedulers
@@ -153,6 +192,7 @@ class Components:
         for loop in self._loops.values():  # before the backend: they free buffers on its stream
             loop.close()
         self._loops.clear()
+        self._cache.clear()
         self.backend.close()
 
     def __enter__(self) -> "Components":

@@ -23,10 +23,11 @@ from typing import Callable
 import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
-from kandinsky_trt.runtime.components import Components, PipelineInputError
+from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.errors import PipelineInputError
+from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.image_processing import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
-from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
 from kandinsky_trt.runtime.spec import INPAINT_LOOP, LATENT_CHANNELS, LATENT_SCALE, UNET_LOOP
 
@@ -52,14 +53,6 @@ class DecoderJob:
     callback: Callable | None = None
 
 
-def _embeds(value, name: str, rows: int) -> np.ndarray:
-    array = np.concatenate([np.asarray(v, np.float32).reshape(-1, np.shape(v)[-1]) for v in value]) \
-        if isinstance(value, (list, tuple)) else np.asarray(value, np.float32)
-    if array.ndim != 2 or array.shape[0] != rows:
-        raise PipelineInputError(f"{name}: expected {rows} rows (one per prompt), found shape {array.shape}")
-    return array
-
-
 class _DecoderPipeline:
     """Shared machinery of the three decoder pipelines."""
 
@@ -71,7 +64,7 @@ class _DecoderPipeline:
 
     def _text(self, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, np.ndarray]:
         ids, mask = self.components.decoder_tokenizer.encode(negatives + prompts if cfg else prompts)
-        out = self.components.session("text_encoder").run({"input_ids": ids, "attention_mask": mask})
+        out = self.components.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
         # The UNet attends to all 77 tokens: diffusers discards the text mask (kandinsky_map §1.3).
         return {"encoder_hidden_states": out["last_hidden_state"], "text_embeds": out["text_embeds"]}
 
@@ -90,9 +83,10 @@ class _DecoderPipeline:
         return LoopInputs(pick(job.latents), conditioning, extras, noise, job.guidance_scale)
 
     def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        batch, movq, images = self.components.profile.batch, self.components.session("movq_decoder"), []
-        for rows in args.chunks(len(latents), batch):
-            images.append(movq.run({"latents": args.take(latents, rows, batch)})["image"][: rows.stop - rows.start])
+        c, images = self.components, []
+        for rows in args.chunks(len(latents), c.profile.batch):
+            feeds = {"latents": args.take(latents, rows, c.profile.batch)}
+            images.append(c.run("movq_decoder", feeds)["image"][: rows.stop - rows.start])
         return np.concatenate(images)
 
     def _run(self, job: DecoderJob) -> np.ndarray:
@@ -103,56 +97,58 @@ class _DecoderPipeline:
             results.append(latents[: rows.stop - rows.start])
         return self._decode_latents(np.concatenate(results))
 
-    def _texts(self, prompt, negative_prompt, n: int, guidance_scale: float) -> tuple[list[str], list[str], int]:
-        prompts = args.as_prompt_list(prompt)
-        negatives = args.negative_prompts(negative_prompt, len(prompts)) or [""] * len(prompts)
-        profile = self.components.profile
-        if guidance_scale > 1.0 and not profile.cfg:
-            raise PipelineInputError(
-                f"guidance_scale: these artifacts were exported without classifier-free guidance "
-                f"(profile {profile.name}), so it must be <= 1; found {guidance_scale}")
-        if guidance_scale <= 1.0:
-            negatives = prompts  # no guidance: both halves see the prompt, the result is the cond prediction
-        repeat = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731 (repeat_interleave)
-        return repeat(prompts), repeat(negatives), len(prompts)
+    def _prepare(self, call: dict) -> dict:
+        """Validate every argument but the image embeddings and preprocess the images on the host.
 
-    def _common(self, call: dict) -> dict:
-        """Validate the arguments every decoder pipeline shares; returns the derived values."""
+        Runs no network and draws nothing, so the combined pipelines call it before their prior.
+        """
         c = self.components
-        n = args.check_positive_int(call["num_images_per_prompt"], "num_images_per_prompt")
+        prompts = args.as_prompt_list(call["prompt"])
+        n = args.check_images_per_prompt(call["num_images_per_prompt"], len(prompts))
         steps = args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
         args.check_output_type(call["output_type"])
-        args.check_positive_int(call["callback_steps"], "callback_steps")
+        guidance = args.check_guidance(call["guidance_scale"], "guidance_scale", c.profile)
+        callback = args.step_callback(call["callback"], call["callback_steps"])
         height, width = args.check_size(call["height"], call["width"], c.profile)
-        prompts, negatives, count = self._texts(call["prompt"], call["negative_prompt"], n, call["guidance_scale"])
-        rows = len(prompts)
-        image_embeds = np.repeat(_embeds(call["image_embeds"], "image_embeds", count), n, axis=0)
-        negative_embeds = np.repeat(_embeds(call["negative_image_embeds"], "negative_image_embeds", count), n, axis=0)
-        callback = call["callback"]
-        if callback is not None:
-            every = call["callback_steps"]
-            user_callback = callback
-            callback = lambda i, t, x: user_callback(i, t, x) if i % every == 0 else None  # noqa: E731
-        latent_shape = (rows, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE)
-        return dict(n=n, steps=steps, prompts=prompts, negatives=negatives, count=count, rows=rows,
-                    image_embeds=image_embeds, negative_embeds=negative_embeds, callback=callback,
-                    latent_shape=latent_shape, table=c.scheduler("decoder", steps, call.get("scheduler")),
-                    rng=args.rng(call["generator"]), height=height, width=width)
+        negatives = args.negative_prompts(call["negative_prompt"], len(prompts)) or [""] * len(prompts)
+        repeat = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731 (repeat_interleave)
+        rows = len(prompts) * n
+        d = dict(n=n, steps=steps, prompts=repeat(prompts), negatives=repeat(negatives), count=len(prompts),
+                 rows=rows, guidance=guidance, callback=callback, height=height, width=width,
+                 latent_shape=(rows, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE),
+                 table=c.scheduler("decoder", steps, call["scheduler"]), rng=args.rng(call["generator"]),
+                 output_type=call["output_type"], return_dict=call["return_dict"])
+        self._prepare_inputs(call, d)  # may replace d["table"] by the part img2img runs
+        stochastic = int(d["table"].stochastic.sum())
+        d["step_noise"] = args.check_array(call["step_noise"], (stochastic, *d["latent_shape"]), "step_noise")
+        return d
 
-    def _step_noise(self, table: SchedulerTable, shape: tuple, step_noise, rng) -> np.ndarray | None:
-        count = int(table.stochastic.sum())
-        if count == 0 and step_noise is None:
-            return None
-        return args.draw_or_check(step_noise, (count, *shape), "step_noise", rng)
+    def _prepare_inputs(self, call: dict, d: dict) -> None:
+        """Pipeline-specific arguments: the explicit initial ``latents``."""
+        d["latents"] = args.check_array(call["latents"], d["latent_shape"], "latents")
 
-    def _finish(self, job: DecoderJob, output_type: str, return_dict: bool):
-        images = postprocess(self._run(job), output_type)
-        return ImagePipelineOutput(images) if return_dict else (images,)
+    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
+        """Initial latents (drawn unless given) and extra job fields."""
+        latents = args.draw_or_check(d["latents"], d["latent_shape"], "latents", d["rng"])
+        return latents * np.float32(d["table"].init_noise_sigma), {}
 
-    def _job(self, d: dict, latents: np.ndarray, table: SchedulerTable, call: dict, **extra) -> DecoderJob:
-        return DecoderJob(d["prompts"], d["negatives"], d["image_embeds"], d["negative_embeds"], latents, table,
-                          call["guidance_scale"], self._step_noise(table, d["latent_shape"], call["step_noise"], d["rng"]),
-                          callback=d["callback"], **extra)
+    def _generate(self, d: dict, image_embeds, negative_image_embeds):
+        """Check the embeddings, draw what was not given (diffusers' order), run the networks."""
+        width = self.components.manifest.model_dims.clip_dim
+        embeds = [np.repeat(args.embeddings(value, name, d["count"], width), d["n"], axis=0)
+                  for value, name in ((image_embeds, "image_embeds"), (negative_image_embeds, "negative_image_embeds"))]
+        latents, extra = self._start(d)
+        table, step_noise = d["table"], d["step_noise"]
+        if step_noise is None and table.stochastic.any():
+            step_noise = d["rng"].standard_normal((int(table.stochastic.sum()), *d["latent_shape"]), dtype=np.float32)
+        job = DecoderJob(d["prompts"], d["negatives"], *embeds, latents, table, d["guidance"], step_noise,
+                         callback=d["callback"], **extra)
+        images = postprocess(self._run(job), d["output_type"])
+        return ImagePipelineOutput(images) if d["return_dict"] else (images,)
+
+    def _call(self, call: dict):
+        call.pop("self", None)
+        return self._generate(self._prepare(call), call["image_embeds"], call["negative_image_embeds"])
 
 
 class KandinskyPipeline(_DecoderPipeline):
@@ -164,11 +160,7 @@ class KandinskyPipeline(_DecoderPipeline):
                  guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
                  latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, step_noise=None):
-        call = dict(locals())
-        d = self._common(call)
-        table = d["table"]
-        latents = args.draw_or_check(latents, d["latent_shape"], "latents", d["rng"]) * np.float32(table.init_noise_sigma)
-        return self._finish(self._job(d, latents, table, call), output_type, return_dict)
+        return self._call(dict(locals()))
 
 
 class KandinskyImg2ImgPipeline(_DecoderPipeline):
@@ -176,6 +168,7 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
 
     ``noise`` is the draw mixed into the encoded image (Kandinsky's own linear 1e-4..0.02 schedule at
     ``t = int(1000 * strength) - 2``). ``image``: one image (used for every prompt) or one per prompt.
+    A ``strength`` so small that no step would run raises (diffusers silently runs none).
     """
 
     def __call__(self, prompt, image, image_embeds, negative_image_embeds, negative_prompt=None,
@@ -183,26 +176,34 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
                  strength: float = 0.3, guidance_scale: float = 7.0, num_images_per_prompt: int = 1,
                  generator: args.Generator = None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, noise=None, step_noise=None):
-        call = dict(locals())
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-            raise PipelineInputError(f"strength: expected a number in (0, 1], found {strength!r}")
-        d = self._common(call)
-        images = image if isinstance(image, (list, tuple)) else [image]
-        pixels = [prepare_img2img_image(i, d["height"], d["width"]) for i in images]
-        encoded = self._encode_images(np.concatenate(pixels), d["count"], "image")
-        table, _ = img2img_timesteps(d["table"], d["steps"], strength)
-        noise = args.draw_or_check(noise, d["latent_shape"], "noise", d["rng"])
-        start = np.repeat(encoded, d["n"], axis=0) * np.float32(table.init_noise_sigma)
-        latents = img2img_add_noise(start, noise, strength, d["table"].config.get("num_train_timesteps", 1000))
-        return self._finish(self._job(d, latents, table, call), output_type, return_dict)
+        return self._call(dict(locals()))
 
-    def _encode_images(self, pixels: np.ndarray, count: int, name: str) -> np.ndarray:
+    def _prepare_inputs(self, call: dict, d: dict) -> None:
+        train = d["table"].config.get("num_train_timesteps", 1000)
+        d["strength"] = args.check_strength(call["strength"], d["steps"], train)
+        images = call["image"] if isinstance(call["image"], (list, tuple)) else [call["image"]]
+        d["pixels"] = self._pixels([prepare_img2img_image(i, d["height"], d["width"]) for i in images], d, "image")
+        d["train_timesteps"], d["table"] = train, img2img_timesteps(d["table"], d["steps"], d["strength"])[0]
+        d["noise"] = args.check_array(call["noise"], d["latent_shape"], "noise")
+
+    @staticmethod
+    def _pixels(pixels: list[np.ndarray], d: dict, name: str) -> np.ndarray:
+        if len(pixels) not in (1, d["count"]):
+            raise PipelineInputError(f"{name}: expected 1 image or one per prompt ({d['count']}), found {len(pixels)}")
+        return np.concatenate(pixels)
+
+    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
+        encoded = self._encode_images(d["pixels"], d["count"])
+        noise = args.draw_or_check(d["noise"], d["latent_shape"], "noise", d["rng"])
+        start = np.repeat(encoded, d["n"], axis=0) * np.float32(d["table"].init_noise_sigma)
+        return img2img_add_noise(start, noise, d["strength"], d["train_timesteps"]), {}
+
+    def _encode_images(self, pixels: np.ndarray, count: int) -> np.ndarray:
         """MoVQ-encode ``pixels`` and broadcast one image to every prompt."""
-        if len(pixels) not in (1, count):
-            raise PipelineInputError(f"{name}: expected 1 image or one per prompt ({count}), found {len(pixels)}")
-        batch, movq, out = self.components.profile.batch, self.components.session("movq_encoder"), []
-        for rows in args.chunks(len(pixels), batch):
-            out.append(movq.run({"image": args.take(pixels, rows, batch)})["latents"][: rows.stop - rows.start])
+        c, out = self.components, []
+        for rows in args.chunks(len(pixels), c.profile.batch):
+            feeds = {"image": args.take(pixels, rows, c.profile.batch)}
+            out.append(c.run("movq_encoder", feeds)["latents"][: rows.stop - rows.start])
         latents = np.concatenate(out)
         return np.repeat(latents, count, axis=0) if len(latents) == 1 else latents
 
@@ -218,18 +219,22 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
                  guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
                  latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, step_noise=None):
-        call = dict(locals())
+        return self._call(dict(locals()))
+
+    def _prepare_inputs(self, call: dict, d: dict) -> None:
         if not self.components.has("unet_inpaint"):
             raise PipelineInputError("artifacts: expected an inpaint UNet (export with --inpaint DIR), found none")
-        d = self._common(call)
-        pixels, keep = prepare_inpaint_inputs(image, mask_image, d["height"], d["width"])
-        image_latents = self._encode_images(pixels, d["count"], "image")
-        keep = latent_keep_mask(keep, image_latents.shape[-2:])
+        with args.renamed({"mask": "mask_image"}):  # image_processing's name for it
+            pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"])
+        d["pixels"] = self._pixels(list(pixels[:, None]), d, "image")
+        keep = latent_keep_mask(keep, d["latent_shape"][-2:])
         if len(keep) not in (1, d["count"]):
             raise PipelineInputError(f"mask_image: expected 1 mask or one per prompt ({d['count']}), found {len(keep)}")
-        keep = np.repeat(keep, d["count"] // len(keep), axis=0)
-        conditioning = np.repeat(np.concatenate([image_latents * keep, keep], axis=1), d["n"], axis=0)
-        table = d["table"]
-        latents = args.draw_or_check(latents, d["latent_shape"], "latents", d["rng"]) * np.float32(table.init_noise_sigma)
-        job = self._job(d, latents, table, call, inpaint_conditioning=conditioning)
-        return self._finish(job, output_type, return_dict)
+        d["keep"] = np.repeat(keep, d["count"] // len(keep), axis=0)
+        d["latents"] = args.check_array(call["latents"], d["latent_shape"], "latents")
+
+    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
+        image_latents = self._encode_images(d["pixels"], d["count"])
+        conditioning = np.repeat(np.concatenate([image_latents * d["keep"], d["keep"]], axis=1), d["n"], axis=0)
+        latents, _ = _DecoderPipeline._start(self, d)
+        return latents, {"inpaint_conditioning": conditioning}

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.errors import KandinskyTrtError, NonFiniteOutputError, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,24 @@ class ImageInputError(KandinskyTrtError, ValueError):
     """An image or mask of the wrong type, shape, size or value range."""
 
 
-class NonFiniteOutputError(KandinskyTrtError, ValueError):
-    """The decoder produced NaN or Inf (e.g. fp16 overflow); refusing to turn it into an image."""
+__all__ = ["ImageInputError", "NonFiniteOutputError", "clip_image_preprocess", "latent_keep_mask", "postprocess",
+           "prepare_img2img_image", "prepare_inpaint_inputs"]  # NonFiniteOutputError: its old home
+
+
+def _pil(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image with its pixels read (PIL opens files lazily) and a non-empty size."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files surface only here
+        raise ImageInputError(f"{name}: expected a readable image, found a broken one ({err})") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageInputError(f"{name}: expected an image of at least 1x1 pixels, found {image.width}x{image.height}")
+    return image
+
+
+def _check_not_empty(array: np.ndarray, name: str) -> None:
+    if array.ndim >= 2 and min(array.shape[:2]) < 1:
+        raise ImageInputError(f"{name}: expected an image of at least 1x1 pixels, found shape {array.shape}")
 
 
 def _check_size(height: int, width: int) -> None:
@@ -59,7 +75,7 @@ def _check_size(height: int, width: int) -> None:
 
 def _resize_pil_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
     """PIL bicubic resize with ``reducing_gap=1`` (diffusers' setting), then RGB, as uint8 HWC."""
-    resized = image.resize((width, height), resample=Image.BICUBIC, reducing_gap=1)
+    resized = _pil(image, "image").resize((width, height), resample=Image.BICUBIC, reducing_gap=1)
     return np.asarray(resized.convert("RGB"))
 
 
@@ -74,6 +90,7 @@ def _numpy_image_01(image: np.ndarray, name: str) -> np.ndarray:
     """Validate an HWC RGB array and return it as float32 in [0, 1] (uint8 is divided by 255)."""
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ImageInputError(f"{name}: expected an HxWx3 RGB array, found shape {image.shape}")
+    _check_not_empty(image, name)
     if image.dtype == np.uint8:
         return image.astype(np.float32) / np.float32(255.0)
     if not np.issubdtype(image.dtype, np.floating):
@@ -130,6 +147,7 @@ def _inpaint_image(image: Image.Image | np.ndarray, height: int, width: int) -> 
         return _resize_pil_rgb(image, height, width).transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - 1
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+            _check_not_empty(image, "image")
             return image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - 1
         return 2.0 * _numpy_image_01(image, "image").transpose(2, 0, 1) - 1.0
     raise ImageInputError(f"image: expected a PIL.Image or an HxWx3 numpy array, found {type(image).__name__}")
@@ -138,13 +156,14 @@ def _inpaint_image(image: Image.Image | np.ndarray, height: int, width: int) -> 
 def _inpaint_repaint_mask(mask: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
     """One user mask (white / 1 = repaint) as binary float32 [H, W]."""
     if isinstance(mask, Image.Image):
-        resized = mask.resize((width, height), resample=Image.LANCZOS)
+        resized = _pil(mask, "mask").resize((width, height), resample=Image.LANCZOS)
         values = np.asarray(resized.convert("L")).astype(np.float32) / np.float32(255.0)
     elif isinstance(mask, np.ndarray):
         if mask.ndim == 3 and mask.shape[-1] == 1:
             mask = mask[..., 0]
         if mask.ndim != 2:
             raise ImageInputError(f"mask: expected an HxW array, found shape {mask.shape}")
+        _check_not_empty(mask, "mask")
         if mask.dtype != np.bool_ and not np.issubdtype(mask.dtype, np.number):
             raise ImageInputError(f"mask: expected a bool or numeric array, found dtype {mask.dtype}")
         values = mask.astype(np.float32)
@@ -173,7 +192,9 @@ def prepare_inpaint_inputs(
     _check_size(height, width)
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
-    if not images or len(images) != len(masks):
+    if not images:
+        raise ImageInputError("image: expected at least one image, found an empty list")
+    if len(images) != len(masks):
         raise ImageInputError(f"mask: expected one mask per image ({len(images)}), found {len(masks)}")
     pixels = np.stack([_inpaint_image(i, height, width) for i in images])
     repaint = np.stack([_inpaint_repaint_mask(m, height, width) for m in masks])[:, None]
@@ -250,6 +271,7 @@ def clip_image_preprocess(
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise ImageInputError(f"image: expected a PIL.Image, found {type(image).__name__}")
+    _pil(image, "image")
     if len(mean) != 3 or len(std) != 3:
         raise ImageInputError(f"mean/std: expected 3 values each, found {len(mean)} and {len(std)}")
     rgb = _to_rgb_white_background(image)
@@ -275,13 +297,7 @@ def postprocess(images: np.ndarray, output_type: str = "pil") -> np.ndarray | li
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ImageInputError(f"images: expected decoder output [n, 3, H, W], found shape {images.shape}")
-    finite = np.isfinite(images)
-    if not finite.all():
-        bad = sorted({int(i) for i in np.nonzero(~finite)[0]})
-        raise NonFiniteOutputError(
-            f"images: expected finite decoder output, found {int((~finite).sum())} NaN/Inf values "
-            f"in image(s) {bad} (fp16 overflow in the decoder?)"
-        )
+    require_finite(images, "images", "image(s)", "fp16 overflow in the decoder?")
     nhwc = np.clip(images.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
     nhwc = np.ascontiguousarray(nhwc)
     if output_type == "np":

@@ -26,7 +26,7 @@ Three strategies fill in where the tensors live: :class:`~kandinsky_trt.runtime.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -51,6 +51,28 @@ class LoopInputs:
     step_extras: dict[str, np.ndarray]  # e.g. ``conditioning`` of the inpaint step graph
     noise: np.ndarray | None  # (stochastic steps, *latents.shape)
     guidance_scale: float
+
+
+def guided(guidance_scale: float) -> bool:
+    """diffusers' rule (``do_classifier_free_guidance = guidance_scale > 1.0``), for the prior and decoders."""
+    return guidance_scale > 1.0
+
+
+def conditional_only(inputs: LoopInputs) -> LoopInputs:
+    """The loop inputs without guidance on a cfg profile (``guidance_scale <= 1``).
+
+    The networks' batch stays [uncond; cond] (static shapes), so both halves get the conditional
+    inputs and the scale becomes 1: ``eps = u + 1 * (c - u)`` with ``u == c`` is the conditional
+    prediction, which is what diffusers computes (it runs the conditional batch alone), whatever
+    scale <= 1 was asked for. The step graph's inpaint ``conditioning`` is [cond; cond] already.
+    """
+    rows = len(inputs.latents)
+    conditioning = {}
+    for name, array in inputs.conditioning.items():
+        if len(array) != 2 * rows:
+            raise ValueError(f"conditioning {name}: expected {2 * rows} rows ([uncond; cond]), found {len(array)}")
+        conditioning[name] = np.concatenate([array[rows:], array[rows:]])
+    return replace(inputs, conditioning=conditioning, guidance_scale=1.0)
 
 
 @dataclass(frozen=True)

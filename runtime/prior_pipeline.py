@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kandinsky_trt.runtime import inputs as args
-from kandinsky_trt.runtime.components import Components, PipelineInputError
+from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.errors import PipelineInputError, require_finite
 from kandinsky_trt.runtime.image_processing import clip_image_preprocess
 from kandinsky_trt.runtime.loop import LoopInputs
 from kandinsky_trt.runtime.spec import PRIOR_LOOP
@@ -66,7 +67,7 @@ class KandinskyPriorPipeline:
         profile = self.components.profile
         texts = uncond + cond if profile.cfg else cond
         ids, mask = self.components.prior_tokenizer.encode(texts)
-        encoded = self.components.session("prior_text_encoder").run({"input_ids": ids})
+        encoded = self.components.run("prior_text_encoder", {"input_ids": ids})
         return {"proj_embedding": encoded["text_embeds"], "encoder_hidden_states": encoded["last_hidden_state"],
                 "attention_mask": mask.astype(bool)}
 
@@ -88,20 +89,13 @@ class KandinskyPriorPipeline:
         embeds = np.concatenate(results)
         return embeds * c.constant("clip_std") + c.constant("clip_mean")
 
-    def _loop_texts(self, prompts: list[str], negatives: list[str] | None, guidance_scale: float):
-        """diffusers' row layout: with a negative prompt the prior also samples the negatives."""
+    @staticmethod
+    def _loop_texts(prompts: list[str], negatives: list[str] | None) -> tuple[list[str], list[str]]:
+        """diffusers' row layout: with a negative prompt the prior also samples the negatives.
+        (Without guidance the loop gives both halves the cond rows: ``Components.denoise``.)"""
         texts = prompts + negatives if negatives is not None else prompts
-        if guidance_scale <= 1.0 or not self.components.profile.cfg:
-            self._check_guidance(guidance_scale)
-            return texts, texts  # uncond == cond: guidance reduces to the cond prediction exactly
         uncond = 2 * negatives if negatives is not None else [""] * len(texts)
         return texts, uncond
-
-    def _check_guidance(self, guidance_scale: float) -> None:
-        if guidance_scale > 1.0 and not self.components.profile.cfg:
-            raise PipelineInputError(
-                f"guidance_scale: these artifacts were exported without classifier-free guidance "
-                f"(profile {self.components.profile.name}), so it must be <= 1; found {guidance_scale}")
 
     def __call__(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
                  generator: args.Generator = None, latents=None, guidance_scale: float = 4.0,
@@ -110,15 +104,16 @@ class KandinskyPriorPipeline:
         the prior's per-step variance noise, shape (stochastic steps, rows, E)."""
         prompts = args.as_prompt_list(prompt)
         negatives = args.negative_prompts(negative_prompt, len(prompts))
-        n = args.check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        n = args.check_images_per_prompt(num_images_per_prompt, len(prompts))
         steps = args.check_positive_int(num_inference_steps, "num_inference_steps")
         args.check_output_type(output_type, ("np", "pt"))
-        cond, uncond = self._loop_texts(prompts, negatives, guidance_scale)
+        guidance_scale = args.check_guidance(guidance_scale, "guidance_scale", self.components.profile)
+        cond, uncond = self._loop_texts(prompts, negatives)
         cond, uncond = [t for t in cond for _ in range(n)], [t for t in uncond for _ in range(n)]
         rng = args.rng(generator)
         dim = self.components.manifest.model_dims.clip_dim
-        latents = args.draw_or_check(latents, (len(cond), dim), "latents", rng)
         stochastic = int(self.components.scheduler("prior", steps).stochastic.sum())
+        latents = args.draw_or_check(latents, (len(cond), dim), "latents", rng)
         step_noise = args.draw_or_check(step_noise, (stochastic, len(cond), dim), "step_noise", rng)
         embeds = self.sample(PriorRows(cond, uncond, latents, step_noise), steps, guidance_scale)
         if negatives is not None:
@@ -128,11 +123,13 @@ class KandinskyPriorPipeline:
             negative_embeds = np.repeat(self.components.constant("zero_image_embeds"), len(embeds), axis=0)
         return _output(KandinskyPriorPipelineOutput(image_embeds, negative_embeds), output_type, return_dict)
 
+    def _clip_pixels(self, image) -> np.ndarray:
+        config = self.components.manifest.image_processor
+        return clip_image_preprocess(image, size=config["size"], mean=config["mean"], std=config["std"])
+
     def encode_image(self, image) -> np.ndarray:
         """CLIP image embedding (1, E) of a PIL image, preprocessed like diffusers' CLIPImageProcessor."""
-        config = self.components.manifest.image_processor
-        pixels = clip_image_preprocess(image, size=config["size"], mean=config["mean"], std=config["std"])
-        return self.components.session("image_encoder").run({"pixel_values": pixels})["image_embeds"]
+        return self.components.run("image_encoder", {"pixel_values": self._clip_pixels(image)})["image_embeds"]
 
     def interpolate(self, images_and_prompts: list, weights: list[float], num_images_per_prompt: int = 1,
                     num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
@@ -145,24 +142,42 @@ class KandinskyPriorPipeline:
         j-th sample, giving (N, E) (identical for N = 1). ``step_noise``: one array per prior run
         (each text condition in order, then the negative), as in ``__call__``.
         """
-        if len(images_and_prompts) != len(weights) or not weights:
-            raise PipelineInputError(
-                f"weights: expected one weight per condition ({len(images_and_prompts)}), found {len(weights)}")
-        n = args.check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        conditions, weights, n = self._check_interpolate(dict(locals()))
         rng = args.rng(generator)
         noises = iter(step_noise) if step_noise is not None else None
         run = dict(num_images_per_prompt=n, num_inference_steps=num_inference_steps, generator=rng, latents=latents,
                    negative_prompt=negative_prior_prompt, guidance_scale=guidance_scale)
         mixed = 0.0
-        for cond, weight in zip(images_and_prompts, weights):
+        for cond, weight in zip(conditions, weights):
             if isinstance(cond, str):
                 emb = self(cond, step_noise=next(noises) if noises else None, **run).image_embeds
-            elif hasattr(cond, "convert"):  # a PIL image
-                emb = np.repeat(self.encode_image(cond), n, axis=0)
-            else:
-                raise PipelineInputError(
-                    f"images_and_prompts: expected str or PIL.Image items, found {type(cond).__name__}")
-            mixed = mixed + emb * np.float32(weight)
+            else:  # CLIP pixels of an image condition
+                emb = np.repeat(self.components.run("image_encoder", {"pixel_values": cond})["image_embeds"], n, 0)
+            with np.errstate(over="ignore"):  # an overflow is reported below, naming the weights
+                mixed = mixed + emb * np.float32(weight)
         out = self(negative_prompt, step_noise=next(noises) if noises else None, **run)
         negative = out.negative_image_embeds if negative_prompt == "" else out.image_embeds
-        return KandinskyPriorPipelineOutput(np.asarray(mixed, np.float32), negative)
+        mixed = require_finite(np.asarray(mixed, np.float32), "interpolate (weighted sum of the conditions)",
+                               cause="weights too large for float32?")
+        return KandinskyPriorPipelineOutput(mixed, negative)
+
+    def _check_interpolate(self, call: dict) -> tuple[list, list[float], int]:
+        """Validate ``interpolate``'s arguments before any network runs; image conditions become CLIP pixels."""
+        texts = args.check_conditions(call["images_and_prompts"])
+        weights = args.check_weights(call["weights"], len(call["images_and_prompts"]))
+        n = args.check_images_per_prompt(call["num_images_per_prompt"], 1)
+        args.check_guidance(call["guidance_scale"], "guidance_scale", self.components.profile)
+        args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
+        args.rng(call["generator"])
+        args.check_array(call["latents"], (n, self.components.manifest.model_dims.clip_dim), "latents")
+        with args.renamed({"negative_prompt": "negative_prior_prompt"}):
+            args.negative_prompts(call["negative_prior_prompt"], 1)
+        if not isinstance(call["negative_prompt"], str):
+            raise PipelineInputError(f"negative_prompt: expected a str, found {type(call['negative_prompt']).__name__}")
+        args.as_prompt_list(call["negative_prompt"], "negative_prompt")  # valid Unicode
+        noise = call["step_noise"]
+        if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != texts + 1):
+            raise PipelineInputError(f"step_noise: expected a list of {texts + 1} arrays (one per text condition, "
+                                     f"then the negative), found {args.describe(noise)}")
+        conditions = [c if isinstance(c, str) else self._clip_pixels(c) for c in call["images_and_prompts"]]
+        return conditions, weights, n

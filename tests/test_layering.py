@@ -10,6 +10,8 @@ RUNTIME_MODULES = [
     "kandinsky_trt.runtime.backends.ort", "kandinsky_trt.runtime.backends.torch_backend",
     "kandinsky_trt.runtime.backends.trt", "kandinsky_trt.runtime.schedulers",
     "kandinsky_trt.runtime.tokenization", "kandinsky_trt.runtime.image_processing", "kandinsky_trt.runtime.cli",
+    "kandinsky_trt.runtime.inputs", "kandinsky_trt.runtime.once", "kandinsky_trt.runtime.output_paths",
+    "kandinsky_trt.runtime.cli_checks", "kandinsky_trt.runtime.errors",
 ]
 FORBIDDEN = ["torch", "diffusers", "transformers", "tensorrt", "kandinsky_trt.export", "kandinsky_trt.engine"]
 

@@ -44,24 +44,31 @@ def _picture(seed: int, size=(64, 64)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
 
 
+# diffusers guides only when guidance_scale > 1: every scale <= 1 gives the conditional prediction.
+NO_GUIDANCE = [1.0, 0.5, -2.0]
+
+
 @pytest.mark.parametrize("fixture", PRECISIONS)
-@pytest.mark.parametrize("negative", [None, ["low quality", "blurry"]])
-def test_prior(fixture, negative, request, diffusers_pipes):
+@pytest.mark.parametrize("negative, guidance", [(None, 4.0), (["low quality", "blurry"], 4.0)]
+                         + [(["low quality", "blurry"], g) for g in NO_GUIDANCE])
+def test_prior(fixture, negative, guidance, request, diffusers_pipes):
     out, _ = request.getfixturevalue(fixture)
     prompts, n, steps = ["a red cat", "a very long prompt about a house " * 3], 2, 3
     rows = len(prompts) * n * (2 if negative else 1)
     ref = diffusers_pipes["prior"](prompts, negative_prompt=negative, num_images_per_prompt=n,
-                                   num_inference_steps=steps, generator=generator(), output_type="np")
+                                   num_inference_steps=steps, guidance_scale=guidance, generator=generator(),
+                                   output_type="np")
     latents, *noise = torch_draws([(rows, E)] * steps)  # latents, then noise for every step but the last (t=0)
     ours = KandinskyPriorPipeline(out)(prompts, negative_prompt=negative, num_images_per_prompt=n,
-                                       num_inference_steps=steps, latents=latents, step_noise=np.stack(noise))
+                                       num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                                       step_noise=np.stack(noise))
     tol = TOLERANCE[fixture][0]
     check_close(request.node.name, max_diff(ref.image_embeds, ours.image_embeds), tol)
     check_close(request.node.name, max_diff(ref.negative_image_embeds, ours.negative_image_embeds), tol)
 
 
 @pytest.mark.parametrize("fixture", PRECISIONS)
-@pytest.mark.parametrize("guidance, n", [(4.0, 2), (1.0, 1)])
+@pytest.mark.parametrize("guidance, n", [(4.0, 2)] + [(g, 1) for g in NO_GUIDANCE])
 def test_text2img(fixture, guidance, n, request, diffusers_pipes):
     out, _ = request.getfixturevalue(fixture)
     prompts, steps = ["a red cat", "ein blaues Haus"], 3
@@ -96,8 +103,8 @@ def test_img2img(fixture, request, diffusers_pipes):
     check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
 
 
-@pytest.mark.parametrize("fixture", PRECISIONS)
-def test_inpaint(fixture, request, diffusers_pipes):
+@pytest.mark.parametrize("fixture, guidance", [(f, 4.0) for f in PRECISIONS] + [("artifacts_fp32", 0.5)])
+def test_inpaint(fixture, guidance, request, diffusers_pipes):
     import torch
 
     out, _ = request.getfixturevalue(fixture)
@@ -106,15 +113,17 @@ def test_inpaint(fixture, request, diffusers_pipes):
     mask[:32, 16:48] = 1  # repaint the top middle
     (latents,) = torch_draws([(1, 4, H, H)])
     ref = diffusers_pipes["inpaint"]("a hat", _picture(8), mask, torch.from_numpy(emb), torch.from_numpy(neg),
-                                     height=64, width=64, num_inference_steps=steps,
+                                     height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
                                      latents=torch.from_numpy(latents), output_type="np").images
     ours = KandinskyInpaintPipeline(out)("a hat", _picture(8), mask, emb, neg, height=64, width=64,
-                                         num_inference_steps=steps, latents=latents, output_type="np").images
+                                         num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                                         output_type="np").images
     check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
 
 
-@pytest.mark.parametrize("fixture", PRECISIONS)
-def test_combined_text2img(fixture, request, tiny_checkpoint):
+@pytest.mark.parametrize("fixture, guidance, prior_guidance", [(f, 4.0, 4.0) for f in PRECISIONS]
+                         + [("artifacts_fp32", -2.0, 0.5)])  # the CLI's --guidance -2 --prior-guidance 0.5
+def test_combined_text2img(fixture, guidance, prior_guidance, request, tiny_checkpoint):
     from diffusers import KandinskyCombinedPipeline as DiffusersCombined
 
     out, _ = request.getfixturevalue(fixture)
@@ -124,12 +133,13 @@ def test_combined_text2img(fixture, request, tiny_checkpoint):
     prior = DiffusersPrior.from_pretrained(tiny_checkpoint.prior)
     decoder = DiffusersDecoder.from_pretrained(tiny_checkpoint.decoder)
     ref_pipe = DiffusersCombined(**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()})
-    n, steps, prior_steps = 2, 3, 3
+    n, steps, prior_steps = (2 if guidance > 1 else 1), 3, 3  # diffusers crashes for guidance <= 1 with n > 1
+    scales = dict(guidance_scale=guidance, prior_guidance_scale=prior_guidance)
     ref = ref_pipe("a castle", num_images_per_prompt=n, num_inference_steps=steps, height=64, width=64,
-                   prior_num_inference_steps=prior_steps, generator=generator(), output_type="np").images
+                   prior_num_inference_steps=prior_steps, generator=generator(), output_type="np", **scales).images
     latents, *noise, dec_latents = torch_draws([(n, E)] * prior_steps + [(n, 4, H, H)])
     ours = KandinskyCombinedPipeline(out)("a castle", num_images_per_prompt=n, num_inference_steps=steps,
-                                          height=64, width=64, prior_num_inference_steps=prior_steps,
+                                          height=64, width=64, prior_num_inference_steps=prior_steps, **scales,
                                           latents=latents, prior_step_noise=np.stack(noise),
                                           decoder_latents=dec_latents, output_type="np").images
     check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])

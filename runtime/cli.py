@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_artifact_commands(sub)
     _add_image_commands(sub)
     _add_bench_command(sub)
+    from kandinsky_trt.runtime.serve.commands import add_commands as add_serve_commands
+    add_serve_commands(sub)
     return parser
 
 

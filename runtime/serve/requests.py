@@ -83,9 +83,9 @@ def _check_task_inputs(task: str, present: set[str]) -> None:
     if task not in TASKS:
         raise RequestError(f"task: expected one of {TASKS}, found {task!r}")
     for name in ("image", "mask"):
-        wanted = name in TASK_IMAGES[task]
+        wanted, article = name in TASK_IMAGES[task], "an" if name == "image" else "a"
         if wanted and name not in present:
-            raise RequestError(f"{name}: task {task} expects an {name} input, found none")
+            raise RequestError(f"{name}: task {task} expects {article} {name} input, found none")
         if not wanted and name in present:
             raise RequestError(f"{name}: task {task} takes no {name}, found one")
 

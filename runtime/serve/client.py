@@ -70,7 +70,6 @@ def infer(target: Target, arrays: dict[str, np.ndarray], client=None) -> dict[st
     """One request; returns every output the model sent. Errors become :class:`ClientError`."""
     from tritonclient.utils import InferenceServerException
 
-    module = _module(target.protocol)
     own = client is None
     try:
         if own:
@@ -81,12 +80,12 @@ def infer(target: Target, arrays: dict[str, np.ndarray], client=None) -> dict[st
         return {out["name"]: result.as_numpy(out["name"]) for out in response["outputs"]}
     except InferenceServerException as err:
         raise ClientError(f"server {target.url} ({target.protocol}): {err.message() or err}") from None
-    except (ConnectionError, OSError) as err:
-        raise ClientError(f"server {target.url} ({target.protocol}): cannot reach it ({err})") from None
+    except Exception as err:  # noqa: BLE001 - transport failures (refused, reset, closed) of either library
+        raise ClientError(f"server {target.url} ({target.protocol}): no answer, the connection failed "
+                          f"({type(err).__name__}: {err})") from None
     finally:
         if own and client is not None:
             client.close()
-    del module
 
 
 def make_client(target: Target):

@@ -58,9 +58,10 @@ class RequestCounter:
     """
 
     def __init__(self, pb_utils) -> None:
-        family = pb_utils.MetricFamily(name=METRIC, description="kandinsky requests answered, by outcome",
-                                       kind=pb_utils.MetricFamily.COUNTER)
-        self.metrics = {outcome: family.Metric(labels={"outcome": outcome}) for outcome in ("success", "error")}
+        # The family must outlive its metrics (the backend refuses to count on a deleted family).
+        self.family = pb_utils.MetricFamily(name=METRIC, description="kandinsky requests answered, by outcome",
+                                            kind=pb_utils.MetricFamily.COUNTER)
+        self.metrics = {outcome: self.family.Metric(labels={"outcome": outcome}) for outcome in ("success", "error")}
 
     def count(self, outcome: str) -> None:
         self.metrics[outcome].increment(1)

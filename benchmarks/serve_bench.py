@@ -6,7 +6,7 @@ One run, side by side: the Python API in-process (serial calls, the floor a serv
 a tritonserver with dynamic batching on (``max_batch_size`` = the profile batch) and one with it
 off (``max_batch_size`` 1), each at every concurrency level (that many client threads, each
 sending text2img requests with distinct seeds back to back). Per level: requests/s and latency
-p50/p99. Ratios: served p50 at concurrency 1 / in-process p50 (overhead), and batching-on /
+p50/p99, each the median of ``--rounds`` interleaved rounds of all three modes. Ratios: served p50 at concurrency 1 / in-process p50 (overhead), and batching-on /
 batching-off requests/s at each level. The clients run on the same machine as the server.
 Writes ``STEM.json``, ``STEM.md`` and ``STEM.png`` under ``--out``.
 """
@@ -44,6 +44,12 @@ def _summary(latencies_s: list[float], wall_s: float) -> dict:
     ms = np.asarray(latencies_s) * 1e3
     return {"requests": len(ms), "requests_per_s": len(ms) / wall_s, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "wall_s": wall_s}
+
+
+def _median(summaries: list[dict]) -> dict:
+    """Per-metric median over rounds, plus every round's requests/s."""
+    out = {k: float(np.median([s[k] for s in summaries])) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+    return {**out, "requests": summaries[0]["requests"], "rounds_requests_per_s": [s["requests_per_s"] for s in summaries]}
 
 
 def in_process(artifacts: Path, workload: Workload) -> dict:
@@ -118,15 +124,20 @@ def run(args: argparse.Namespace) -> dict:
     artifacts, levels = Path(args.artifacts), list(args.concurrency)
     workload = Workload(args.steps, args.prior_steps, args.requests, args.warmup)
     manifest = mf.load_manifest(artifacts)
-    api = in_process(artifacts, workload)
-    on = served(artifacts, workload, levels, True, args.max_queue_delay_us)
-    off = served(artifacts, workload, levels, False, args.max_queue_delay_us)
+    rounds = []
+    for _ in range(args.rounds):  # interleaved, so load drift on a shared machine hits every mode alike
+        rounds.append({"in_process": in_process(artifacts, workload),
+                       "batching_on": served(artifacts, workload, levels, True, args.max_queue_delay_us),
+                       "batching_off": served(artifacts, workload, levels, False, args.max_queue_delay_us)})
+    api = _median([r["in_process"] for r in rounds])
+    on = {str(c): _median([r["batching_on"][str(c)] for r in rounds]) for c in levels}
+    off = {str(c): _median([r["batching_off"][str(c)] for r in rounds]) for c in levels}
     return {
         "kind": "serve", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": MachineInfo.collect().__dict__, "machine_label": args.machine, "versions": collect_versions(),
         "artifacts": {"profile": manifest.profile.__dict__, "precision": manifest.precision, "label": args.label},
         "workload": {**workload.__dict__, "task": "text2img", "protocol": "http", "backend": "ort",
-                     "max_queue_delay_us": args.max_queue_delay_us},
+                     "max_queue_delay_us": args.max_queue_delay_us, "rounds": args.rounds},
         "in_process": api, "batching_on": on, "batching_off": off,
         "overhead_ratio_c1": on[str(levels[0])]["p50_ms"] / api["p50_ms"],
         "batching_throughput_ratio": {c: on[c]["requests_per_s"] / off[c]["requests_per_s"] for c in on},
@@ -141,7 +152,8 @@ def markdown(r: dict) -> str:
              f"Machine: {r['machine_label']} ({r['machine']['cpu_model']}, {r['machine']['cores']} cores). "
              f"Artifacts: {a['precision']}, {p['height']}x{p['width']}, profile batch {p['batch']}. "
              f"Workload: {w['task']}, {w['prior_steps']} prior + {w['steps']} decoder steps, {w['requests']} requests "
-             f"per level over {w['protocol'].upper()}, backend {w['backend']}, queue delay {w['max_queue_delay_us']} us. "
+             f"per level over {w['protocol'].upper()}, backend {w['backend']}, queue delay {w['max_queue_delay_us']} us; "
+             f"medians of {w['rounds']} interleaved rounds. "
              f"Created {r['created_utc']}.", "",
              f"In-process Python API (serial): {r['in_process']['requests_per_s']:.2f} req/s, "
              f"p50 {r['in_process']['p50_ms']:.1f} ms, p99 {r['in_process']['p99_ms']:.1f} ms.", "",
@@ -163,6 +175,7 @@ def plot(r: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401 (the NullFormatter below)
     except ImportError:
         return False
     levels = [int(c) for c in r["batching_on"]]
@@ -170,9 +183,11 @@ def plot(r: dict, path: Path) -> bool:
     for key, label in (("batching_on", "Triton, dynamic batching"), ("batching_off", "Triton, no batching")):
         ax.plot(levels, [r[key][str(c)]["requests_per_s"] for c in levels], marker="o", label=label)
     ax.axhline(r["in_process"]["requests_per_s"], linestyle="--", color="grey", label="in-process API (serial)")
-    ax.set(xlabel="concurrent clients", ylabel="requests / s", xscale="log", xticks=levels,
-           title=f"{r['artifacts']['label']} on {r['machine_label']}")
-    ax.set_xticklabels([str(c) for c in levels])
+    ax.set(xlabel="concurrent clients", ylabel="requests / s", xscale="log",
+           title=f"{r['artifacts']['label']}\n{r['machine_label']}")
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -190,6 +205,7 @@ def main() -> None:
     parser.add_argument("--prior-steps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level (default 24)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode; medians reported")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", required=True, help="file stem")

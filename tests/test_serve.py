@@ -246,3 +246,40 @@ def test_killed_server_gives_a_clear_error_and_a_restarted_one_serves(artifacts_
     with TritonServer(config) as second:
         fields = _fields(components, "prior", 42)
         assert_same(infer(Target(second.config.http_url, "http"), item_arrays(fields)), python_api(components, fields))
+
+
+_MP_MODEL = '''
+import multiprocessing
+import triton_python_backend_utils as pb_utils
+
+
+def _square(x):
+    return x * x
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.map(_square, [3]) == [9]
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+'''
+_MP_CONFIG = '''name: "mp"
+backend: "python"
+max_batch_size: 1
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+'''
+
+
+def test_multiprocessing_works_inside_a_served_model(tmp_path):
+    """The launcher's environment (this interpreter's libdir first) lets a model use multiprocessing;
+    with the system's libpython of another build it fails at load ('_thread.RLock' has no attribute
+    '_recursion_count' on this machine's pyenv 3.11.7 against Debian's 3.11)."""
+    (tmp_path / "mp" / "1").mkdir(parents=True)
+    (tmp_path / "mp" / "config.pbtxt").write_text(_MP_CONFIG)
+    (tmp_path / "mp" / "1" / "model.py").write_text(_MP_MODEL)
+    with TritonServer(ServerConfig(tmp_path, http_port=0, grpc_port=0, metrics_port=0, startup_timeout_s=60)) as s:
+        assert is_ready(s.config)

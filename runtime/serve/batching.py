@@ -91,28 +91,30 @@ def run_batched(pipelines: Pipelines, items: list[Item]) -> list[dict[str, np.nd
     call.update(latents=_prior_rows([d.prior_latents for d in draws], n, negative, 0),
                 negative_prompt=[i.negative_prompt for i in items] if negative else None)
     prior_noise = _prior_rows([d.prior_noise for d in draws], n, negative, 1)
+    if items[0].task == "prior":
+        call["step_noise"] = prior_noise
+    else:
+        call["prior_step_noise"] = prior_noise
+        call["noise" if items[0].task == "img2img" else "decoder_latents"] = np.concatenate([d.decoder for d in draws])
     guard = np.random.default_rng(0)
     before = guard.bit_generator.state
-    outputs = _call(pipelines, items, call, prior_noise, [d.decoder for d in draws], guard)
+    outputs = _call(pipelines, items, call, guard)
     if guard.bit_generator.state != before:
         raise BatchDrewRandomness(f"the merged {items[0].task} call drew random numbers of its own")
     return outputs
 
 
-def _call(pipelines: Pipelines, items: list[Item], call: dict, prior_noise, decoder_draws, guard):
+def _call(pipelines: Pipelines, items: list[Item], call: dict, guard: np.random.Generator):
     task, prompts, count = items[0].task, [i.prompt for i in items], len(items)
     if task == "prior":
-        out = pipelines.prior(prompts, generator=guard, step_noise=prior_noise, **call)
+        out = pipelines.prior(prompts, generator=guard, **call)
         return [{"image_embeds": e, "negative_image_embeds": ne}
                 for e, ne in zip(_split(out.image_embeds, count), _split(out.negative_image_embeds, count))]
-    decoder = np.concatenate(decoder_draws)
     images = []
     if task in ("img2img", "inpaint"):
         images.append([i.image for i in items])
     if task == "inpaint":
         images.append([mask_array(i.mask) for i in items])
-    drawn = {"noise": decoder} if task == "img2img" else {"decoder_latents": decoder}
-    out = pipelines.combined[task](prompts, *images, generator=guard, output_type="pil",
-                                   prior_step_noise=prior_noise, **drawn, **call)
+    out = pipelines.combined[task](prompts, *images, generator=guard, output_type="pil", **call)
     per_item = len(out.images) // count
     return [image_outputs(out.images[i * per_item:(i + 1) * per_item]) for i in range(count)]

@@ -164,3 +164,15 @@ def test_missing_tritonserver_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(launcher.ServerError, match=r"expected the serve extra .* or a tritonserver on PATH"):
         launcher.find_tritonserver(tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.serve.launcher import free_port
+
+    assert main(["triton-repo", "--artifacts", str(tmp_path / "missing"), "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "repo").exists()
+    assert main(["client", "a cat", "--url", f"127.0.0.1:{free_port()}", "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "no answer, the connection failed" in err and err.count("\n") == 1

@@ -236,7 +236,8 @@ def test_killed_server_gives_a_clear_error_and_a_restarted_one_serves(artifacts_
 
     write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path))
     config = ServerConfig(tmp_path, http_port=0, grpc_port=0, metrics_port=0)
-    slow = {**_fields(components, "text2img", 41), "num_inference_steps": 400}
+    # Long enough (16 images x 500 steps: many seconds) that it is still running when the server dies.
+    slow = {**_fields(components, "text2img", 41), "num_inference_steps": 500, "num_images": 16}
     with TritonServer(config) as first:
         pending = ThreadPoolExecutor(1).submit(infer, Target(first.config.http_url, "http", 120.0), item_arrays(slow))
         time.sleep(1.5)  # the request is in the model by now

@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_commands.add_commands(sub)
     _add_image_commands(sub)
     _add_bench_command(sub)
+    from kandinsky_trt.runtime.serve.commands import add_commands as add_serve_commands
+    add_serve_commands(sub)
     return parser
 
 

@@ -1,0 +1,14 @@
+"""kandinsky_trt.runtime.serve: serving on NVIDIA Triton Inference Server (DESIGN.md §10).
+
+Owns the request contract (``contract``: tensor names, types and shapes, from which ``config.pbtxt``
+and the README's client table are generated), the model repository writer (``repository``), the
+request decoding and grouped execution behind the Python-backend model (``requests``,
+``executor``, ``model``), the tritonserver launcher (``launcher``), the client (``client``) and
+the CLI commands (``commands``).
+
+May import the rest of ``kandinsky_trt.runtime``, numpy and the standard library at module level;
+``tritonclient`` and ``triton_python_backend_utils`` (which exists only inside the server's Python
+stub) only inside the functions that need them, so every module here imports on a runtime-only
+install without the ``serve`` extra. Like the rest of the runtime: no torch, diffusers,
+transformers, ``kandinsky_trt.export`` or ``kandinsky_trt.engine``.
+"""

@@ -1,0 +1,167 @@
+"""CLI commands of the serving layer: ``triton-repo``, ``serve`` and ``client``.
+
+Registered from ``runtime/cli.py``'s ``build_parser`` through :func:`add_commands`; each handler
+turns its arguments into the frozen configs of this package at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from kandinsky_trt.runtime.serve.contract import TASKS
+
+DEMO_DIR = Path("kandinsky-demo")
+
+
+def _repo_config(args: argparse.Namespace, artifacts: Path, out: Path):
+    from kandinsky_trt.runtime.serve.repository import RepoConfig
+
+    return RepoConfig(artifacts=artifacts, out=out, backend=args.backend, device=args.device,
+                      instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
+                      max_batch_size=args.max_batch_size, max_images=args.max_images,
+                      batching=not args.no_batching)
+
+
+def _cmd_triton_repo(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.serve.repository import write_repository
+
+    path = write_repository(_repo_config(args, Path(args.artifacts), Path(args.out)))
+    print(f"wrote {path} (and {path.parent / '1' / 'model.py'})")
+    return 0
+
+
+def _demo_artifacts() -> Path:
+    """The demo's tiny artifacts, made by `kandinsky-trt demo` when missing (needs the export extra)."""
+    artifacts = DEMO_DIR / "artifacts"
+    if not (artifacts / "manifest.json").is_file():
+        from kandinsky_trt.runtime.cli import main
+
+        print(f"no --artifacts: making the demo's tiny model in {DEMO_DIR}/ (once)")
+        if main(["demo", "--out", str(DEMO_DIR)]) != 0:
+            from kandinsky_trt.runtime.serve.launcher import ServerError
+
+            raise ServerError(f"--artifacts: expected the demo to make {artifacts}, found it failed")
+    return artifacts
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.serve.launcher import ServerConfig, TritonServer
+    from kandinsky_trt.runtime.serve.repository import write_repository
+
+    artifacts = Path(args.artifacts) if args.artifacts else _demo_artifacts()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with tempfile.TemporaryDirectory(prefix="kandinsky-repo-") as repo:
+        write_repository(_repo_config(args, artifacts, Path(repo)))
+        config = ServerConfig(Path(repo), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, startup_timeout_s=args.startup_timeout)
+        with TritonServer(config) as server:
+            c = server.config
+            print(f"serving {artifacts} as model 'kandinsky' (tritonserver pid {server.process.pid}; "
+                  f"no authentication: keep it behind a gateway)\n"
+                  f"  HTTP    http://{c.http_url}   (KServe v2; ready: /v2/health/ready)\n"
+                  f"  gRPC    {c.grpc_url}\n  metrics {c.metrics_url}\n"
+                  f"try: kandinsky-trt client \"a red cat\" --url {c.http_url} --out cat.png   (Ctrl-C stops)",
+                  flush=True)
+            while not stop.wait(0.5):
+                if server.process.poll() is not None:
+                    print(f"error: tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",
+                          file=sys.stderr)
+                    return 1
+    print("stopped")
+    return 0
+
+
+def _read_image(path: str | None, mode: str):
+    if path is None:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    from kandinsky_trt.runtime.serve.client import ClientError
+
+    try:
+        return np.asarray(Image.open(path).convert(mode))
+    except OSError as err:
+        raise ClientError(f"{path}: expected a readable image file ({err})") from None
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from kandinsky_trt.runtime.serve.client import Target, infer, item_arrays
+
+    task = args.task or ("inpaint" if args.mask else "img2img" if args.image else "text2img")
+    fields = dict(task=task, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                  num_images=args.num_images, guidance_scale=args.guidance, num_inference_steps=args.steps,
+                  prior_steps=args.prior_steps, height=args.height, width=args.width, strength=args.strength,
+                  image=_read_image(args.image, "RGB"), mask=_read_image(args.mask, "L"))
+    outputs = infer(Target(args.url, args.protocol, args.timeout), item_arrays(fields))
+    if "images" not in outputs:
+        for name, value in sorted(outputs.items()):
+            print(f"{name}: shape {list(value.shape)}, first values {value.reshape(-1)[:4]}")
+        return 0
+    images = outputs["images"][0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        Image.fromarray(array).save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("ort", "torch", "trt"), default="ort", help="default ort (ONNX Runtime)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: instance_group KIND_GPU")
+    p.add_argument("--instances", type=int, default=1, help="model instances (each loads every network; default 1)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="how long the dynamic batcher waits to fill a batch (default 2000 us)")
+    p.add_argument("--max-batch-size", type=int, help="requests per batch (default: the artifacts' profile batch)")
+    p.add_argument("--max-images", type=int, default=16, help="largest num_images a request may ask (default 16)")
+    p.add_argument("--no-batching", action="store_true", help="one request per model call (to compare)")
+
+
+def add_commands(sub) -> None:
+    """Add ``triton-repo``, ``serve`` and ``client`` to the ``kandinsky-trt`` sub-parsers."""
+    p = sub.add_parser("triton-repo", help="write a Triton model repository (model 'kandinsky') for artifacts")
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--out", required=True, help="model repository directory to write")
+    _add_server_args(p)
+    p.set_defaults(func=_cmd_triton_repo)
+
+    p = sub.add_parser("serve", help="serve artifacts on Triton Inference Server (HTTP + gRPC, KServe v2)")
+    p.add_argument("--artifacts", help="artifacts directory (default: the demo's tiny model, made if missing)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; no authentication)")
+    p.add_argument("--http-port", type=int, default=8000, help="0 = a free port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0 = a free port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 = a free port (default 8002)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    _add_server_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("client", help="send one request to a served 'kandinsky' model and save the images")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (default 127.0.0.1:8000, HTTP)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--task", choices=TASKS, help="default text2img (img2img with --image, inpaint with --mask)")
+    p.add_argument("--out", default="out.png", help="output image (several: out-0.png, ...)")
+    p.add_argument("--image", help="input image (img2img, inpaint, interpolate)")
+    p.add_argument("--mask", help="inpaint mask image: white = repaint")
+    p.add_argument("--strength", type=float, help="img2img strength; interpolate: the image's weight")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--seed", type=int, help="same seed, same image as the Python API's generator=seed")
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--steps", type=int, help="decoder steps (default: the pipeline's)")
+    p.add_argument("--prior-steps", type=int, help="prior steps (default: the pipeline's)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
+    p.set_defaults(func=_cmd_client)

@@ -1,0 +1,215 @@
+"""Start, wait for and stop a ``tritonserver`` process on a model repository.
+
+The binary is the one bundled in the ``nvidia-pytriton`` wheel (Python backend only) or, failing
+that, a ``tritonserver`` on PATH (NVIDIA's container, with its own backends). The bundled one needs
+three things its wheel leaves to the caller (what pytriton itself does, read from its source):
+
+- a backend directory whose ``python/`` holds ``libtriton_python.so`` *and* the stub built for this
+  interpreter's version (the wheel keeps one stub per Python version apart);
+- this interpreter's ``bin/`` first on PATH: the stub embeds Python and finds its prefix by looking
+  up ``python3`` on PATH, so a venv's ``python3`` makes the model see the venv's packages (and
+  ``kandinsky_trt``);
+- this interpreter's own libdir first on ``LD_LIBRARY_PATH``: the stub links ``libpython3.X.so``
+  by name, which otherwise resolves to the system's build of that version; mixing it with another
+  build's standard library breaks e.g. multiprocessing inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from kandinsky_trt.runtime.errors import KandinskyTrtError
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(KandinskyTrtError, RuntimeError):
+    """tritonserver is missing, did not become ready, or exited."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens; ports of 0 are replaced by free ones when it starts."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    startup_timeout_s: float = 120.0
+    log_verbose: int = 0
+    exit_timeout_s: int = 10  # how long Triton waits for in-flight requests on SIGTERM
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def with_free_ports(config: ServerConfig) -> ServerConfig:
+    ports = {f: getattr(config, f) or free_port(config.host) for f in ("http_port", "grpc_port", "metrics_port")}
+    return dataclasses.replace(config, **ports)
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A tritonserver binary, its backend directory and the environment it needs."""
+
+    binary: Path
+    backend_dir: Path | None  # None: the binary's own default (/opt/tritonserver/backends)
+    env: dict
+
+
+def _pytriton_root() -> Path | None:
+    spec = importlib.util.find_spec("pytriton")
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def _bundled_backends(root: Path, workdir: Path) -> Path:
+    """``workdir/backends/python`` = the wheel's Python backend + the stub for this interpreter."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"tritonserver: expected a Python backend stub for Python {version} in nvidia-pytriton, "
+                          f"found none at {stub}")
+    target = workdir / "backends" / "python"
+    shutil.copytree(root / "tritonserver" / "backends" / "python", target, dirs_exist_ok=True)
+    shutil.copy2(stub, target / "triton_python_backend_stub")
+    return workdir / "backends"
+
+
+def _environment(extra_libs: list[str]) -> dict:
+    env = dict(os.environ)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    libs = [p for p in [libdir, *extra_libs, env.get("LD_LIBRARY_PATH", "")] if p]
+    env["LD_LIBRARY_PATH"] = ":".join(libs)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def find_tritonserver(workdir: Path) -> TritonInstall:
+    """The bundled server (prepared under ``workdir``), else ``tritonserver`` on PATH."""
+    root = _pytriton_root()
+    if root is not None and (root / "tritonserver" / "bin" / "tritonserver").is_file():
+        libs = root.parent / "nvidia_pytriton.libs"
+        return TritonInstall(root / "tritonserver" / "bin" / "tritonserver", _bundled_backends(root, workdir),
+                             _environment([str(libs)]))
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), None, _environment([]))
+    raise ServerError("tritonserver: expected the serve extra (pip install 'kandinsky-trt[serve]', which bundles "
+                      "it) or a tritonserver on PATH (NVIDIA's Triton container), found neither")
+
+
+def server_command(install: TritonInstall, config: ServerConfig) -> list[str]:
+    cmd = [str(install.binary), f"--model-repository={config.repository}",
+           f"--http-address={config.host}", f"--http-port={config.http_port}",
+           f"--grpc-address={config.host}", f"--grpc-port={config.grpc_port}",
+           f"--metrics-address={config.host}", f"--metrics-port={config.metrics_port}",
+           "--allow-metrics=true", "--allow-gpu-metrics=false", f"--log-verbose={config.log_verbose}",
+           "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={config.exit_timeout_s}"]
+    if install.backend_dir is not None:
+        cmd.append(f"--backend-directory={install.backend_dir}")
+    return cmd
+
+
+def is_ready(config: ServerConfig, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{config.http_url}/v2/health/ready", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class TritonServer:
+    """One tritonserver process: ``start()`` waits for readiness, ``stop()`` ends it by PID.
+
+    Use as a context manager; the work directory (backends copy, log) is removed on stop.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = with_free_ports(config)
+        self.process: subprocess.Popen | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="kandinsky-triton-"))
+        self.log_path = self._workdir / "tritonserver.log"
+
+    def start(self) -> "TritonServer":
+        install = find_tritonserver(self._workdir)
+        cmd = server_command(install, self.config)
+        log.info("starting %s", " ".join(cmd))
+        with open(self.log_path, "wb") as out:
+            # Own process group: Ctrl-C in a terminal reaches us, and we stop the server ourselves.
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=install.env,
+                                            start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver: exited with code {self.process.returncode} before it was ready; "
+                                  f"last log lines:\n{self.log_tail()}")
+            if is_ready(self.config):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver: expected ready within {self.config.startup_timeout_s:.0f} s, "
+                          f"found not ready; last log lines:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (Triton unloads models and exits), then SIGKILL if it has not exited in time."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver %d did not exit in %.0f s; killing it", process.pid, timeout_s)
+                os.killpg(process.pid, signal.SIGKILL)  # its own group: the Python stubs too
+                process.wait(timeout=timeout_s)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,80 @@
+"""``kandinsky-trt triton-repo``: write a Triton model repository for one artifacts directory.
+
+Layout: ``REPO/kandinsky/config.pbtxt`` (generated from the contract and the manifest) and
+``REPO/kandinsky/1/model.py``, a two-line file that imports
+:class:`kandinsky_trt.runtime.serve.model.TritonPythonModel`, so the model's code is the installed
+package's and the repository holds no copy of it. Files are written through temporary names and
+``config.pbtxt`` last, so a half-written repository never looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.components import BACKENDS, PipelineInputError
+from kandinsky_trt.runtime.serve.contract import MODEL_NAME, ModelConfig, config_pbtxt
+
+MODEL_PY = (
+    '"""Triton Python-backend entry point, written by `kandinsky-trt triton-repo`."""\n'
+    "from kandinsky_trt.runtime.serve.model import TritonPythonModel  # noqa: F401\n"
+)
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    artifacts: Path
+    out: Path
+    backend: str = "ort"
+    device: str = "cpu"
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    max_batch_size: int | None = None  # None: the profile batch
+    max_images: int = 16
+    batching: bool = True  # False: dynamic batching off (Triton delivers one request at a time)
+
+
+def _check(config: RepoConfig) -> None:
+    if config.backend not in BACKENDS:
+        raise PipelineInputError(f"backend: expected one of {BACKENDS}, found {config.backend!r}")
+    for name in ("instances", "max_images"):
+        if getattr(config, name) < 1:
+            raise PipelineInputError(f"{name}: expected an integer >= 1, found {getattr(config, name)}")
+    if config.max_queue_delay_us < 0:
+        raise PipelineInputError(f"max_queue_delay_us: expected >= 0, found {config.max_queue_delay_us}")
+    if config.max_batch_size is not None and config.max_batch_size < 1:
+        raise PipelineInputError(f"max_batch_size: expected an integer >= 1, found {config.max_batch_size}")
+
+
+def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
+    """Batch from the profile, embedding width from the model dims; nothing restated by hand."""
+    params = (("artifacts", str(Path(config.artifacts).resolve())), ("backend", config.backend),
+              ("device", config.device), ("max_images", str(config.max_images)),
+              ("batching", "true" if config.batching else "false"))
+    batch = config.max_batch_size or manifest.profile.batch
+    return ModelConfig(
+        max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,
+        max_queue_delay_us=config.max_queue_delay_us, instances=config.instances,
+        kind="KIND_GPU" if config.device == "cuda" else "KIND_CPU", parameters=params)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_repository(config: RepoConfig) -> Path:
+    """Write (or overwrite) ``config.out/kandinsky``; returns the path of its ``config.pbtxt``."""
+    _check(config)
+    manifest = mf.load_manifest(config.artifacts)
+    model_dir = Path(config.out) / MODEL_NAME
+    _write(model_dir / "1" / "model.py", MODEL_PY)
+    target = model_dir / "config.pbtxt"
+    _write(target, config_pbtxt(model_config(config, manifest)))
+    return target

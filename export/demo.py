@@ -10,8 +10,6 @@ side by side. torch and diffusers are installed for export anyway, which is why 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from kandinsky_trt.export.artifacts import ExportConfig, ExportReport, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.checkpoints import TinyCheckpoint, write_tiny_checkpoint
+from kandinsky_trt.runtime.output_paths import save_images
 from kandinsky_trt.runtime.spec import LATENT_CHANNELS, LATENT_SCALE, Profile
 
 PROMPT = "a red cat sitting on a blue chair"
@@ -145,20 +144,4 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _save(image: Image.Image, path: Path) -> Path:
-    """Through a unique temporary name in the target folder, so a reader never sees half a PNG."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return save_images([image], [path])[0]  # unique temporary name in the folder, then rename

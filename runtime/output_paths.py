@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kandinsky_trt.runtime.errors import PipelineInputError
+from kandinsky_trt.runtime.integrity import follow_umask
 
 # RGB formats PIL writes without optional plug-ins (WebP / TIFF when PIL was built with them).
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
@@ -64,18 +65,6 @@ def image_targets(out: str | os.PathLike, count: int, name: str = "--out") -> li
     return targets
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _make_parents(directory: Path) -> list[Path]:
     """Create ``directory`` and missing parents; returns the ones created, deepest first."""
     created = []
@@ -98,7 +87,7 @@ def save_images(images: list, targets: list[Path], name: str = "--out") -> list[
             temps.append(tmp)
             with os.fdopen(fd, "wb") as handle:
                 image.save(handle, format=formats[target.suffix.lower()])
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image is ordinary output
+            follow_umask(tmp)  # mkstemp makes 0600; an image is ordinary output
         for tmp, target in zip(temps, targets):
             os.replace(tmp, target)
     except OSError as err:

@@ -94,10 +94,11 @@ def artifacts_without_inpaint(artifacts_fp32, tmp_path_factory):
     out = tmp_path_factory.mktemp("no_inpaint") / "artifacts"
     shutil.copytree(artifacts_fp32[0], out)
     manifest = json.loads((out / "manifest.json").read_text())
-    dropped = ("unet_inpaint", "unet_inpaint_step")
-    manifest["networks"] = [n for n in manifest["networks"] if n["name"] not in dropped]
-    for name in dropped:
-        (out / f"{name}.onnx").unlink()
+    dropped = [n for n in manifest["networks"] if n["name"] in ("unet_inpaint", "unet_inpaint_step")]
+    manifest["networks"] = [n for n in manifest["networks"] if n not in dropped]
+    for network in dropped:  # content-addressed file names, recorded in `files`
+        (out / network["onnx"]).unlink()
+        manifest["files"].pop(network["onnx"])
     manifest["checkpoints"].pop("inpaint", None)
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out

@@ -13,6 +13,7 @@ import pytest
 from kandinsky_trt.runtime import KandinskyPipeline
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime import manifest as mf
 from kandinsky_trt.runtime.manifest import ManifestError
 
 
@@ -24,11 +25,12 @@ def test_missing_manifest(tmp_path):
 def test_missing_and_corrupt_onnx(tmp_path, artifacts_fp32):
     out = tmp_path / "art"
     shutil.copytree(artifacts_fp32[0], out)
-    (out / "unet.onnx").unlink()
+    files = {n: e.onnx for n, e in mf.load_manifest(out).networks.items()}  # content-addressed names
+    (out / files["unet"]).unlink()
     with Components(out) as c:
-        with pytest.raises(BackendError, match=r"unet: expected the ONNX file .*unet.onnx, found no such file"):
+        with pytest.raises(BackendError, match=r"unet: expected the ONNX file .*unet\.[0-9a-f]{16}\.onnx, found no such file"):
             c.session("unet")
-    (out / "movq_decoder.onnx").write_bytes(b"garbage")
+    (out / files["movq_decoder"]).write_bytes(b"garbage")
     with Components(out) as c:
         with pytest.raises(BackendError, match="movq_decoder: .*does not match the manifest's sha256"):
             c.session("movq_decoder")

@@ -77,6 +77,7 @@ class _Recording:
             "model_outputs": np.stack([outputs[output_name] for _, outputs in self.calls[network]]),
             "noise": np.stack([feeds["noise"] for feeds, _ in steps]),
             "expected": np.stack([outputs["latents_next"] for _, outputs in steps]),
+            "expected_x0": np.stack([outputs["x0"] for _, outputs in steps]),
         }
         out.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():

@@ -139,12 +139,12 @@ def test_reexport_deletes_only_what_the_old_manifest_alone_named(tmp_path, tiny_
 
 
 def test_the_export_key_covers_every_production_setting(tiny_checkpoint, tmp_path):
-    """A field added to ExportConfig (e.g. ``fp32_nodes``) changes the key without special cases."""
-    extended = dataclasses.make_dataclass("Extended", [("fp32_nodes", tuple, ())], bases=(ExportConfig,), frozen=True)
+    """A field added to ExportConfig (e.g. a new precision option) changes the key without special cases."""
+    extended = dataclasses.make_dataclass("Extended", [("new_option", tuple, ())], bases=(ExportConfig,), frozen=True)
     base = _config(tiny_checkpoint, tmp_path)
     dims = read_model_dims(base.checkpoints)
     plain = extended(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
-    nodes = dataclasses.replace(plain, fp32_nodes=("/unet/conv_in",))
+    nodes = dataclasses.replace(plain, new_option=("x",))
     keys = {_export_key("movq_decoder", c, dims) for c in (plain, nodes)}
     assert len(keys) == 2
     # Settings that do not change a graph do not change its key.

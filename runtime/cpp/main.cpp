@@ -7,8 +7,12 @@
 // 3. lists the bindings of the loop's network and step graph, by name, dtype and shape;
 // 4. loads every constant (byte size against its shape, sha256);
 // 5. loads the scheduler's coefficient table and replays the step update over the model outputs
-//    the Python loop recorded (RECORDING/recording.json), comparing every step's latents with it.
+//    the Python loop recorded (RECORDING/recording.json), comparing every step's latents with it:
+//    per step (each from the Python loop's previous latents and x0: this decides) and free-running
+//    (reported: float32 exp differs from ONNX Runtime's in the last ulp, which DDPM's learned
+//    variance carries from step to step).
 // Exit status: 0 reproduced within the tolerance, 1 not, 2 a contract error (one line on stderr).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -69,8 +73,18 @@ void print_bindings(const ktrt::Network& n) {
 
 struct Replay {
   size_t steps = 0;
-  double worst_relative = 0.0;
+  double per_step = 0.0;  // each step from the Python loop's previous state: the contract itself
+  double free_running = 0.0;  // all steps from the C++ state: adds float32 exp's last-ulp drift
 };
+
+double relative(const std::vector<float>& ours, const float* want, size_t n) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t j = 0; j < n; ++j) {
+    diff = std::max(diff, std::fabs(double(ours[j]) - double(want[j])));
+    scale = std::max(scale, std::fabs(double(want[j])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
 
 Replay replay(const ktrt::Manifest& m, const std::string& dir, const nlohmann::json& rec) {
   const auto& step_graph = m.network(rec.at("step_graph").get<std::string>());
@@ -79,23 +93,24 @@ Replay replay(const ktrt::Manifest& m, const std::string& dir, const nlohmann::j
   const size_t n = table.rows.size(), latent = shapes.latent_count(), output = shapes.output_count();
   const auto& files = rec.at("files");
   auto file = [&](const char* key) { return dir + "/" + files.at(key).get<std::string>(); };
-  ktrt::StepState state{read_f32(file("latents"), latent, "latents"), std::vector<float>(latent, 0.0f)};
+  const auto start = read_f32(file("latents"), latent, "latents");
   const auto outputs = read_f32(file("model_outputs"), n * output, "model_outputs");
   const auto noise = read_f32(file("noise"), n * latent, "noise");
   const auto expected = read_f32(file("expected"), n * latent, "expected");
+  const auto expected_x0 = read_f32(file("expected_x0"), n * latent, "expected_x0");
   const float guidance = rec.at("guidance_scale").get<float>();
-  Replay result{n, 0.0};
+  ktrt::StepState free{start, std::vector<float>(latent, 0.0f)};
+  Replay result{n, 0.0, 0.0};
   for (size_t i = 0; i < n; ++i) {
     const std::vector<float> out(outputs.begin() + i * output, outputs.begin() + (i + 1) * output);
     const std::vector<float> eta(noise.begin() + i * latent, noise.begin() + (i + 1) * latent);
-    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, state);
-    double diff = 0.0, scale = 0.0;
-    for (size_t j = 0; j < latent; ++j) {
-      const double want = expected[i * latent + j];
-      diff = std::max(diff, std::fabs(double(state.latents[j]) - want));
-      scale = std::max(scale, std::fabs(want));
-    }
-    result.worst_relative = std::max(result.worst_relative, scale > 0 ? diff / scale : diff);
+    ktrt::StepState forced = i == 0 ? ktrt::StepState{start, std::vector<float>(latent, 0.0f)}
+        : ktrt::StepState{std::vector<float>(expected.begin() + (i - 1) * latent, expected.begin() + i * latent),
+                          std::vector<float>(expected_x0.begin() + (i - 1) * latent, expected_x0.begin() + i * latent)};
+    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, forced);
+    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, free);
+    result.per_step = std::max(result.per_step, relative(forced.latents, &expected[i * latent], latent));
+    result.free_running = std::max(result.free_running, relative(free.latents, &expected[i * latent], latent));
   }
   return result;
 }
@@ -118,9 +133,10 @@ int run(int argc, char** argv) {
   for (const auto& c : m.constants)
     std::printf("  constant %-18s %zu float32 values\n", c.name.c_str(), m.constant(c.name).size());
   const Replay r = replay(m, recording, rec);
-  const bool ok = r.worst_relative <= tolerance;
-  std::printf("replayed %zu steps of %s: max relative difference to the Python loop %.3e (tolerance %.0e) %s\n",
-              r.steps, rec.at("step_graph").get<std::string>().c_str(), r.worst_relative, tolerance, ok ? "ok" : "FAIL");
+  const bool ok = r.per_step <= tolerance;
+  std::printf("free-running over all steps: max relative difference %.3e\n", r.free_running);
+  std::printf("replayed %zu steps of %s: max relative difference to the Python loop per step %.3e (tolerance %.0e) %s\n",
+              r.steps, rec.at("step_graph").get<std::string>().c_str(), r.per_step, tolerance, ok ? "ok" : "FAIL");
   return ok ? 0 : 1;
 }
 

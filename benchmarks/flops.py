@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from kandinsky_trt.benchmarks.gpu_specs import GpuSpec
-from kandinsky_trt.runtime.spec import NETWORKS, Profile, ResolvedNetwork, resolve
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.spec import NETWORKS, Profile, ResolvedNetwork, resolve
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace):
     from kandinsky_trt.export.precision_debug import DEFAULT_TOLERANCE, NetworkReport, compare_graphs
     from kandinsky_trt.export.precision_fix import suggest_islands
     from kandinsky_trt.runtime.backends.base import sample_inputs
-    from kandinsky_trt.runtime.spec import Profile, resolve
+    from kandinsky_trt.runtime.contract.spec import Profile, resolve
 
     limits = SegmentLimits(budget_bytes=int(args.segment_mb * 2**20))
     start = time.perf_counter()

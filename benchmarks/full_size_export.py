@@ -36,8 +36,8 @@ def main() -> None:
     from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export import verify
     from kandinsky_trt.export.precision import policy_for
-    from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
-    from kandinsky_trt.runtime.spec import Profile, resolve
+    from kandinsky_trt.export.torch_modules import WRAPPERS
+    from kandinsky_trt.runtime.contract.spec import Profile, resolve
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 from kandinsky_trt.benchmarks.harness import reference_bounds, time_calls
 from kandinsky_trt.benchmarks.report import StageMeasurement, new_result, stage_result, with_baseline_ratios, write_result
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.spec import Profile, resolve
+from kandinsky_trt.runtime.contract.spec import Profile, resolve
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _measure(name: str, profile: Profile, precision: str, repeat: int, work_dir:
     from kandinsky_trt.export.full_size import build_full_size_model
     from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export.precision import policy_for
-    from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
+    from kandinsky_trt.export.torch_modules import WRAPPERS
 
     network = resolve(name, profile)
     feeds = sample_inputs(network)

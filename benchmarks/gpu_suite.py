@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kandinsky_trt.runtime.spec import PRIOR_LOOP, UNET_LOOP
+from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP, UNET_LOOP
 
 log = logging.getLogger("kandinsky_trt.benchmarks.gpu_suite")
 
@@ -130,8 +130,8 @@ def _export_key(network: str, config: SuiteConfig) -> str:
     import torch
 
     from kandinsky_trt.export import full_size, onnx_export, precision, step_graphs
-    from kandinsky_trt.runtime.backends import torch_modules
-    from kandinsky_trt.runtime.manifest import sha256_file
+    from kandinsky_trt.export import torch_modules
+    from kandinsky_trt.runtime.contract.manifest import sha256_file
 
     code = [sha256_file(Path(m.__file__)) for m in (full_size, onnx_export, precision, step_graphs, torch_modules)]
     payload = [network, config.exporter, torch.__version__, *code]
@@ -139,7 +139,7 @@ def _export_key(network: str, config: SuiteConfig) -> str:
 
 
 def _reusable(previous, name: str, key: str):
-    from kandinsky_trt.runtime.manifest import sha256_file
+    from kandinsky_trt.runtime.contract.manifest import sha256_file
 
     entry = previous.networks.get(name) if previous else None
     if entry is None or entry.export_key != key or not previous.path(entry.onnx).is_file():
@@ -153,8 +153,8 @@ def _export_one(name: str, config: SuiteConfig, profile, key: str):
     from kandinsky_trt.export.full_size import build_full_size_model
     from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export.precision import policy_for
-    from kandinsky_trt.runtime import manifest as mf
-    from kandinsky_trt.runtime.spec import resolve
+    from kandinsky_trt.runtime.contract import manifest as mf
+    from kandinsky_trt.runtime.contract.spec import resolve
 
     start = time.perf_counter()
     network, policy = resolve(name, profile), policy_for(name, "fp16")
@@ -171,9 +171,9 @@ def export_full_size(config: SuiteConfig):
     """The fp16 artifacts of ``config.networks`` + step graphs in ``config.work``; returns the manifest."""
     from kandinsky_trt.export.checkpoints import scheduler_configs
     from kandinsky_trt.export.step_graphs import write_step_graph
-    from kandinsky_trt.runtime import manifest as mf
-    from kandinsky_trt.runtime.integrity import file_record
-    from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS, Profile, resolve
+    from kandinsky_trt.runtime.contract import manifest as mf
+    from kandinsky_trt.runtime.contract.integrity import file_record
+    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve
 
     config.work.mkdir(parents=True, exist_ok=True)
     profile = Profile(1, 512, 512, True)
@@ -206,7 +206,7 @@ def _loops(config: SuiteConfig) -> list[tuple[str, int]]:
 
 
 def _table(manifest, loop: str, steps: int):
-    from kandinsky_trt.runtime.schedulers import scheduler_table
+    from kandinsky_trt.runtime.contract.schedulers import scheduler_table
 
     return scheduler_table(manifest.schedulers[loop]["config"], steps)
 
@@ -214,7 +214,7 @@ def _table(manifest, loop: str, steps: int):
 def _loop_inputs(manifest, loop: str, table, seed: int = 0):
     """Random conditioning of the spec's shapes (``sample_inputs``), N(0,1) latents and noise."""
     from kandinsky_trt.runtime.backends.base import sample_inputs
-    from kandinsky_trt.runtime.loop import LoopInputs
+    from kandinsky_trt.runtime.loops.template import LoopInputs
 
     names = LOOPS[loop]
     feeds = sample_inputs(manifest.network(names.network).resolved, seed)
@@ -378,7 +378,7 @@ def _torch_module(name: str):
     import torch
 
     from kandinsky_trt.export.full_size import build_full_size_model
-    from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
+    from kandinsky_trt.export.torch_modules import WRAPPERS
 
     return WRAPPERS[name](build_full_size_model(name, device="cuda", dtype=torch.float16), torch.float16)
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from kandinsky_trt.benchmarks.environment import peak_host_rss_mb, reset_peak_host_rss
 from kandinsky_trt.benchmarks.report import BenchResult, StageMeasurement, new_result, stage_result, with_baseline_ratios
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.components import BACKENDS, Components
-from kandinsky_trt.runtime.errors import PipelineInputError
-from kandinsky_trt.runtime.spec import KANDINSKY_2_1_DIMS
+from kandinsky_trt.runtime.backends.registry import check_backend
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
+from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS
 
 log = logging.getLogger(__name__)
 PIPELINES = ("text2img", "img2img", "inpaint")
@@ -87,7 +88,7 @@ def _pipeline_call(kind: str, pipe_factory: Callable[[str], Callable], config: B
 
 
 def _ours(components: Components) -> Callable[[str], Callable]:
-    from kandinsky_trt.runtime import combined_pipelines as cp
+    from kandinsky_trt.runtime.pipelines import combined as cp
 
     classes = {"text2img": cp.KandinskyCombinedPipeline, "img2img": cp.KandinskyImg2ImgCombinedPipeline,
                "inpaint": cp.KandinskyInpaintCombinedPipeline}
@@ -136,15 +137,14 @@ _PIPELINE_NEEDS = {"text2img": (), "img2img": ("movq_encoder",), "inpaint": ("un
 
 def check_config(config: BenchConfig, manifest: mf.Manifest) -> None:
     """Refuse what would fail midway, before anything is loaded or timed."""
-    from kandinsky_trt.runtime import inputs
+    from kandinsky_trt.runtime.pipelines import inputs
 
     for name, value in (("--repeat", config.repeat), ("--steps", config.steps), ("--prior-steps", config.prior_steps)):
         inputs.check_positive_int(value, name)
     if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
         raise PipelineInputError(f"--warmup: expected an integer >= 0, found {config.warmup!r}")
     for backend in config.backends:
-        if backend not in BACKENDS:
-            raise PipelineInputError(f"--backends: expected names from {BACKENDS}, found {backend!r}")
+        check_backend(backend, "--backends")
     unknown = [s for s in config.stages or () if s not in manifest.networks]
     if unknown:
         raise PipelineInputError(f"--stages: expected networks of {config.artifacts} "

@@ -5,7 +5,7 @@
 ``--graph`` is a full-size graph with its external data beside it (``full_size_export`` writes one:
 random weights, the real file sizes). Measured side by side in one process, ``--repeats`` times each:
 
-- ``cold``: the first verification in a process (:data:`~kandinsky_trt.runtime.integrity.VERIFIED`
+- ``cold``: the first verification in a process (:data:`~kandinsky_trt.runtime.contract.integrity.VERIFIED`
   empty): size check + sha256 of the graph and its external data; what every process pays once;
 - ``cached``: a second verification in the same process (``stat`` only);
 - ``load``: creating the ONNX Runtime CPU session of the graph, without any verification.
@@ -42,7 +42,7 @@ def _timed(fn) -> float:
 def measure(graph: Path, repeats: int) -> dict:
     import onnxruntime as ort
 
-    from kandinsky_trt.runtime.integrity import VERIFIED, file_record
+    from kandinsky_trt.runtime.contract.integrity import VERIFIED, file_record
 
     files = _files(graph)
     records = {f: file_record(f) for f in files}  # what export records (also warms nothing we rely on)

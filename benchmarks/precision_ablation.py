@@ -32,8 +32,8 @@ def ablate(network: str, height: int, width: int) -> dict:
     from kandinsky_trt.export.full_size import build_full_size_model
     from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export.precision import policy_for
-    from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
-    from kandinsky_trt.runtime.spec import Profile, resolve
+    from kandinsky_trt.export.torch_modules import WRAPPERS
+    from kandinsky_trt.runtime.contract.spec import Profile, resolve
 
     resolved = resolve(network, Profile(1, height, width, True))
     model = build_full_size_model(network, dtype=torch.float32)

@@ -29,8 +29,8 @@ from kandinsky_trt.benchmarks.environment import (  # noqa: F401  (re-exported f
     peak_host_rss_mb,
     reset_peak_host_rss,
 )
-from kandinsky_trt.runtime.spec import Profile, SpecError
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.spec import Profile, SpecError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 log = logging.getLogger(__name__)
 

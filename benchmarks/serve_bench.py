@@ -53,7 +53,8 @@ def _median(summaries: list[dict]) -> dict:
 
 
 def in_process(artifacts: Path, workload: Workload) -> dict:
-    from kandinsky_trt.runtime import Components, KandinskyCombinedPipeline
+    from kandinsky_trt.runtime import Components
+    from kandinsky_trt.runtime import KandinskyCombinedPipeline
 
     with Components(artifacts) as components:
         pipe, profile = KandinskyCombinedPipeline(components=components), components.profile
@@ -103,7 +104,7 @@ def _load(url: str, workload: Workload, profile, concurrency: int) -> dict:
 
 
 def served(artifacts: Path, workload: Workload, levels: list[int], batching: bool, delay_us: int) -> dict:
-    from kandinsky_trt.runtime import manifest as mf
+    from kandinsky_trt.runtime.contract import manifest as mf
     from kandinsky_trt.runtime.serve.client import Target, infer, item_arrays
     from kandinsky_trt.runtime.serve.launcher import ServerConfig, TritonServer
     from kandinsky_trt.runtime.serve.repository import RepoConfig, write_repository
@@ -119,7 +120,7 @@ def served(artifacts: Path, workload: Workload, levels: list[int], batching: boo
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kandinsky_trt.runtime import manifest as mf
+    from kandinsky_trt.runtime.contract import manifest as mf
 
     artifacts, levels = Path(args.artifacts), list(args.concurrency)
     workload = Workload(args.steps, args.prior_steps, args.requests, args.warmup)

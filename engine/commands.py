@@ -1,4 +1,4 @@
-"""The ``build`` command: its parser and handler (registered by :mod:`kandinsky_trt.runtime.cli`)."""
+"""The ``build`` command: its parser and handler (registered by :mod:`kandinsky_trt.runtime.cli.main`)."""
 
 from __future__ import annotations
 

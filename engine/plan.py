@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kandinsky_trt.runtime.manifest import NetworkEntry
+from kandinsky_trt.runtime.contract.manifest import NetworkEntry
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from typing import Any, Iterator
 
 from kandinsky_trt.engine.errors import EngineBuildError, OnnxParseError, TensorRTUnavailableError
 from kandinsky_trt.engine.plan import BuildRequest, BuiltPlan, Platform
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import TensorInfo, engine_info, import_tensorrt, set_static_input_shapes
 from kandinsky_trt.runtime.backends.trt import tensor_differences, trt_dtype_name
-from kandinsky_trt.runtime.manifest import NetworkEntry
+from kandinsky_trt.runtime.contract.manifest import NetworkEntry
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 
 from kandinsky_trt.export.artifact_store import ArtifactStore
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, load_network
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.schedulers import scheduler_table
-from kandinsky_trt.runtime.spec import ModelDims
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.schedulers import scheduler_table
+from kandinsky_trt.runtime.contract.spec import ModelDims
 
 # Tables precomputed into the manifest: the pipelines' default step counts (a host that wants
-# another count computes it with runtime/schedulers.py or fills the table itself).
+# another count computes it with runtime/contract/schedulers.py or fills the table itself).
 DEFAULT_STEPS = {"prior": (25,), "decoder": (100, 50), "decoder_ddpm": (100,)}
 _SCHEDULER_DIRS = {"prior": ("prior", "scheduler"), "decoder": ("decoder", "scheduler"),
                    "decoder_ddpm": ("decoder", "ddpm_scheduler")}

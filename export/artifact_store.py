@@ -29,10 +29,10 @@ import tempfile
 from pathlib import Path
 
 from kandinsky_trt.export.onnx_export import ExportError
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.integrity import FileRecord, bytes_record, file_record, follow_umask, fsync_dir
-from kandinsky_trt.runtime.manifest_checks import ManifestRuleError, check_inside, file_fields
-from kandinsky_trt.runtime.spec import NETWORKS, STEP_NETWORKS
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.integrity import FileRecord, bytes_record, file_record, follow_umask, fsync_dir
+from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside, file_fields
+from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from kandinsky_trt.export.artifact_store import ArtifactStore, read_pending
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.precision import policy_for
 from kandinsky_trt.export.step_graphs import build_step_graph
-from kandinsky_trt.runtime.backends import torch_modules
-from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.integrity import VERIFIED
-from kandinsky_trt.runtime.manifest_checks import ManifestRuleError, check_inside
-from kandinsky_trt.runtime.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, resolve
+from kandinsky_trt.export import torch_modules
+from kandinsky_trt.export.torch_modules import WRAPPERS
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.integrity import VERIFIED
+from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside
+from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, resolve
 
 log = logging.getLogger(__name__)
 

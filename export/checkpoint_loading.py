@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kandinsky_trt.runtime import spec
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.spec import ModelDims, SpecError
+from kandinsky_trt.runtime.contract import spec
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.spec import ModelDims, SpecError
 
 # Weights that unpickle (and so can run code) when loaded: refused, safetensors expected.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -70,7 +70,7 @@ def check_weights(network: str, dirs: CheckpointDirs) -> Path:
 
 def load_network(network: str, dirs: CheckpointDirs):
     """Load the torch module behind ``network`` in fp32, eval mode (safetensors weights only)."""
-    from kandinsky_trt.runtime.backends.torch_modules import load_module
+    from kandinsky_trt.export.torch_modules import load_module
 
     return load_module(network, check_weights(network, dirs))
 

@@ -1,12 +1,98 @@
-"""The ``debug-precision`` command: its parser and handler (registered by :mod:`kandinsky_trt.runtime.cli`).
+"""The export layer's commands: ``tiny-checkpoint``, ``export``, ``demo`` and ``debug-precision``.
 
-Nothing heavy is imported here: onnx and ONNX Runtime load inside the handler.
+Registered through the ``kandinsky_trt.commands`` entry point (``pyproject.toml``), so the runtime's
+CLI never imports this layer. Nothing heavy is imported here: torch, onnx and ONNX Runtime load
+inside the handlers.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+
+def _cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
+
+    result = write_tiny_checkpoint(Path(args.out), seed=args.seed)
+    print(f"tiny Kandinsky 2.1 checkpoint written: {result.prior}, {result.decoder}, {result.inpaint}")
+    return 0
+
+
+def _profile(args: argparse.Namespace):
+    from kandinsky_trt.runtime.contract.spec import Profile
+
+    return Profile(batch=args.batch, height=args.height, width=args.width, cfg=not args.no_cfg)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
+    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
+
+    dirs = CheckpointDirs(Path(args.prior), Path(args.decoder), Path(args.inpaint) if args.inpaint else None)
+    config = ExportConfig(
+        checkpoints=dirs, out_dir=Path(args.out), profile=_profile(args), precision=args.precision,
+        exporter=args.exporter, verify=args.verify, networks=tuple(args.networks) if args.networks else None,
+        fp32_nodes=tuple(args.fp32_nodes or ()),
+    )
+    report = export_artifacts(config)
+    print(f"manifest: {report.manifest_path}  (exported {len(report.exported)}, reused {len(report.reused)})")
+    for parity in report.parity:
+        print("  " + parity.line())
+    if not report.passed:
+        print("parity check FAILED (see the lines marked FAIL)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kandinsky_trt.export.demo import run_demo
+
+    result = run_demo(Path(args.out))
+    print(f"kandinsky-trt vs diffusers, same checkpoint, prompt and draws: max |difference| {result.max_diff:.2e}, "
+          f"mean {result.mean_diff:.2e} (images in [0, 1])")
+    art = result.artifacts
+    print(f"try: kandinsky-trt generate \"a cat\" --artifacts {art} --out cat.png  "
+          f"(--image {result.image} --strength 0.5 for img2img; add --mask {result.mask} to inpaint)")
+    print(f"files: checkpoint {result.checkpoint.decoder.parent}/  artifacts {art}/  image {result.image}  "
+          f"comparison {result.comparison}  mask {result.mask}")
+    return 0 if result.export.passed else 1
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=512, help="image height in pixels, multiple of 64 (default 512)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels, multiple of 64 (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="images per network call (default 1)")
+    p.add_argument("--no-cfg", action="store_true", help="profile without classifier-free guidance (batch not doubled)")
+
+
+def _add_artifact_commands(sub) -> None:
+    p = sub.add_parser("tiny-checkpoint", help="write tiny random-weight Kandinsky 2.1 checkpoints (diffusers format)")
+    p.add_argument("out", help="output directory (gets prior/, decoder/, inpaint/)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.set_defaults(func=_cmd_tiny_checkpoint)
+
+    p = sub.add_parser("export", help="export checkpoints to ONNX artifacts + manifest.json")
+    p.add_argument("--prior", required=True, help="prior checkpoint dir (like kandinsky-2-1-prior)")
+    p.add_argument("--decoder", required=True, help="decoder checkpoint dir (like kandinsky-2-1)")
+    p.add_argument("--inpaint", help="inpaint checkpoint dir (like kandinsky-2-1-inpaint); enables inpainting")
+    p.add_argument("--out", required=True, help="artifacts directory to write")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="graph precision (default fp16)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; legacy is faster on tiny models but runs a "
+                        "real fp16 forward, very slow on CPU at full size; see export/onnx_export.py)")
+    p.add_argument("--verify", action="store_true", help="check every graph in ONNX Runtime against torch")
+    p.add_argument("--networks", nargs="+", help="export only these networks (default: all)")
+    p.add_argument("--fp32-nodes", nargs="+", metavar="NETWORK:MODULE",
+                   help="extra fp32 islands in fp16 graphs, e.g. unet:down_blocks.0.resnets.0 (module paths "
+                        "of the network's model, as `debug-precision` suggests them)")
+    _add_profile_args(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="tiny checkpoint -> ONNX -> image on CPU, no flags needed")
+    p.add_argument("--out", default="kandinsky-demo", help="working directory (default ./kandinsky-demo)")
+    p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_debug_precision(args: argparse.Namespace) -> int:
@@ -33,7 +119,8 @@ def _cmd_debug_precision(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    """Add ``debug-precision`` to the ``kandinsky-trt`` subparsers ``sub``."""
+    """Add this layer's commands to the ``kandinsky-trt`` subparsers ``sub``."""
+    _add_artifact_commands(sub)
     p = sub.add_parser(
         "debug-precision",
         help="find the first node where an fp16 export leaves its fp32 reference (ONNX Runtime, CPU)",

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from kandinsky_trt.export.artifacts import ExportConfig, ExportReport, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.checkpoints import TinyCheckpoint, write_tiny_checkpoint
-from kandinsky_trt.runtime.output_paths import save_images
-from kandinsky_trt.runtime.spec import LATENT_CHANNELS, LATENT_SCALE, Profile
+from kandinsky_trt.runtime.cli.output_paths import save_images
+from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LATENT_SCALE, Profile
 
 PROMPT = "a red cat sitting on a blue chair"
 SIZE, STEPS, PRIOR_STEPS, SEED = 64, 10, 5, 0
@@ -71,7 +71,7 @@ def _draws(artifacts: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     then the decoder latents (DDIM draws nothing per step)."""
     import torch
 
-    from kandinsky_trt.runtime.manifest import load_manifest
+    from kandinsky_trt.runtime.contract.manifest import load_manifest
 
     clip_dim = load_manifest(artifacts).model_dims.clip_dim
     generator = torch.Generator().manual_seed(SEED)
@@ -83,8 +83,8 @@ def _draws(artifacts: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _ours(artifacts: Path, prior_latents, prior_noise, latents) -> np.ndarray:
-    from kandinsky_trt.runtime.combined_pipelines import KandinskyCombinedPipeline
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.combined import KandinskyCombinedPipeline
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     with Components(artifacts, backend="ort") as components:
         pipe = KandinskyCombinedPipeline(components=components)

@@ -24,10 +24,10 @@ import torch
 
 from kandinsky_trt.export.precision import PrecisionPolicy, apply_policy
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
-from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.spec import ResolvedNetwork
+from kandinsky_trt.export.torch_modules import WRAPPERS
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from diffusers.models.attention_processor import AttnAddedKVProcessor, AttnProcessor
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 
 class PrecisionPolicyError(KandinskyTrtError, ValueError):

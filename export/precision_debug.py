@@ -29,8 +29,8 @@ import numpy as np
 from kandinsky_trt.export.graph_alignment import align, origins
 from kandinsky_trt.export.onnx_segments import SegmentedGraph, SegmentLimits, node_inputs
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.manifest import ManifestError, NetworkEntry, load_manifest
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.manifest import ManifestError, NetworkEntry, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from kandinsky_trt.export.precision_debug import FP16_MAX, DebugConfig, NetworkReport, NodeResult
-from kandinsky_trt.runtime.manifest import write_bytes_atomic
+from kandinsky_trt.runtime.contract.manifest import write_bytes_atomic
 
 
 def _num(value: float | None) -> str:

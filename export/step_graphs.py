@@ -3,7 +3,7 @@
 Each denoising step runs the network, then one of these tiny elementwise float32 graphs (DESIGN §4). The
 scheduler enters only through the per-step ``coefficients`` row (``spec.COEFFICIENT_COLUMNS``), so one
 graph serves every supported scheduler and step count; the numpy reference with the same operation
-order is :func:`kandinsky_trt.runtime.schedulers.apply_step`. Inputs and outputs come from the resolved
+order is :func:`kandinsky_trt.runtime.contract.schedulers.apply_step`. Inputs and outputs come from the resolved
 spec (``spec.STEP_NETWORKS``), never restated here. Built with ``onnx.helper`` (no torch needed).
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from kandinsky_trt.runtime.integrity import write_bytes_atomic
-from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
-from kandinsky_trt.runtime.spec import (
+from kandinsky_trt.runtime.contract.integrity import write_bytes_atomic
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
+from kandinsky_trt.runtime.contract.spec import (
     COEFFICIENT_COLUMNS,
     KANDINSKY_2_1_DIMS,
     STEP_NETWORKS,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.spec import ResolvedNetwork
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 
 FP32_TOLERANCE = 1e-4
 # fp16 graph vs fp32 torch, relative to the output scale: ~2x the worst value measured on the tiny

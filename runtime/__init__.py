@@ -1,24 +1,35 @@
 """kandinsky_trt.runtime: artifacts -> images, without torch.
 
-Imports neither ``kandinsky_trt.export`` nor ``kandinsky_trt.engine``, nor torch / diffusers /
-transformers at module level (enforced by tests/test_layering.py): a deployed host installs only
-the runtime. The pipeline classes are loaded on first access.
+The layers, bottom to top (each package's docstring says what it owns and may import):
+
+- ``contract``: the spec, the manifest, the scheduler tables, the exception roots;
+- ``processing``: image and text pre/post-processing;
+- ``cuda``: the checked CUDA runtime wrapper and step-graph replay;
+- ``backends``: the backend interface and ONNX Runtime / TensorRT behind it;
+- ``loops``: the one denoising loop and its per-backend strategies;
+- ``pipelines``: ``Components`` and the diffusers-shaped pipelines;
+- ``cli`` and ``serve``: the command line and Triton Inference Server;
+- ``cpp``: the C++ host contract program (not Python).
+
+No module here imports ``kandinsky_trt.export``/``engine``/``benchmarks``, torch, diffusers,
+transformers or tensorrt at module level (tests/test_layering.py walks every one): a deployed host
+installs only the runtime. The pipeline classes below are loaded on first access.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "KandinskyPriorPipeline": "prior_pipeline",
-    "KandinskyPriorPipelineOutput": "prior_pipeline",
-    "KandinskyPipeline": "decoder_pipelines",
-    "KandinskyImg2ImgPipeline": "decoder_pipelines",
-    "KandinskyInpaintPipeline": "decoder_pipelines",
-    "ImagePipelineOutput": "decoder_pipelines",
-    "KandinskyCombinedPipeline": "combined_pipelines",
-    "KandinskyImg2ImgCombinedPipeline": "combined_pipelines",
-    "KandinskyInpaintCombinedPipeline": "combined_pipelines",
-    "Components": "components",
-    "Profile": "spec",
+    "KandinskyPriorPipeline": "pipelines.prior",
+    "KandinskyPriorPipelineOutput": "pipelines.prior",
+    "KandinskyPipeline": "pipelines.decoder",
+    "KandinskyImg2ImgPipeline": "pipelines.decoder",
+    "KandinskyInpaintPipeline": "pipelines.decoder",
+    "ImagePipelineOutput": "pipelines.decoder",
+    "KandinskyCombinedPipeline": "pipelines.combined",
+    "KandinskyImg2ImgCombinedPipeline": "pipelines.combined",
+    "KandinskyInpaintCombinedPipeline": "pipelines.combined",
+    "Components": "pipelines.components",
+    "Profile": "contract.spec",
 }
 __all__ = sorted(_EXPORTS)
 

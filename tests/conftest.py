@@ -26,7 +26,7 @@ def _export(tmp_path_factory, checkpoint, precision: str, batch: int, height: in
             exporter: str = "legacy"):
     from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
-    from kandinsky_trt.runtime.spec import Profile
+    from kandinsky_trt.runtime.contract.spec import Profile
 
     dirs = CheckpointDirs(checkpoint.prior, checkpoint.decoder, checkpoint.inpaint)
     out = tmp_path_factory.mktemp(f"artifacts_{precision}_b{batch}_{height}x{width}")

@@ -15,10 +15,10 @@ import types
 
 import numpy as np
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import TensorInfo
 from manifest_helpers import complete_manifest
-from kandinsky_trt.runtime.manifest import Manifest
+from kandinsky_trt.runtime.contract.manifest import Manifest
 
 H100 = cuda.DeviceInfo(0, "NVIDIA H100 80GB HBM3", "9.0")
 TRT_VERSION = "11.4.0.106"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.integrity import file_record
-from kandinsky_trt.runtime.manifest_checks import file_fields
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.integrity import file_record
+from kandinsky_trt.runtime.contract.manifest_checks import file_fields
 
 
 def complete_manifest(d: dict, directory: Path) -> dict:

@@ -14,11 +14,11 @@ import jsonschema
 import numpy as np
 import pytest
 
-from kandinsky_trt.runtime import integrity
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import integrity
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.manifest_schema import SchemaViolation, manifest_schema, validate
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.manifest_schema import SchemaViolation, manifest_schema, validate
 
 
 @pytest.fixture()
@@ -133,7 +133,7 @@ def external_data_artifacts(tmp_path_factory, tiny_checkpoint):
     from kandinsky_trt.export import onnx_export
     from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
-    from kandinsky_trt.runtime.spec import Profile
+    from kandinsky_trt.runtime.contract.spec import Profile
 
     out = tmp_path_factory.mktemp("external") / "art"
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)

@@ -20,9 +20,9 @@ from PIL import Image
 from kandinsky_trt.runtime import (
     KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline, KandinskyImg2ImgPipeline,
     KandinskyInpaintCombinedPipeline, KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline)
-from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.inputs import MAX_IMAGES_PER_CALL, min_strength
+from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.pipelines.inputs import MAX_IMAGES_PER_CALL, min_strength
 
 E = 32
 EMB = np.zeros((1, E), np.float32)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from kandinsky_trt.runtime.cli import main
+from kandinsky_trt.runtime.cli.main import main
 
 RUN = ["--height", "64", "--width", "64", "--steps", "2", "--prior-steps", "2"]
 
@@ -54,7 +54,7 @@ def files(tmp_path_factory):
     (["interpolate", "--text", "a \udcff", "1"], r"--text/--image\[0\]: expected valid Unicode text"),
 ])
 def test_cli_input_errors(argv, match, files, artifacts_fp32, capsys, monkeypatch):
-    from kandinsky_trt.runtime import components
+    from kandinsky_trt.runtime.pipelines import components
 
     real_init = components.Components.__init__
     started = []

@@ -12,9 +12,9 @@ import pytest
 
 from kandinsky_trt.runtime import KandinskyPipeline
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.manifest import ManifestError
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.manifest import ManifestError
 
 
 def test_missing_manifest(tmp_path):

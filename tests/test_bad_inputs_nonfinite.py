@@ -14,8 +14,8 @@ from PIL import Image
 
 from kandinsky_trt.runtime import (
     KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline)
-from kandinsky_trt.runtime.components import Components, PipelineInputError
-from kandinsky_trt.runtime.image_processing import NonFiniteOutputError, postprocess
+from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+from kandinsky_trt.runtime.processing.images import NonFiniteOutputError, postprocess
 
 E = 32
 EMB = np.zeros((1, E), np.float32)

@@ -11,8 +11,8 @@ import threading
 import pytest
 from PIL import Image
 
-from kandinsky_trt.runtime.components import PipelineInputError
-from kandinsky_trt.runtime.output_paths import check_writable_directory, image_targets, save_images
+from kandinsky_trt.runtime.pipelines.components import PipelineInputError
+from kandinsky_trt.runtime.cli.output_paths import check_writable_directory, image_targets, save_images
 
 
 def _listing(root):
@@ -22,7 +22,7 @@ def _listing(root):
 @pytest.fixture
 def no_work(monkeypatch):
     """Generation refuses to start: an output-path error must come before it."""
-    from kandinsky_trt.runtime import components
+    from kandinsky_trt.runtime.pipelines import components
 
     def refuse(*args, **kwargs):
         raise AssertionError("Components were loaded before the output path was checked")
@@ -31,7 +31,7 @@ def no_work(monkeypatch):
 
 
 def _generate(tmp_path, out, *extra):
-    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.cli.main import main
 
     return main(["generate", "a cat", "--artifacts", str(tmp_path / "no-artifacts"), "--out", str(out), *extra])
 
@@ -73,7 +73,7 @@ def test_read_only_directory_is_refused(tmp_path):
 
 
 def test_interpolate_and_bench_check_out_first(tmp_path, capsys, no_work):
-    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.cli.main import main
 
     (tmp_path / "afile").write_text("x")
     assert main(["interpolate", "--artifacts", str(tmp_path), "--text", "a", "1", "--out", str(tmp_path)]) == 2

@@ -40,7 +40,7 @@ from kandinsky_trt.benchmarks.report import (  # noqa: E402
     with_baseline_ratios,
     write_result,
 )
-from kandinsky_trt.runtime.spec import Profile  # noqa: E402
+from kandinsky_trt.runtime.contract.spec import Profile  # noqa: E402
 
 PROFILE = Profile().to_dict()
 

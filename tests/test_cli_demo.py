@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.cli import main
-from kandinsky_trt.runtime.manifest import load_manifest
+from kandinsky_trt.runtime.cli.main import main
+from kandinsky_trt.runtime.contract.manifest import load_manifest
 
 FAST = ["--steps", "2", "--prior-steps", "2", "--seed", "0"]
 
@@ -95,7 +95,7 @@ def test_wrong_size_is_refused_before_any_network_runs(command, demo, tmp_path, 
 
 def test_api_combined_pipelines_refuse_a_wrong_size_before_the_prior(demo, monkeypatch):
     from kandinsky_trt.runtime import KandinskyCombinedPipeline
-    from kandinsky_trt.runtime.components import PipelineInputError
+    from kandinsky_trt.runtime.pipelines.components import PipelineInputError
 
     pipe = KandinskyCombinedPipeline(demo / "artifacts")
     loaded = []

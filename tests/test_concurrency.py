@@ -20,7 +20,7 @@ from PIL import Image
 
 from kandinsky_trt.runtime import (
     KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline)
-from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime.pipelines.components import Components
 
 THREADS = 8
 PICTURE = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -81,7 +81,7 @@ def test_one_session_per_network_and_identical_results(artifacts_fp32, counted_s
 
 
 def test_once_cache_builds_each_key_once_and_retries_a_failed_build():
-    from kandinsky_trt.runtime.once import OnceCache
+    from kandinsky_trt.runtime.pipelines.once import OnceCache
 
     cache, calls, lock = OnceCache(), Counter(), threading.Lock()
     barrier = threading.Barrier(16)

@@ -20,8 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kandinsky_trt.runtime import KandinskyInpaintPipeline, KandinskyPipeline, KandinskyPriorPipeline
-from kandinsky_trt.runtime.components import Components
+from kandinsky_trt.runtime import KandinskyInpaintPipeline
+
+from kandinsky_trt.runtime import KandinskyPipeline
+
+from kandinsky_trt.runtime import KandinskyPriorPipeline
+from kandinsky_trt.runtime.pipelines.components import Components
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 E = 32

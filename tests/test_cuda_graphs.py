@@ -1,4 +1,4 @@
-"""The CUDA-graph loop (:mod:`kandinsky_trt.runtime.cuda_graphs`): warm-up, capture, replay, invalidation.
+"""The CUDA-graph loop (:mod:`kandinsky_trt.runtime.cuda.graphs`): warm-up, capture, replay, invalidation.
 
 CPU tests (always run) use the simulated CUDA layer of ``fake_trt_runtime.py``, whose stream
 capture records operations and whose graph launch replays them: they check our logic, not CUDA.
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from fake_trt_runtime import FakeCuda, FakeMemory, FakeStream  # tests/ is on sys.path under pytest
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.cuda_graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
+from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
 
 
 # -- CapturedLoop against a simulated CUDA layer ------------------------------------------------------

@@ -26,10 +26,10 @@ from kandinsky_trt.engine.errors import (
     TensorRTUnavailableError,
 )
 from kandinsky_trt.engine.plan import BuiltPlan, Platform
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import import_tensorrt
 from manifest_helpers import complete_manifest
-from kandinsky_trt.runtime.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
+from kandinsky_trt.runtime.contract.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
 H100 = Platform(TRT_VERSION, "NVIDIA H100 80GB HBM3", "9.0")
 
@@ -341,7 +341,7 @@ def test_real_build_and_run(tmp_path):
     if not cuda.cuda_available():
         pytest.skip("needs cuda-python and a CUDA GPU")
     from kandinsky_trt.runtime.backends.trt import TrtBackend
-    from kandinsky_trt.runtime.cuda_graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
+    from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
 
     _write_artifacts(tmp_path)
     paths = build_engines(BuildConfig(tmp_path, timing_cache=tmp_path / "timing.cache", opt_level=0))

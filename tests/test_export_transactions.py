@@ -19,10 +19,10 @@ from kandinsky_trt.export import artifact_store
 from kandinsky_trt.export.artifacts import ExportConfig, _export_key, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, CheckpointError, read_model_dims
 from kandinsky_trt.export.onnx_export import ExportError
-from kandinsky_trt.runtime import integrity
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.spec import Profile
+from kandinsky_trt.runtime.contract import integrity
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.spec import Profile
 
 NETWORKS = ("movq_decoder", "prior_text_encoder", "movq_encoder", "prior")
 _CHILD = """
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
-from kandinsky_trt.runtime.spec import Profile
+from kandinsky_trt.runtime.contract.spec import Profile
 prior, decoder, out, precision = sys.argv[1:5]
 export_artifacts(ExportConfig(CheckpointDirs(Path(prior), Path(decoder)), Path(out), Profile(1, 64, 64), precision,
                               exporter="legacy", networks=tuple(sys.argv[5].split(","))))
@@ -163,7 +163,7 @@ def test_unknown_networks_are_named_and_no_directory_is_left(tmp_path, tiny_chec
 
 
 def test_cli_export_errors_exit_2_without_traceback(tmp_path, tiny_checkpoint, capsys):
-    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.cli.main import main
 
     common = ["--prior", str(tiny_checkpoint.prior), "--decoder", str(tiny_checkpoint.decoder)]
     assert main(["export", *common, "--out", str(tmp_path / "a"), "--networks", "bogus"]) == 2

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kandinsky_trt.runtime import image_processing as ip
+from kandinsky_trt.runtime.processing import images as ip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")

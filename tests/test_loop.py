@@ -1,4 +1,4 @@
-"""The loop template (``runtime/loop.py``) through its host strategy, on the tiny fp32 artifacts.
+"""The loop template (``runtime/loops/template.py``) through its host strategy, on the tiny fp32 artifacts.
 
 What every strategy inherits: the linked-tensor check at construction, the input checks before
 anything runs, the identity-row start, one callback per step, refusal once closed. The device
@@ -12,10 +12,10 @@ import pytest
 
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.denoise import HostLoop
-from kandinsky_trt.runtime.loop import LoopInputs
-from kandinsky_trt.runtime.manifest import load_manifest
-from kandinsky_trt.runtime.spec import UNET_LOOP, LoopSpec
+from kandinsky_trt.runtime.loops.host import HostLoop
+from kandinsky_trt.runtime.loops.template import LoopInputs
+from kandinsky_trt.runtime.contract.manifest import load_manifest
+from kandinsky_trt.runtime.contract.spec import UNET_LOOP, LoopSpec
 
 
 class _Counting:
@@ -53,7 +53,7 @@ def test_linked_tensors_must_fit(backend):
 
 
 def test_bad_inputs_are_refused_before_anything_runs(backend):
-    from kandinsky_trt.runtime.schedulers import scheduler_table
+    from kandinsky_trt.runtime.contract.schedulers import scheduler_table
 
     table = scheduler_table({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                              "variance_type": "learned_range", "clip_sample": True}, 3)

@@ -5,9 +5,9 @@ import json
 import jsonschema
 import pytest
 
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.schedulers import scheduler_table
-from kandinsky_trt.runtime.spec import NETWORKS, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.contract.schedulers import scheduler_table
+from kandinsky_trt.runtime.contract.spec import NETWORKS, ModelDims, Profile, resolve
 
 SHA = "0" * 64
 

@@ -1,4 +1,4 @@
-"""Device-bound ONNX Runtime loop (``runtime/device_loop.py``, ``runtime/backends/ort_cuda.py``) and GPU-suite pieces.
+"""Device-bound ONNX Runtime loop (``runtime/loops/ort_bound.py``, ``runtime/backends/ort_cuda.py``) and GPU-suite pieces.
 
 CPU tests (always run): the bound loop on the CPU execution provider — the same bindings,
 ping-pong and identity-row code the CUDA path runs — equals the host loop on the tiny fp32
@@ -20,14 +20,14 @@ import pytest
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.ort_cuda import (
     CudaGraphOptions, DeviceSession, OrtCudaBackend, cuda_available, provider_config, upload)
-from kandinsky_trt.runtime.denoise import HostLoop
-from kandinsky_trt.runtime.device_loop import bound_loop
-from kandinsky_trt.runtime.dtypes import DTYPE_TABLE
-from kandinsky_trt.runtime.loop import LoopInputs
-from kandinsky_trt.runtime.schedulers import scheduler_table
-from kandinsky_trt.runtime.spec import PRIOR_LOOP as PRIOR
-from kandinsky_trt.runtime.spec import UNET_LOOP as UNET
-from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.loops.host import HostLoop
+from kandinsky_trt.runtime.loops.ort_bound import bound_loop
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
+from kandinsky_trt.runtime.loops.template import LoopInputs
+from kandinsky_trt.runtime.contract.schedulers import scheduler_table
+from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP as PRIOR
+from kandinsky_trt.runtime.contract.spec import UNET_LOOP as UNET
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,
@@ -38,7 +38,7 @@ gpu = pytest.mark.skipif(not cuda_available(), reason="onnxruntime has no CUDAEx
 
 @pytest.fixture(scope="module")
 def components(artifacts_fp32):
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     with Components(artifacts_fp32[0], backend="ort", device="cpu") as c:
         yield c
@@ -275,7 +275,7 @@ def test_suite_torch_step_matches_the_numpy_reference():
     import torch
 
     from kandinsky_trt.benchmarks.gpu_suite import torch_step
-    from kandinsky_trt.runtime.schedulers import apply_step
+    from kandinsky_trt.runtime.contract.schedulers import apply_step
 
     table = scheduler_table(DDPM_CONFIG, 4)  # learned variance: exercises every column
     rng = np.random.default_rng(0)
@@ -293,7 +293,7 @@ def test_suite_torch_loop_matches_the_host_loop(artifacts_fp32):
     import torch
 
     from kandinsky_trt.benchmarks.gpu_suite import torch_loop
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     table = scheduler_table(DDPM_CONFIG, 3)
     with Components(artifacts_fp32[0], backend="torch", device="cpu") as c:

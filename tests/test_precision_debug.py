@@ -27,7 +27,7 @@ MEASURE = os.environ.get("KTRT_MEASURE") == "1"  # print the measured maxima (RE
 def _export(checkpoint_dir, out, precision, exporter="legacy", fp32_nodes=()):
     from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
-    from kandinsky_trt.runtime.spec import Profile
+    from kandinsky_trt.runtime.contract.spec import Profile
 
     dirs = CheckpointDirs(checkpoint_dir / "prior", checkpoint_dir / "decoder")
     export_artifacts(ExportConfig(dirs, out, Profile(1, 64, 64, cfg=True), precision, exporter=exporter,
@@ -42,8 +42,8 @@ def _scale_to_overflow(checkpoint_dir) -> float:
 
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, load_network, read_model_dims
     from kandinsky_trt.runtime.backends.base import sample_inputs
-    from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS
-    from kandinsky_trt.runtime.spec import Profile, resolve
+    from kandinsky_trt.export.torch_modules import WRAPPERS
+    from kandinsky_trt.runtime.contract.spec import Profile, resolve
 
     dirs = CheckpointDirs(checkpoint_dir / "prior", checkpoint_dir / "decoder")
     model, peak = load_network("unet", dirs), []
@@ -96,7 +96,7 @@ def test_clean_dynamo_unet_passes(tmp_path, artifacts_fp16, tiny_checkpoint):
 
 
 def test_overflow_is_caught_at_the_conv_and_fixed_by_the_suggested_island(overflowing, tmp_path, capsys):
-    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.cli.main import main
 
     checkpoint, fp16, fp32 = overflowing
     out = tmp_path / "report.json"

@@ -1,4 +1,4 @@
-"""Scheduler coefficient tables (runtime/schedulers.py) against diffusers' own schedulers, on CPU, no weights.
+"""Scheduler coefficient tables (runtime/contract/schedulers.py) against diffusers' own schedulers, on CPU, no weights.
 
 Each chain test runs a whole denoising loop twice from the same random latents: diffusers' ``step()``
 (driven as the Kandinsky pipelines drive it, guidance included) and :func:`apply_step` on the table rows.
@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from kandinsky_trt.runtime import schedulers as S  # noqa: E402
-from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS  # noqa: E402
+from kandinsky_trt.runtime.contract import schedulers as S  # noqa: E402
+from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS  # noqa: E402
 
 REL_TOL = 1e-5
 STEPS = (2, 7, 25, 50, 100)
@@ -175,7 +175,7 @@ def test_single_step(config):
 
 def test_alphas_cumprod_match_torch():
     """The numpy betas/cumprod reproduce torch's float32 linspace and cumprod (bit-exact on this build)."""
-    from kandinsky_trt.runtime import noise_schedules as ns
+    from kandinsky_trt.runtime.contract import noise_schedules as ns
 
     for config in (KANDINSKY_DDIM, {**KANDINSKY_DDIM, "beta_schedule": "scaled_linear"}, KANDINSKY_UNCLIP):
         ours = ns.NoiseSchedule.from_config(S.resolve_config(config)[1]).alphas_cumprod
@@ -261,7 +261,7 @@ def test_defaults_equal_diffusers_signatures():
 
 def test_runtime_module_is_torch_free():
     code = (
-        "import sys, kandinsky_trt.runtime.schedulers\n"
+        "import sys, kandinsky_trt.runtime.contract.schedulers\n"
         "sys.exit(int(any(m in sys.modules for m in ('torch', 'diffusers'))))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

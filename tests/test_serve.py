@@ -35,7 +35,7 @@ QUEUE_DELAY_US = 500_000  # long enough that two requests sent together share a 
 class CliServer:
     def __init__(self, artifacts: Path) -> None:
         self.ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli", "serve", "--artifacts", str(artifacts),
+        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--artifacts", str(artifacts),
                "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
                "--metrics-port", str(self.ports["metrics"]), "--max-queue-delay-us", str(QUEUE_DELAY_US)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,7 +95,7 @@ def server(artifacts_fp32_b2_wide):
 
 @pytest.fixture(scope="module")
 def components(artifacts_fp32_b2_wide):
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     with Components(artifacts_fp32_b2_wide[0]) as c:
         yield c

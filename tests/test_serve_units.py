@@ -21,14 +21,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.fixture(scope="module")
 def components(artifacts_fp32_b2_wide):
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     with Components(artifacts_fp32_b2_wide[0]) as c:
         yield c
 
 
 def test_config_pbtxt_is_derived_from_the_manifest(artifacts_fp32_b2_wide, tmp_path):
-    from kandinsky_trt.runtime import manifest as mf
+    from kandinsky_trt.runtime.contract import manifest as mf
     from kandinsky_trt.runtime.serve.repository import RepoConfig, write_repository
 
     manifest = mf.load_manifest(artifacts_fp32_b2_wide[0])
@@ -167,7 +167,7 @@ def test_missing_tritonserver_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from kandinsky_trt.runtime.cli import main
+    from kandinsky_trt.runtime.cli.main import main
     from kandinsky_trt.runtime.serve.launcher import free_port
 
     assert main(["triton-repo", "--artifacts", str(tmp_path / "missing"), "--out", str(tmp_path / "repo")]) == 2

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kandinsky_trt.runtime import spec
-from kandinsky_trt.runtime.spec import ModelDims, Profile, SpecError, resolve
+from kandinsky_trt.runtime.contract import spec
+from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, SpecError, resolve
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -15,8 +15,8 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 
 from kandinsky_trt.export.step_graphs import build_step_graph, write_step_graph  # noqa: E402
-from kandinsky_trt.runtime import schedulers as S  # noqa: E402
-from kandinsky_trt.runtime.spec import (  # noqa: E402
+from kandinsky_trt.runtime.contract import schedulers as S  # noqa: E402
+from kandinsky_trt.runtime.contract.spec import (  # noqa: E402
     COEFFICIENT_COLUMNS,
     STEP_NETWORKS,
     ModelDims,

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from kandinsky_trt.runtime.tokenization import TextTokenizer, TokenizerFileError
+from kandinsky_trt.runtime.processing.tokenization import TextTokenizer, TokenizerFileError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -20,7 +20,7 @@ import pytest
 from fake_trt_runtime import (  # tests/ is on sys.path under pytest
     H100, TRT_VERSION, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts)
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.trt import (
     EngineInfo,
@@ -31,8 +31,8 @@ from kandinsky_trt.runtime.backends.trt import (
     check_engine_against_manifest,
     import_tensorrt,
 )
-from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.spec import ResolvedTensor
+from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
+from kandinsky_trt.runtime.contract.spec import ResolvedTensor
 
 
 def _unet_entry(engine: dict | None = None) -> NetworkEntry:

@@ -5,7 +5,7 @@ CPU tests run the loop against the stand-in ``tensorrt`` module and simulated CU
 stream capture records them and a graph launch replays them with the addresses and arena pointer
 they had when captured, failing if those were freed since), and engines that compute real
 step maths — a deterministic fake UNet and the step graphs' numpy reference
-(:func:`~kandinsky_trt.runtime.schedulers.apply_step`). The I/O is the real spec resolved at a tiny
+(:func:`~kandinsky_trt.runtime.contract.schedulers.apply_step`). The I/O is the real spec resolved at a tiny
 profile. The host reference is the host loop over the same engines' host-level ``run``. These check
 our loop logic (bindings, uploads, row copies, carries, capture/replay/re-capture, syncs), not
 TensorRT or CUDA themselves.
@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 from fake_trt_runtime import FakeCuda, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.trt import TensorInfo, TrtBackend
-from kandinsky_trt.runtime.denoise import HostLoop
-from kandinsky_trt.runtime.loop import LoopInputs
-from kandinsky_trt.runtime.schedulers import SchedulerTable, apply_step, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.spec import INPAINT_LOOP, UNET_LOOP, K, ModelDims, Profile, resolve
-from kandinsky_trt.runtime.trt_loop import TrtGraphLoop
+from kandinsky_trt.runtime.loops.host import HostLoop
+from kandinsky_trt.runtime.loops.template import LoopInputs
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, apply_step, fast_solver_config, scheduler_table
+from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, UNET_LOOP, K, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop
 
 PROFILE = Profile(batch=1, height=64, width=64, cfg=True)
 DIMS = ModelDims(clip_dim=8, text_dim=8, image_size=8, text_len=4)
@@ -288,7 +288,7 @@ def test_close_frees_buffers_and_graph_but_not_the_backend(env):
 
 
 def test_components_run_trt_loops_and_close_them(env, monkeypatch):
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     for name in ("memcpy_d2d", "begin_capture", "end_capture", "instantiate", "launch", "destroy_graph",
                  "destroy_graph_exec"):
@@ -327,7 +327,7 @@ def test_real_engines_graph_replay_equals_eager(request, tmp_path):
     if not cuda.cuda_available():
         pytest.skip("needs cuda-python and a CUDA GPU")
     from kandinsky_trt.engine.builder import BuildConfig, build_engines
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
 
     source, _ = request.getfixturevalue("artifacts_fp32")
     artifacts = shutil.copytree(source, tmp_path / "artifacts")  # the build writes into the manifest

@@ -1,1 +1,11 @@
-"""Backends behind one interface (``base.py``): ``ort``, ``torch``, ``trt``."""
+"""kandinsky_trt.runtime.backends: the backend interface at two levels, and its implementations.
+
+``base`` declares the interface (host level ``load(network).run(feeds)``; device level
+``bind(network, buffers).enqueue(stream)``; ``loop(spec, cuda_graph)``); ``ort`` and ``ort_cuda``
+run ONNX Runtime, ``trt`` and ``trt_network`` TensorRT plans. The ``torch`` backend (the parity
+oracle) needs torch and so lives in ``kandinsky_trt.export.torch_backend``, registered through the
+``kandinsky_trt.backends`` entry point.
+
+May import ``contract``, ``cuda`` and ``loops``; onnxruntime, tensorrt and cuda-python only inside
+the functions that need them.
+"""

@@ -8,7 +8,7 @@
   input and output once, and ``BoundNetwork.enqueue(stream)`` runs on them. The device loops are
   built on this level only.
 * ``loop(spec, cuda_graph=...)``: the backend's strategy of the one denoising loop
-  (:mod:`kandinsky_trt.runtime.loop`); the default is the host loop over ``load``.
+  (:mod:`kandinsky_trt.runtime.loops.template`); the default is the host loop over ``load``.
 
 Standard library + numpy at import (the loop modules are imported when a loop is made).
 """
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
 if TYPE_CHECKING:
-    from kandinsky_trt.runtime.loop import DenoiseLoop
+    from kandinsky_trt.runtime.loops.template import DenoiseLoop
 
 
 class BackendError(KandinskyTrtError, RuntimeError):
@@ -65,7 +65,7 @@ class Backend(abc.ABC):
 
         The caller closes it; closing a loop never closes the backend.
         """
-        from kandinsky_trt.runtime.denoise import HostLoop
+        from kandinsky_trt.runtime.loops.host import HostLoop
 
         return HostLoop(spec, self.load(spec.network), self.load(spec.step))
 

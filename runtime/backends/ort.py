@@ -13,10 +13,10 @@ from typing import Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
-from kandinsky_trt.runtime.dtypes import DTYPE_OF_ORT
-from kandinsky_trt.runtime.spec import LoopSpec
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
+from kandinsky_trt.runtime.contract.spec import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class OrtBackend(Backend):
         """
         if self.options.device != "cuda":
             return super().loop(spec, cuda_graph)
-        from kandinsky_trt.runtime.device_loop import bound_loop
+        from kandinsky_trt.runtime.loops.ort_bound import bound_loop
 
         return bound_loop(self.manifest, spec, "cuda", cuda_graph)
 
@@ -132,3 +132,8 @@ class OrtBackend(Backend):
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+
+
+def create(manifest: mf.Manifest, device: str = "cpu") -> OrtBackend:
+    """The registry's factory (``backends/registry.py``)."""
+    return OrtBackend(manifest, OrtOptions(device=device))

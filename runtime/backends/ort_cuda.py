@@ -48,11 +48,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend, check_buffer_names
 from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
-from kandinsky_trt.runtime.dtypes import DTYPE_OF_ORT
-from kandinsky_trt.runtime.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
 
     def loop(self, spec: LoopSpec, cuda_graph: bool = True):
         """The bound loop on this backend's sessions; ``cuda_graph=False`` runs its bindings eagerly."""
-        from kandinsky_trt.runtime.device_loop import OrtBoundLoop
+        from kandinsky_trt.runtime.loops.ort_bound import OrtBoundLoop
 
         return OrtBoundLoop(self, spec, replay_graphs=cuda_graph)
 

@@ -14,7 +14,7 @@ Two levels of use:
   out, one stream sync) — what pipelines and tests call;
 * device level for the loops: :meth:`TrtBackend.bind` device buffers once (a :class:`TrtBinding`,
   with an execution context of its own), :meth:`TrtBinding.enqueue` on a stream without syncing
-  (capturable by :mod:`kandinsky_trt.runtime.cuda_graphs`).
+  (capturable by :mod:`kandinsky_trt.runtime.cuda.graphs`).
 
 The networks of one backend run one after another on its stream, so they share one activation
 arena: contexts use ``USER_MANAGED`` memory and get one buffer sized to the largest
@@ -35,12 +35,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
 from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, point_at
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.spec import LoopSpec, ResolvedTensor
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedTensor
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ class TrtBackend(DeviceBackend):
         return binding
 
     def loop(self, spec: LoopSpec, cuda_graph: bool = True):
-        """The TensorRT loop (:class:`~kandinsky_trt.runtime.trt_loop.TrtGraphLoop`) on this backend."""
-        from kandinsky_trt.runtime.trt_loop import TrtGraphLoop
+        """The TensorRT loop (:class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`) on this backend."""
+        from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop
 
         return TrtGraphLoop(self, spec, cuda_graph=cuda_graph)
 
@@ -350,3 +350,8 @@ class TrtBackend(DeviceBackend):
         if self._owns_stream:
             self.stream.close()
         self._closed = True
+
+
+def create(manifest: Manifest, device: str = "cuda") -> TrtBackend:
+    """The registry's factory (``backends/registry.py``): TensorRT runs on the CUDA device only."""
+    return TrtBackend(manifest)

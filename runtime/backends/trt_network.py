@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, NetworkSession, check_buffer_names, check_feeds
-from kandinsky_trt.runtime.spec import ResolvedNetwork
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 
 if TYPE_CHECKING:
     from kandinsky_trt.runtime.backends.trt import TrtBackend

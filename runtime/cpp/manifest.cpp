@@ -8,7 +8,7 @@
 namespace ktrt {
 namespace {
 
-// The manifest schema versions this host understands (runtime/manifest.py SCHEMA_VERSION).
+// The manifest schema versions this host understands (runtime/contract/manifest.py SCHEMA_VERSION).
 constexpr int64_t kSchemaVersion = 2;
 
 const nlohmann::json& field(const nlohmann::json& j, const std::string& key, const std::string& where) {

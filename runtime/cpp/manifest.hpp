@@ -18,7 +18,7 @@ struct ContractError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The step graphs' coefficient columns, in order (runtime/spec.py COEFFICIENT_COLUMNS).
+// The step graphs' coefficient columns, in order (runtime/contract/spec.py COEFFICIENT_COLUMNS).
 constexpr std::array<const char*, 12> kColumns = {"p", "q", "clip_min", "clip_max", "u", "v", "w", "r",
                                                   "s", "learned", "log_var_min", "log_var_max"};
 using Row = std::array<float, kColumns.size()>;

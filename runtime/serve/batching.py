@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kandinsky_trt.runtime import inputs as args
+from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.serve.calls import Pipelines, image_outputs, mask_array, resolved
 from kandinsky_trt.runtime.serve.requests import Item
-from kandinsky_trt.runtime.spec import LATENT_CHANNELS, LATENT_SCALE
+from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LATENT_SCALE
 
 log = logging.getLogger(__name__)
 BATCHED_TASKS = ("text2img", "img2img", "inpaint", "prior")

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kandinsky_trt.runtime.combined_pipelines import (
+from kandinsky_trt.runtime.pipelines.combined import (
     KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline)
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.decoder_pipelines import KandinskyPipeline
-from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
+from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
 from kandinsky_trt.runtime.serve.requests import Item
 
 INTERPOLATE_IMAGE_WEIGHT = 0.5  # interpolate: the image's weight when ``strength`` is not sent

@@ -1,6 +1,6 @@
 """CLI commands of the serving layer: ``triton-repo``, ``serve`` and ``client``.
 
-Registered from ``runtime/cli.py``'s ``build_parser`` through :func:`add_commands`; each handler
+Registered from ``runtime/cli/main.py``'s ``build_parser`` through :func:`add_commands`; each handler
 turns its arguments into the frozen configs of this package at once.
 """
 
@@ -39,7 +39,7 @@ def _demo_artifacts() -> Path:
     """The demo's tiny artifacts, made by `kandinsky-trt demo` when missing (needs the export extra)."""
     artifacts = DEMO_DIR / "artifacts"
     if not (artifacts / "manifest.json").is_file():
-        from kandinsky_trt.runtime.cli import main
+        from kandinsky_trt.runtime.cli.main import main
 
         print(f"no --artifacts: making the demo's tiny model in {DEMO_DIR}/ (once)")
         if main(["demo", "--out", str(DEMO_DIR)]) != 0:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.serve.batching import group_key, run_batched
 from kandinsky_trt.runtime.serve.calls import Pipelines, run_item
 from kandinsky_trt.runtime.serve.requests import Item, RequestError, decode_request

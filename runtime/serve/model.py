@@ -38,7 +38,7 @@ class ModelParameters:
 
 
 def load_executor(params: ModelParameters):
-    from kandinsky_trt.runtime.components import Components
+    from kandinsky_trt.runtime.pipelines.components import Components
     from kandinsky_trt.runtime.serve.executor import Executor, ExecutorConfig
 
     components = Components(params.artifacts, params.backend, params.device, params.cuda_graph)

@@ -14,8 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.components import BACKENDS, PipelineInputError
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.backends.registry import check_backend
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.serve.contract import MODEL_NAME, ModelConfig, config_pbtxt
 
 MODEL_PY = (
@@ -38,8 +39,7 @@ class RepoConfig:
 
 
 def _check(config: RepoConfig) -> None:
-    if config.backend not in BACKENDS:
-        raise PipelineInputError(f"backend: expected one of {BACKENDS}, found {config.backend!r}")
+    check_backend(config.backend)
     for name in ("instances", "max_images"):
         if getattr(config, name) < 1:
             raise PipelineInputError(f"{name}: expected an integer >= 1, found {getattr(config, name)}")

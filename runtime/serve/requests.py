@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.serve.contract import INPUTS, NUMPY_DTYPES, TASKS, TensorSpec
 
 _SPECS = {t.name: t for t in INPUTS}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 log = logging.getLogger(__name__)
 

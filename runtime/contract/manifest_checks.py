@@ -16,7 +16,7 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from kandinsky_trt.runtime.schedulers import SchedulerConfigError, SchedulerTable, resolve_config
+from kandinsky_trt.runtime.contract.schedulers import SchedulerConfigError, SchedulerTable, resolve_config
 
 ITEM_SIZES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
 MAX_TENSOR_ELEMENTS = 2**31

@@ -6,7 +6,7 @@ torch backend and the export layer import this module.
 
 Each ``forward`` takes exactly the spec's input names, in spec order, and returns the spec's outputs
 as a tuple in spec order. Float inputs arrive as float32 and are cast to the compute dtype inside the
-graph; float outputs leave as float32 (see ``runtime/spec.py``), so fp16 artifacts keep fp32 I/O.
+graph; float outputs leave as float32 (see ``runtime/contract/spec.py``), so fp16 artifacts keep fp32 I/O.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 What every backend without device buffers runs (``ort`` on the CPU, ``torch``), and the reference
 the device strategies are tested against. The loop itself (checks, identity-row start, stepping,
-callback) is :class:`~kandinsky_trt.runtime.loop.DenoiseLoop`'s; here only the feeds are built.
+callback) is :class:`~kandinsky_trt.runtime.loops.template.DenoiseLoop`'s; here only the feeds are built.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from kandinsky_trt.runtime.backends.base import NetworkSession
-from kandinsky_trt.runtime.loop import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.spec import LoopSpec
+from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
+from kandinsky_trt.runtime.contract.spec import LoopSpec
 
 
 class HostLoop(DenoiseLoop):

@@ -16,9 +16,9 @@ the first network input comes from the same graph run with :data:`IDENTITY_ROW`.
 * the stepping: ``_start``, then ``_step(i)`` per row with ``callback(i, t, latents)`` after each
   (diffusers' contract), then ``_latents()``; ``_abort`` on an error, ``_end`` always; ``close``.
 
-Three strategies fill in where the tensors live: :class:`~kandinsky_trt.runtime.denoise.HostLoop`
-(host numpy through ``NetworkSession.run``), :class:`~kandinsky_trt.runtime.device_loop.OrtBoundLoop`
-(ONNX Runtime IO bindings, its CUDA graphs) and :class:`~kandinsky_trt.runtime.trt_loop.TrtGraphLoop`
+Three strategies fill in where the tensors live: :class:`~kandinsky_trt.runtime.loops.host.HostLoop`
+(host numpy through ``NetworkSession.run``), :class:`~kandinsky_trt.runtime.loops.ort_bound.OrtBoundLoop`
+(ONNX Runtime IO bindings, its CUDA graphs) and :class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`
 (TensorRT bindings, one stream, one CUDA graph per step). A backend returns its own
 (``backend.loop(spec, cuda_graph=...)``). Imports: numpy and the runtime's spec and errors only.
 """
@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.schedulers import SchedulerTable
-from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS, LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
+from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, LoopSpec, ResolvedNetwork, ResolvedTensor
 
 # x_next = x, nothing else: used once per chunk to build the first network input through the step graph.
 _IDENTITY = dict.fromkeys(COEFFICIENT_COLUMNS, 0.0) | {"v": 1.0, "clip_min": -1.0, "clip_max": 1.0}

@@ -1,7 +1,7 @@
 """The one dtype table: each tensor dtype as the spec, numpy, ONNX and ONNX Runtime name it.
 
 Export (ONNX value infos), ONNX Runtime (session I/O and buffer checks), byte and FLOP counts and
-:attr:`~kandinsky_trt.runtime.spec.ResolvedTensor.nbytes` read it. Standard library only.
+:attr:`~kandinsky_trt.runtime.contract.spec.ResolvedTensor.nbytes` read it. Standard library only.
 """
 
 from __future__ import annotations

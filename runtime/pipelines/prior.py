@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kandinsky_trt.runtime import inputs as args
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.errors import PipelineInputError, require_finite
-from kandinsky_trt.runtime.image_processing import clip_image_preprocess
-from kandinsky_trt.runtime.loop import LoopInputs
-from kandinsky_trt.runtime.spec import PRIOR_LOOP
+from kandinsky_trt.runtime.pipelines import inputs as args
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
+from kandinsky_trt.runtime.processing.images import clip_image_preprocess
+from kandinsky_trt.runtime.loops.template import LoopInputs
+from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The TensorRT strategy of the denoising loop: buffers bound once, one stream, one CUDA graph per step.
 
 The loop (checks, identity-row start, stepping, callback, download) is
-:class:`~kandinsky_trt.runtime.loop.DenoiseLoop`'s; here is where things live:
+:class:`~kandinsky_trt.runtime.loops.template.DenoiseLoop`'s; here is where things live:
 
 * every I/O tensor of the network and of its step graph has one device buffer, bound once through
   the backend's device level (:meth:`TrtBackend.bind`, an execution context per binding) when the
@@ -12,7 +12,7 @@ The loop (checks, identity-row start, stepping, callback, download) is
   uploaded once, and so is the whole table (the chunk's rows): coefficient rows (n, K), timesteps
   (n, 1) and, when a step is stochastic, the noise rows (n, *latent). A fully deterministic table
   uploads no noise rows: the noise buffer is zeroed once and nothing writes it;
-* per step (:class:`~kandinsky_trt.runtime.cuda_graphs.CapturedLoop`): ``RowCopy`` device-to-device
+* per step (:class:`~kandinsky_trt.runtime.cuda.graphs.CapturedLoop`): ``RowCopy`` device-to-device
   copies of the step's rows into the bound inputs, then a ``StepChain`` — network enqueue, step graph
   enqueue, the copies of ``spec.carried`` (``latents_next -> latents``, ``x0 -> x0_prev``). The first
   step is eager (TensorRT's warm-up before a capture), the second captures it, every later step
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from kandinsky_trt.runtime import cuda
+from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import TrtBackend
-from kandinsky_trt.runtime.cuda_graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
-from kandinsky_trt.runtime.loop import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.spec import LoopSpec
+from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
+from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
+from kandinsky_trt.runtime.contract.spec import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TrtGraphLoop(DenoiseLoop):
         spec: which network and step graph.
         cuda_graph: capture one step as a CUDA graph and replay it (False: the same chain eagerly).
         cuda_ops: the CUDA operations (``memcpy_d2d`` and graph capture/launch); default
-            :mod:`kandinsky_trt.runtime.cuda`. Tests pass a simulated layer.
+            :mod:`kandinsky_trt.runtime.cuda.runtime_api`. Tests pass a simulated layer.
 
     Raises:
         BackendError: the engines do not load, or their linked tensors do not fit each other.

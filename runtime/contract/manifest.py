@@ -2,7 +2,7 @@
 
 Written by export (and updated by the engine build), read by every backend and by C++ hosts. Its JSON
 Schema lives beside this module (``manifest.schema.json``) and is enforced at every load, with range
-limits and file rules (:mod:`~kandinsky_trt.runtime.manifest_checks`), before anything is allocated.
+limits and file rules (:mod:`~kandinsky_trt.runtime.contract.manifest_checks`), before anything is allocated.
 
 Layout (schema version 2)::
 
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
-from kandinsky_trt.runtime.integrity import VERIFIED, FileRecord, IntegrityError, sha256_file, write_bytes_atomic
-from kandinsky_trt.runtime.manifest_schema import SCHEMA_PATH, SchemaViolation, validate
-from kandinsky_trt.runtime.spec import ModelDims, Profile, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.integrity import VERIFIED, FileRecord, IntegrityError, sha256_file, write_bytes_atomic
+from kandinsky_trt.runtime.contract.manifest_schema import SCHEMA_PATH, SchemaViolation, validate
+from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, ResolvedNetwork, ResolvedTensor
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "SCHEMA_PATH", "ManifestError", "NetworkEntry", "ConstantEntry",
            "Manifest", "load_manifest", "sha256_file", "write_bytes_atomic", "FileRecord", "IntegrityError"]
@@ -196,7 +196,7 @@ class Manifest:
         Raises:
             ManifestError: one line naming the field, what was expected and what was found.
         """
-        from kandinsky_trt.runtime.manifest_checks import check_manifest
+        from kandinsky_trt.runtime.contract.manifest_checks import check_manifest
 
         _check_version(d.get("schema_version") if isinstance(d, dict) else None)
         try:

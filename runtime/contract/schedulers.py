@@ -4,7 +4,7 @@ The denoising loops run ``network`` then a tiny step graph (DESIGN §4) that com
 guidance and the scheduler update from one row of ``spec.COEFFICIENT_COLUMNS``. This module turns a
 ``scheduler_config.json`` dict into those rows (numpy + stdlib, no torch: a deployed host computes or
 reads them), serialises them for ``manifest.json``, and gives :func:`apply_step`, the numpy reference of
-the step graph. The maths per scheduler lives in :mod:`kandinsky_trt.runtime.noise_schedules`.
+the step graph. The maths per scheduler lives in :mod:`kandinsky_trt.runtime.contract.noise_schedules`.
 
 Supported: ``DDIMScheduler`` (the decoder default, eta = 0), ``DDPMScheduler``, ``UnCLIPScheduler`` (the
 prior) and, opt-in, ``DPMSolverMultistepScheduler`` ("dpmsolver++", order <= 2; see
@@ -20,9 +20,9 @@ from typing import Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import noise_schedules as ns
-from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS, K
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract import noise_schedules as ns
+from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, K
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 logger = logging.getLogger(__name__)
 

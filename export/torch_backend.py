@@ -15,10 +15,10 @@ from typing import Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.spec import NETWORK_SOURCE
+from kandinsky_trt.runtime.contract.spec import NETWORK_SOURCE
 
 
 class TorchSession(NetworkSession):
@@ -66,7 +66,7 @@ class TorchBackend(Backend):
         if network.endswith("_step"):
             return self._steps.load(network)
         if network not in self._sessions:
-            from kandinsky_trt.runtime.backends.torch_modules import WRAPPERS, load_module
+            from kandinsky_trt.export.torch_modules import WRAPPERS, load_module
 
             import torch
 
@@ -81,3 +81,8 @@ class TorchBackend(Backend):
             session.close()
         self._sessions.clear()
         self._steps.close()
+
+
+def create(manifest: mf.Manifest, device: str = "cpu") -> TorchBackend:
+    """The runtime registry's factory, registered as the ``torch`` backend in ``pyproject.toml``."""
+    return TorchBackend(manifest, device=device)

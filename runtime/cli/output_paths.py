@@ -13,8 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from kandinsky_trt.runtime.errors import PipelineInputError
-from kandinsky_trt.runtime.integrity import follow_umask
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
+from kandinsky_trt.runtime.contract.integrity import follow_umask
 
 # RGB formats PIL writes without optional plug-ins (WebP / TIFF when PIL was built with them).
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from math import prod
 
-from kandinsky_trt.runtime.dtypes import DTYPE_TABLE, DTYPES
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE, DTYPES
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 LATENT_SCALE = 8  # MoVQ downsamples 3 times: latent = pixels / 8
 LATENT_CHANNELS = 4

@@ -16,8 +16,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError, PipelineInputError
-from kandinsky_trt.runtime.spec import Profile
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
+from kandinsky_trt.runtime.contract.spec import Profile
 
 Generator = int | np.random.Generator | None
 Size = int | None  # pixels; None: the artifacts' size

@@ -14,11 +14,11 @@ from __future__ import annotations
 import inspect
 import os
 
-from kandinsky_trt.runtime import inputs as args
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.decoder_pipelines import (
+from kandinsky_trt.runtime.pipelines import inputs as args
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.decoder import (
     KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
-from kandinsky_trt.runtime.prior_pipeline import KandinskyPriorPipeline
+from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
 
 
 # The prior's arguments as the combined pipelines name them (error messages use these).

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from kandinsky_trt.runtime.errors import KandinskyTrtError, NonFiniteOutputError, require_finite
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, NonFiniteOutputError, require_finite
 
 logger = logging.getLogger(__name__)
 

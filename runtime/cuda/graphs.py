@@ -15,7 +15,7 @@ it reads and writes buffers bound once, so it can be captured into one CUDA grap
   changed, the graph is destroyed and captured again;
 * ``enabled=False`` (``--no-cuda-graph``) runs the same enqueue callable eagerly every step.
 
-The CUDA operations come from :mod:`kandinsky_trt.runtime.cuda` unless a stand-in is given, which
+The CUDA operations come from :mod:`kandinsky_trt.runtime.cuda.runtime_api` unless a stand-in is given, which
 is how the invalidation logic is tested without a GPU. Imports: the runtime's cuda wrapper only.
 """
 
@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kandinsky_trt.runtime import cuda as cuda_ops
+from kandinsky_trt.runtime.cuda import runtime_api as cuda_ops
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The ONNX Runtime strategy of the denoising loop: IO bindings made once, ONNX Runtime's CUDA graphs.
 
 The loop (checks, identity-row start, stepping, callback) is
-:class:`~kandinsky_trt.runtime.loop.DenoiseLoop`'s; here is where the tensors live. Every buffer
+:class:`~kandinsky_trt.runtime.loops.template.DenoiseLoop`'s; here is where the tensors live. Every buffer
 is allocated once and bound once through the backend's device level
 (:meth:`OrtCudaBackend.allocate` / :meth:`OrtCudaBackend.bind`):
 
@@ -21,7 +21,7 @@ one), then runs the network and the step graph. Nothing is copied back until the
 ONNX Runtime's ``Run`` returns after its CUDA stream finished (a graph replay too); the loop adds
 one device synchronisation per step so that the uploads are complete before the network runs
 (:meth:`BoundRun.synchronize_inputs`). A loop with no synchronisation at all needs one stream
-for both networks: that is the TensorRT strategy (``runtime/trt_loop.py``).
+for both networks: that is the TensorRT strategy (``runtime/loops/trt_graph.py``).
 
 On the CPU execution provider the same code runs with host buffers and no graphs; tests compare
 it with the host loop on the tiny artifacts. The CUDA path is written to ONNX Runtime's documented
@@ -34,10 +34,10 @@ import logging
 
 import numpy as np
 
-from kandinsky_trt.runtime import manifest as mf
+from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.ort_cuda import CudaGraphOptions, OrtCudaBackend, upload
-from kandinsky_trt.runtime.loop import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.spec import LoopSpec
+from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
+from kandinsky_trt.runtime.contract.spec import LoopSpec
 
 log = logging.getLogger(__name__)
 

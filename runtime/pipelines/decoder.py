@@ -22,14 +22,14 @@ from typing import Callable
 
 import numpy as np
 
-from kandinsky_trt.runtime import inputs as args
-from kandinsky_trt.runtime.components import Components
-from kandinsky_trt.runtime.errors import PipelineInputError
-from kandinsky_trt.runtime.loop import LoopInputs
-from kandinsky_trt.runtime.image_processing import (
+from kandinsky_trt.runtime.pipelines import inputs as args
+from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
+from kandinsky_trt.runtime.loops.template import LoopInputs
+from kandinsky_trt.runtime.processing.images import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
-from kandinsky_trt.runtime.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
-from kandinsky_trt.runtime.spec import INPAINT_LOOP, LATENT_CHANNELS, LATENT_SCALE, UNET_LOOP
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
+from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, LATENT_CHANNELS, LATENT_SCALE, UNET_LOOP
 
 
 @dataclass

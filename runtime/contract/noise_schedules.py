@@ -1,6 +1,6 @@
 """Schedule maths of the supported diffusers schedulers, in numpy: betas, timesteps, coefficient rows.
 
-:mod:`kandinsky_trt.runtime.schedulers` validates a scheduler config and calls into this module; here every
+:mod:`kandinsky_trt.runtime.contract.schedulers` validates a scheduler config and calls into this module; here every
 config is assumed valid and complete (defaults filled in).
 
 Each builder returns float64 rows in the layout of ``spec.COEFFICIENT_COLUMNS``::
@@ -27,7 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
-from kandinsky_trt.runtime.spec import COEFFICIENT_COLUMNS
+from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS
 
 F32 = np.float32
 F32_MAX = float(np.finfo(np.float32).max)  # "no clipping": finite so the table stays plain JSON

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 logger = logging.getLogger(__name__)
 

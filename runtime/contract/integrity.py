@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from kandinsky_trt.runtime.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 _CHUNK = 4 << 20
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -16,37 +16,21 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from kandinsky_trt.runtime import manifest as mf
-from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
-from kandinsky_trt.runtime.errors import PipelineInputError, require_finite
-from kandinsky_trt.runtime.loop import LoopInputs, StepCallback, conditional_only, guided
-from kandinsky_trt.runtime.once import OnceCache
-from kandinsky_trt.runtime.schedulers import SchedulerTable, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.spec import LoopSpec, Profile
-from kandinsky_trt.runtime.tokenization import TextTokenizer
+from kandinsky_trt.runtime.contract import manifest as mf
+from kandinsky_trt.runtime.backends.base import BackendError, NetworkSession
+from kandinsky_trt.runtime.backends.registry import check_backend, make_backend
+from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
+from kandinsky_trt.runtime.loops.template import LoopInputs, StepCallback, conditional_only, guided
+from kandinsky_trt.runtime.pipelines.once import OnceCache
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
+from kandinsky_trt.runtime.contract.spec import LoopSpec, Profile
+from kandinsky_trt.runtime.processing.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("ort", "torch", "trt")
 # CLI / API scheduler names -> which manifest config they use.
 DECODER_SCHEDULERS = ("ddim", "ddpm", "dpmpp2m")
-__all__ = ["Components", "PipelineInputError", "make_backend"]  # PipelineInputError: its old home
-
-
-def make_backend(name: str, manifest: mf.Manifest, device: str = "cpu") -> Backend:
-    if name == "ort":
-        from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
-
-        return OrtBackend(manifest, OrtOptions(device=device))
-    if name == "torch":
-        from kandinsky_trt.runtime.backends.torch_backend import TorchBackend
-
-        return TorchBackend(manifest, device=device)
-    if name == "trt":
-        from kandinsky_trt.runtime.backends.trt import TrtBackend
-
-        return TrtBackend(manifest)
-    raise PipelineInputError(f"backend: expected one of {BACKENDS}, found {name!r}")
+__all__ = ["Components"]
 
 
 class Components:
@@ -60,8 +44,7 @@ class Components:
 
     def __init__(self, artifacts: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                  cuda_graph: bool = True) -> None:
-        if backend not in BACKENDS:
-            raise PipelineInputError(f"backend: expected one of {BACKENDS}, found {backend!r}")
+        check_backend(backend)
         self.manifest = mf.load_manifest(artifacts)
         self.backend = make_backend(backend, self.manifest, device)
         self.device, self.cuda_graph = device, cuda_graph

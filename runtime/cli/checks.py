@@ -1,7 +1,7 @@
 """The command line's own argument checks: what needs no artifacts, done before any work starts.
 
-Each check reuses the library's validator for that kind of argument (``runtime/inputs.py``,
-``runtime/output_paths.py``); :data:`FLAGS` renames the library's argument names to the flags a
+Each check reuses the library's validator for that kind of argument (``runtime/pipelines/inputs.py``,
+``runtime/cli/output_paths.py``); :data:`FLAGS` renames the library's argument names to the flags a
 user typed, so ``--seed: expected a seed >= 0, found -1`` names what to change.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kandinsky_trt.runtime import inputs
-from kandinsky_trt.runtime.errors import PipelineInputError
-from kandinsky_trt.runtime.output_paths import image_targets
+from kandinsky_trt.runtime.pipelines import inputs
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
+from kandinsky_trt.runtime.cli.output_paths import image_targets
 
 # API argument -> the flag a CLI user typed, so library errors name the flag.
 FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "guidance_scale": "--guidance",

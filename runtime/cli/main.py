@@ -1,0 +1,198 @@
+"""``kandinsky-trt``: the parser, the runtime's own commands (``generate``, ``interpolate``) and ``main``.
+
+Each command turns its arguments into the library's calls at once. The export, engine and
+benchmark layers add their commands through the ``kandinsky_trt.commands`` entry points and import
+their heavy modules inside their handlers, so a runtime-only install can still ``generate``
+without torch, and nothing here imports an upper layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+def _open_image(path: str | None, name: str):
+    if path is None:
+        return None
+    from PIL import Image
+
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+
+    try:
+        image = Image.open(path)
+        image.load()  # PIL reads lazily: a truncated file fails here, not deep in a pipeline
+        return image.convert("RGB") if name == "--image" else image
+    except (OSError, SyntaxError, ValueError) as err:
+        raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
+
+
+def _size(args: argparse.Namespace, components) -> tuple[int, int]:
+    """--height/--width, or the artifacts' size when neither is given; refused before any network runs."""
+    from kandinsky_trt.runtime.pipelines.inputs import check_size
+
+    height, width = check_size(args.height, args.width, components.profile)
+    if args.height is None and args.width is None:
+        print(f"size: width {width}, height {height} (the artifacts' size; --width/--height for another)", file=sys.stderr)
+    return height, width
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.cli import checks as cli_checks
+    from kandinsky_trt.runtime.pipelines import inputs
+
+    with inputs.renamed(cli_checks.FLAGS):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.cli import checks as cli_checks
+    from kandinsky_trt.runtime.pipelines import inputs
+    from kandinsky_trt.runtime.pipelines import combined as cp
+    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.cli.output_paths import save_images
+
+    n = inputs.check_images_per_prompt(args.num_images, 1)
+    targets = cli_checks.run_args(args, n)
+    inputs.as_prompt_list(args.prompt)
+    if args.mask is not None and args.image is None:
+        raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
+    if args.image is not None and args.mask is None:
+        inputs.check_strength(args.strength, args.steps)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+                  prior_guidance_scale=args.prior_guidance, prior_num_inference_steps=args.prior_steps,
+                  generator=args.seed, scheduler=args.scheduler)
+    with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
+        common["height"], common["width"] = _size(args, components)
+        steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
+        bar = callback = cli_checks.Progress(steps * args.num_images, "decoder")
+        if mask is not None:
+            pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
+            out = pipe(args.prompt, image, mask, callback=callback, **common)
+        elif image is not None:
+            pipe = cp.KandinskyImg2ImgCombinedPipeline(components=components)
+            out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
+        else:
+            out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
+        bar.close()
+    for path in save_images(out.images, targets):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.cli import checks as cli_checks
+    from kandinsky_trt.runtime.pipelines import inputs
+
+    with inputs.renamed(cli_checks.FLAGS):
+        return _interpolate(args)
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from kandinsky_trt.runtime.cli import checks as cli_checks
+    from kandinsky_trt.runtime.pipelines import inputs
+    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
+    from kandinsky_trt.runtime.cli.output_paths import save_images
+    from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
+
+    targets = cli_checks.run_args(args, 1)
+    texts = [(text, cli_checks.weight(w, "--text", text)) for text, w in args.text or []]
+    if texts:
+        inputs.check_conditions([text for text, _ in texts])
+    images = [(path, cli_checks.weight(w, "--image", path)) for path, w in args.image or []]
+    conditions = texts + [(_open_image(path, "--image").convert("RGB"), w) for path, w in images]
+    if not conditions:
+        raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
+    with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
+        height, width = _size(args, components)
+        prior = KandinskyPriorPipeline(components=components)
+        mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
+                                num_inference_steps=args.prior_steps, generator=args.seed)
+        bar = callback = cli_checks.Progress(args.steps, "decoder")
+        out = KandinskyPipeline(components=components)(
+            "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
+            num_inference_steps=args.steps, generator=args.seed, callback=callback)
+        bar.close()
+    for path in save_images(out.images, targets):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by the commands that generate images."""
+    from kandinsky_trt.runtime.backends.registry import backend_names
+
+    p.add_argument("--artifacts", required=True, help="artifacts directory from `export`")
+    p.add_argument("--out", default="out.png", help="output image path (several images: out-0.png, ...)")
+    p.add_argument("--backend", choices=backend_names(), default="ort", help="default ort (ONNX Runtime)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run the denoising loops eagerly instead of replaying CUDA graphs (to compare)")
+    p.add_argument("--steps", type=int, default=100, help="decoder steps (default 100)")
+    p.add_argument("--prior-steps", type=int, default=25, help="prior steps (default 25)")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh entropy)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the artifacts' size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the artifacts' size)")
+
+
+def _add_image_commands(sub) -> None:
+    p = sub.add_parser("generate", help="text -> image (with --image: img2img, with --mask: inpaint)")
+    p.add_argument("prompt", help="what to draw")
+    _add_run_args(p)
+    p.add_argument("--negative-prompt", help="what to avoid (prior and decoder)")
+    p.add_argument("--guidance", type=float, default=4.0, help="decoder guidance scale (default 4)")
+    p.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance scale (default 4)")
+    p.add_argument("--scheduler", choices=("ddim", "ddpm", "dpmpp2m"), help="decoder scheduler (default: ddim)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--image", help="input image: img2img (or the image to inpaint with --mask)")
+    p.add_argument("--strength", type=float, default=0.3, help="img2img strength in (0, 1] (default 0.3)")
+    p.add_argument("--mask", help="inpaint mask: white = repaint (needs --image and inpaint artifacts)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("interpolate", help="mix text and image conditions, then decode one image")
+    _add_run_args(p)
+    p.add_argument("--text", nargs=2, action="append", metavar=("TEXT", "WEIGHT"), help="a text condition")
+    p.add_argument("--image", nargs=2, action="append", metavar=("PATH", "WEIGHT"), help="an image condition")
+    p.set_defaults(func=_cmd_interpolate)
+
+
+COMMAND_ENTRY_POINTS = "kandinsky_trt.commands"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runtime's commands, then each package's (``kandinsky_trt.commands`` entry points)."""
+    from importlib.metadata import entry_points
+
+    from kandinsky_trt.runtime.serve.commands import add_commands as add_serve_commands
+
+    parser = argparse.ArgumentParser(
+        prog="kandinsky-trt",
+        description="Kandinsky 2.1 on ONNX Runtime / TensorRT. Start with `kandinsky-trt demo`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(sub)  # argparse only: each package imports its heavy modules inside its handlers
+    _add_image_commands(sub)
+    add_serve_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from kandinsky_trt.runtime.contract.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

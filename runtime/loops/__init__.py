@@ -1,0 +1,10 @@
+"""kandinsky_trt.runtime.loops: the denoising loop, written once, and its three strategies.
+
+``template`` owns the checks, the identity-row start, the stepping, the callback and the download
+for any :class:`~kandinsky_trt.runtime.contract.spec.LoopSpec`; ``host`` runs it on numpy arrays
+through ``NetworkSession.run`` (every backend), ``ort_bound`` on ONNX Runtime IO bindings with its
+CUDA graphs, ``trt_graph`` on TensorRT bindings with one CUDA graph per step. A backend returns its
+strategy from ``backend.loop(spec, cuda_graph=...)``.
+
+May import ``contract``, ``cuda`` and the backend interface (``backends.base``); never pipelines.
+"""

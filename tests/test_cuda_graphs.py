@@ -1,6 +1,6 @@
 """The CUDA-graph loop (:mod:`kandinsky_trt.runtime.cuda.graphs`): warm-up, capture, replay, invalidation.
 
-CPU tests (always run) use the simulated CUDA layer of ``fake_trt_runtime.py``, whose stream
+CPU tests (always run) use the simulated CUDA layer of ``tests/fakes/cuda.py``, whose stream
 capture records operations and whose graph launch replays them: they check our logic, not CUDA.
 The ``gpu`` test runs real capture/launch and skips where cuda-python or a GPU is missing (it was
 not executed where this file was written: no GPU there).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_trt_runtime import FakeCuda, FakeMemory, FakeStream  # tests/ is on sys.path under pytest
+from fakes.cuda import FakeCuda, FakeMemory, FakeStream  # tests/ is on sys.path under pytest
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError

@@ -1,7 +1,7 @@
 """The engine builder: argument validation, plan naming, hash-keyed reuse, manifest updates, errors.
 
 CPU tests run the orchestration with a stand-in plan builder, and ``TensorRTPlanBuilder`` itself —
-Polygraphy's real loaders — against a stand-in ``tensorrt`` module (tests/fake_tensorrt.py) that
+Polygraphy's real loaders — against the stand-in ``tensorrt`` module (tests/fakes/tensorrt.py) that
 mirrors the documented 10.x/11.x Python API (so every line of our build path and of the Polygraphy
 loaders it uses runs here, but only against our reading of TensorRT's API). The ``tensorrt``
 test at the end builds and runs a real tiny engine; it skips where TensorRT or a GPU is missing
@@ -17,7 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-from fake_tensorrt import TRT_VERSION, ParserError, fake_tensorrt
+from fakes.cuda import H100 as H100_DEVICE
+from fakes.tensorrt import MODULE as FAKE_TENSORRT
+from fakes.tensorrt import TRT_VERSION, ParserError
+from fakes.tensorrt import install as install_fake_tensorrt
 from kandinsky_trt.engine.builder import BuildConfig, build_engines, plan_file_name, validate_build_config
 from kandinsky_trt.engine.errors import (
     BuildConfigError,
@@ -31,7 +34,7 @@ from kandinsky_trt.runtime.backends.trt import import_tensorrt
 from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.contract.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
-H100 = Platform(TRT_VERSION, "NVIDIA H100 80GB HBM3", "9.0")
+H100 = Platform(TRT_VERSION, H100_DEVICE.name, H100_DEVICE.compute_capability)
 
 
 def _write_onnx(path, name: str, dtype: str = "float32") -> None:
@@ -223,7 +226,7 @@ def test_onnx_changed_after_export(tmp_path):
         build_engines(BuildConfig(tmp_path), FakePlanBuilder())
 
 
-# -- TensorRTPlanBuilder: Polygraphy's loaders against the stand-in tensorrt (tests/fake_tensorrt.py) --
+# -- TensorRTPlanBuilder: Polygraphy's loaders against the stand-in tensorrt (tests/fakes/tensorrt.py) --
 
 
 @pytest.fixture()
@@ -232,13 +235,9 @@ def fake_trt(monkeypatch):
     pytest.importorskip("polygraphy")
     from polygraphy.backend.trt import loader
 
-    trt, state = fake_tensorrt()
-    if loader.trt.module not in (None, trt):  # Polygraphy keeps the first tensorrt it imported
+    if loader.trt.module not in (None, FAKE_TENSORRT):  # Polygraphy keeps the first tensorrt it imported
         pytest.skip("Polygraphy already imported the real tensorrt in this process")
-    state.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(cuda, "device_info", lambda device=None: cuda.DeviceInfo(0, H100.gpu_name, "9.0"))
-    return state
+    return install_fake_tensorrt(monkeypatch)
 
 
 def test_tensorrt_builder_path(tmp_path, fake_trt, caplog):

@@ -1,7 +1,7 @@
 """TrtGraphLoop: the TensorRT strategy of the loop equals the host loop on the same engines.
 
 CPU tests run the loop against the stand-in ``tensorrt`` module and simulated CUDA memory of
-``fake_trt_runtime.py``, with engine executions going through the simulated CUDA layer (so a
+``tests/fakes/``, with engine executions going through the simulated CUDA layer (so a
 stream capture records them and a graph launch replays them with the addresses and arena pointer
 they had when captured, failing if those were freed since), and engines that compute real
 step maths — a deterministic fake UNet and the step graphs' numpy reference
@@ -22,7 +22,9 @@ import types
 
 import numpy as np
 import pytest
-from fake_trt_runtime import FakeCuda, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts
+from fakes.cuda import FakeCuda, FakeMemory
+from fakes.plan_artifacts import write_plan_artifacts
+from fakes.tensorrt import FakeEngine, install
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -106,7 +108,7 @@ def env(monkeypatch, tmp_path):
         env.engines[name] = FakeEngine(_tensors(name), FUNCTIONS[name], ARENA[name], memory, env.cuda)
         return env.engines[name]
 
-    install(monkeypatch, fake_tensorrt(make_engine), memory)
+    install(monkeypatch, make_engine, memory)
     _write_artifacts(tmp_path)
     return env
 

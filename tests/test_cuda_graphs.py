@@ -2,7 +2,7 @@
 
 CPU tests (always run) use the simulated CUDA layer of ``tests/fakes/cuda.py``, whose stream
 capture records operations and whose graph launch replays them: they check our logic, not CUDA.
-The ``gpu`` test runs real capture/launch and skips where cuda-python or a GPU is missing (it was
+The ``gpu`` test runs real capture/launch; its marker skips it where cuda-python or a GPU is missing (it was
 not executed where this file was written: no GPU there).
 """
 
@@ -128,15 +128,9 @@ def test_row_copy_validation():
 # -- real CUDA / TensorRT (skipped where unavailable) ------------------------------------------------
 
 
-def _require_cuda():
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
-
-
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_with_copies():
     """Real capture/instantiate/launch over D2D copies only (no kernels needed)."""
-    _require_cuda()
     table = np.arange(STEPS * 4, dtype=np.float32).reshape(STEPS, 4)
     results = {}
     for enabled in (True, False):

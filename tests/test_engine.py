@@ -4,8 +4,8 @@ CPU tests run the orchestration with a stand-in plan builder, and ``TensorRTPlan
 Polygraphy's real loaders — against the stand-in ``tensorrt`` module (tests/fakes/tensorrt.py) that
 mirrors the documented 10.x/11.x Python API (so every line of our build path and of the Polygraphy
 loaders it uses runs here, but only against our reading of TensorRT's API). The ``tensorrt``
-test at the end builds and runs a real tiny engine; it skips where TensorRT or a GPU is missing
-(it was not executed where this file was written).
+test at the end builds and runs a real tiny engine; its markers skip it where TensorRT or a GPU is
+missing (it was not executed where this file was written).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from kandinsky_trt.engine.errors import (
 )
 from kandinsky_trt.engine.plan import BuiltPlan, Platform
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.trt import import_tensorrt
 from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.contract.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
@@ -332,13 +331,6 @@ def test_engine_modules_import_without_a_cycle():
 @pytest.mark.gpu
 def test_real_build_and_run(tmp_path):
     """Build the tiny Add/Mul graphs with TensorRT, run them through TrtBackend, compare with numpy."""
-    pytest.importorskip("tensorrt")  # the conftest-free skip; the next line also covers missing libraries
-    try:
-        import_tensorrt()
-    except TensorRTUnavailableError as err:
-        pytest.skip(str(err))
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
     from kandinsky_trt.runtime.backends.trt import TrtBackend
     from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
 

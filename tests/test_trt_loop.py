@@ -12,7 +12,8 @@ TensorRT or CUDA themselves.
 
 The ``tensorrt`` + ``gpu`` test at the end builds real engines from the tiny checkpoint's ONNX
 graphs and compares graph replay with eager execution; its markers skip it where TensorRT,
-cuda-python or a GPU is missing (it was not executed where this file was written: no GPU, no TensorRT there).
+cuda-python or a GPU is missing (it was not executed where this file was written: no GPU, no
+TensorRT there).
 """
 
 from __future__ import annotations

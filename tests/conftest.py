@@ -3,6 +3,9 @@
 Exports are the slow part of the suite, so each (precision, profile) pair is exported once and
 shared by every test that needs it. Most use the TorchScript exporter (5-10x faster on tiny models);
 ``artifacts_fp16`` uses the default dynamo exporter, so both paths are checked end to end.
+
+The ``gpu`` and ``tensorrt`` markers skip their tests where a CUDA device or TensorRT is missing
+(:func:`pytest_collection_modifyitems`); tests do not check for those themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +16,37 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _missing_cuda_device() -> str | None:
+    from kandinsky_trt.runtime.cuda import runtime_api as cuda
+
+    return None if cuda.cuda_available() else "needs cuda-python and a CUDA device, found none"
+
+
+def _missing_tensorrt() -> str | None:
+    from kandinsky_trt.runtime.backends.trt import TensorRTUnavailableError, import_tensorrt
+
+    try:
+        import_tensorrt()  # the Python package and its libraries (a missing libnvinfer is an OSError there)
+    except TensorRTUnavailableError as err:
+        return str(err)
+    return None
+
+
+MARKER_REQUIREMENTS = {"gpu": _missing_cuda_device, "tensorrt": _missing_tensorrt}
+
+
+@pytest.hookimpl(trylast=True)  # after ``-m`` / ``-k`` deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu`` / ``tensorrt`` tests where their requirement is missing (the markers' promise in
+    pyproject.toml). Each check runs once, and only when a selected test carries its marker: a
+    selection without such tests never imports cuda-python or TensorRT."""
+    for marker, missing in MARKER_REQUIREMENTS.items():
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        reason = missing() if marked else None
+        for item in marked if reason else ():
+            item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
 
 
 @pytest.fixture(scope="session")

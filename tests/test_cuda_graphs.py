@@ -1,8 +1,8 @@
 """The CUDA-graph loop (:mod:`kandinsky_trt.runtime.cuda.graphs`): warm-up, capture, replay, invalidation.
 
-CPU tests (always run) use the simulated CUDA layer of ``fake_trt_runtime.py``, whose stream
+CPU tests (always run) use the simulated CUDA layer of ``tests/fakes/cuda.py``, whose stream
 capture records operations and whose graph launch replays them: they check our logic, not CUDA.
-The ``gpu`` test runs real capture/launch and skips where cuda-python or a GPU is missing (it was
+The ``gpu`` test runs real capture/launch; its marker skips it where cuda-python or a GPU is missing (it was
 not executed where this file was written: no GPU there).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_trt_runtime import FakeCuda, FakeMemory, FakeStream  # tests/ is on sys.path under pytest
+from fakes.cuda import FakeCuda, FakeMemory, FakeStream  # tests/ is on sys.path under pytest
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -128,15 +128,9 @@ def test_row_copy_validation():
 # -- real CUDA / TensorRT (skipped where unavailable) ------------------------------------------------
 
 
-def _require_cuda():
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
-
-
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_with_copies():
     """Real capture/instantiate/launch over D2D copies only (no kernels needed)."""
-    _require_cuda()
     table = np.arange(STEPS * 4, dtype=np.float32).reshape(STEPS, 4)
     results = {}
     for enabled in (True, False):
@@ -144,11 +138,12 @@ def test_cuda_graph_replay_equals_eager_with_copies():
             buffers = [cuda.DeviceBuffer.from_numpy(np.zeros(4, np.float32)) for _ in range(3)]
             rows_table = cuda.DeviceBuffer.from_numpy(table)
             target, middle, out = buffers
-            chain = StepChain((lambda s: middle.copy_from(target, s),), carries=((middle, out),))
+            chain = StepChain((lambda s: cuda.memcpy_d2d(middle.ptr, target.ptr, middle.nbytes, s),),
+                              carries=((middle, out),))
             with CapturedLoop(LoopConfig(chain, (RowCopy(rows_table, target),), enabled=enabled), stream) as loop:
                 loop.run(STEPS)
                 stream.synchronize()
-                results[enabled] = out.to_numpy((4,), np.float32)
+                results[enabled] = out.copy_to_host(np.empty(4, np.float32))
                 assert loop.captures == (1 if enabled else 0)
             for b in (*buffers, rows_table):
                 b.close()

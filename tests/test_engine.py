@@ -1,11 +1,11 @@
 """The engine builder: argument validation, plan naming, hash-keyed reuse, manifest updates, errors.
 
 CPU tests run the orchestration with a stand-in plan builder, and ``TensorRTPlanBuilder`` itself —
-Polygraphy's real loaders — against a stand-in ``tensorrt`` module (tests/fake_tensorrt.py) that
+Polygraphy's real loaders — against the stand-in ``tensorrt`` module (tests/fakes/tensorrt.py) that
 mirrors the documented 10.x/11.x Python API (so every line of our build path and of the Polygraphy
 loaders it uses runs here, but only against our reading of TensorRT's API). The ``tensorrt``
-test at the end builds and runs a real tiny engine; it skips where TensorRT or a GPU is missing
-(it was not executed where this file was written).
+test at the end builds and runs a real tiny engine; its markers skip it where TensorRT or a GPU is
+missing (it was not executed where this file was written).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import sys
 import numpy as np
 import pytest
 
-from fake_tensorrt import TRT_VERSION, ParserError, fake_tensorrt
+from fakes.cuda import H100 as H100_DEVICE
+from fakes.tensorrt import MODULE as FAKE_TENSORRT
+from fakes.tensorrt import TRT_VERSION, ParserError
+from fakes.tensorrt import install as install_fake_tensorrt
 from kandinsky_trt.engine.builder import BuildConfig, build_engines, plan_file_name, validate_build_config
 from kandinsky_trt.engine.errors import (
     BuildConfigError,
@@ -27,11 +30,10 @@ from kandinsky_trt.engine.errors import (
 )
 from kandinsky_trt.engine.plan import BuiltPlan, Platform
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.trt import import_tensorrt
 from manifest_helpers import complete_manifest
 from kandinsky_trt.runtime.contract.manifest import SCHEMA_PATH, Manifest, load_manifest, sha256_file
 
-H100 = Platform(TRT_VERSION, "NVIDIA H100 80GB HBM3", "9.0")
+H100 = Platform(TRT_VERSION, H100_DEVICE.name, H100_DEVICE.compute_capability)
 
 
 def _write_onnx(path, name: str, dtype: str = "float32") -> None:
@@ -223,7 +225,7 @@ def test_onnx_changed_after_export(tmp_path):
         build_engines(BuildConfig(tmp_path), FakePlanBuilder())
 
 
-# -- TensorRTPlanBuilder: Polygraphy's loaders against the stand-in tensorrt (tests/fake_tensorrt.py) --
+# -- TensorRTPlanBuilder: Polygraphy's loaders against the stand-in tensorrt (tests/fakes/tensorrt.py) --
 
 
 @pytest.fixture()
@@ -232,13 +234,9 @@ def fake_trt(monkeypatch):
     pytest.importorskip("polygraphy")
     from polygraphy.backend.trt import loader
 
-    trt, state = fake_tensorrt()
-    if loader.trt.module not in (None, trt):  # Polygraphy keeps the first tensorrt it imported
+    if loader.trt.module not in (None, FAKE_TENSORRT):  # Polygraphy keeps the first tensorrt it imported
         pytest.skip("Polygraphy already imported the real tensorrt in this process")
-    state.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(cuda, "device_info", lambda device=None: cuda.DeviceInfo(0, H100.gpu_name, "9.0"))
-    return state
+    return install_fake_tensorrt(monkeypatch)
 
 
 def test_tensorrt_builder_path(tmp_path, fake_trt, caplog):
@@ -333,13 +331,6 @@ def test_engine_modules_import_without_a_cycle():
 @pytest.mark.gpu
 def test_real_build_and_run(tmp_path):
     """Build the tiny Add/Mul graphs with TensorRT, run them through TrtBackend, compare with numpy."""
-    pytest.importorskip("tensorrt")  # the conftest-free skip; the next line also covers missing libraries
-    try:
-        import_tensorrt()
-    except TensorRTUnavailableError as err:
-        pytest.skip(str(err))
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
     from kandinsky_trt.runtime.backends.trt import TrtBackend
     from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
 
@@ -367,7 +358,7 @@ def test_real_build_and_run(tmp_path):
             with CapturedLoop(config, backend.stream) as loop:
                 loop.run(steps)
                 backend.stream.synchronize()
-                results[enabled] = bufs["x"].to_numpy((2, 3), np.float32)
+                results[enabled] = bufs["x"].copy_to_host(np.empty((2, 3), np.float32))
             for b in (*bufs.values(), rows):
                 b.close()
         expected = feeds["x"]

@@ -6,8 +6,9 @@ artifacts (prior + UnCLIP, UNet + DDPM learned-range with stochastic rows, UNet 
 which reads the x0 history); graph-id and binding logic against stand-in ORT objects; the wheel
 joining of ``benchmarks/gpu_suite.sh`` is tested in ``test_gpu_suite_shell.py``.
 
-``gpu`` tests (CUDA graph replay == eager) skip where onnxruntime has no CUDAExecutionProvider;
-they were not executed where this file was written (no GPU there).
+``gpu`` tests (CUDA graph replay == eager) need a CUDA device (the marker skips them without one)
+and onnxruntime-gpu's CUDAExecutionProvider (``needs_cuda_ep``); they were not executed where this
+file was written (no GPU there).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "bet
                "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,
                "clip_sample_range": 2.0, "prediction_type": "epsilon"}
 EXACT = 1e-6  # same graphs, same EP: the loops must agree to float32 rounding (measured: 0.0)
-gpu = pytest.mark.skipif(not cuda_available(), reason="onnxruntime has no CUDAExecutionProvider")
+needs_cuda_ep = pytest.mark.skipif(not cuda_available(), reason="onnxruntime has no CUDAExecutionProvider "
+                                   "(pip install onnxruntime-gpu)")
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +167,20 @@ def test_provider_config(monkeypatch):
     assert on[1] == off[1] == "CPUExecutionProvider"
 
 
-@pytest.mark.skipif(cuda_available(), reason="CUDA EP present: the missing-provider message cannot be provoked")
-def test_cuda_without_onnxruntime_gpu_fails_clearly(components):
+def _hide_cuda_ep(monkeypatch) -> None:
+    """ONNX Runtime as the CPU-only package has it, even where onnxruntime-gpu is installed."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+
+
+def test_cuda_without_onnxruntime_gpu_fails_clearly(components, monkeypatch):
+    _hide_cuda_ep(monkeypatch)
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
         bound_loop(components.manifest, UNET, device="cuda")
 
 
-def test_backends_return_their_loop(components):
+def test_backends_return_their_loop(components, monkeypatch):
     """``backend.loop``: the host loop on the CPU, the bound loop for ORT on CUDA; one loop per spec."""
     from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
 
@@ -183,9 +192,9 @@ def test_backends_return_their_loop(components):
     with OrtCudaBackend(components.manifest, "cpu") as backend, backend.loop(UNET) as loop:
         assert type(loop).__name__ == "OrtBoundLoop" and loop.replay_graphs
         assert np.abs(loop(table, inputs) - first).max() <= EXACT
-    if not cuda_available():  # ORT on CUDA builds the bound loop, which needs onnxruntime-gpu
-        with pytest.raises(BackendError, match="onnxruntime-gpu"):
-            OrtBackend(components.manifest, OrtOptions(device="cuda")).loop(UNET)
+    _hide_cuda_ep(monkeypatch)  # ORT on CUDA builds the bound loop, which needs onnxruntime-gpu
+    with pytest.raises(BackendError, match="onnxruntime-gpu"):
+        OrtBackend(components.manifest, OrtOptions(device="cuda")).loop(UNET)
 
 
 def test_dtype_table_matches_onnx_and_onnxruntime():
@@ -350,7 +359,7 @@ def _graph_vs_eager(c, names: LoopSpec, table, seed: int) -> tuple[np.ndarray, .
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda_ep
 @pytest.mark.parametrize("names", [UNET, PRIOR], ids=["unet", "prior"])
 def test_cuda_graph_replay_equals_eager(components, names):
     """Replay of the captured graphs == the same bindings run eagerly (same session, same kernels);

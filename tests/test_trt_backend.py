@@ -2,7 +2,7 @@
 
 CPU tests (always run): the engine-vs-manifest diff on plain :class:`EngineInfo` data; the backend's
 load / bind / enqueue / run / shared-arena logic against a stand-in ``tensorrt`` module and a
-simulated CUDA memory (``fake_trt_runtime.py``). These check our logic, not TensorRT or CUDA
+simulated CUDA memory (``tests/fakes/``). These check our logic, not TensorRT or CUDA
 themselves. The CUDA-graph loop's tests are in ``test_cuda_graphs.py``.
 
 ``gpu`` / ``tensorrt`` tests run the real thing and skip where cuda-python, a GPU or TensorRT is
@@ -17,8 +17,9 @@ import types
 
 import numpy as np
 import pytest
-from fake_trt_runtime import (  # tests/ is on sys.path under pytest
-    H100, TRT_VERSION, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts)
+from fakes.cuda import H100, FakeMemory  # tests/ is on sys.path under pytest
+from fakes.plan_artifacts import write_plan_artifacts
+from fakes.tensorrt import TRT_VERSION, FakeEngine, install
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -177,13 +178,11 @@ def _write_toy_artifacts(directory, version=TRT_VERSION) -> Manifest:
 
 @pytest.fixture()
 def fake_trt(monkeypatch):
-    """Installs a stand-in ``tensorrt`` and CUDA layer; returns (module, memory, deserialized names)."""
+    """Installs the stand-in ``tensorrt`` and CUDA layer; returns (state, memory)."""
     memory = FakeMemory()
-    deserialized: list[str] = []
-    module = fake_tensorrt(lambda name: FakeEngine(_toy_tensors(name), TOY_FUNCTIONS[name], TOY_ARENA[name], memory),
-                           deserialized)
-    install(monkeypatch, module, memory)
-    return module, memory, deserialized
+    state = install(monkeypatch, lambda name: FakeEngine(_toy_tensors(name), TOY_FUNCTIONS[name], TOY_ARENA[name],
+                                                         memory), memory)
+    return state, memory
 
 
 def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
@@ -203,7 +202,7 @@ def test_backend_runs_a_network_from_host_arrays(fake_trt, tmp_path):
 
 
 def test_networks_share_one_arena_sized_to_the_largest(fake_trt, tmp_path):
-    _, memory, _ = fake_trt
+    _, memory = fake_trt
     _write_toy_artifacts(tmp_path)
     backend = TrtBackend(tmp_path)
     toy = backend.load("toy")
@@ -220,7 +219,7 @@ def test_networks_share_one_arena_sized_to_the_largest(fake_trt, tmp_path):
 
 
 def test_bind_and_enqueue_at_device_level(fake_trt, tmp_path):
-    _, memory, _ = fake_trt
+    _, memory = fake_trt
     _write_toy_artifacts(tmp_path)
     with TrtBackend(tmp_path) as backend:
         toy = backend.load("toy")
@@ -261,13 +260,13 @@ def test_tampered_plan_is_refused(fake_trt, tmp_path):
 
 
 def test_plan_from_another_tensorrt_is_refused_before_deserializing(fake_trt, tmp_path):
-    _, _, deserialized = fake_trt
+    state, _ = fake_trt
     _write_toy_artifacts(tmp_path, version="10.8.0.43")
     with TrtBackend(tmp_path) as backend, pytest.raises(EngineMismatchError) as caught:
         backend.load("toy")
     assert caught.value.differences == ("toy: tensorrt_version expected 10.8.0.43 (the plan's), "
                                         f"found {TRT_VERSION} (installed)",)
-    assert deserialized == []
+    assert state.deserialized == []
 
 
 def test_engine_io_is_checked_on_load(fake_trt, tmp_path):

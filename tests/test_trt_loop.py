@@ -1,7 +1,7 @@
 """TrtGraphLoop: the TensorRT strategy of the loop equals the host loop on the same engines.
 
 CPU tests run the loop against the stand-in ``tensorrt`` module and simulated CUDA memory of
-``fake_trt_runtime.py``, with engine executions going through the simulated CUDA layer (so a
+``tests/fakes/``, with engine executions going through the simulated CUDA layer (so a
 stream capture records them and a graph launch replays them with the addresses and arena pointer
 they had when captured, failing if those were freed since), and engines that compute real
 step maths — a deterministic fake UNet and the step graphs' numpy reference
@@ -11,8 +11,9 @@ our loop logic (bindings, uploads, row copies, carries, capture/replay/re-captur
 TensorRT or CUDA themselves.
 
 The ``tensorrt`` + ``gpu`` test at the end builds real engines from the tiny checkpoint's ONNX
-graphs and compares graph replay with eager execution; it skips where TensorRT, cuda-python or a GPU
-is missing (it was not executed where this file was written: no GPU, no TensorRT there).
+graphs and compares graph replay with eager execution; its markers skip it where TensorRT,
+cuda-python or a GPU is missing (it was not executed where this file was written: no GPU, no
+TensorRT there).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import types
 
 import numpy as np
 import pytest
-from fake_trt_runtime import FakeCuda, FakeEngine, FakeMemory, fake_tensorrt, install, write_plan_artifacts
+from fakes.cuda import FakeCuda, FakeMemory
+from fakes.plan_artifacts import write_plan_artifacts
+from fakes.tensorrt import FakeEngine, install
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -106,7 +109,7 @@ def env(monkeypatch, tmp_path):
         env.engines[name] = FakeEngine(_tensors(name), FUNCTIONS[name], ARENA[name], memory, env.cuda)
         return env.engines[name]
 
-    install(monkeypatch, fake_tensorrt(make_engine), memory)
+    install(monkeypatch, make_engine, memory)
     _write_artifacts(tmp_path)
     return env
 
@@ -310,26 +313,17 @@ def test_components_run_trt_loops_and_close_them(env, monkeypatch):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_real_engines_graph_replay_equals_eager(request, tmp_path):
+def test_real_engines_graph_replay_equals_eager(artifacts_fp32, tmp_path):
     """Tiny checkpoint -> ONNX -> TensorRT plans (unet, unet_step); the loop with and without CUDA graphs.
 
     Graph replay must equal eager execution bit for bit (same engines, same kernels, same order), and
     both must stay near the ONNX Runtime CPU host loop. The 1e-2 tolerance against ORT is a guess for
     TensorRT's fp32 (TF32 tactics allowed by default) over 7 steps of a random tiny UNet: never measured.
     """
-    pytest.importorskip("tensorrt")
-    from kandinsky_trt.runtime.backends.trt import TensorRTUnavailableError, import_tensorrt
-
-    try:
-        import_tensorrt()
-    except TensorRTUnavailableError as err:
-        pytest.skip(str(err))
-    if not cuda.cuda_available():
-        pytest.skip("needs cuda-python and a CUDA GPU")
     from kandinsky_trt.engine.builder import BuildConfig, build_engines
     from kandinsky_trt.runtime.pipelines.components import Components
 
-    source, _ = request.getfixturevalue("artifacts_fp32")
+    source, _ = artifacts_fp32
     artifacts = shutil.copytree(source, tmp_path / "artifacts")  # the build writes into the manifest
     build_engines(BuildConfig(artifacts, networks=("unet", "unet_step"), opt_level=0))
     table = scheduler_table(DDPM, STEPS)

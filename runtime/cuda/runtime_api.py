@@ -83,11 +83,6 @@ class DeviceInfo:
     name: str
     compute_capability: str  # "9.0"
 
-    @property
-    def sm(self) -> str:
-        """``sm90`` for compute capability 9.0 (used in plan file names)."""
-        return "sm" + self.compute_capability.replace(".", "")
-
 
 def device_info(device: int | None = None) -> DeviceInfo:
     """Name and compute capability of ``device`` (default: the current device)."""
@@ -190,23 +185,6 @@ class DeviceBuffer:
             check(rt.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes, kind, stream.handle),
                   "cudaMemcpyAsync(D2H)")
         return out
-
-    def to_numpy(self, shape: tuple[int, ...], dtype: Any, stream: Stream | None = None) -> np.ndarray:
-        """A new host array of ``shape``/``dtype`` read from the start of the buffer (synchronizes)."""
-        out = self.copy_to_host(np.empty(shape, dtype=dtype), stream)
-        if stream is not None:
-            stream.synchronize()
-        return out
-
-    def copy_from(self, src: "DeviceBuffer", stream: Stream, nbytes: int | None = None, src_offset: int = 0) -> None:
-        """Enqueue a device-to-device copy of ``nbytes`` (default: all of ``self``) from ``src``."""
-        nbytes = self.nbytes if nbytes is None else nbytes
-        self._check_size(nbytes, "copy_from")
-        if src_offset + nbytes > src.nbytes:
-            raise ValueError(
-                f"copy_from: expected src_offset + nbytes <= {src.nbytes}, found {src_offset} + {nbytes}"
-            )
-        memcpy_d2d(self.ptr, src.ptr + src_offset, nbytes, stream)
 
     def close(self) -> None:
         if self.ptr:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kandinsky_trt.runtime.cli.output_paths import check_writable_directory
+from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.contract.integrity import write_bytes_atomic
 
 log = logging.getLogger("kandinsky_trt.benchmarks.gpu_suite")
@@ -74,8 +76,9 @@ def _markdown(data: dict) -> str:
 
 def run_gpu_tests(config: argparse.Namespace, entry: dict) -> None:
     xml = config.out.resolve() / "pytest_gpu.xml"
+    # A test module that cannot import here (a missing extra) must not stop the GPU tests of the others.
     command = [sys.executable, "-m", "pytest", "-m", "gpu or tensorrt", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={xml}", *config.tests]
+               "--continue-on-collection-errors", f"--junitxml={xml}", *config.tests]
     done = subprocess.run(command, cwd=config.repo, capture_output=True, text=True)
     entry.update(command=command[1:], returncode=done.returncode, output_tail=done.stdout[-3000:])
     if xml.is_file():
@@ -220,10 +223,24 @@ def _parse(argv) -> argparse.Namespace:
     add("--precision", choices=("fp16", "fp32"), default="fp16")
     add("--exporter", choices=("dynamo", "legacy"), default="dynamo")
     for name, default in (("repeat", 10), ("warmup", 3), ("steps", 50), ("prior-steps", 25), ("check-steps", 5)):
-        add(f"--{name}", type=int, default=default)  # steps: decoder steps end to end; check: replay loops
+        add(f"--{name}", type=_at_least(0 if name == "warmup" else 1), default=default)  # steps: decoder, end to end
     config = parser.parse_args(argv)
+    try:  # before hours of work: the folders must be creatable
+        for name in ("out", "work"):
+            check_writable_directory(getattr(config, name), f"--{name}")
+    except PipelineInputError as err:
+        parser.error(str(err))
     config.device = "cpu" if config.dry_run else "cuda"
     return config
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {text!r}")
+        return int(text)
+    return parse
 
 
 def main(argv=None) -> int:

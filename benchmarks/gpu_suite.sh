@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_suite.sh --join-only WHEEL_DIR DEST_DIR      (only join split wheels)
 #
 # WHEEL_DIR holds the wheels the machine lacks (diffusers for export and the torch baseline,
-# onnxruntime-gpu for the ort backend, tensorrt for trt; setuptools where it is missing), whole or
+# onnxruntime-gpu for the ort backend, tensorrt and polygraphy for trt; pytest, pluggy and iniconfig
+# for the GPU tests; setuptools where it is missing), whole or
 # split into pieces named NAME.whl.part-aa, NAME.whl.part-ab, ... (`split -b 60M NAME.whl NAME.whl.part-`).
 # Pieces are joined in suffix order, every wheel is installed with
 # `pip install --no-index --no-deps --target $SITE_DIR` (default /tmp/site), which goes first on

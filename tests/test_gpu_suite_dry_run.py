@@ -3,7 +3,7 @@
 The tiny checkpoint through ``export_artifacts``, the benchmark harness on torch and ort, the
 replay == eager check through ``Components`` and ``pytest -m "gpu or tensorrt"``, in a subprocess as
 the GPU machine runs it; then the result files it leaves. Whatever would fail on the GPU for a
-reason other than the GPU fails here first.
+reason other than the GPU fails here first. Bad arguments stop it before any work.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kandinsky_trt.benchmarks.gpu_suite import TEXT2IMG
+from kandinsky_trt.benchmarks.gpu_suite import TEXT2IMG, main
 from kandinsky_trt.benchmarks.report import load_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,3 +65,18 @@ def test_dry_run_merges_both_backends_into_one_result_file(dry_run):
     assert sorted((s.stage, s.backend) for s in result.stages) == sorted((n, b) for n in stages for b in result.backends)
     assert all(s.median_ms > 0 and len(s.samples_ms) == 1 for s in result.stages)
     assert all(s.ratio_to_baseline is not None for s in result.stages)  # torch is every row's baseline
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeat", "0"], "argument --repeat: expected an integer >= 1, found '0'"),
+    (["--warmup", "x"], "argument --warmup: expected an integer >= 0, found 'x'"),
+    (["--work", "{file}/work"], "--work: expected a directory for {file}/work, found the file {file} on its path"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, capsys, args, message):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "out"), "--dry-run", *(a.format(file=file) for a in args)])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message.format(file=file)}")
+    assert not (tmp_path / "out").exists()

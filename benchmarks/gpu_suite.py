@@ -53,6 +53,7 @@ class Record:
     @contextmanager
     def step(self, name: str):
         entry, start = self.data["steps"].setdefault(name, {}), time.perf_counter()
+        self.save(running=name)  # a run killed during this step says so
         try:
             yield entry
         except Exception as err:  # a failed step must not lose the others' results
@@ -60,8 +61,12 @@ class Record:
             self.data["errors"][name] = f"{type(err).__name__}: {err}"[:2000]
         finally:
             entry["seconds"] = round(time.perf_counter() - start, 1)
-            write_bytes_atomic(self.out / "gpu_suite.json", json.dumps(self.data, indent=2, default=str).encode())
-            write_bytes_atomic(self.out / "gpu_suite.md", _markdown(self.data).encode())
+            self.save(running=None)
+
+    def save(self, running: str | None) -> None:
+        self.data["running"] = running
+        write_bytes_atomic(self.out / "gpu_suite.json", json.dumps(self.data, indent=2, default=str).encode())
+        write_bytes_atomic(self.out / "gpu_suite.md", _markdown(self.data).encode())
 
 
 def _markdown(data: dict) -> str:
@@ -69,7 +74,8 @@ def _markdown(data: dict) -> str:
     lines = ["# GPU suite", "", f"Device: {data['config']['device_name']}; machine: {m['hostname']} ({m['cpu_model']}, "
              f"{m['cores']} cores, {m['ram_gb']} GB RAM).", ""]
     for name, entry in data["steps"].items():
-        status = f"FAILED: {data['errors'][name]}" if name in data["errors"] else "ok"
+        status = "running" if name == data["running"] else "ok"
+        status = f"FAILED: {data['errors'][name]}" if name in data["errors"] else status
         lines += [f"## {name}: {status}", "", "```json", json.dumps(entry, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 The tiny checkpoint through ``export_artifacts``, the benchmark harness on torch and ort, the
 replay == eager check through ``Components`` and ``pytest -m "gpu or tensorrt"``, in a subprocess as
 the GPU machine runs it; then the result files it leaves. Whatever would fail on the GPU for a
-reason other than the GPU fails here first. Bad arguments stop it before any work.
+reason other than the GPU fails here first. Each step is on disk while it runs and after it fails;
+bad arguments stop the suite before any work.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from kandinsky_trt.benchmarks.gpu_suite import TEXT2IMG, main
+from kandinsky_trt.benchmarks.environment import MachineInfo
+from kandinsky_trt.benchmarks.gpu_suite import TEXT2IMG, Record, main
 from kandinsky_trt.benchmarks.report import load_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +45,7 @@ def test_dry_run_walks_every_step_and_writes_its_records(dry_run):
                  "pytest_gpu.xml"):
         assert (out / name).is_file(), name
     record = json.loads((out / "gpu_suite.json").read_text())
-    assert record["errors"] == {}
+    assert record["errors"] == {} and record["running"] is None
     assert list(record["steps"]) == STEPS
     steps = record["steps"]
     assert steps["export"]["exported"] == list(TEXT2IMG) and steps["export"]["profile"] == "b1_64x64_cfg"
@@ -65,6 +68,22 @@ def test_dry_run_merges_both_backends_into_one_result_file(dry_run):
     assert sorted((s.stage, s.backend) for s in result.stages) == sorted((n, b) for n in stages for b in result.backends)
     assert all(s.median_ms > 0 and len(s.samples_ms) == 1 for s in result.stages)
     assert all(s.ratio_to_baseline is not None for s in result.stages)  # torch is every row's baseline
+
+
+def test_a_step_is_on_disk_while_it_runs_and_a_failure_keeps_the_others(tmp_path):
+    record = Record(tmp_path)
+    record.data.update(config={"device_name": "cpu (dry run)"}, machine=asdict(MachineInfo.collect()))
+    with record.step("first") as entry:
+        entry["value"] = 1
+    with record.step("second"):
+        during = json.loads((tmp_path / "gpu_suite.json").read_text())
+        raise RuntimeError("lost the device")
+    after = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert during["running"] == "second" and during["steps"]["first"]["value"] == 1 and during["errors"] == {}
+    assert after["running"] is None and after["errors"] == {"second": "RuntimeError: lost the device"}
+    assert after["steps"]["first"]["value"] == 1 and "seconds" in after["steps"]["second"]
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "## first: ok" in markdown and "## second: FAILED: RuntimeError: lost the device" in markdown
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,16 +3,18 @@
     python -m kandinsky_trt.benchmarks.gpu_suite --out OUT [--dry-run] [--steps 50 ...]
     bash benchmarks/gpu_suite.sh WHEEL_DIR OUT [options]    (the GPU machine: installs wheels first)
 
-Steps, each written to ``OUT/gpu_suite.{json,md}`` as it ends (a timeout keeps what finished):
-``pytest -m "gpu or tensorrt"`` (first: cheap, and first to break); the tiny checkpoint with its
-text-to-image components replaced by the full-size networks (real configs, random weights; kept tiny
-with ``--dry-run``), exported by ``export_artifacts``; ``run_benchmark`` (every stage, text2img end to
-end) per backend that can run here (torch, ort on the CUDA EP, trt after ``build_engines``; the
-others say why), merged into ``OUT/gpu_suite_bench.{json,md,png}``; for ort and trt, CUDA-graph
-replay == eager: both loops through ``Components`` with ``cuda_graph`` True (capture, then replay)
-and False, max |diff| of the final latents. Exit status 0; 1 when a step failed (the others still
-ran); 2 without a CUDA device. ``--dry-run`` walks the same code on the CPU execution provider (where
-both loops are the host loop), in CI: ``tests/test_gpu_suite_dry_run.py``.
+1. ``pytest -m "gpu or tensorrt"`` (first: cheap, and the first thing to break).
+2. The tiny checkpoint with its text-to-image components replaced by the full-size networks (real
+   configs, random weights; left tiny with ``--dry-run``), exported by ``export_artifacts``.
+3. ``run_benchmark`` (every stage, text2img end to end) per backend that can run here: torch, ort
+   (CUDA EP), trt (after ``build_engines``); the others say why. One merged result file.
+4. For ort and trt, CUDA-graph replay == eager: both loops through ``Components`` with
+   ``cuda_graph`` True (first call captures, second replays) and False; max |diff| of the latents.
+
+Each step is written to ``OUT/gpu_suite.{json,md}`` as it starts and ends (a timeout keeps what
+finished), the benchmark to ``OUT/gpu_suite_bench.{json,md,png}``. Exit status 0; 1 when a step
+failed (the others still ran); 2 without a CUDA device. ``--dry-run`` walks the same code on the CPU
+execution provider (where both loops are the host loop), in CI: ``tests/test_gpu_suite_dry_run.py``.
 
 Unverified on a GPU: no GPU was lent when this driver was written; only its dry run has run.
 """

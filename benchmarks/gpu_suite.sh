@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for a CUDA machine without network access.
 #
-#   bash benchmarks/gpu_suite.sh WHEEL_DIR OUT_DIR [gpu_suite.py options, e.g. --decoder-steps 50]
+#   bash benchmarks/gpu_suite.sh WHEEL_DIR OUT_DIR [gpu_suite.py options, e.g. --steps 20 or --dry-run]
 #   bash benchmarks/gpu_suite.sh --join-only WHEEL_DIR DEST_DIR      (only join split wheels)
 #
-# WHEEL_DIR holds the wheels the machine lacks (e.g. onnxruntime-gpu, diffusers), whole or split
-# into pieces named NAME.whl.part-aa, NAME.whl.part-ab, ... (`split -b 60M NAME.whl NAME.whl.part-`).
+# WHEEL_DIR holds the wheels the machine lacks (diffusers for export and the torch baseline,
+# onnxruntime-gpu for the ort backend, tensorrt and polygraphy for trt; pytest, pluggy and iniconfig
+# for the GPU tests; setuptools where it is missing), whole or
+# split into pieces named NAME.whl.part-aa, NAME.whl.part-ab, ... (`split -b 60M NAME.whl NAME.whl.part-`).
 # Pieces are joined in suffix order, every wheel is installed with
 # `pip install --no-index --no-deps --target $SITE_DIR` (default /tmp/site), which goes first on
-# PYTHONPATH (so onnxruntime-gpu there shadows a CPU onnxruntime), and
-# `python -m kandinsky_trt.benchmarks.gpu_suite --out OUT_DIR ...` runs. Where the project is not
-# installed, the repository's folders are linked into $SITE_DIR/kandinsky_trt.
-# Environment: PYTHON (default python3), SITE_DIR. Exit status: the suite's (2: no CUDA EP).
+# PYTHONPATH (so onnxruntime-gpu there shadows a CPU onnxruntime). Unless this repository is the
+# installed kandinsky-trt, it is installed there too (its entry points register the torch backend).
+# Then `python -m kandinsky_trt.benchmarks.gpu_suite --out OUT_DIR --repo REPO ...` runs.
+# Environment: PYTHON (default python3), SITE_DIR. Exit status: the suite's (2: no CUDA device).
 set -euo pipefail
 export LC_ALL=C  # glob order = byte order: part-aa, part-ab, ...
 
@@ -72,10 +74,11 @@ if ((${#wheels[@]})); then
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PYTHON" -c "import kandinsky_trt.runtime" 2>/dev/null; then
-  mkdir -p "$SITE/kandinsky_trt"  # a namespace package, as the editable install maps it (pyproject)
-  for folder in export engine runtime benchmarks; do ln -sfn "$REPO/$folder" "$SITE/kandinsky_trt/$folder"; done
-  say "linked $REPO into $SITE/kandinsky_trt"
+installed=$("$PYTHON" -c "import importlib.metadata as m, os, kandinsky_trt.benchmarks as b
+m.version('kandinsky-trt'); print(os.path.realpath(b.__file__))" 2>/dev/null || true)
+if [[ $installed != "$(cd "$REPO" && pwd -P)/benchmarks/__init__.py" ]]; then
+  say "installing $REPO into $SITE"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" "$REPO"
 fi
 
-"$PYTHON" -m kandinsky_trt.benchmarks.gpu_suite --out "$OUT" "$@"
+"$PYTHON" -m kandinsky_trt.benchmarks.gpu_suite --out "$OUT" --repo "$REPO" "$@"

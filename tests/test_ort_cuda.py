@@ -1,10 +1,10 @@
-"""Device-bound ONNX Runtime loop (``runtime/loops/ort_bound.py``, ``runtime/backends/ort_cuda.py``) and GPU-suite pieces.
+"""Device-bound ONNX Runtime loop (``runtime/loops/ort_bound.py``, ``runtime/backends/ort_cuda.py``).
 
 CPU tests (always run): the bound loop on the CPU execution provider — the same bindings,
 ping-pong and identity-row code the CUDA path runs — equals the host loop on the tiny fp32
 artifacts (prior + UnCLIP, UNet + DDPM learned-range with stochastic rows, UNet + DPM-Solver++ 2M,
-which reads the x0 history); graph-id and binding logic against stand-in ORT objects; the wheel
-joining of ``benchmarks/gpu_suite.sh`` is tested in ``test_gpu_suite_shell.py``.
+which reads the x0 history); graph-id and binding logic against stand-in ORT objects. The GPU
+suite is tested by its dry run (``test_gpu_suite_dry_run.py``) and ``test_gpu_suite_shell.py``.
 
 ``gpu`` tests (CUDA graph replay == eager) need a CUDA device (the marker skips them without one)
 and onnxruntime-gpu's CUDAExecutionProvider (``needs_cuda_ep``); they were not executed where this
@@ -12,8 +12,6 @@ file was written (no GPU there).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,70 +273,6 @@ def test_bind_rejects_wrong_buffers():
 def test_device_sessions_are_cached_per_backend(components):
     with OrtCudaBackend(components.manifest, "cpu") as backend:
         assert backend.device_session("unet_step") is backend.device_session("unet_step")
-
-
-# ---------------------------------------------------------------- the GPU suite's pieces, on the CPU
-
-
-def test_suite_torch_step_matches_the_numpy_reference():
-    import torch
-
-    from kandinsky_trt.benchmarks.gpu_suite import torch_step
-    from kandinsky_trt.runtime.contract.schedulers import apply_step
-
-    table = scheduler_table(DDPM_CONFIG, 4)  # learned variance: exercises every column
-    rng = np.random.default_rng(0)
-    x, noise, x0_prev = (rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(3))
-    out = rng.standard_normal((2, 8, 8, 8)).astype(np.float32)
-    for row in table.coefficients:
-        expected = apply_step(row, x, out, noise, np.float32(4.0), x0_prev, True)
-        found = torch_step(*(torch.tensor(a) for a in (row, x, out, noise, np.float32(4.0), x0_prev)))
-        for f, e in zip(found, expected):
-            assert np.abs(f.numpy() - e).max() <= 1e-6  # measured 2.4e-7: float32 rounding
-
-
-def test_suite_torch_loop_matches_the_host_loop(artifacts_fp32):
-    """The torch baseline's loop (tiny fp32 modules on the CPU) against the host loop on the torch backend."""
-    import torch
-
-    from kandinsky_trt.benchmarks.gpu_suite import torch_loop
-    from kandinsky_trt.runtime.pipelines.components import Components
-
-    table = scheduler_table(DDPM_CONFIG, 3)
-    with Components(artifacts_fp32[0], backend="torch", device="cpu") as c:
-        inputs = _inputs(c, UNET, table, 0)
-        expected = _host(c, UNET, table, inputs)
-        module = c.session("unet")._module
-        with torch.no_grad():
-            found = torch_loop(module, "decoder", table, {k: torch.tensor(v) for k, v in inputs.conditioning.items()},
-                               inputs).numpy()
-    assert np.abs(found - expected).max() <= 2e-5 * max(1.0, np.abs(expected).max())  # measured 3.3e-6 (max |x| 2.0)
-
-
-def test_suite_end_to_end_glue_runs_on_the_cpu_ep(components):
-    from kandinsky_trt.benchmarks.gpu_suite import OrtText2Image, Record, SuiteConfig, _with_fallback
-
-    record, config = Record(), SuiteConfig(out=Path("unused"), prior_steps=3, decoder_steps=2)
-    with OrtCudaBackend(components.manifest, "cpu") as backend:
-        e2e = OrtText2Image(lambda build, what: _with_fallback((backend,), build, what, record), {},
-                            components.manifest, config)
-        first, second = e2e(), e2e()
-    assert first.shape == (1, 3, 64, 64) and np.isfinite(first).all()
-    np.testing.assert_array_equal(first, second)
-    assert record.notes == {}
-
-
-def test_suite_graph_check_summary():
-    from kandinsky_trt.benchmarks.gpu_suite import graph_check_summary
-
-    eager = np.array([1.0, -2.0], np.float32)
-    checks = {"decoder": {"ort-cuda": [eager, eager, eager], "ort-cuda-graph": [eager + 1e-3, eager, eager]},
-              "prior": {"ort-cuda": [eager, eager, eager]}}  # the graph run failed: no summary
-    summary = graph_check_summary(checks)["decoder"]
-    assert list(graph_check_summary(checks)) == ["decoder"]
-    assert summary["replay_vs_eager_same_session"] == 0.0 == summary["replay_vs_session_without_graphs"]
-    assert summary["first_call_vs_eager_same_session"] == pytest.approx(1e-3, rel=1e-3)
-    assert summary["without_graphs_repeatable"] is True and summary["max_abs_latents"] == 2.0
 
 
 # ---------------------------------------------------------------- GPU (skipped without the CUDA EP)

@@ -69,6 +69,14 @@ def test_scale_factor_is_read_and_recorded(two_level_checkpoint, artifacts, diff
     assert manifest.network("unet").resolved.tensor("sample").shape == (2, 4, LATENT, LATENT)
 
 
+@pytest.mark.parametrize("levels", [0, 5, 2.0, True])
+def test_bad_movq_levels_are_refused(tmp_path, levels):
+    from kandinsky_trt.export.checkpoints import CheckpointError, write_tiny_checkpoint
+
+    with pytest.raises(CheckpointError, match=f"movq_levels: expected an integer from 1 to 4, found {levels!r}"):
+        write_tiny_checkpoint(tmp_path, movq_levels=levels)
+
+
 def test_export_refuses_a_size_the_movq_cannot_make(two_level_checkpoint, tmp_path):
     config = ExportConfig(two_level_checkpoint, tmp_path / "out", Profile(1, 50, SIZE), "fp32")
     with pytest.raises(SpecError, match="height: expected a multiple of 4 .*scale factor 2 squared.*found 50"):

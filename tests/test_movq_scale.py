@@ -91,6 +91,18 @@ def test_request_sizes_round_up_to_the_scale_factor_squared(artifacts):
         pipe("a cat", emb, emb, height=49, width=48, num_inference_steps=2)
 
 
+def test_image_sizes_are_multiples_of_the_scale_factor():
+    from kandinsky_trt.runtime.processing.images import ImageInputError, prepare_img2img_image, prepare_inpaint_inputs
+
+    image = Image.new("RGB", (40, 40))
+    assert prepare_img2img_image(image, 36, 38, scale_factor=2).shape == (1, 3, 36, 38)
+    assert prepare_inpaint_inputs(image, image, 36, 38, scale_factor=2)[0].shape == (1, 3, 36, 38)
+    with pytest.raises(ImageInputError, match=r"height: expected a positive multiple of 2 \(the MoVQ scale factor\)"):
+        prepare_img2img_image(image, 37, 38, scale_factor=2)
+    with pytest.raises(ImageInputError, match="width: expected a positive multiple of 8 .*found 36"):
+        prepare_img2img_image(image, 64, 36)  # Kandinsky 2.1's factor by default, as diffusers'
+
+
 def test_text2img(artifacts, diffusers_pipes, request):
     import torch
 

@@ -33,7 +33,7 @@ from kandinsky_trt.export.torch_modules import WRAPPERS
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.integrity import VERIFIED
 from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, check_profile, resolve
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ def export_artifacts(config: ExportConfig) -> ExportReport:
     """
     names = validate_export_config(config)
     dims = checkpoint_loading.read_model_dims(config.checkpoints)
+    check_profile(config.profile, dims)  # before anything is written
     out_dir = Path(config.out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)

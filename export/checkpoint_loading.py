@@ -1,8 +1,9 @@
 """Load Kandinsky 2.1 networks from local diffusers-format checkpoints, and read their widths.
 
-Uses the real ``from_pretrained`` code on local directories (no hub). Every width the spec treats as
-symbolic (``E``, ``X``, ``S``) is read from one config and cross-checked against every other config
-that must agree; the fixed dims (4 latent channels, 8 UNet outputs, scale factor 8) are checked too.
+Uses the real ``from_pretrained`` code on local directories (no hub). Every dim the spec treats as
+symbolic (``E``, ``X``, ``S``, the MoVQ scale factor ``f``) is read from one config and cross-checked
+against every other config that must agree; the fixed dims (4 latent channels, 8 UNet outputs, 9
+inpaint UNet inputs, text length 77) are checked too.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _agree(what: str, expected: int, found: dict[str, int]) -> None:
 
 
 def read_model_dims(dirs: CheckpointDirs) -> ModelDims:
-    """Read the widths from the configs and fail loudly on any disagreement.
+    """Read the dims from the configs and fail loudly on any disagreement.
 
     Raises:
         SpecError: naming the config field, the expected value and the value found.
@@ -99,6 +100,8 @@ def read_model_dims(dirs: CheckpointDirs) -> ModelDims:
         text_dim=mclip["transformerDimensions"],
         image_size=clip_vision["image_size"],
         text_len=prior.get("num_embeddings", 77),
+        # diffusers' movq_scale_factor: each MoVQ level after the first halves the image
+        latent_scale=2 ** (len(movq["block_out_channels"]) - 1),
     )
     _agree("CLIP embedding width (E)", dims.clip_dim, {
         "prior_text_encoder.projection_dim": clip_text["projection_dim"],
@@ -111,7 +114,6 @@ def read_model_dims(dirs: CheckpointDirs) -> ModelDims:
     _agree("latent channels", spec.LATENT_CHANNELS, {
         "movq.latent_channels": movq["latent_channels"], "unet.in_channels": unet["in_channels"]})
     _agree("UNet output channels", spec.UNET_OUT_CHANNELS, {"unet.out_channels": unet["out_channels"]})
-    _agree("MoVQ scale factor", spec.LATENT_SCALE, {"movq": 2 ** (len(movq["block_out_channels"]) - 1)})
     if dirs.inpaint is not None:
         inpaint = _config(dirs, "unet_inpaint")
         _agree("inpaint UNet input channels", spec.INPAINT_IN_CHANNELS, {"unet.in_channels": inpaint["in_channels"]})

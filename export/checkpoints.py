@@ -11,7 +11,9 @@ repos and loadable with the real ``from_pretrained`` code:
 
 Every network is the real architecture (:func:`kandinsky_trt.export.full_size.full_size_configs`)
 with only its widths and depths scaled down (:func:`tiny_configs`); block types, conditioning types,
-the MoVQ's four levels (scale factor 8) and the scheduler configs are the real ones. Tokenizers are
+the MoVQ's four levels (scale factor 8) and the scheduler configs are the real ones; ``movq_levels=2``
+gives the two-level MoVQ of diffusers' own Kandinsky test configuration (scale factor 2, latents of
+pixels / 2), the other networks unchanged. Tokenizers are
 trained locally (:mod:`kandinsky_trt.export.tokenizer_training`). Weights come from the modules'
 own initialisation under ``torch.manual_seed(seed)`` (the caller's RNG state is left untouched), so
 a seed always gives identical files.
@@ -51,7 +53,7 @@ class TinyCheckpoint:
     inpaint: Path
 
 
-def tiny_configs(clip_vocab: int, xlmr_vocab: int) -> dict[str, dict]:
+def tiny_configs(clip_vocab: int, xlmr_vocab: int, movq_levels: int = 4) -> dict[str, dict]:
     """The full-size configs with widths/depths scaled down; everything else is the real value."""
     full = full_size_configs()
     small_transformer = {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -68,8 +70,17 @@ def tiny_configs(clip_vocab: int, xlmr_vocab: int) -> dict[str, dict]:
                          "hidden_size": TEXT_DIM, "transformerDimensions": TEXT_DIM, "numDims": CLIP_DIM},
         "unet": {**full["unet"], **_tiny_unet()},
         "unet_inpaint": {**full["unet_inpaint"], **_tiny_unet()},
-        "movq": {**full["movq"], "block_out_channels": [32, 32, 32, 64], "layers_per_block": 1,
-                 "norm_num_groups": 8, "num_vq_embeddings": 12},
+        "movq": {**full["movq"], **_tiny_movq(movq_levels)},
+    }
+
+
+def _tiny_movq(levels: int) -> dict:
+    """The real level layout (attention at the deepest level) with ``levels`` levels: scale 2**(levels-1)."""
+    return {
+        "block_out_channels": [32] * (levels - 1) + [64], "layers_per_block": 1,
+        "down_block_types": ["DownEncoderBlock2D"] * (levels - 1) + ["AttnDownEncoderBlock2D"],
+        "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * (levels - 1),
+        "norm_num_groups": 8, "num_vq_embeddings": 12,
     }
 
 
@@ -162,11 +173,11 @@ def _normalise_model_index(folder: Path) -> None:
         path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_all(staging: Path, seed: int) -> None:
+def _write_all(staging: Path, seed: int, movq_levels: int) -> None:
     # Tokenizers first: the embedding tables are sized from them. They do not touch torch's RNG.
     clip_tokenizer = write_clip_tokenizer(staging / "prior" / "tokenizer", seed)
     xlmr = {name: write_xlmr_tokenizer(staging / name / "tokenizer", seed) for name in ("decoder", "inpaint")}
-    configs = tiny_configs(len(clip_tokenizer), len(xlmr["decoder"]))
+    configs = tiny_configs(len(clip_tokenizer), len(xlmr["decoder"]), movq_levels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = _build_networks(configs)
@@ -202,8 +213,11 @@ def _check_out_dir(out_dir: Path) -> None:
                                   f"model_index.json), found something else; it would be replaced")
 
 
-def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> TinyCheckpoint:
+def write_tiny_checkpoint(out_dir: Path, seed: int = 0, movq_levels: int = 4) -> TinyCheckpoint:
     """Write ``out_dir/{prior,decoder,inpaint}`` (tiny, random, deterministic for ``seed``).
+
+    ``movq_levels`` sets the MoVQ's depth, so its scale factor ``2 ** (movq_levels - 1)`` (4: the real
+    8; 2: diffusers' test configuration). The MoVQ is built last: the other weights do not depend on it.
 
     The checkpoints are written into a temporary directory inside ``out_dir`` and renamed into
     place only once all three are complete, so a failed run never leaves a partial checkpoint
@@ -212,12 +226,14 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> TinyCheckpoint:
     out_dir = Path(out_dir)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise CheckpointError(f"seed: expected a non-negative integer, found {seed!r}")
+    if not isinstance(movq_levels, int) or isinstance(movq_levels, bool) or not 1 <= movq_levels <= 4:
+        raise CheckpointError(f"movq_levels: expected an integer from 1 to 4, found {movq_levels!r}")
     _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-checkpoint-", dir=out_dir))
     try:
-        _write_all(staging, seed)
+        _write_all(staging, seed, movq_levels)
         _swap_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -61,8 +61,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--height", type=int, default=512, help="image height in pixels, multiple of 64 (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels, multiple of 64 (default 512)")
+    p.add_argument("--height", type=int, default=512, help="image height in pixels, a multiple of the MoVQ scale factor squared: 64 for Kandinsky 2.1 (default 512)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels, a multiple of the MoVQ scale factor squared: 64 for Kandinsky 2.1 (default 512)")
     p.add_argument("--batch", type=int, default=1, help="images per network call (default 1)")
     p.add_argument("--no-cfg", action="store_true", help="profile without classifier-free guidance (batch not doubled)")
 

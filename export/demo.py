@@ -21,7 +21,7 @@ from kandinsky_trt.export.artifacts import ExportConfig, ExportReport, export_ar
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.checkpoints import TinyCheckpoint, write_tiny_checkpoint
 from kandinsky_trt.runtime.cli.output_paths import save_images
-from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LATENT_SCALE, Profile
+from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, Profile
 
 PROMPT = "a red cat sitting on a blue chair"
 SIZE, STEPS, PRIOR_STEPS, SEED = 64, 10, 5, 0
@@ -73,12 +73,13 @@ def _draws(artifacts: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     from kandinsky_trt.runtime.contract.manifest import load_manifest
 
-    clip_dim = load_manifest(artifacts).model_dims.clip_dim
+    dims = load_manifest(artifacts).model_dims
+    clip_dim, latent_size = dims.clip_dim, SIZE // dims.latent_scale
     generator = torch.Generator().manual_seed(SEED)
     draw = lambda *shape: torch.randn(shape, generator=generator).numpy()  # noqa: E731
     prior_latents = draw(1, clip_dim)
     prior_noise = np.stack([draw(1, clip_dim) for _ in range(PRIOR_STEPS - 1)])
-    latents = draw(1, LATENT_CHANNELS, SIZE // LATENT_SCALE, SIZE // LATENT_SCALE)
+    latents = draw(1, LATENT_CHANNELS, latent_size, latent_size)
     return prior_latents, prior_noise, latents
 
 

@@ -243,7 +243,11 @@ MUTATIONS = {
     "giant dim": (_mutate("networks/0/inputs/0/shape/0", 10**9), r"networks\[0\]\.inputs\[0\]\.shape\[0\]: expected a number <= 1048576"),
     "giant tensor": (_mutate("networks/0/inputs/0/shape", [100000, 100000, 100000]), r"expected at most 2\*\*31 elements"),
     "batch 10**9": (_mutate("profile/batch", 10**9), r"profile\.batch: expected a number <= 256"),
-    "height not /64": (_mutate("profile/height", 100), r"profile\.height: expected a multiple of 64"),
+    "height not /64": (_mutate("profile/height", 100), r"profile\.height: expected a multiple of 64 "
+                                                        r"\(model_dims\.latent_scale squared\), found 100"),
+    "latent_scale 3": (_mutate("model_dims/latent_scale", 3), r"model_dims\.latent_scale: expected one of \[1, 2, 4"),
+    "no latent_scale": (_mutate("model_dims/latent_scale", KeyError),
+                        r"model_dims\.latent_scale: expected this required field"),
     "clip_dim 0": (_mutate("model_dims/clip_dim", 0), r"model_dims\.clip_dim: expected a number >= 1"),
     "string dim": (_mutate("model_dims/text_dim", "48"), r"model_dims\.text_dim: expected a JSON integer"),
     "unknown field": (_mutate("surprise", 1), r"surprise: expected no such field"),
@@ -296,7 +300,7 @@ def test_a_huge_manifest_is_refused_before_it_is_read(art):
 
 SCHEMA_CASES = [c for c in sorted(MUTATIONS) if c not in (
     "giant tensor", "unsupported scheduler", "thresholding", "table length", "duplicate network",
-    "num_train_timesteps=1e12")]  # rules beyond JSON Schema, and 1e12 (an "integer" to jsonschema)
+    "height not /64", "num_train_timesteps=1e12")]  # rules beyond JSON Schema, and 1e12 (an "integer" to jsonschema)
 
 
 @pytest.mark.parametrize("case", SCHEMA_CASES)

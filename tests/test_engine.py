@@ -71,7 +71,7 @@ def _write_artifacts(directory, onnx_dtype: str = "float32") -> Manifest:
     manifest = Manifest.from_dict(complete_manifest({
         "producer": {}, "precision": "fp32",
         "profile": {"batch": 1, "height": 64, "width": 64, "cfg": True},
-        "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4}, "checkpoints": {},
+        "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4, "latent_scale": 8}, "checkpoints": {},
         "networks": networks, "constants": [], "schedulers": {}, "tokenizers": {},
         "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
     }, directory), directory)

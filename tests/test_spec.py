@@ -7,15 +7,29 @@ from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, SpecError, r
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(height=500), "height: expected a positive multiple of 64.*found 500"),
-    (dict(width=0), "width: expected a positive multiple of 64.*found 0"),
-    (dict(width=96), "width.*found 96"),
+    (dict(height=-64), "height: expected a positive integer.*found -64"),
+    (dict(width=0), "width: expected a positive integer.*found 0"),
+    (dict(width=96.0), "width.*found 96.0"),
+    (dict(height=True), "height.*found True"),
     (dict(batch=0), "batch: expected an integer >= 1, found 0"),
     (dict(batch=1.5), "batch.*found 1.5"),
 ])
 def test_profile_rejects_bad_values(kwargs, match):
     with pytest.raises(SpecError, match=match):
         Profile(**kwargs)
+
+
+@pytest.mark.parametrize("latent_scale, size, ok", [(8, 512, True), (8, 500, False), (8, 96, False),
+                                                     (2, 500, True), (2, 48, True), (2, 46, False), (4, 48, True)])
+def test_profile_size_follows_the_movq_scale_factor(latent_scale, size, ok):
+    """Sizes are multiples of f**2, as diffusers' get_new_h_w rounds them; latents are size / f."""
+    dims, profile = ModelDims(latent_scale=latent_scale), Profile(height=size, width=size)
+    if ok:
+        assert spec.dim_values(profile, dims)["h"] == size // latent_scale
+        assert resolve("movq_decoder", profile, dims).tensor("latents").shape == (1, 4, size // latent_scale, size // latent_scale)
+    else:
+        with pytest.raises(SpecError, match=f"height: expected a multiple of {latent_scale**2} .*found {size}"):
+            resolve("unet", profile, dims)
 
 
 def test_profile_name_and_dims():

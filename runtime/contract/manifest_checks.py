@@ -6,6 +6,7 @@
   its own sha256), and agrees with the sha256 the entries repeat; a constant's recorded byte size is
   its shape times its dtype's size.
 - No tensor is larger than 2**31 elements; scheduler configs and tables are ones the runtime can use.
+- The profile's height and width are multiples of ``model_dims.latent_scale`` squared (diffusers' rounding).
 
 Each rule raises :class:`ManifestRuleError` with one line naming the field.
 """
@@ -123,8 +124,17 @@ def _check_schedulers(d: dict) -> None:
                                         f"found {len(parsed)}")
 
 
+def _check_profile(d: dict) -> None:
+    multiple = d["model_dims"]["latent_scale"] ** 2
+    for name in ("height", "width"):
+        if d["profile"][name] % multiple:
+            raise ManifestRuleError(f"profile.{name}: expected a multiple of {multiple} (model_dims.latent_scale "
+                                    f"squared), found {d['profile'][name]}")
+
+
 def check_manifest(d: dict, directory: Path) -> None:
     """Every rule above, on a manifest dict that already fits the schema."""
+    _check_profile(d)
     _check_files(d, directory)
     _check_entries(d)
     _check_schedulers(d)

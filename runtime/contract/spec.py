@@ -9,7 +9,8 @@ Symbolic dims:
     ``B``   images per network call (the profile's batch)
     ``B2``  network batch in the loops: ``2*B`` with classifier-free guidance ([uncond, cond]), else ``B``
     ``L``   text length (both tokenizers pad to 77)
-    ``H``/``W``  image size in pixels; ``h``/``w`` latent size (``H/8``, ``W/8``)
+    ``H``/``W``  image size in pixels; ``h``/``w`` latent size (``H/f``, ``W/f``; ``f`` the MoVQ scale factor,
+                 8 real, :attr:`ModelDims.latent_scale`)
     ``E``   CLIP embedding width (768 real), ``X`` XLM-R hidden width (1024 real),
     ``S``   CLIP vision input size (224 real)
 
@@ -26,7 +27,6 @@ from math import prod
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE, DTYPES
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
-LATENT_SCALE = 8  # MoVQ downsamples 3 times: latent = pixels / 8
 LATENT_CHANNELS = 4
 UNET_OUT_CHANNELS = 8  # 4 noise + 4 learned-variance channels
 INPAINT_IN_CHANNELS = 9  # latents 4 + masked-image latents 4 + mask 1
@@ -42,7 +42,8 @@ class Profile:
 
     Args:
         batch: images per network call (before classifier-free-guidance doubling).
-        height, width: output image size in pixels, multiples of 64.
+        height, width: output image size in pixels, multiples of the MoVQ scale factor squared (64 for
+            Kandinsky 2.1; checked against the checkpoint's :class:`ModelDims` by :func:`check_profile`).
         cfg: whether the loop networks run the [uncond, cond] batch of classifier-free guidance.
     """
 
@@ -56,11 +57,8 @@ class Profile:
             raise SpecError(f"batch: expected an integer >= 1, found {self.batch!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 64 or value % 64:
-                raise SpecError(
-                    f"{name}: expected a positive multiple of 64 (the decoder works on "
-                    f"64-pixel blocks), found {value!r}"
-                )
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpecError(f"{name}: expected a positive integer (pixels), found {value!r}")
 
     @property
     def name(self) -> str:
@@ -73,12 +71,18 @@ class Profile:
 
 @dataclass(frozen=True)
 class ModelDims:
-    """Widths that come from the checkpoints (real Kandinsky 2.1, or a tiny test model)."""
+    """Dims that come from the checkpoints' configs (real Kandinsky 2.1, or a tiny test model)."""
 
     clip_dim: int = 768  # E: CLIP text/image embedding, prior width, UNet cross-attention
     text_dim: int = 1024  # X: XLM-R hidden size (MultilingualCLIP)
     image_size: int = 224  # S: CLIP vision input
     text_len: int = 77  # L
+    latent_scale: int = 8  # f: MoVQ scale factor 2 ** (levels - 1); latent = pixels / f
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sizes are multiples of ``f**2``: diffusers' ``get_new_h_w`` rounds up to it."""
+        return self.latent_scale**2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,16 +344,30 @@ INPAINT_LOOP = LoopSpec("unet_inpaint", "unet_inpaint_step", "sample", "noise_pr
 LOOPS: dict[str, LoopSpec] = {loop.network: loop for loop in (PRIOR_LOOP, UNET_LOOP, INPAINT_LOOP)}
 
 
+def check_profile(profile: Profile, dims: ModelDims) -> None:
+    """Refuse a profile size the MoVQ cannot produce: diffusers rounds sizes up to ``f**2``.
+
+    Raises:
+        SpecError: ``height`` or ``width`` is not a multiple of ``dims.pixel_multiple``.
+    """
+    for name in ("height", "width"):
+        value = getattr(profile, name)
+        if value % dims.pixel_multiple:
+            raise SpecError(f"{name}: expected a multiple of {dims.pixel_multiple} (the MoVQ scale factor "
+                            f"{dims.latent_scale} squared, as diffusers rounds), found {value}")
+
+
 def dim_values(profile: Profile, dims: ModelDims) -> dict[str, int]:
     """The integer value of every symbolic dim at ``profile`` for models of widths ``dims``."""
+    check_profile(profile, dims)
     return {
         "B": profile.batch,
         "B2": profile.batch * (2 if profile.cfg else 1),
         "L": dims.text_len,
         "H": profile.height,
         "W": profile.width,
-        "h": profile.height // LATENT_SCALE,
-        "w": profile.width // LATENT_SCALE,
+        "h": profile.height // dims.latent_scale,
+        "w": profile.width // dims.latent_scale,
         "E": dims.clip_dim,
         "X": dims.text_dim,
         "S": dims.image_size,
@@ -371,7 +389,7 @@ def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -
     """Resolve network ``name`` to static shapes.
 
     Raises:
-        SpecError: ``name`` is not a network of the spec.
+        SpecError: ``name`` is not a network of the spec, or ``profile`` does not fit ``dims``.
     """
     spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
     if spec is None:

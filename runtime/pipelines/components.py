@@ -23,7 +23,7 @@ from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_fi
 from kandinsky_trt.runtime.loops.template import LoopInputs, StepCallback, conditional_only, guided
 from kandinsky_trt.runtime.pipelines.once import OnceCache
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.contract.spec import LoopSpec, Profile
+from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LoopSpec, Profile
 from kandinsky_trt.runtime.processing.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,15 @@ class Components:
     @property
     def profile(self) -> Profile:
         return self.manifest.profile
+
+    @property
+    def latent_scale(self) -> int:
+        """The checkpoint's MoVQ scale factor ``f`` (8 for Kandinsky 2.1): latents are ``H/f x W/f``."""
+        return self.manifest.model_dims.latent_scale
+
+    def latent_shape(self, rows: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Decoder latents of ``rows`` images of a size :func:`~.inputs.check_size` returned."""
+        return rows, LATENT_CHANNELS, height // self.latent_scale, width // self.latent_scale
 
     def session(self, network: str) -> NetworkSession:
         """The loaded network; created once per ``Components`` whatever the concurrency."""

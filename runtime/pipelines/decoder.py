@@ -10,8 +10,8 @@ and img2img no longer swaps height and width.
 
 ``height``/``width`` default to the size the artifacts were exported for (diffusers defaults to 512,
 the size its model was trained at; static-shape artifacts serve only their own size). Other sizes
-are rounded up to a multiple of 64 as in diffusers and refused, before any network runs, if the
-artifacts do not hold them.
+are rounded up as in diffusers (to a multiple of the MoVQ scale factor squared, 64 for Kandinsky 2.1)
+and refused, before any network runs, if the artifacts do not hold them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.processing.images import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
-from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, LATENT_CHANNELS, LATENT_SCALE, UNET_LOOP
+from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, UNET_LOOP
 
 
 @dataclass
@@ -109,13 +109,13 @@ class _DecoderPipeline:
         args.check_output_type(call["output_type"])
         guidance = args.check_guidance(call["guidance_scale"], "guidance_scale", c.profile)
         callback = args.step_callback(call["callback"], call["callback_steps"])
-        height, width = args.check_size(call["height"], call["width"], c.profile)
+        height, width = args.check_size(call["height"], call["width"], c.profile, c.latent_scale)
         negatives = args.negative_prompts(call["negative_prompt"], len(prompts)) or [""] * len(prompts)
         repeat = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731 (repeat_interleave)
         rows = len(prompts) * n
         d = dict(n=n, steps=steps, prompts=repeat(prompts), negatives=repeat(negatives), count=len(prompts),
                  rows=rows, guidance=guidance, callback=callback, height=height, width=width,
-                 latent_shape=(rows, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE),
+                 latent_shape=c.latent_shape(rows, height, width),
                  table=c.scheduler("decoder", steps, call["scheduler"]), rng=args.rng(call["generator"]),
                  output_type=call["output_type"], return_dict=call["return_dict"])
         self._prepare_inputs(call, d)  # may replace d["table"] by the part img2img runs
@@ -182,7 +182,8 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
         train = d["table"].config.get("num_train_timesteps", 1000)
         d["strength"] = args.check_strength(call["strength"], d["steps"], train)
         images = call["image"] if isinstance(call["image"], (list, tuple)) else [call["image"]]
-        d["pixels"] = self._pixels([prepare_img2img_image(i, d["height"], d["width"]) for i in images], d, "image")
+        scale = self.components.latent_scale
+        d["pixels"] = self._pixels([prepare_img2img_image(i, d["height"], d["width"], scale) for i in images], d, "image")
         d["train_timesteps"], d["table"] = train, img2img_timesteps(d["table"], d["steps"], d["strength"])[0]
         d["noise"] = args.check_array(call["noise"], d["latent_shape"], "noise")
 
@@ -225,7 +226,8 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
         if not self.components.has("unet_inpaint"):
             raise PipelineInputError("artifacts: expected an inpaint UNet (export with --inpaint DIR), found none")
         with args.renamed({"mask": "mask_image"}):  # image_processing's name for it
-            pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"])
+            pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"],
+                                                  self.components.latent_scale)
         d["pixels"] = self._pixels(list(pixels[:, None]), d, "image")
         keep = latent_keep_mask(keep, d["latent_shape"][-2:])
         if len(keep) not in (1, d["count"]):

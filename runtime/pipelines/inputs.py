@@ -239,8 +239,11 @@ def check_conditions(conditions) -> int:
     return sum(isinstance(c, str) for c in conditions)
 
 
-def check_size(height: int | None, width: int | None, profile: Profile) -> tuple[int, int]:
-    """The request's size, rounded up to a multiple of 64 as diffusers does; it must be the profile's.
+def check_size(height: int | None, width: int | None, profile: Profile, latent_scale: int) -> tuple[int, int]:
+    """The request's size, rounded up as diffusers' ``get_new_h_w`` does; it must be the profile's.
+
+    diffusers rounds each side up to a multiple of the MoVQ scale factor squared (``latent_scale**2``,
+    64 for Kandinsky 2.1) and makes latents of ``side / latent_scale``.
 
     ``None`` means the size the artifacts were exported for (diffusers' 512 is the size its model was
     trained at; a static-shape engine can only serve what it was built for). Called before any
@@ -250,7 +253,8 @@ def check_size(height: int | None, width: int | None, profile: Profile) -> tuple
     width = profile.width if width is None else width
     for name, value in (("height", height), ("width", width)):
         check_positive_int(value, name)
-    rounded = (-(-height // 64) * 64, -(-width // 64) * 64)
+    multiple = latent_scale**2
+    rounded = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
     if rounded != (profile.height, profile.width):
         raise PipelineInputError(
             f"height/width: these artifacts were exported for {profile.height}x{profile.width} "

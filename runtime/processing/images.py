@@ -3,8 +3,8 @@
 Each function reproduces one step of the diffusers / transformers code (kandinsky_map §1.2-§1.5,
 §5.2 item 11) so that the same inputs reach the networks:
 
-* :func:`prepare_img2img_image`: ``VaeImageProcessor(vae_scale_factor=8, resample="bicubic",
-  reducing_gap=1).preprocess`` as called by ``KandinskyImg2ImgPipeline``.
+* :func:`prepare_img2img_image`: ``VaeImageProcessor(vae_scale_factor=<MoVQ scale factor>,
+  resample="bicubic", reducing_gap=1).preprocess`` as called by ``KandinskyImg2ImgPipeline``.
 * :func:`prepare_inpaint_inputs`: ``prepare_mask_and_masked_image`` of ``KandinskyInpaintPipeline``.
 * :func:`latent_keep_mask`: the pipeline's ``F.interpolate(mode="nearest")`` + ``prepare_mask``.
 * :func:`clip_image_preprocess`: ``CLIPImageProcessor`` (transformers' PIL backend) for ``interpolate``.
@@ -20,7 +20,8 @@ Deliberate divergences from diffusers (all documented where they happen):
    would feed uint8 arrays through ``2x-1`` unscaled and its inpaint path divides floats by 127.5.
    uint8 inpaint arrays and float img2img arrays match diffusers exactly.
 4. Out-of-range, non-finite, wrongly shaped inputs raise :class:`ImageInputError` here instead of
-   failing later inside a network, and sizes must be multiples of 8 (diffusers floors or fails).
+   failing later inside a network, and sizes must be multiples of the MoVQ scale factor (8 for
+   Kandinsky 2.1; diffusers floors or fails).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PIXEL_MULTIPLE = 8  # MoVQ downsampling factor
 # diffusers prepare_mask: a pixel stays "keep" only if it and these neighbours are all "keep"
 # (cross-correlation offsets rows -1..1 x cols -1..1; the (-1,+1) and (+1,-1) diagonals are absent).
 EROSION_KERNEL = ((1, 1, 0), (1, 1, 1), (0, 1, 1))
@@ -67,10 +67,11 @@ def _check_not_empty(array: np.ndarray, name: str) -> None:
         raise ImageInputError(f"{name}: expected an image of at least 1x1 pixels, found shape {array.shape}")
 
 
-def _check_size(height: int, width: int) -> None:
+def _check_size(height: int, width: int, scale_factor: int) -> None:
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or value <= 0 or value % PIXEL_MULTIPLE:
-            raise ImageInputError(f"{name}: expected a positive multiple of {PIXEL_MULTIPLE}, found {value!r}")
+        if not isinstance(value, (int, np.integer)) or value <= 0 or value % scale_factor:
+            raise ImageInputError(f"{name}: expected a positive multiple of {scale_factor} (the MoVQ scale factor), "
+                                  f"found {value!r}")
 
 
 def _resize_pil_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -122,14 +123,17 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[..., rows[:, None], cols[None, :]]
 
 
-def prepare_img2img_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+def prepare_img2img_image(image: Image.Image | np.ndarray, height: int, width: int,
+                          scale_factor: int = 8) -> np.ndarray:
     """Image for the MoVQ encoder: float32 ``[1, 3, height, width]`` in [-1, 1].
+
+    ``scale_factor`` is the MoVQ's (diffusers' ``vae_scale_factor``, 8 for Kandinsky 2.1).
 
     PIL: bicubic resize (``reducing_gap=1``) to ``width x height``, RGB, ``/255``, ``2x-1``.
     numpy HWC (uint8, or float in [0, 1]): nearest resize with torch's rule, then ``2x-1``.
     Unlike diffusers, height and width are not swapped (identical for square sizes).
     """
-    _check_size(height, width)
+    _check_size(height, width, scale_factor)
     if isinstance(image, Image.Image):
         pixels = _resize_pil_rgb(image, height, width).astype(np.float32) / np.float32(255.0)
         chw = pixels.transpose(2, 0, 1)
@@ -181,15 +185,17 @@ def prepare_inpaint_inputs(
     mask: Image.Image | np.ndarray | Sequence,
     height: int,
     width: int,
+    scale_factor: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inpaint image and keep-mask: ``(float32 [n,3,H,W] in [-1,1], float32 [n,1,H,W] with 1 = keep)``.
 
     The user mask marks the region to repaint with white / 1 (diffusers >= 0.19 convention); it is
     binarised at 0.5 and inverted, as diffusers does. PIL images are resized bicubic
     (``reducing_gap=1``), PIL masks LANCZOS; numpy inputs are not resized and must already be
-    ``height x width``. Lists give a batch (one mask per image).
+    ``height x width``. Lists give a batch (one mask per image). ``scale_factor`` is the MoVQ's
+    (8 for Kandinsky 2.1): sizes must be multiples of it.
     """
-    _check_size(height, width)
+    _check_size(height, width, scale_factor)
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     masks = list(mask) if isinstance(mask, (list, tuple)) else [mask]
     if not images:

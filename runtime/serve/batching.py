@@ -20,7 +20,6 @@ import numpy as np
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.serve.calls import Pipelines, image_outputs, mask_array, resolved
 from kandinsky_trt.runtime.serve.requests import Item
-from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LATENT_SCALE
 
 log = logging.getLogger(__name__)
 BATCHED_TASKS = ("text2img", "img2img", "inpaint", "prior")
@@ -64,9 +63,8 @@ def draw(pipelines: Pipelines, item: Item, kwargs: dict) -> Draws:
     steps = args.check_positive_int(kwargs["num_inference_steps"], "num_inference_steps")
     if c.scheduler("decoder", steps).stochastic.any():
         raise BatchDrewRandomness("the decoder scheduler is stochastic; its step noise cannot be passed")
-    height, width = args.check_size(kwargs["height"], kwargs["width"], c.profile)
-    shape = (n, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE)
-    return Draws(latents, noise, rng.standard_normal(shape, dtype=np.float32))
+    height, width = args.check_size(kwargs["height"], kwargs["width"], c.profile, c.latent_scale)
+    return Draws(latents, noise, rng.standard_normal(c.latent_shape(n, height, width), dtype=np.float32))
 
 
 def _prior_rows(parts: list[np.ndarray], n: int, negative: bool, axis: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
+
 
 def _open_image(path: str | None, name: str):
     if path is None:

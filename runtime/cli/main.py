@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
+
 
 def _open_image(path: str | None, name: str):
     if path is None:
@@ -51,11 +51,11 @@ def _generate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.pipelines import inputs
     from kandinsky_trt.runtime.pipelines import combined as cp
     from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.pipelines.decoder import img2img_steps
     from kandinsky_trt.runtime.cli.output_paths import save_images
 
-    n = inputs.check_images_per_prompt(args.num_images, 1)
+    n = inputs.check_prompts(args.prompt, args.negative_prompt, args.num_images).per_prompt
     targets = cli_checks.run_args(args, n)
-    inputs.as_prompt_list(args.prompt)
     if args.mask is not None and args.image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
     if args.image is not None and args.mask is None:
@@ -67,7 +67,7 @@ def _generate(args: argparse.Namespace) -> int:
                   generator=args.seed, scheduler=args.scheduler)
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         common["height"], common["width"] = _size(args, components)
-        steps = min(int(args.steps * args.strength), args.steps) if image is not None and mask is None else args.steps
+        steps = img2img_steps(args.steps, args.strength) if image is not None and mask is None else args.steps
         bar = callback = cli_checks.Progress(steps * args.num_images, "decoder")
         if mask is not None:
             pipe = cp.KandinskyInpaintCombinedPipeline(components=components)

@@ -11,7 +11,6 @@ As in diffusers, ``latents`` seeds the prior; ``decoder_latents`` / ``noise`` se
 
 from __future__ import annotations
 
-import inspect
 import os
 
 from kandinsky_trt.runtime.pipelines import inputs as args
@@ -35,33 +34,27 @@ class _Combined:
         self.prior_pipe = KandinskyPriorPipeline(components=self.components)
         self.decoder_pipe = self.decoder_class(components=self.components)
 
-    def _call(self, call: dict, **decoder_inputs):
-        """Validate the decoder's arguments (no network runs), run the prior, then the decoder.
+    def _call(self, call: dict):
+        """Check the decoder's arguments (no network runs), run the prior, then the decoder.
 
-        The decoder gets the prompts repeated per image (``num_images_per_prompt`` 1) and one
-        ``decoder_inputs`` entry (images, masks) per row; one generator serves both halves, so the
-        draws come in diffusers' order: prior latents and noise, then the decoder's.
+        The decoder gets the prompts repeated per image (one image each) and one entry of its own
+        inputs (images, masks) per row; one generator serves both halves, so the draws come in
+        diffusers' order: prior latents and noise, then the decoder's.
         """
-        prompts = args.as_prompt_list(call["prompt"])
-        n = args.check_images_per_prompt(call["num_images_per_prompt"], len(prompts))
-        rng = args.rng(call["generator"])
-        repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(n)]  # noqa: E731
-        negatives = args.negative_prompts(call["negative_prompt"], len(prompts))
-        decoder_call = dict(
-            prompt=repeat(prompts), negative_prompt=repeat(negatives), height=call["height"], width=call["width"],
-            num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"],
-            generator=rng, output_type=call["output_type"], callback=call["callback"],
-            callback_steps=call["callback_steps"], return_dict=call["return_dict"], scheduler=call["scheduler"],
-            **decoder_inputs)
-        bound = inspect.signature(self.decoder_pipe.__call__).bind(image_embeds=None, negative_image_embeds=None,
-                                                                   **decoder_call)
-        bound.apply_defaults()
+        prompts = args.check_prompts(call["prompt"], call["negative_prompt"], call["num_images_per_prompt"])
+        call = call | {"generator": args.rng(call["generator"])}
         with args.renamed({"latents": "decoder_latents"}):
-            prepared = self.decoder_pipe._prepare(bound.arguments)
+            decoder = self.decoder_pipe.request(prompts.one_per_row(), call, **self._decoder_inputs(call, prompts))
         with args.renamed(_PRIOR_NAMES):
-            out = self.prior_pipe(prompts, call["negative_prompt"], n, call["prior_num_inference_steps"], rng,
-                                  call["latents"], call["prior_guidance_scale"], step_noise=call["prior_step_noise"])
-        return self.decoder_pipe._generate(prepared, out.image_embeds, out.negative_image_embeds)
+            prior = self.prior_pipe.request(prompts, call["prior_num_inference_steps"], call["generator"],
+                                            call["latents"], call["prior_guidance_scale"], call["prior_step_noise"])
+        out = self.prior_pipe.run(prior)
+        return self.decoder_pipe.run(decoder, out.image_embeds, out.negative_image_embeds)
+
+    @staticmethod
+    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
+        """The decoder's own arguments, one per row."""
+        return {"latents": call["decoder_latents"]}
 
 
 class KandinskyCombinedPipeline(_Combined):
@@ -73,15 +66,15 @@ class KandinskyCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        return self._call(dict(locals()), latents=decoder_latents)
+        return self._call(dict(locals()))
 
 
-def _images_per_row(image, prompts: int, n: int) -> list:
+def _images_per_row(image, prompts: args.Prompts) -> list:
     """One image per decoder row: a bare image or a list of one or one per prompt, repeated per image."""
     images = image if isinstance(image, (list, tuple)) else [image]
     if len(images) == 1:
-        images = images * prompts
-    return [img for img in images for _ in range(n)]
+        images = images * len(prompts.texts)
+    return args.repeat_rows(images, prompts.per_prompt)
 
 
 class KandinskyImg2ImgCombinedPipeline(_Combined):
@@ -95,8 +88,11 @@ class KandinskyImg2ImgCombinedPipeline(_Combined):
                  prior_num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
                  output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
                  scheduler: str | None = None, prior_step_noise=None, noise=None):
-        count, n = len(args.as_prompt_list(prompt)), args.check_images_per_prompt(num_images_per_prompt, 1)
-        return self._call(dict(locals()), image=_images_per_row(image, count, n), strength=strength, noise=noise)
+        return self._call(dict(locals()))
+
+    @staticmethod
+    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
+        return {"image": _images_per_row(call["image"], prompts), "strength": call["strength"], "noise": call["noise"]}
 
 
 class KandinskyInpaintCombinedPipeline(_Combined):
@@ -110,6 +106,9 @@ class KandinskyInpaintCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        count, n = len(args.as_prompt_list(prompt)), args.check_images_per_prompt(num_images_per_prompt, 1)
-        return self._call(dict(locals()), image=_images_per_row(image, count, n),
-                          mask_image=_images_per_row(mask_image, count, n), latents=decoder_latents)
+        return self._call(dict(locals()))
+
+    @staticmethod
+    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
+        return {"image": _images_per_row(call["image"], prompts),
+                "mask_image": _images_per_row(call["mask_image"], prompts), "latents": call["decoder_latents"]}

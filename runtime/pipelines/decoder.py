@@ -12,13 +12,16 @@ and img2img no longer swaps height and width.
 the size its model was trained at; static-shape artifacts serve only their own size). Other sizes
 are rounded up as in diffusers (to a multiple of the MoVQ scale factor squared, 64 for Kandinsky 2.1)
 and refused, before any network runs, if the artifacts do not hold them.
+
+A ``__call__`` checks its arguments into a :class:`DecoderRequest` (``request``: no network runs,
+nothing is drawn) and runs it (``run``); the combined pipelines call those two themselves.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -35,6 +38,50 @@ from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, UNET_LOOP
 @dataclass
 class ImagePipelineOutput:
     images: list | np.ndarray
+
+
+@dataclass(frozen=True)
+class Img2ImgStart:
+    """What img2img starts from: the preprocessed images (1 or one per prompt), noised at ``strength``."""
+
+    pixels: np.ndarray
+    strength: float
+    train_timesteps: int
+    noise: np.ndarray | None  # (rows, 4, h, w); None: drawn
+
+
+@dataclass(frozen=True)
+class InpaintStart:
+    """What inpainting starts from: the preprocessed images and the keep-mask in latent space, per prompt."""
+
+    pixels: np.ndarray
+    keep: np.ndarray  # (prompts, 1, h, w)
+
+
+@dataclass(frozen=True)
+class DecoderRequest:
+    """One decoder call, checked and row-aligned (rows = prompts x images per prompt); nothing drawn yet.
+
+    Holds every argument but the image embeddings, so the combined pipelines build it before their prior.
+    """
+
+    prompts: list[str]  # rows
+    negatives: list[str]  # rows
+    count: int  # prompts
+    per_prompt: int
+    steps: int
+    height: int
+    width: int
+    latent_shape: tuple[int, int, int, int]
+    table: SchedulerTable  # the steps that run (img2img: the tail of the schedule)
+    guidance_scale: float
+    callback: Callable | None
+    rng: np.random.Generator
+    output_type: str
+    return_dict: bool
+    latents: np.ndarray | None = None  # text2img, inpaint: the initial draw, if given
+    image: Img2ImgStart | InpaintStart | None = None
+    step_noise: np.ndarray | None = None  # (stochastic steps, rows, 4, h, w), if given
 
 
 @dataclass
@@ -62,11 +109,65 @@ class _DecoderPipeline:
                  components: Components | None = None) -> None:
         self.components = components or Components(artifacts, backend, device)
 
-    def _text(self, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, np.ndarray]:
-        ids, mask = self.components.decoder_tokenizer.encode(negatives + prompts if cfg else prompts)
-        out = self.components.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
-        # The UNet attends to all 77 tokens: diffusers discards the text mask (kandinsky_map §1.3).
-        return {"encoder_hidden_states": out["last_hidden_state"], "text_embeds": out["text_embeds"]}
+    def _call(self, call: dict, **inputs):
+        """The public ``__call__``s: check the prompts, build the request, run it."""
+        prompts = args.check_prompts(call["prompt"], call["negative_prompt"], call["num_images_per_prompt"])
+        request = self.request(prompts, call, step_noise=call["step_noise"], **inputs)
+        return self.run(request, call["image_embeds"], call["negative_image_embeds"])
+
+    def request(self, prompts: args.Prompts, call: Mapping, step_noise=None, **inputs) -> DecoderRequest:
+        """Check every argument but the image embeddings and preprocess the images on the host; runs no
+        network and draws nothing. ``call``: num_inference_steps, guidance_scale, height, width, generator,
+        output_type, callback, callback_steps, return_dict, scheduler; ``inputs``: the pipeline's own."""
+        c = self.components
+        steps = args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
+        args.check_output_type(call["output_type"])
+        guidance = args.check_guidance(call["guidance_scale"], "guidance_scale", c.profile)
+        callback = args.step_callback(call["callback"], call["callback_steps"])
+        height, width = args.check_size(call["height"], call["width"], c.profile, c.latent_scale)
+        n, rows = prompts.per_prompt, len(prompts.texts) * prompts.per_prompt
+        request = DecoderRequest(
+            args.repeat_rows(prompts.texts, n), args.repeat_rows(prompts.negatives or [""] * len(prompts.texts), n),
+            count=len(prompts.texts), per_prompt=n, steps=steps, height=height, width=width,
+            latent_shape=c.latent_shape(rows, height, width),
+            table=c.scheduler("decoder", steps, call["scheduler"]), guidance_scale=guidance, callback=callback,
+            rng=args.rng(call["generator"]), output_type=call["output_type"], return_dict=call["return_dict"])
+        request = self._with_inputs(request, **inputs)  # img2img: also the part of the table that runs
+        stochastic = int(request.table.stochastic.sum())
+        step_noise = args.check_array(step_noise, (stochastic, *request.latent_shape), "step_noise")
+        return replace(request, step_noise=step_noise)
+
+    def _with_inputs(self, request: DecoderRequest, latents=None) -> DecoderRequest:
+        """The pipeline's own arguments, checked: text2img's explicit initial ``latents``."""
+        return replace(request, latents=args.check_array(latents, request.latent_shape, "latents"))
+
+    def run(self, request: DecoderRequest, image_embeds, negative_image_embeds):
+        """Check the embeddings, draw what was not given (diffusers' order), run the networks."""
+        width = self.components.manifest.model_dims.clip_dim
+        embeds = [np.repeat(args.embeddings(value, name, request.count, width), request.per_prompt, axis=0)
+                  for value, name in ((image_embeds, "image_embeds"), (negative_image_embeds, "negative_image_embeds"))]
+        latents, extra = self._start(request)
+        table, step_noise = request.table, request.step_noise
+        if step_noise is None and table.stochastic.any():
+            step_noise = request.rng.standard_normal((int(table.stochastic.sum()), *request.latent_shape),
+                                                     dtype=np.float32)
+        job = DecoderJob(request.prompts, request.negatives, *embeds, latents, table, request.guidance_scale,
+                         step_noise, callback=request.callback, **extra)
+        images = postprocess(self._denoise_and_decode(job), request.output_type)
+        return ImagePipelineOutput(images) if request.return_dict else (images,)
+
+    def _start(self, request: DecoderRequest) -> tuple[np.ndarray, dict]:
+        """Initial latents (drawn unless given) and extra job fields."""
+        latents = args.draw_or_check(request.latents, request.latent_shape, "latents", request.rng)
+        return latents * np.float32(request.table.init_noise_sigma), {}
+
+    def _denoise_and_decode(self, job: DecoderJob) -> np.ndarray:
+        c = self.components
+        results = []
+        for rows in args.chunks(len(job.prompts), c.profile.batch):
+            latents = c.denoise(self.loop, job.table, self._chunk_inputs(job, rows), job.callback)
+            results.append(latents[: rows.stop - rows.start])
+        return self._decode_latents(np.concatenate(results))
 
     def _chunk_inputs(self, job: DecoderJob, rows: slice) -> LoopInputs:
         batch, cfg = self.components.profile.batch, self.components.profile.cfg
@@ -82,73 +183,18 @@ class _DecoderPipeline:
         noise = None if job.step_noise is None else args.take(job.step_noise.swapaxes(0, 1), rows, batch).swapaxes(0, 1)
         return LoopInputs(pick(job.latents), conditioning, extras, noise, job.guidance_scale)
 
+    def _text(self, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, np.ndarray]:
+        ids, mask = self.components.decoder_tokenizer.encode(negatives + prompts if cfg else prompts)
+        out = self.components.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        # The UNet attends to all 77 tokens: diffusers discards the text mask (kandinsky_map §1.3).
+        return {"encoder_hidden_states": out["last_hidden_state"], "text_embeds": out["text_embeds"]}
+
     def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
         c, images = self.components, []
         for rows in args.chunks(len(latents), c.profile.batch):
             feeds = {"latents": args.take(latents, rows, c.profile.batch)}
             images.append(c.run("movq_decoder", feeds)["image"][: rows.stop - rows.start])
         return np.concatenate(images)
-
-    def _run(self, job: DecoderJob) -> np.ndarray:
-        c = self.components
-        results = []
-        for rows in args.chunks(len(job.prompts), c.profile.batch):
-            latents = c.denoise(self.loop, job.table, self._chunk_inputs(job, rows), job.callback)
-            results.append(latents[: rows.stop - rows.start])
-        return self._decode_latents(np.concatenate(results))
-
-    def _prepare(self, call: dict) -> dict:
-        """Validate every argument but the image embeddings and preprocess the images on the host.
-
-        Runs no network and draws nothing, so the combined pipelines call it before their prior.
-        """
-        c = self.components
-        prompts = args.as_prompt_list(call["prompt"])
-        n = args.check_images_per_prompt(call["num_images_per_prompt"], len(prompts))
-        steps = args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
-        args.check_output_type(call["output_type"])
-        guidance = args.check_guidance(call["guidance_scale"], "guidance_scale", c.profile)
-        callback = args.step_callback(call["callback"], call["callback_steps"])
-        height, width = args.check_size(call["height"], call["width"], c.profile, c.latent_scale)
-        negatives = args.negative_prompts(call["negative_prompt"], len(prompts)) or [""] * len(prompts)
-        repeat = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731 (repeat_interleave)
-        rows = len(prompts) * n
-        d = dict(n=n, steps=steps, prompts=repeat(prompts), negatives=repeat(negatives), count=len(prompts),
-                 rows=rows, guidance=guidance, callback=callback, height=height, width=width,
-                 latent_shape=c.latent_shape(rows, height, width),
-                 table=c.scheduler("decoder", steps, call["scheduler"]), rng=args.rng(call["generator"]),
-                 output_type=call["output_type"], return_dict=call["return_dict"])
-        self._prepare_inputs(call, d)  # may replace d["table"] by the part img2img runs
-        stochastic = int(d["table"].stochastic.sum())
-        d["step_noise"] = args.check_array(call["step_noise"], (stochastic, *d["latent_shape"]), "step_noise")
-        return d
-
-    def _prepare_inputs(self, call: dict, d: dict) -> None:
-        """Pipeline-specific arguments: the explicit initial ``latents``."""
-        d["latents"] = args.check_array(call["latents"], d["latent_shape"], "latents")
-
-    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
-        """Initial latents (drawn unless given) and extra job fields."""
-        latents = args.draw_or_check(d["latents"], d["latent_shape"], "latents", d["rng"])
-        return latents * np.float32(d["table"].init_noise_sigma), {}
-
-    def _generate(self, d: dict, image_embeds, negative_image_embeds):
-        """Check the embeddings, draw what was not given (diffusers' order), run the networks."""
-        width = self.components.manifest.model_dims.clip_dim
-        embeds = [np.repeat(args.embeddings(value, name, d["count"], width), d["n"], axis=0)
-                  for value, name in ((image_embeds, "image_embeds"), (negative_image_embeds, "negative_image_embeds"))]
-        latents, extra = self._start(d)
-        table, step_noise = d["table"], d["step_noise"]
-        if step_noise is None and table.stochastic.any():
-            step_noise = d["rng"].standard_normal((int(table.stochastic.sum()), *d["latent_shape"]), dtype=np.float32)
-        job = DecoderJob(d["prompts"], d["negatives"], *embeds, latents, table, d["guidance"], step_noise,
-                         callback=d["callback"], **extra)
-        images = postprocess(self._run(job), d["output_type"])
-        return ImagePipelineOutput(images) if d["return_dict"] else (images,)
-
-    def _call(self, call: dict):
-        call.pop("self", None)
-        return self._generate(self._prepare(call), call["image_embeds"], call["negative_image_embeds"])
 
 
 class KandinskyPipeline(_DecoderPipeline):
@@ -160,7 +206,12 @@ class KandinskyPipeline(_DecoderPipeline):
                  guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
                  latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, step_noise=None):
-        return self._call(dict(locals()))
+        return self._call(dict(locals()), latents=latents)
+
+
+def img2img_steps(num_inference_steps: int, strength: float) -> int:
+    """How many of ``num_inference_steps`` img2img runs at ``strength`` (diffusers' ``get_timesteps``)."""
+    return img2img_timesteps(np.arange(num_inference_steps), num_inference_steps, strength)[1]
 
 
 class KandinskyImg2ImgPipeline(_DecoderPipeline):
@@ -176,28 +227,24 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
                  strength: float = 0.3, guidance_scale: float = 7.0, num_images_per_prompt: int = 1,
                  generator: args.Generator = None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, noise=None, step_noise=None):
-        return self._call(dict(locals()))
+        return self._call(dict(locals()), image=image, strength=strength, noise=noise)
 
-    def _prepare_inputs(self, call: dict, d: dict) -> None:
-        train = d["table"].config.get("num_train_timesteps", 1000)
-        d["strength"] = args.check_strength(call["strength"], d["steps"], train)
-        images = call["image"] if isinstance(call["image"], (list, tuple)) else [call["image"]]
+    def _with_inputs(self, request: DecoderRequest, image, strength, noise=None) -> DecoderRequest:
+        train = request.table.config.get("num_train_timesteps", 1000)
+        strength = args.check_strength(strength, request.steps, train)
+        images = image if isinstance(image, (list, tuple)) else [image]
         scale = self.components.latent_scale
-        d["pixels"] = self._pixels([prepare_img2img_image(i, d["height"], d["width"], scale) for i in images], d, "image")
-        d["train_timesteps"], d["table"] = train, img2img_timesteps(d["table"], d["steps"], d["strength"])[0]
-        d["noise"] = args.check_array(call["noise"], d["latent_shape"], "noise")
+        pixels = _pixels([prepare_img2img_image(i, request.height, request.width, scale) for i in images], request, "image")
+        table = img2img_timesteps(request.table, request.steps, strength)[0]
+        start = Img2ImgStart(pixels, strength, train, args.check_array(noise, request.latent_shape, "noise"))
+        return replace(request, table=table, image=start)
 
-    @staticmethod
-    def _pixels(pixels: list[np.ndarray], d: dict, name: str) -> np.ndarray:
-        if len(pixels) not in (1, d["count"]):
-            raise PipelineInputError(f"{name}: expected 1 image or one per prompt ({d['count']}), found {len(pixels)}")
-        return np.concatenate(pixels)
-
-    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
-        encoded = self._encode_images(d["pixels"], d["count"])
-        noise = args.draw_or_check(d["noise"], d["latent_shape"], "noise", d["rng"])
-        start = np.repeat(encoded, d["n"], axis=0) * np.float32(d["table"].init_noise_sigma)
-        return img2img_add_noise(start, noise, d["strength"], d["train_timesteps"]), {}
+    def _start(self, request: DecoderRequest) -> tuple[np.ndarray, dict]:
+        start = request.image
+        encoded = self._encode_images(start.pixels, request.count)
+        noise = args.draw_or_check(start.noise, request.latent_shape, "noise", request.rng)
+        latents = np.repeat(encoded, request.per_prompt, axis=0) * np.float32(request.table.init_noise_sigma)
+        return img2img_add_noise(latents, noise, start.strength, start.train_timesteps), {}
 
     def _encode_images(self, pixels: np.ndarray, count: int) -> np.ndarray:
         """MoVQ-encode ``pixels`` and broadcast one image to every prompt."""
@@ -207,6 +254,12 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
             out.append(c.run("movq_encoder", feeds)["latents"][: rows.stop - rows.start])
         latents = np.concatenate(out)
         return np.repeat(latents, count, axis=0) if len(latents) == 1 else latents
+
+
+def _pixels(pixels: list[np.ndarray], request: DecoderRequest, name: str) -> np.ndarray:
+    if len(pixels) not in (1, request.count):
+        raise PipelineInputError(f"{name}: expected 1 image or one per prompt ({request.count}), found {len(pixels)}")
+    return np.concatenate(pixels)
 
 
 class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
@@ -220,23 +273,26 @@ class KandinskyInpaintPipeline(KandinskyImg2ImgPipeline):
                  guidance_scale: float = 4.0, num_images_per_prompt: int = 1, generator: args.Generator = None,
                  latents=None, output_type: str = "pil", callback=None, callback_steps: int = 1,
                  return_dict: bool = True, scheduler: str | None = None, step_noise=None):
-        return self._call(dict(locals()))
+        return self._call(dict(locals()), image=image, mask_image=mask_image, latents=latents)
 
-    def _prepare_inputs(self, call: dict, d: dict) -> None:
+    def _with_inputs(self, request: DecoderRequest, image, mask_image, latents=None) -> DecoderRequest:
         if not self.components.has("unet_inpaint"):
             raise PipelineInputError("artifacts: expected an inpaint UNet (export with --inpaint DIR), found none")
         with args.renamed({"mask": "mask_image"}):  # image_processing's name for it
-            pixels, keep = prepare_inpaint_inputs(call["image"], call["mask_image"], d["height"], d["width"],
+            pixels, keep = prepare_inpaint_inputs(image, mask_image, request.height, request.width,
                                                   self.components.latent_scale)
-        d["pixels"] = self._pixels(list(pixels[:, None]), d, "image")
-        keep = latent_keep_mask(keep, d["latent_shape"][-2:])
-        if len(keep) not in (1, d["count"]):
-            raise PipelineInputError(f"mask_image: expected 1 mask or one per prompt ({d['count']}), found {len(keep)}")
-        d["keep"] = np.repeat(keep, d["count"] // len(keep), axis=0)
-        d["latents"] = args.check_array(call["latents"], d["latent_shape"], "latents")
+        pixels = _pixels(list(pixels[:, None]), request, "image")
+        keep = latent_keep_mask(keep, request.latent_shape[-2:])
+        if len(keep) not in (1, request.count):
+            raise PipelineInputError(
+                f"mask_image: expected 1 mask or one per prompt ({request.count}), found {len(keep)}")
+        keep = np.repeat(keep, request.count // len(keep), axis=0)
+        latents = args.check_array(latents, request.latent_shape, "latents")
+        return replace(request, latents=latents, image=InpaintStart(pixels, keep))
 
-    def _start(self, d: dict) -> tuple[np.ndarray, dict]:
-        image_latents = self._encode_images(d["pixels"], d["count"])
-        conditioning = np.repeat(np.concatenate([image_latents * d["keep"], d["keep"]], axis=1), d["n"], axis=0)
-        latents, _ = _DecoderPipeline._start(self, d)
-        return latents, {"inpaint_conditioning": conditioning}
+    def _start(self, request: DecoderRequest) -> tuple[np.ndarray, dict]:
+        start = request.image
+        image_latents = self._encode_images(start.pixels, request.count)
+        conditioning = np.concatenate([image_latents * start.keep, start.keep], axis=1)
+        latents, _ = _DecoderPipeline._start(self, request)
+        return latents, {"inpaint_conditioning": np.repeat(conditioning, request.per_prompt, axis=0)}

@@ -1,9 +1,10 @@
 """Argument handling shared by the pipelines: one validator per kind of argument, used by all of them.
 
 Every check raises :class:`PipelineInputError` naming the argument, what was expected and what was
-found, before any network runs. Kinds: prompts (str, valid Unicode), counts (positive ints with an
-upper bound), numbers (real, finite; guidance scales, strength, weights), seeds / generators,
-float arrays (latents, noise, embeddings: numeric, finite, of the expected shape), callbacks.
+found, before any network runs. Kinds: prompts (str, valid Unicode; checked with their negatives and
+the images per prompt into :class:`Prompts`), counts (positive ints with an upper bound), numbers
+(real, finite; guidance scales, strength, weights), seeds / generators, float arrays (latents, noise,
+embeddings: numeric, finite, of the expected shape), callbacks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import numbers
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -63,6 +65,32 @@ def negative_prompts(negative_prompt, count: int) -> list[str] | None:
         raise PipelineInputError(
             f"negative_prompt: expected {count} prompts (one per prompt), found {len(negatives)}")
     return negatives
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """One call's prompts, checked: the texts, their negatives (None: none given), images per prompt."""
+
+    texts: list[str]
+    negatives: list[str] | None
+    per_prompt: int
+
+    def one_per_row(self) -> "Prompts":
+        """The same rows as prompts of one image each (what a combined pipeline's decoder half gets)."""
+        negatives = None if self.negatives is None else repeat_rows(self.negatives, self.per_prompt)
+        return Prompts(repeat_rows(self.texts, self.per_prompt), negatives, 1)
+
+
+def check_prompts(prompt, negative_prompt, num_images_per_prompt) -> Prompts:
+    """``prompt``, ``negative_prompt`` (one per prompt) and ``num_images_per_prompt``, checked together."""
+    texts = as_prompt_list(prompt)
+    per_prompt = check_images_per_prompt(num_images_per_prompt, len(texts))
+    return Prompts(texts, negative_prompts(negative_prompt, len(texts)), per_prompt)
+
+
+def repeat_rows(items: list, n: int) -> list:
+    """Each item ``n`` times in a row, [a, b] -> [a, a, b, b] (torch's ``repeat_interleave``)."""
+    return [item for item in items for _ in range(n)]
 
 
 def check_positive_int(value, name: str, maximum: int | None = None) -> int:

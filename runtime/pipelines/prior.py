@@ -4,6 +4,9 @@ Mirrors diffusers' pipeline (kandinsky_map §1.1-1.2): CLIP text encoding, the U
 prior with classifier-free guidance, post-processing with CLIP mean/std, and the zero-image
 embedding as the negative. Random draws: ``latents`` (rows, E) then one ``step_noise`` row block per
 stochastic step, in diffusers' order; both can be passed explicitly.
+
+``__call__`` checks its arguments into a :class:`PriorRequest` (``request``: no network runs, nothing
+is drawn) and runs it (``run``); ``interpolate`` and the combined pipelines build requests the same way.
 """
 
 from __future__ import annotations
@@ -31,17 +34,29 @@ class KandinskyPriorPipelineOutput:
 
 
 @dataclass(frozen=True)
-class PriorRows:
-    """One prior run, row-aligned: cond / uncond texts, initial latents, per-step noise."""
+class PriorRequest:
+    """One prior run, checked and row-aligned; ``latents`` / ``step_noise`` None: drawn from ``rng``."""
 
-    cond: list[str]
+    cond: list[str]  # rows: the prompts (then the negatives) x images per prompt
     uncond: list[str]
-    latents: np.ndarray  # (rows, E)
+    sample_negatives: bool  # the second half of the rows samples the negative prompts
+    steps: int
+    guidance_scale: float
+    rng: np.random.Generator
+    latents: np.ndarray | None  # (rows, E)
     step_noise: np.ndarray | None  # (stochastic steps, rows, E)
 
 
+def _loop_texts(prompts: args.Prompts) -> tuple[list[str], list[str]]:
+    """diffusers' row layout: with a negative prompt the prior also samples the negatives.
+    (Without guidance the loop gives both halves the cond rows: ``Components.denoise``.)"""
+    negatives = prompts.negatives
+    texts = prompts.texts + negatives if negatives is not None else prompts.texts
+    uncond = 2 * negatives if negatives is not None else [""] * len(texts)
+    return args.repeat_rows(texts, prompts.per_prompt), args.repeat_rows(uncond, prompts.per_prompt)
+
+
 def _output(out: KandinskyPriorPipelineOutput, output_type: str, return_dict: bool):
-    args.check_output_type(output_type, ("np", "pt"))
     if output_type == "pt":  # drop-in convenience for torch users; the runtime itself never needs torch
         import torch
 
@@ -62,6 +77,60 @@ class KandinskyPriorPipeline:
                  components: Components | None = None) -> None:
         self.components = components or Components(artifacts, backend, device)
 
+    def __call__(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
+                 generator: args.Generator = None, latents=None, guidance_scale: float = 4.0,
+                 output_type: str = "np", return_dict: bool = True, step_noise=None):
+        """Same arguments and defaults as diffusers (``output_type`` "np" | "pt"), plus ``step_noise``:
+        the prior's per-step variance noise, shape (stochastic steps, rows, E)."""
+        args.check_output_type(output_type, ("np", "pt"))
+        prompts = args.check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        request = self.request(prompts, num_inference_steps, generator, latents, guidance_scale, step_noise)
+        return _output(self.run(request), output_type, return_dict)
+
+    def request(self, prompts: args.Prompts, num_inference_steps, generator, latents, guidance_scale,
+                step_noise) -> PriorRequest:
+        """Check the remaining arguments of one prior run; runs no network and draws nothing."""
+        steps = args.check_positive_int(num_inference_steps, "num_inference_steps")
+        guidance_scale = args.check_guidance(guidance_scale, "guidance_scale", self.components.profile)
+        rng = args.rng(generator)
+        cond, uncond = _loop_texts(prompts)
+        shape = (len(cond), self.components.manifest.model_dims.clip_dim)
+        return PriorRequest(cond, uncond, prompts.negatives is not None, steps, guidance_scale, rng,
+                            args.check_array(latents, shape, "latents"),
+                            args.check_array(step_noise, (self._stochastic(steps), *shape), "step_noise"))
+
+    def run(self, request: PriorRequest) -> KandinskyPriorPipelineOutput:
+        """Draw what was not given (latents, then step noise: diffusers' order), sample, split the rows."""
+        shape = (len(request.cond), self.components.manifest.model_dims.clip_dim)
+        latents = args.draw_or_check(request.latents, shape, "latents", request.rng)
+        noise_shape = (self._stochastic(request.steps), *shape)
+        step_noise = args.draw_or_check(request.step_noise, noise_shape, "step_noise", request.rng)
+        embeds = self._sample(request, latents, step_noise)
+        if request.sample_negatives:
+            return KandinskyPriorPipelineOutput(*np.split(embeds, 2))
+        zero = self.components.constant("zero_image_embeds")
+        return KandinskyPriorPipelineOutput(embeds, np.repeat(zero, len(embeds), axis=0))
+
+    def _stochastic(self, steps: int) -> int:
+        return int(self.components.scheduler("prior", steps).stochastic.sum())
+
+    def _sample(self, request: PriorRequest, latents: np.ndarray, step_noise: np.ndarray) -> np.ndarray:
+        """Run the prior loop on the request's rows; returns post-processed embeddings (rows, E)."""
+        c = self.components
+        table = c.scheduler("prior", request.steps)
+        batch, results = c.profile.batch, []
+        for chunk in args.chunks(len(request.cond), batch):
+            chunk_noise = args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
+            loop = LoopInputs(
+                latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),
+                conditioning=self._encode(args.take_list(request.cond, chunk, batch),
+                                          args.take_list(request.uncond, chunk, batch)),
+                step_extras={}, noise=chunk_noise, guidance_scale=request.guidance_scale,
+            )
+            results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
+        embeds = np.concatenate(results)
+        return embeds * c.constant("clip_std") + c.constant("clip_mean")
+
     def _encode(self, cond: list[str], uncond: list[str]) -> dict[str, np.ndarray]:
         """Prior network conditioning for one chunk: [uncond, cond] rows with guidance."""
         profile = self.components.profile
@@ -70,58 +139,6 @@ class KandinskyPriorPipeline:
         encoded = self.components.run("prior_text_encoder", {"input_ids": ids})
         return {"proj_embedding": encoded["text_embeds"], "encoder_hidden_states": encoded["last_hidden_state"],
                 "attention_mask": mask.astype(bool)}
-
-    def sample(self, rows: PriorRows, steps: int, guidance_scale: float) -> np.ndarray:
-        """Run the prior loop on rows of texts; returns post-processed embeddings (rows, E)."""
-        c = self.components
-        table = c.scheduler("prior", steps)
-        batch, results = c.profile.batch, []
-        for chunk in args.chunks(len(rows.cond), batch):
-            noise = rows.step_noise
-            chunk_noise = None if noise is None else args.take(noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
-            loop = LoopInputs(
-                latents=args.take(rows.latents, chunk, batch) * np.float32(table.init_noise_sigma),
-                conditioning=self._encode(args.take_list(rows.cond, chunk, batch),
-                                          args.take_list(rows.uncond, chunk, batch)),
-                step_extras={}, noise=chunk_noise, guidance_scale=guidance_scale,
-            )
-            results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
-        embeds = np.concatenate(results)
-        return embeds * c.constant("clip_std") + c.constant("clip_mean")
-
-    @staticmethod
-    def _loop_texts(prompts: list[str], negatives: list[str] | None) -> tuple[list[str], list[str]]:
-        """diffusers' row layout: with a negative prompt the prior also samples the negatives.
-        (Without guidance the loop gives both halves the cond rows: ``Components.denoise``.)"""
-        texts = prompts + negatives if negatives is not None else prompts
-        uncond = 2 * negatives if negatives is not None else [""] * len(texts)
-        return texts, uncond
-
-    def __call__(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
-                 generator: args.Generator = None, latents=None, guidance_scale: float = 4.0,
-                 output_type: str = "np", return_dict: bool = True, step_noise=None):
-        """Same arguments and defaults as diffusers (``output_type`` "np" | "pt"), plus ``step_noise``:
-        the prior's per-step variance noise, shape (stochastic steps, rows, E)."""
-        prompts = args.as_prompt_list(prompt)
-        negatives = args.negative_prompts(negative_prompt, len(prompts))
-        n = args.check_images_per_prompt(num_images_per_prompt, len(prompts))
-        steps = args.check_positive_int(num_inference_steps, "num_inference_steps")
-        args.check_output_type(output_type, ("np", "pt"))
-        guidance_scale = args.check_guidance(guidance_scale, "guidance_scale", self.components.profile)
-        cond, uncond = self._loop_texts(prompts, negatives)
-        cond, uncond = [t for t in cond for _ in range(n)], [t for t in uncond for _ in range(n)]
-        rng = args.rng(generator)
-        dim = self.components.manifest.model_dims.clip_dim
-        stochastic = int(self.components.scheduler("prior", steps).stochastic.sum())
-        latents = args.draw_or_check(latents, (len(cond), dim), "latents", rng)
-        step_noise = args.draw_or_check(step_noise, (stochastic, len(cond), dim), "step_noise", rng)
-        embeds = self.sample(PriorRows(cond, uncond, latents, step_noise), steps, guidance_scale)
-        if negatives is not None:
-            image_embeds, negative_embeds = np.split(embeds, 2)
-        else:
-            image_embeds = embeds
-            negative_embeds = np.repeat(self.components.constant("zero_image_embeds"), len(embeds), axis=0)
-        return _output(KandinskyPriorPipelineOutput(image_embeds, negative_embeds), output_type, return_dict)
 
     def _clip_pixels(self, image) -> np.ndarray:
         config = self.components.manifest.image_processor
@@ -142,36 +159,33 @@ class KandinskyPriorPipeline:
         j-th sample, giving (N, E) (identical for N = 1). ``step_noise``: one array per prior run
         (each text condition in order, then the negative), as in ``__call__``.
         """
-        conditions, weights, n = self._check_interpolate(dict(locals()))
-        rng = args.rng(generator)
-        noises = iter(step_noise) if step_noise is not None else None
-        run = dict(num_images_per_prompt=n, num_inference_steps=num_inference_steps, generator=rng, latents=latents,
-                   negative_prompt=negative_prior_prompt, guidance_scale=guidance_scale)
-        mixed = 0.0
+        conditions, weights, n, runs = self._interpolate_requests(dict(locals()))
+        runs, mixed = iter(runs), 0.0
         for cond, weight in zip(conditions, weights):
             if isinstance(cond, str):
-                emb = self(cond, step_noise=next(noises) if noises else None, **run).image_embeds
+                emb = self.run(next(runs)).image_embeds
             else:  # CLIP pixels of an image condition
                 emb = np.repeat(self.components.run("image_encoder", {"pixel_values": cond})["image_embeds"], n, 0)
             with np.errstate(over="ignore"):  # an overflow is reported below, naming the weights
                 mixed = mixed + emb * np.float32(weight)
-        out = self(negative_prompt, step_noise=next(noises) if noises else None, **run)
+        out = self.run(next(runs))
         negative = out.negative_image_embeds if negative_prompt == "" else out.image_embeds
         mixed = require_finite(np.asarray(mixed, np.float32), "interpolate (weighted sum of the conditions)",
                                cause="weights too large for float32?")
         return KandinskyPriorPipelineOutput(mixed, negative)
 
-    def _check_interpolate(self, call: dict) -> tuple[list, list[float], int]:
-        """Validate ``interpolate``'s arguments before any network runs; image conditions become CLIP pixels."""
-        texts = args.check_conditions(call["images_and_prompts"])
-        weights = args.check_weights(call["weights"], len(call["images_and_prompts"]))
+    def _interpolate_requests(self, call: dict) -> tuple[list, list[float], int, list[PriorRequest]]:
+        """Check ``interpolate``'s arguments before any network runs: the conditions (images become CLIP
+        pixels), the weights, the images per condition, and one prior request per text condition, then
+        one for the negative."""
+        conditions = call["images_and_prompts"]
+        texts = args.check_conditions(conditions)
+        weights = args.check_weights(call["weights"], len(conditions))
         n = args.check_images_per_prompt(call["num_images_per_prompt"], 1)
-        args.check_guidance(call["guidance_scale"], "guidance_scale", self.components.profile)
-        args.check_positive_int(call["num_inference_steps"], "num_inference_steps")
-        args.rng(call["generator"])
+        # (n, E) even with a negative_prior_prompt, whose runs take (2n, E): kept as it was (issue 9 report)
         args.check_array(call["latents"], (n, self.components.manifest.model_dims.clip_dim), "latents")
         with args.renamed({"negative_prompt": "negative_prior_prompt"}):
-            args.negative_prompts(call["negative_prior_prompt"], 1)
+            negatives = args.negative_prompts(call["negative_prior_prompt"], 1)
         if not isinstance(call["negative_prompt"], str):
             raise PipelineInputError(f"negative_prompt: expected a str, found {type(call['negative_prompt']).__name__}")
         args.as_prompt_list(call["negative_prompt"], "negative_prompt")  # valid Unicode
@@ -179,5 +193,9 @@ class KandinskyPriorPipeline:
         if noise is not None and (not isinstance(noise, (list, tuple)) or len(noise) != texts + 1):
             raise PipelineInputError(f"step_noise: expected a list of {texts + 1} arrays (one per text condition, "
                                      f"then the negative), found {args.describe(noise)}")
-        conditions = [c if isinstance(c, str) else self._clip_pixels(c) for c in call["images_and_prompts"]]
-        return conditions, weights, n
+        rng = args.rng(call["generator"])  # one generator for every run
+        prompts = [c for c in conditions if isinstance(c, str)] + [call["negative_prompt"]]
+        runs = [self.request(args.Prompts([text], negatives, n), call["num_inference_steps"], rng, call["latents"],
+                             call["guidance_scale"], None if noise is None else noise[i])
+                for i, text in enumerate(prompts)]
+        return [c if isinstance(c, str) else self._clip_pixels(c) for c in conditions], weights, n, runs

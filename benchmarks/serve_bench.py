@@ -166,7 +166,7 @@ def markdown(r: dict) -> str:
              f"per level over {w['protocol'].upper()}, backend {w['backend']}, queue delay {w['max_queue_delay_us']} us; "
              f"medians of {w['rounds']} interleaved rounds. "
              f"Created {r['created_utc']}.", "",
-             f"In-process Python API (serial): {r['in_process']['requests_per_s']:.2f} req/s, "
+             f"In-process Python API (serial): {_rate(r['in_process']['requests_per_s'])} req/s, "
              f"p50 {r['in_process']['p50_ms']:.1f} ms, p99 {r['in_process']['p99_ms']:.1f} ms.", "",
              f"Served / in-process p50 at concurrency {min(r['batching_on'], key=int)}: "
              f"**{r['overhead_ratio_c1']:.2f}x**.", "", *_memory_lines(r),
@@ -174,19 +174,24 @@ def markdown(r: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, on in r["batching_on"].items():
         off = r["batching_off"][c]
-        lines.append(f"| {c} | {on['requests_per_s']:.2f} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
-                     f"{off['requests_per_s']:.2f} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
+        lines.append(f"| {c} | {_rate(on['requests_per_s'])} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
+                     f"{_rate(off['requests_per_s'])} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
                      f"{r['batching_throughput_ratio'][c]:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def _rate(requests_per_s: float) -> str:
+    """Two decimals, or three significant digits below 1 req/s (full-size requests take a minute)."""
+    return f"{requests_per_s:.2f}" if requests_per_s >= 1 else f"{requests_per_s:.3g}"
 
 
 def _memory_lines(r: dict) -> list[str]:
     m = r.get("memory")
     if m is None:
         return []
-    return [f"Memory: graph files {m['graph_files_gb']:.1f} GB; peak RSS of the server process tree (tritonserver "
-            f"+ Python stub) {m['peak_rss_mb_server_tree'] / 1024:.1f} GB; of the client process, which also ran "
-            f"the in-process API, {m['peak_rss_mb_client_process'] / 1024:.1f} GB.", ""]
+    return [f"Memory: graph files {m['graph_files_gb']:.1f} GiB; peak RSS of the server process tree (tritonserver "
+            f"+ Python stub) {m['peak_rss_mb_server_tree'] / 1024:.1f} GiB; of the client process, which also ran "
+            f"the in-process API, {m['peak_rss_mb_client_process'] / 1024:.1f} GiB.", ""]
 
 
 def plot(r: dict, path: Path) -> bool:

@@ -9,7 +9,7 @@ same side-by-side run as the tiny one (in-process API, Triton with dynamic batch
 concurrency 1 and 2, 2 prior + 2 decoder steps, a few requests per level and one round by default.
 
 Memory is the constraint here: every network the manifest lists is resident in the Triton stub
-(13 GB of fp32 weights at full size), and in this process while the in-process API runs. The run
+(12.3 GiB of fp32 graphs at 256x256), and in this process while the in-process API runs. The run
 refuses to start unless ``MemAvailable`` exceeds the weights plus :data:`HEADROOM_GB`, and records the
 peak RSS of the server's process tree (tritonserver + its Python stub) next to this process's own.
 """

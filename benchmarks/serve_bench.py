@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from kandinsky_trt.benchmarks.environment import MachineInfo, collect_versions, peak_host_rss_mb
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def in_process(artifacts: Path, workload: Workload) -> dict:
             t = time.perf_counter()
             call(seed)
             latencies.append(time.perf_counter() - t)
-        return _summary(latencies, time.perf_counter() - start)
+        summary = _summary(latencies, time.perf_counter() - start)
+    log.info("in-process: %.3f req/s, p50 %.0f ms", summary["requests_per_s"], summary["p50_ms"])
+    return summary
 
 
 def _load(url: str, workload: Workload, profile, concurrency: int) -> dict:
@@ -116,7 +121,12 @@ def served(artifacts: Path, workload: Workload, levels: list[int], batching: boo
         with TritonServer(config) as server:
             for seed in range(workload.warmup):
                 infer(Target(server.config.http_url), item_arrays(_fields(workload, profile, seed)))
-            return {str(c): _load(server.config.http_url, workload, profile, c) for c in levels}
+            levels_out = {}
+            for c in levels:
+                levels_out[str(c)] = _load(server.config.http_url, workload, profile, c)
+                log.info("served (batching %s), concurrency %d: %.3f req/s, p50 %.0f ms", batching, c,
+                         levels_out[str(c)]["requests_per_s"], levels_out[str(c)]["p50_ms"])
+            return levels_out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -156,18 +166,32 @@ def markdown(r: dict) -> str:
              f"per level over {w['protocol'].upper()}, backend {w['backend']}, queue delay {w['max_queue_delay_us']} us; "
              f"medians of {w['rounds']} interleaved rounds. "
              f"Created {r['created_utc']}.", "",
-             f"In-process Python API (serial): {r['in_process']['requests_per_s']:.2f} req/s, "
+             f"In-process Python API (serial): {_rate(r['in_process']['requests_per_s'])} req/s, "
              f"p50 {r['in_process']['p50_ms']:.1f} ms, p99 {r['in_process']['p99_ms']:.1f} ms.", "",
              f"Served / in-process p50 at concurrency {min(r['batching_on'], key=int)}: "
-             f"**{r['overhead_ratio_c1']:.2f}x**.", "",
+             f"**{r['overhead_ratio_c1']:.2f}x**.", "", *_memory_lines(r),
              "| concurrency | batching on req/s | p50 ms | p99 ms | batching off req/s | p50 ms | p99 ms | on/off |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, on in r["batching_on"].items():
         off = r["batching_off"][c]
-        lines.append(f"| {c} | {on['requests_per_s']:.2f} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
-                     f"{off['requests_per_s']:.2f} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
+        lines.append(f"| {c} | {_rate(on['requests_per_s'])} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
+                     f"{_rate(off['requests_per_s'])} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
                      f"{r['batching_throughput_ratio'][c]:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def _rate(requests_per_s: float) -> str:
+    """Two decimals, or three significant digits below 1 req/s (full-size requests take a minute)."""
+    return f"{requests_per_s:.2f}" if requests_per_s >= 1 else f"{requests_per_s:.3g}"
+
+
+def _memory_lines(r: dict) -> list[str]:
+    m = r.get("memory")
+    if m is None:
+        return []
+    return [f"Memory: graph files {m['graph_files_gb']:.1f} GiB; peak RSS of the server process tree (tritonserver "
+            f"+ Python stub) {m['peak_rss_mb_server_tree'] / 1024:.1f} GiB; of the client process, which also ran "
+            f"the in-process API, {m['peak_rss_mb_client_process'] / 1024:.1f} GiB.", ""]
 
 
 def plot(r: dict, path: Path) -> bool:
@@ -196,7 +220,7 @@ def plot(r: dict, path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--label", default="tiny checkpoint", help="what the artifacts are, for the report")
@@ -210,17 +234,24 @@ def main() -> None:
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", required=True, help="file stem")
-    args = parser.parse_args()
-    result = run(args)
-    out = Path(args.out)
+    return parser
+
+
+def write_report(result: dict, out: Path, name: str) -> None:
+    """``name``.json, .md and (with matplotlib) .png under ``out``; prints the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(result))
-    wrote = [out / f"{args.name}.json", out / f"{args.name}.md"]
-    if plot(result, out / f"{args.name}.png"):
-        wrote.append(out / f"{args.name}.png")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(result))
+    wrote = [out / f"{name}.json", out / f"{name}.md"]
+    if plot(result, out / f"{name}.png"):
+        wrote.append(out / f"{name}.png")
     print(markdown(result))
     print("wrote " + ", ".join(map(str, wrote)))
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    write_report(run(args), Path(args.out), args.name)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ class SpecError(KandinskyTrtError, ValueError):
 
 @dataclass(frozen=True)
 class Profile:
-    """The static build point: one set of artifacts per profile.
+    """A static build point: one shape of every network. An artifacts set holds one or more
+    (``manifest.profiles``); every network graph serves them all, each TensorRT plan has one
+    optimization profile per distinct shape.
 
     Args:
         batch: images per network call (before classifier-free-guidance doubling).
@@ -61,6 +63,11 @@ class Profile:
                     f"{name}: expected a positive multiple of 64 (the decoder works on "
                     f"64-pixel blocks), found {value!r}"
                 )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.height, self.width
 
     @property
     def name(self) -> str:
@@ -109,9 +116,11 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class ResolvedTensor:
+    """One tensor at a profile (integer shape), or in a graph (profile dims by name: :func:`resolve_graph`)."""
+
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
 
     @property
     def nbytes(self) -> int:
@@ -356,7 +365,12 @@ def dim_values(profile: Profile, dims: ModelDims) -> dict[str, int]:
     }
 
 
-def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int]) -> tuple[ResolvedTensor, ...]:
+# The dims a profile sets: symbolic in an ONNX graph (``dim_param``, by these names) so that one
+# graph serves every profile; static in TensorRT plans and CUDA graphs (one shape per profile).
+PROFILE_DIMS = ("B", "B2", "H", "W", "h", "w")
+
+
+def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int | str]) -> tuple[ResolvedTensor, ...]:
     resolved = []
     for t in tensors:
         try:
@@ -367,14 +381,32 @@ def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int]) -> 
     return tuple(resolved)
 
 
+def _network_spec(name: str) -> NetworkSpec:
+    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
+    if spec is None:
+        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
+    return spec
+
+
 def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
     """Resolve network ``name`` to static shapes.
 
     Raises:
         SpecError: ``name`` is not a network of the spec.
     """
-    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
-    if spec is None:
-        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
-    values = dim_values(profile, dims)
+    spec, values = _network_spec(name), dim_values(profile, dims)
     return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
+
+
+def resolve_graph(name: str, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
+    """Network ``name``'s ONNX graph I/O: the model dims as integers, :data:`PROFILE_DIMS` by name."""
+    spec = _network_spec(name)
+    values = {**dim_values(Profile(), dims), **{d: d for d in PROFILE_DIMS}}
+    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
+
+
+def profile_dims(name: str) -> tuple[str, ...]:
+    """The :data:`PROFILE_DIMS` network ``name`` uses (``()``: one shape for every profile)."""
+    spec = _network_spec(name)
+    used = {d for t in spec.inputs + spec.outputs for d in t.dims}
+    return tuple(d for d in PROFILE_DIMS if d in used)

@@ -151,20 +151,21 @@ def _export_one(name: str, config: SuiteConfig, profile, key: str):
     import torch
 
     from kandinsky_trt.export.full_size import build_full_size_model
-    from kandinsky_trt.export.onnx_export import ExportRequest, export_network
+    from kandinsky_trt.export.onnx_export import ExportRequest, export_network, trace_profile
     from kandinsky_trt.export.precision import policy_for
     from kandinsky_trt.runtime.contract import manifest as mf
-    from kandinsky_trt.runtime.contract.spec import resolve
+    from kandinsky_trt.runtime.contract.spec import resolve, resolve_graph
 
     start = time.perf_counter()
-    network, policy = resolve(name, profile), policy_for(name, "fp16")
+    graph, policy = resolve_graph(name), policy_for(name, "fp16")
     model = build_full_size_model(name, dtype=torch.float32)  # export casts to fp16 with the fp32 islands
-    files = export_network(model, ExportRequest(network, policy, config.work, config.exporter))
+    request = ExportRequest(graph, resolve(name, trace_profile(profile)), policy, config.work, config.exporter)
+    files = export_network(model, request)
     del model
     gc.collect()
     log.info("exported %s in %.0f s", name, time.perf_counter() - start)
-    return mf.NetworkEntry(name, files[0].name, mf.sha256_file(files[0]), "fp16", network.inputs, network.outputs,
-                           tuple(f.name for f in files[1:]), policy.islands, key)
+    return mf.NetworkEntry(name, files[0].name, mf.sha256_file(files[0]), "fp16", graph.inputs, graph.outputs,
+                           (resolve(name, profile),), tuple(f.name for f in files[1:]), policy.islands, key)
 
 
 def export_full_size(config: SuiteConfig):
@@ -173,7 +174,7 @@ def export_full_size(config: SuiteConfig):
     from kandinsky_trt.export.step_graphs import write_step_graph
     from kandinsky_trt.runtime.contract import manifest as mf
     from kandinsky_trt.runtime.contract.integrity import file_record
-    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve
+    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve, resolve_graph
 
     config.work.mkdir(parents=True, exist_ok=True)
     profile = Profile(1, 512, 512, True)
@@ -186,14 +187,15 @@ def export_full_size(config: SuiteConfig):
         key = _export_key(name, config)
         entries[name] = _reusable(previous, name, key) or _export_one(name, config, profile, key)
     for name in STEPS:
-        path = write_step_graph(name, profile, KANDINSKY_2_1_DIMS, config.work / f"{name}.onnx")
-        net = resolve(name, profile)
-        entries[name] = mf.NetworkEntry(name, path.name, mf.sha256_file(path), "fp32", net.inputs, net.outputs)
+        path = write_step_graph(name, profile.cfg, KANDINSKY_2_1_DIMS, config.work / f"{name}.onnx")
+        graph = resolve_graph(name)
+        entries[name] = mf.NetworkEntry(name, path.name, mf.sha256_file(path), "fp32", graph.inputs, graph.outputs,
+                                        (resolve(name, profile),))
     schedulers = {k: {"config": {"_class_name": cls, **scheduler_configs()[src]}, "tables": {}}
                   for k, cls, src in (("prior", "UnCLIPScheduler", "prior"), ("decoder", "DDIMScheduler", "ddim"))}
     files = {n: file_record(config.work / n) for e in entries.values() for n in (e.onnx, *e.external_data)}
     clip = {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-    manifest = mf.Manifest(config.work, profile, KANDINSKY_2_1_DIMS, "fp16", entries, {}, schedulers, {}, clip,
+    manifest = mf.Manifest(config.work, (profile,), KANDINSKY_2_1_DIMS, "fp16", entries, {}, schedulers, {}, clip,
                            {"exporter": config.exporter, "random_weights": True}, {}, files)
     manifest.save()
     return manifest
@@ -217,10 +219,10 @@ def _loop_inputs(manifest, loop: str, table, seed: int = 0):
     from kandinsky_trt.runtime.loops.template import LoopInputs
 
     names = LOOPS[loop]
-    feeds = sample_inputs(manifest.network(names.network).resolved, seed)
+    feeds = sample_inputs(manifest.network(names.network).resolved(), seed)
     conditioning = {k: v for k, v in feeds.items() if k not in (names.sample_input, "timestep")}
     rng = np.random.default_rng(seed)
-    latents = rng.standard_normal(manifest.network(names.step).resolved.tensor("latents").shape).astype(np.float32)
+    latents = rng.standard_normal(manifest.network(names.step).resolved().tensor("latents").shape).astype(np.float32)
     noise = rng.standard_normal((int(table.stochastic.sum()), *latents.shape)).astype(np.float32)
     return LoopInputs(latents, conditioning, {}, noise, 4.0)
 
@@ -463,13 +465,13 @@ def run_torch(config: SuiteConfig, manifest, record: Record) -> None:
     _free()
     for name in config.networks:
         with record.guard(f"{name}/torch"):
-            module, feeds = _torch_module(name), _torch_feeds(manifest.network(name).resolved)
+            module, feeds = _torch_module(name), _torch_feeds(manifest.network(name).resolved())
             _measure(record, name, "torch", _synced(lambda: module(**feeds)), config.repeat, config.warmup, _torch_peak_mb)
             del module
         _free()
     for name in STEPS:
         with record.guard(f"{name}/torch"):
-            x = _torch_feeds(manifest.network(name).resolved)
+            x = _torch_feeds(manifest.network(name).resolved())
             args = (x["coefficients"], x["latents"], x["model_output"], x["noise"], x["guidance_scale"], x["x0_prev"])
             _measure(record, name, "torch", _synced(lambda: torch_step(*args)), config.repeat, config.warmup,
                      _torch_peak_mb)
@@ -496,7 +498,7 @@ class TorchText2Image:
 
     def __init__(self, manifest, config: SuiteConfig) -> None:
         self.modules = {name: _torch_module(name) for name in NETWORKS}
-        self.feeds = {name: _torch_feeds(manifest.network(name).resolved) for name in ("prior_text_encoder", "text_encoder")}
+        self.feeds = {name: _torch_feeds(manifest.network(name).resolved()) for name in ("prior_text_encoder", "text_encoder")}
         self.tables = {loop: _table(manifest, loop, steps)
                        for loop, steps in (("prior", config.prior_steps), ("decoder", config.decoder_steps))}
         self.inputs = {loop: _loop_inputs(manifest, loop, table) for loop, table in self.tables.items()}

@@ -42,7 +42,7 @@ def test_round_trip_and_schema(tmp_path):
     jsonschema.validate(data, json.loads(mf.SCHEMA_PATH.read_text()))
     loaded = mf.load_manifest(tmp_path)
     assert loaded == original
-    assert loaded.network("unet").resolved == resolve("unet", original.profile, original.model_dims)
+    assert loaded.network("unet").resolved() == resolve("unet", original.profile, original.model_dims)
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temporary file left behind
 
 

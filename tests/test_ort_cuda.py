@@ -52,7 +52,7 @@ def _host(c, spec: LoopSpec, table, inputs, callback=None) -> np.ndarray:
 def _inputs(c, names: LoopSpec, table, seed: int) -> LoopInputs:
     """Random inputs of the spec's shapes: N(0,1) floats, text masks of mixed lengths."""
     rng = np.random.default_rng(seed)
-    network = c.manifest.network(names.network).resolved
+    network = c.manifest.network(names.network).resolved()
     conditioning = {}
     for t in network.inputs:
         if t.name in (names.sample_input, "timestep"):
@@ -61,7 +61,7 @@ def _inputs(c, names: LoopSpec, table, seed: int) -> LoopInputs:
             conditioning[t.name] = np.arange(t.shape[1])[None, :] < rng.integers(2, t.shape[1], (t.shape[0], 1))
         else:
             conditioning[t.name] = rng.standard_normal(t.shape).astype(np.float32)
-    latents = rng.standard_normal(c.manifest.network(names.step).resolved.tensor("latents").shape).astype(np.float32)
+    latents = rng.standard_normal(c.manifest.network(names.step).resolved().tensor("latents").shape).astype(np.float32)
     stochastic = int(table.stochastic.sum())
     noise = rng.standard_normal((stochastic, *latents.shape)).astype(np.float32) if stochastic else None
     return LoopInputs(latents, conditioning, {}, noise, guidance_scale=4.0)

@@ -239,23 +239,24 @@ def check_conditions(conditions) -> int:
     return sum(isinstance(c, str) for c in conditions)
 
 
-def check_size(height: int | None, width: int | None, profile: Profile) -> tuple[int, int]:
-    """The request's size, rounded up to a multiple of 64 as diffusers does; it must be the profile's.
+def check_size(height: int | None, width: int | None, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The request's size, rounded up to a multiple of 64 as diffusers does; it must be one of ``sizes``.
 
-    ``None`` means the size the artifacts were exported for (diffusers' 512 is the size its model was
-    trained at; a static-shape engine can only serve what it was built for). Called before any
-    network runs, so a wrong size fails at once.
+    ``sizes``: the (height, width) pairs the artifacts hold, the default first. ``None`` means the
+    default's (diffusers' 512 is the size its model was trained at; static-shape engines serve only
+    the sizes they were built for). Called before any network runs, so a wrong size fails at once.
     """
-    height = profile.height if height is None else height
-    width = profile.width if width is None else width
+    height = sizes[0][0] if height is None else height
+    width = sizes[0][1] if width is None else width
     for name, value in (("height", height), ("width", width)):
         check_positive_int(value, name)
     rounded = (-(-height // 64) * 64, -(-width // 64) * 64)
-    if rounded != (profile.height, profile.width):
+    if rounded not in sizes:
+        held = ", ".join(f"{w}x{h}" for h, w in sizes)
         raise PipelineInputError(
-            f"height/width: these artifacts were exported for {profile.height}x{profile.width} "
-            f"(profile {profile.name}); found {height}x{width}. Export another profile with "
-            f"`kandinsky-trt export --height {rounded[0]} --width {rounded[1]}`"
+            f"height/width: expected a size these artifacts hold (width x height: {held}), found width {width} "
+            f"x height {height} (served as {rounded[1]}x{rounded[0]}). Export it with "
+            f"`kandinsky-trt export --size {rounded[1]}x{rounded[0]}`"
         )
     return rounded
 

@@ -75,8 +75,8 @@ class KandinskyPriorPipeline:
         """Run the prior loop on rows of texts; returns post-processed embeddings (rows, E)."""
         c = self.components
         table = c.scheduler("prior", steps)
-        batch, results = c.profile.batch, []
-        for chunk in args.chunks(len(rows.cond), batch):
+        results = []
+        for chunk, batch in c.chunks(len(rows.cond)):
             noise = rows.step_noise
             chunk_noise = None if noise is None else args.take(noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
             loop = LoopInputs(

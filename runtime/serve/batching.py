@@ -64,7 +64,7 @@ def draw(pipelines: Pipelines, item: Item, kwargs: dict) -> Draws:
     steps = args.check_positive_int(kwargs["num_inference_steps"], "num_inference_steps")
     if c.scheduler("decoder", steps).stochastic.any():
         raise BatchDrewRandomness("the decoder scheduler is stochastic; its step noise cannot be passed")
-    height, width = args.check_size(kwargs["height"], kwargs["width"], c.profile)
+    height, width = args.check_size(kwargs["height"], kwargs["width"], c.sizes)
     shape = (n, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE)
     return Draws(latents, noise, rng.standard_normal(shape, dtype=np.float32))
 

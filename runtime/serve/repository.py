@@ -54,7 +54,7 @@ def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
     params = (("artifacts", str(Path(config.artifacts).resolve())), ("backend", config.backend),
               ("device", config.device), ("max_images", str(config.max_images)),
               ("batching", "true" if config.batching else "false"))
-    batch = config.max_batch_size or manifest.profile.batch
+    batch = config.max_batch_size or max(manifest.batches())
     return ModelConfig(
         max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,
         max_queue_delay_us=config.max_queue_delay_us, instances=config.instances,

@@ -49,19 +49,22 @@ class ExportError(KandinskyTrtError, RuntimeError):
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """``graph``: the spec's graph I/O (``spec.resolve_graph``); ``network``: the same at the trace shape."""
+    """``graph``: the spec's graph I/O (``spec.resolve_graph``); ``network``: the same at the trace
+    shape; ``dim_values``: the profile dims' values at the trace and at every profile exported."""
 
     graph: ResolvedNetwork
     network: ResolvedNetwork
     policy: PrecisionPolicy
     out_dir: Path
     exporter: str = "dynamo"
+    dim_values: tuple[dict[str, int], ...] = ()
 
 
 def trace_profile(first: Profile) -> Profile:
-    """The shape traced: batch 2 (B2 4 with guidance) and a wider image than ``first``, so that
-    B, B2, h and w all differ and none is 1."""
-    return Profile(2, first.height, first.width + 64, first.cfg)
+    """The shape traced: batch 2 (B2 4 with guidance) and an image larger than ``first`` by unequal
+    steps, so that B, B2, h and w all differ, none is 1 and none equals a small static dim (the
+    dynamo exporter specialises a dim whose trace value coincides with one)."""
+    return Profile(2, first.height + 128, first.width + 256, first.cfg)
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
@@ -88,11 +91,21 @@ def _symbolic_axes(graph: ResolvedNetwork) -> dict[str, dict[int, str]]:
     return {name: dims for name, dims in axes.items() if dims}
 
 
-def _dynamic_shapes(graph: ResolvedNetwork) -> tuple | None:
-    """torch.export's ``dynamic_shapes``: one ``Dim`` per profile dim name, shared across inputs."""
+# Profile dims are multiples of these (a profile's size is a multiple of 64 pixels, its latent of 8).
+_DIM_STEPS = {"H": 64, "W": 64, "h": 8, "w": 8}
+
+
+def _dynamic_shapes(graph: ResolvedNetwork, values: list[dict[str, int]]) -> tuple | None:
+    """torch.export's ``dynamic_shapes``: one ``Dim`` per profile dim name (shared across inputs),
+    its range the values it takes in ``values`` (the trace's and each profile's), image dims as
+    multiples of their step, so that the exporter's shape guards hold on every profile."""
     from torch.export import Dim
 
-    dims = {d: Dim(d, min=1, max=8192) for t in graph.inputs for d in t.shape if isinstance(d, str)}
+    dims = {}
+    for name in dict.fromkeys(d for t in graph.inputs for d in t.shape if isinstance(d, str)):
+        step, taken = _DIM_STEPS.get(name, 1), [v[name] for v in values]
+        dims[name] = step * Dim(f"{name}_steps", min=min(taken) // step, max=max(taken) // step) if step > 1 \
+            else Dim(name, min=min(taken), max=max(taken))
     if not dims:
         return None
     return tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in graph.inputs)
@@ -104,8 +117,9 @@ def _torch_export(wrapper: torch.nn.Module, args: tuple, path: Path, request: Ex
         # Tracer warnings flag Python branches on shapes; parity at every profile checks them.
         warnings.simplefilter("ignore")
         if request.exporter == "dynamo":
+            shapes = _dynamic_shapes(request.graph, request.dim_values)
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET["dynamo"],
-                                        dynamic_shapes=_dynamic_shapes(request.graph), **names)
+                                        dynamic_shapes=shapes, **names)
             program.save(str(path), external_data=True)
         else:
             torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=OPSET["legacy"],

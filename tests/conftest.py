@@ -31,7 +31,7 @@ def _export(tmp_path_factory, checkpoint, precision: str, batch: int, height: in
     dirs = CheckpointDirs(checkpoint.prior, checkpoint.decoder, checkpoint.inpaint)
     out = tmp_path_factory.mktemp(f"artifacts_{precision}_b{batch}_{height}x{width}")
     profile = Profile(batch, height, width, cfg=True)
-    report = export_artifacts(ExportConfig(dirs, out, profile, precision, exporter=exporter, verify=True))
+    report = export_artifacts(ExportConfig(dirs, out, (profile,), precision, exporter=exporter, verify=True))
     return out, report
 
 

@@ -139,7 +139,7 @@ def external_data_artifacts(tmp_path_factory, tiny_checkpoint):
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "_PROTOBUF_LIMIT", 1)  # every graph "over 2 GB"
-        export_artifacts(ExportConfig(dirs, out, Profile(1, 64, 64), "fp32", exporter="legacy",
+        export_artifacts(ExportConfig(dirs, out, (Profile(1, 64, 64),), "fp32", exporter="legacy",
                                       networks=("movq_decoder",)))
     return out
 

@@ -89,7 +89,8 @@ def test_wrong_size_is_refused_before_any_network_runs(command, demo, tmp_path, 
     code = main(argv + ["--artifacts", str(demo / "artifacts"), "--height", "128", "--out", str(tmp_path / "x.png")])
     assert code == 2 and loaded == []
     err = capsys.readouterr().err
-    assert "height/width: these artifacts were exported for 64x64" in err and "found 128x64" in err
+    assert "height/width: expected a size these artifacts hold (width x height: 64x64)" in err
+    assert "found width 64 x height 128" in err
     assert not (tmp_path / "x.png").exists()
 
 

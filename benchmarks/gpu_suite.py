@@ -151,17 +151,16 @@ def _export_one(name: str, config: SuiteConfig, profile, key: str):
     import torch
 
     from kandinsky_trt.export.full_size import build_full_size_model
-    from kandinsky_trt.export.onnx_export import ExportRequest, export_network, trace_profile
+    from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export.precision import policy_for
     from kandinsky_trt.runtime.contract import manifest as mf
-    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, dim_values, resolve, resolve_graph
+    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, resolve
 
     start = time.perf_counter()
-    graph, policy = resolve_graph(name), policy_for(name, "fp16")
+    policy = policy_for(name, "fp16")
     model = build_full_size_model(name, dtype=torch.float32)  # export casts to fp16 with the fp32 islands
-    traced = trace_profile(profile)
-    values = (dim_values(traced, KANDINSKY_2_1_DIMS), dim_values(profile, KANDINSKY_2_1_DIMS))
-    request = ExportRequest(graph, resolve(name, traced), policy, config.work, config.exporter, values)
+    request = ExportRequest.for_profiles(name, (profile,), KANDINSKY_2_1_DIMS, policy, config.work, config.exporter)
+    graph = request.graph
     files = export_network(model, request)
     del model
     gc.collect()

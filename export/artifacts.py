@@ -34,7 +34,7 @@ from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.integrity import VERIFIED
 from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside
 from kandinsky_trt.runtime.contract.spec import (
-    NETWORKS, STEP_NETWORKS, ModelDims, Profile, ResolvedNetwork, dim_values, resolve, resolve_graph)
+    NETWORKS, STEP_NETWORKS, ModelDims, Profile, ResolvedNetwork, resolve, resolve_graph)
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,8 @@ def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_
     inputs = {net: verify.verification_inputs(net) for net in shapes}
     wrapper = WRAPPERS[name](model, torch.float32) if config.verify else None
     references = {net: verify.torch_reference(wrapper, sets) for net, sets in inputs.items()}  # before the policy
-    traced = onnx_export.trace_profile(config.profiles[0])
-    values = tuple(dim_values(p, ctx.dims) for p in (traced, *config.profiles))
-    request = onnx_export.ExportRequest(resolve_graph(name, ctx.dims), resolve(name, traced, ctx.dims), policy,
-                                        ctx.store.staging_dir(name), config.exporter, values)
+    request = onnx_export.ExportRequest.for_profiles(name, config.profiles, ctx.dims, policy,
+                                                     ctx.store.staging_dir(name), config.exporter)
     files = onnx_export.export_network(model, request)
     found = verify.onnx_outputs_by_shape(files[0], inputs)
     parity = [verify.compare(name, config.precision, references[net], found[net], profile.name)

@@ -34,7 +34,8 @@ from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.export.torch_modules import WRAPPERS
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
-from kandinsky_trt.runtime.contract.spec import Profile, ResolvedNetwork
+from kandinsky_trt.runtime.contract.spec import (
+    ModelDims, Profile, ResolvedNetwork, dim_values, resolve, resolve_graph)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ class ExportRequest:
     out_dir: Path
     exporter: str = "dynamo"
     dim_values: tuple[dict[str, int], ...] = ()
+
+    @classmethod
+    def for_profiles(cls, name: str, profiles: tuple[Profile, ...], dims: ModelDims, policy: PrecisionPolicy,
+                     out_dir: Path, exporter: str = "dynamo") -> "ExportRequest":
+        """The request that exports network ``name`` once for every profile of ``profiles``."""
+        traced = trace_profile(profiles[0])
+        values = tuple(dim_values(p, dims) for p in (traced, *profiles))
+        return cls(resolve_graph(name, dims), resolve(name, traced, dims), policy, Path(out_dir), exporter, values)
 
 
 def trace_profile(first: Profile) -> Profile:

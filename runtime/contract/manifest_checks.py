@@ -125,7 +125,8 @@ def _check_profiles(profiles: list[dict]) -> None:
     labels = [(p["batch"], p["height"], p["width"]) for p in profiles]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise ManifestRuleError(f"profiles: expected distinct (batch, height, width), found {duplicates} more than once")
+        raise ManifestRuleError(f"profiles: expected distinct (batch, height, width), found {duplicates} "
+                                "more than once")
     if len({p["cfg"] for p in profiles}) > 1:
         raise ManifestRuleError("profiles: expected one cfg for every profile, found both true and false")
 

@@ -23,7 +23,7 @@ Generator = int | np.random.Generator | None
 Size = int | None  # pixels; None: the artifacts' size
 
 # Images per call (prompts x num_images_per_prompt): refused above this before anything is
-# allocated. Rows run in chunks of the profile batch, so more would only queue work in one call.
+# allocated. Rows run in chunks of the batches the artifacts hold, so more would only queue work in one call.
 MAX_IMAGES_PER_CALL = 64
 
 

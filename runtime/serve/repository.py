@@ -33,7 +33,7 @@ class RepoConfig:
     device: str = "cpu"
     instances: int = 1
     max_queue_delay_us: int = 2000
-    max_batch_size: int | None = None  # None: the profile batch
+    max_batch_size: int | None = None  # None: the largest profile batch
     max_images: int = 16
     batching: bool = True  # False: dynamic batching off (Triton delivers one request at a time)
 

@@ -1,7 +1,8 @@
 """The component spec: every network's tensor contract, declared once.
 
 Export (dummy inputs, ONNX input/output names), the engine build (min = opt = max shapes), runtime
-buffer allocation and ``manifest.json`` are all derived from :func:`resolve` — never restated.
+buffer allocation and ``manifest.json`` are all derived from :func:`resolve` (one profile) and
+:func:`resolve_graph` (a graph serving every profile) — never restated.
 
 Standard library only: a deployed host, an export machine and C++-side tooling all import it.
 
@@ -38,9 +39,8 @@ class SpecError(KandinskyTrtError, ValueError):
 
 @dataclass(frozen=True)
 class Profile:
-    """A static build point: one shape of every network. An artifacts set holds one or more
-    (``manifest.profiles``); every network graph serves them all, each TensorRT plan has one
-    optimization profile per distinct shape.
+    """A static build point: one shape of every network. An artifacts set holds one or more; one graph
+    per network serves them all, its TensorRT plan has one optimization profile per distinct shape.
 
     Args:
         batch: images per network call (before classifier-free-guidance doubling).
@@ -65,8 +65,7 @@ class Profile:
                 )
 
     @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) in pixels."""
+    def size(self) -> tuple[int, int]:  # (height, width) in pixels
         return self.height, self.width
 
     @property
@@ -116,11 +115,9 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class ResolvedTensor:
-    """One tensor at a profile (integer shape), or in a graph (profile dims by name: :func:`resolve_graph`)."""
-
     name: str
     dtype: str
-    shape: tuple[int | str, ...]
+    shape: tuple[int | str, ...]  # integers at a profile; a graph's profile dims by name (resolve_graph)
 
     @property
     def nbytes(self) -> int:
@@ -381,11 +378,11 @@ def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int | str
     return tuple(resolved)
 
 
-def _network_spec(name: str) -> NetworkSpec:
+def _resolved(name: str, values: dict[str, int | str]) -> ResolvedNetwork:
     spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
     if spec is None:
         raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
-    return spec
+    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
 
 
 def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
@@ -394,19 +391,9 @@ def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -
     Raises:
         SpecError: ``name`` is not a network of the spec.
     """
-    spec, values = _network_spec(name), dim_values(profile, dims)
-    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
+    return _resolved(name, dim_values(profile, dims))
 
 
 def resolve_graph(name: str, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
     """Network ``name``'s ONNX graph I/O: the model dims as integers, :data:`PROFILE_DIMS` by name."""
-    spec = _network_spec(name)
-    values = {**dim_values(Profile(), dims), **{d: d for d in PROFILE_DIMS}}
-    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
-
-
-def profile_dims(name: str) -> tuple[str, ...]:
-    """The :data:`PROFILE_DIMS` network ``name`` uses (``()``: one shape for every profile)."""
-    spec = _network_spec(name)
-    used = {d for t in spec.inputs + spec.outputs for d in t.dims}
-    return tuple(d for d in PROFILE_DIMS if d in used)
+    return _resolved(name, {**dim_values(Profile(), dims), **{d: d for d in PROFILE_DIMS}})

@@ -40,7 +40,7 @@ def components(artifacts_fp32):
 @pytest.fixture
 def offline(components, monkeypatch):
     """The shared components with every network refusing to load: validation must not need one."""
-    def refuse(network):
+    def refuse(network, profile=0):
         raise AssertionError(f"{network} was loaded before the bad argument was refused")
 
     monkeypatch.setattr(components, "session", refuse)

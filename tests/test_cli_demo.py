@@ -84,7 +84,7 @@ def test_default_size_equals_the_explicit_one(demo, tmp_path):
 ])
 def test_wrong_size_is_refused_before_any_network_runs(command, demo, tmp_path, capsys, monkeypatch):
     loaded = []
-    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network, profile=0: loaded.append(network))
     argv = [a.format(demo=demo) for a in command]
     code = main(argv + ["--artifacts", str(demo / "artifacts"), "--height", "128", "--out", str(tmp_path / "x.png")])
     assert code == 2 and loaded == []
@@ -100,7 +100,7 @@ def test_api_combined_pipelines_refuse_a_wrong_size_before_the_prior(demo, monke
 
     pipe = KandinskyCombinedPipeline(demo / "artifacts")
     loaded = []
-    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network, profile=0: loaded.append(network))
     with pytest.raises(PipelineInputError, match="found 64x192"):
         pipe("a cat", width=192, num_inference_steps=2, prior_num_inference_steps=2)
     assert loaded == []

@@ -70,7 +70,7 @@ def _set_tokenizer(d, value):
 def _set_engine(d, value):
     d["networks"][0]["engine"] = {"file": value, "sha256": "0" * 64, "tensorrt_version": "10.8",
                                   "gpu_name": "x", "compute_capability": "9.0", "onnx_sha256": "0" * 64,
-                                  "device_memory_bytes": 0}
+                                  "device_memory_bytes": 0, "profiles": [0]}
 
 
 FIELDS = {"onnx": (_set_onnx, r"networks\[\d+\]\.onnx"),

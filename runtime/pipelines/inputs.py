@@ -12,7 +12,7 @@ import math
 import numbers
 import re
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -272,11 +272,6 @@ def renamed(names: Mapping[str, str]):
         if match is None or match.group(1) not in names:
             raise
         raise type(err)(names[match.group(1)] + str(err)[len(match.group(1)):]) from None
-
-
-def chunks(rows: int, batch: int) -> Iterator[slice]:
-    for start in range(0, rows, batch):
-        yield slice(start, min(start + batch, rows))
 
 
 def take(array: np.ndarray, rows: slice, batch: int) -> np.ndarray:

@@ -142,14 +142,14 @@ def _check_resolved(where: str, graph: list[dict], resolved: list[dict], values:
         raise ManifestRuleError(f"{where}: expected the graph's tensors {[t['name'] for t in graph]} in order, "
                                 f"found {[t['name'] for t in resolved]}")
     for g, r in zip(graph, resolved):
+        if math.prod(r["shape"]) > MAX_TENSOR_ELEMENTS:
+            raise ManifestRuleError(f"{where}.{r['name']}: expected at most 2**31 elements, found shape {r['shape']}")
         matches = len(g["shape"]) == len(r["shape"])
         for dim, size in zip(g["shape"], r["shape"]):
             matches = matches and (dim == size if isinstance(dim, int) else values.setdefault(dim, size) == size)
         if not matches:
             raise ManifestRuleError(f"{where}.{r['name']}: expected shape {g['shape']} at this profile "
                                     f"({values}), found {r['shape']}")
-        if math.prod(r["shape"]) > MAX_TENSOR_ELEMENTS:
-            raise ManifestRuleError(f"{where}.{r['name']}: expected at most 2**31 elements, found shape {r['shape']}")
 
 
 def _check_network_profiles(d: dict) -> None:

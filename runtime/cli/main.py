@@ -34,8 +34,7 @@ def _size(args: argparse.Namespace, components) -> tuple[int, int]:
 
     height, width = check_size(args.height, args.width, components.sizes)
     if args.height is None and args.width is None:
-        print(f"size: width {width}, height {height} (the artifacts' default size; --width/--height for another)",
-              file=sys.stderr)
+        print(f"size: width {width}, height {height} (the artifacts' size; --width/--height for another)", file=sys.stderr)
     return height, width
 
 

@@ -101,7 +101,7 @@ def test_api_combined_pipelines_refuse_a_wrong_size_before_the_prior(demo, monke
     pipe = KandinskyCombinedPipeline(demo / "artifacts")
     loaded = []
     monkeypatch.setattr(OrtBackend, "load", lambda self, network, profile=0: loaded.append(network))
-    with pytest.raises(PipelineInputError, match="found 64x192"):
+    with pytest.raises(PipelineInputError, match="found width 192 x height 64"):
         pipe("a cat", width=192, num_inference_steps=2, prior_num_inference_steps=2)
     assert loaded == []
 

@@ -37,7 +37,7 @@ def main() -> None:
     from kandinsky_trt.export import verify
     from kandinsky_trt.export.precision import policy_for
     from kandinsky_trt.export.torch_modules import WRAPPERS
-    from kandinsky_trt.runtime.contract.spec import Profile, resolve
+    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,9 @@ def main() -> None:
         inputs = verify.verification_inputs(network)
         reference = verify.torch_reference(WRAPPERS[args.network](model, torch.float32), inputs)
     exported = time.perf_counter()
-    files = export_network(model, ExportRequest(network, policy_for(args.network, args.precision), out, args.exporter))
+    request = ExportRequest.for_profiles(args.network, (Profile(1, args.height, args.width, True),), KANDINSKY_2_1_DIMS,
+                                         policy_for(args.network, args.precision), out, args.exporter)
+    files = export_network(model, request)
     done = time.perf_counter()
     parity = None
     if args.verify:

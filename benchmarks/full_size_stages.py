@@ -22,7 +22,7 @@ import numpy as np
 from kandinsky_trt.benchmarks.harness import reference_bounds, time_calls
 from kandinsky_trt.benchmarks.report import StageMeasurement, new_result, stage_result, with_baseline_ratios, write_result
 from kandinsky_trt.runtime.backends.base import sample_inputs
-from kandinsky_trt.runtime.contract.spec import Profile, resolve
+from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def _measure(name: str, profile: Profile, precision: str, repeat: int, work_dir:
         samples, rss = time_calls(lambda: wrapper(*args), repeat, warmup=1)
     yield StageMeasurement(name, "torch", tuple(samples), rss)
     log.info("%s torch: median %.0f ms", name, float(np.median(samples)))
-    files = export_network(wrapper.model, ExportRequest(network, policy_for(name, precision), work_dir))
+    request = ExportRequest.for_profiles(name, (profile,), KANDINSKY_2_1_DIMS, policy_for(name, precision), work_dir)
+    files = export_network(wrapper.model, request)
     del wrapper, args
     gc.collect()
     session = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])

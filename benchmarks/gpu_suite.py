@@ -112,7 +112,7 @@ def export(config: argparse.Namespace, entry: dict) -> Path:
             old.unlink()
         build_full_size_model(network).save_pretrained(folder, safe_serialization=True)
     profile, out = Profile(1, 64, 64) if config.dry_run else Profile(1, 512, 512), config.work / "artifacts"
-    report = export_artifacts(ExportConfig(dirs, out, profile, config.precision, config.exporter, networks=TEXT2IMG))
+    report = export_artifacts(ExportConfig(dirs, out, (profile,), config.precision, config.exporter, networks=TEXT2IMG))
     entry.update(profile=profile.name, precision=config.precision, exported=report.exported, reused=report.reused)
     return out
 
@@ -154,8 +154,8 @@ def _loop_inputs(manifest, spec, table, seed: int = 0):
     from kandinsky_trt.runtime.backends.base import sample_inputs
     from kandinsky_trt.runtime.loops.template import LoopInputs
 
-    feeds = sample_inputs(manifest.network(spec.network).resolved, seed)
-    latents, rng = manifest.network(spec.step).resolved.tensor(spec.io.latents), np.random.default_rng(seed)
+    feeds = sample_inputs(manifest.network(spec.network).resolved(), seed)
+    latents, rng = manifest.network(spec.step).resolved().tensor(spec.io.latents), np.random.default_rng(seed)
     noise_shape = (int(np.sum(table.stochastic)), *latents.shape)
     return LoopInputs(rng.standard_normal(latents.shape).astype(latents.dtype),
                       {k: v for k, v in feeds.items() if k not in spec.network_fed}, {},

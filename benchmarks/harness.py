@@ -62,7 +62,7 @@ def time_calls(call: Callable[[], object], repeat: int, warmup: int) -> tuple[li
 def _stage_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
     names = config.stages or tuple(manifest.networks)
     for name in names:
-        feeds = sample_inputs(manifest.network(name).resolved)
+        feeds = sample_inputs(manifest.network(name).resolved())
         for backend, comp in components.items():
             session = comp.session(name)
             samples, rss = time_calls(lambda: session.run(feeds), config.repeat, config.warmup)

@@ -33,7 +33,7 @@ def ablate(network: str, height: int, width: int) -> dict:
     from kandinsky_trt.export.onnx_export import ExportRequest, export_network
     from kandinsky_trt.export.precision import policy_for
     from kandinsky_trt.export.torch_modules import WRAPPERS
-    from kandinsky_trt.runtime.contract.spec import Profile, resolve
+    from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, Profile, resolve
 
     resolved = resolve(network, Profile(1, height, width, True))
     model = build_full_size_model(network, dtype=torch.float32)
@@ -42,7 +42,9 @@ def ablate(network: str, height: int, width: int) -> dict:
     results = {}
     for name, policy in _variants(policy_for(network, "fp16")).items():
         with tempfile.TemporaryDirectory() as tmp:
-            files = export_network(copy.deepcopy(model), ExportRequest(resolved, policy, Path(tmp)))
+            request = ExportRequest.for_profiles(network, (Profile(1, height, width, True),), KANDINSKY_2_1_DIMS,
+                                                 policy, Path(tmp))
+            files = export_network(copy.deepcopy(model), request)
             parity = verify.compare(network, "fp16", reference, verify.onnx_outputs(files[0], inputs))
         results[name] = {"islands": list(policy.islands), "max_abs": parity.max_abs, "max_rel": parity.max_rel}
         print(network, name, f"max rel {parity.max_rel:.3e}", flush=True)

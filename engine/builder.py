@@ -7,7 +7,9 @@ ONNX hash: ``unet.trt11.4.0.sm90.1a2b3c4d.plan``) and reuses it only when the ma
 entry names that file, its sha256 matches and the TensorRT version, compute capability, export key
 and optimization level agree (keyed by hashes, never by "the file exists"); otherwise builds it
 (:mod:`~kandinsky_trt.engine.polygraphy_builder`), writes it atomically, records ``engine = {file,
-sha256, tensorrt_version, gpu_name, compute_capability, onnx_sha256, device_memory_bytes, ...}`` and
+sha256, tensorrt_version, gpu_name, compute_capability, onnx_sha256, device_memory_bytes, profiles,
+...}`` (``profiles[i]``: the plan's optimization profile for manifest profile i, one per distinct
+static shape) and
 saves the manifest atomically after each network. The TensorRT part sits behind the
 :class:`~kandinsky_trt.engine.plan.PlanBuilder` protocol, so this runs on CPU with a stand-in.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from kandinsky_trt.engine.errors import BuildConfigError, EngineBuildError
 from kandinsky_trt.engine.plan import BuildRequest, PlanBuilder, Platform
+from kandinsky_trt.runtime.backends.trt import optimization_profiles
 from kandinsky_trt.runtime.contract.manifest import Manifest, ManifestError, NetworkEntry, load_manifest, sha256_file, \
     write_bytes_atomic
 
@@ -120,11 +124,19 @@ def plan_file_name(network: str, tensorrt_version: str, compute_capability: str,
     return f"{network}.trt{major_minor_patch}.sm{''.join(parts)}.{onnx_sha256[:8]}.plan"
 
 
+def _shapes_digest(shapes) -> str:
+    """A short hash of the optimization profiles' input shapes (the same graph serves other profile sets)."""
+    text = json.dumps([[list(t.shape) for t in shape.inputs] for shape in shapes])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _reuse_keys(entry: NetworkEntry, file_name: str, platform: Platform, opt_level: int) -> dict:
     """The ``engine`` fields that must all agree for a plan to be reused."""
+    shapes, indices = optimization_profiles(entry)
     return {"file": file_name, "tensorrt_version": platform.tensorrt_version,
             "compute_capability": platform.compute_capability, "onnx_sha256": entry.onnx_sha256,
-            "export_key": entry.export_key, "builder_optimization_level": opt_level}
+            "export_key": entry.export_key, "builder_optimization_level": opt_level,
+            "profiles": list(indices), "profile_shapes": _shapes_digest(shapes)}
 
 
 def reuse_mismatch(entry: NetworkEntry, path: Path, platform: Platform, opt_level: int) -> str | None:

@@ -3,8 +3,8 @@
 Polygraphy makes the TensorRT calls, as NVIDIA maintains and tests them for each TensorRT release:
 ``NetworkFromOnnxPath(path, strongly_typed=True)`` (a ``STRONGLY_TYPED`` network — TensorRT 11 has
 no ``BuilderFlag.FP16``, the fp16 graph's own types are the engine's — parsed with
-``parse_from_file``, so external weights are found); ``CreateConfig`` (one profile, min = opt = max =
-the manifest's shapes; optimization level; workspace limit; timing cache loaded; TF32 cleared, so
+``parse_from_file``, so external weights are found); ``CreateConfig`` (one optimization profile per
+distinct static shape of the manifest's profiles, min = opt = max; optimization level; workspace limit; timing cache loaded; TF32 cleared, so
 fp32 islands run in fp32); ``engine_bytes_from_network`` (build, then the timing cache merged with
 the file and saved); ``engine_from_bytes`` (deserialized once to measure).
 
@@ -30,8 +30,9 @@ from kandinsky_trt.engine.errors import EngineBuildError, OnnxParseError, Tensor
 from kandinsky_trt.engine.plan import BuildRequest, BuiltPlan, Platform
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import TensorInfo, engine_info, import_tensorrt, set_static_input_shapes
-from kandinsky_trt.runtime.backends.trt import tensor_differences, trt_dtype_name
+from kandinsky_trt.runtime.backends.trt import optimization_profiles, select_profile, tensor_differences, trt_dtype_name
 from kandinsky_trt.runtime.contract.manifest import NetworkEntry
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +70,32 @@ def polygraphy_logging(g_logger: Any) -> Iterator[list[str]]:
         (g_logger.use_python_logging_system, g_logger.colors, g_logger.letter, g_logger.module_severity) = saved
 
 
-def static_profile(loaders: Any, entry: NetworkEntry) -> Any:
-    """min = opt = max = the manifest's shape for every input."""
+def static_profile(loaders: Any, network: ResolvedNetwork) -> Any:
+    """min = opt = max = ``network``'s shape (one manifest profile's) for every input."""
     profile = loaders.Profile()
-    for tensor in entry.inputs:
+    for tensor in network.inputs:
         profile.add(tensor.name, tensor.shape, tensor.shape, tensor.shape)
     return profile
 
 
-def network_tensors(trt: Any, network: Any, entry: NetworkEntry) -> tuple[TensorInfo, ...]:
-    """The parsed network's I/O as :class:`TensorInfo`; dynamic dims compatible with the manifest count
-    as the manifest's (the static profile fixes them)."""
-    shapes = {t.name: t.shape for t in entry.inputs + entry.outputs}
+def network_tensors(trt: Any, network: Any, graph: ResolvedNetwork) -> tuple[TensorInfo, ...]:
+    """The parsed network's I/O as :class:`TensorInfo`; a dynamic dim (-1) where the graph has a
+    profile dim counts as that dim (the optimization profiles fix it), a static one must match."""
+    shapes = {t.name: t.shape for t in graph.inputs + graph.outputs}
     tensors = []
     for mode, count, get in (("input", network.num_inputs, network.get_input),
                              ("output", network.num_outputs, network.get_output)):
         for index in range(count):
             tensor = get(index)
             shape, wanted = tuple(int(d) for d in tensor.shape), shapes.get(tensor.name, ())
-            if len(shape) == len(wanted) and all(d < 0 or d == w for d, w in zip(shape, wanted)):
+            if len(shape) == len(wanted) and all(d == w or (d < 0 and isinstance(w, str))
+                                                 for d, w in zip(shape, wanted)):
                 shape = wanted
             tensors.append(TensorInfo(tensor.name, mode, trt_dtype_name(trt, tensor.dtype), shape))
     return tuple(tensors)
 
 
-def _check_io(tensors: tuple[TensorInfo, ...], entry: NetworkEntry, what: str) -> None:
+def _check_io(tensors: tuple[TensorInfo, ...], entry: ResolvedNetwork, what: str) -> None:
     lines = tensor_differences(tensors, entry)
     if lines:
         raise EngineBuildError(
@@ -134,10 +136,12 @@ class TensorRTPlanBuilder:
         loaders, entry = self._loaders, request.entry
         with polygraphy_logging(self._g_logger) as errors:
             network = self._parse(request, errors)
-            _check_io(network_tensors(self._trt, network[1], entry), entry, "the parsed ONNX graph")
+            _check_io(network_tensors(self._trt, network[1], entry.graph), entry.graph, "the parsed ONNX graph")
             workspace, cache = request.workspace_bytes, request.timing_cache
+            shapes, _ = optimization_profiles(entry)
             config = loaders.CreateConfig(
-                profiles=[static_profile(loaders, entry)], builder_optimization_level=request.opt_level,
+                profiles=[static_profile(loaders, shape) for shape in shapes],
+                builder_optimization_level=request.opt_level,
                 memory_pool_limits=None if workspace is None else {self._trt.MemoryPoolType.WORKSPACE: workspace},
                 load_timing_cache=str(cache) if cache is not None and cache.is_file() else None)
             try:
@@ -158,15 +162,19 @@ class TensorRTPlanBuilder:
             raise OnnxParseError(request.entry.name, request.onnx_path, errors[:-1] or errors) from None
 
     def _measure(self, plan: Any, entry: NetworkEntry, errors: list[str]) -> int:
-        """Deserialize once: activation bytes for the shared arena, and the engine's I/O check."""
+        """Deserialize once: activation bytes for the shared arena (the largest over the optimization
+        profiles), and the engine's I/O checked at each optimization profile."""
         trt = self._trt
         try:
             engine = self._loaders.engine_from_bytes(plan)
         except self._failed as err:
             raise EngineBuildError(f"{entry.name}: the new plan expected to deserialize, found an error "
                                    f"({err}; {'; '.join(errors[-5:])})") from None
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        set_static_input_shapes(engine, context, entry)
-        info = engine_info(engine, trt, context)
-        _check_io(info.tensors, entry, "the built engine")
+        info = None
+        for index, shape in enumerate(optimization_profiles(entry)[0]):
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            select_profile(context, index, 0, entry.name)  # the default stream: nothing is enqueued
+            set_static_input_shapes(engine, context, shape)
+            info = engine_info(engine, trt, context)
+            _check_io(info.tensors, shape, f"the built engine (optimization profile {index})")
         return info.device_memory_bytes

@@ -33,7 +33,8 @@ from kandinsky_trt.export.torch_modules import WRAPPERS
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.integrity import VERIFIED
 from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, check_profile, resolve
+from kandinsky_trt.runtime.contract.spec import (
+    NETWORKS, STEP_NETWORKS, ModelDims, Profile, ResolvedNetwork, check_profile, resolve, resolve_graph)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class ExportConfig:
     checkpoints: CheckpointDirs
     out_dir: Path
-    profile: Profile = Profile()
+    profiles: tuple[Profile, ...] = (Profile(),)  # the first is the default (requests without a size)
     precision: str = "fp16"
     exporter: str = "dynamo"
     verify: bool = False
@@ -129,38 +130,49 @@ def _files_verify(out_dir: Path, entry: mf.NetworkEntry, records: dict) -> bool:
     return True
 
 
+def _distinct_shapes(networks: tuple[ResolvedNetwork, ...], profiles: tuple[Profile, ...]) -> dict:
+    """{resolved network: the first profile at that shape}: each shape is verified once."""
+    shapes: dict[ResolvedNetwork, Profile] = {}
+    for network, profile in zip(networks, profiles):
+        shapes.setdefault(network, profile)
+    return shapes
+
+
 def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_Export", key: str):
-    """Export one network through staging; returns its manifest entry and (with --verify) its parity."""
-    network = resolve(name, config.profile, ctx.dims)
+    """Export one network through staging; returns its manifest entry and (with --verify) its parity
+    at every distinct shape of the profiles."""
+    at_profiles = tuple(resolve(name, p, ctx.dims) for p in config.profiles)
     policy = policy_for(name, config.precision, config.fp32_nodes)
-    inputs = reference = None
-    if config.verify:
-        inputs = verify.verification_inputs(network)
-        reference = verify.torch_reference(WRAPPERS[name](model, torch.float32), inputs)
-    request = onnx_export.ExportRequest(network, policy, ctx.store.staging_dir(name), config.exporter)
+    shapes = _distinct_shapes(at_profiles, config.profiles) if config.verify else {}
+    inputs = {net: verify.verification_inputs(net) for net in shapes}
+    wrapper = WRAPPERS[name](model, torch.float32) if config.verify else None
+    references = {net: verify.torch_reference(wrapper, sets) for net, sets in inputs.items()}  # before the policy
+    request = onnx_export.ExportRequest.for_profiles(name, config.profiles, ctx.dims, policy,
+                                                     ctx.store.staging_dir(name), config.exporter)
     files = onnx_export.export_network(model, request)
-    parity = None
-    if config.verify:
-        parity = verify.compare(name, config.precision, reference, verify.onnx_outputs(files[0], inputs))
+    found = verify.onnx_outputs_by_shape(files[0], inputs)
+    parity = [verify.compare(name, config.precision, references[net], found[net], profile.name)
+              for net, profile in shapes.items()]
     onnx_name, data_names = ctx.store.place_network(files, name)
     shutil.rmtree(request.out_dir, ignore_errors=True)
     entry = mf.NetworkEntry(
         name=name, onnx=onnx_name, onnx_sha256=ctx.store.records[onnx_name].sha256, precision=config.precision,
-        inputs=network.inputs, outputs=network.outputs, external_data=data_names,
+        inputs=request.graph.inputs, outputs=request.graph.outputs, profiles=at_profiles, external_data=data_names,
         fp32_islands=policy.islands, export_key=key,
     )
     return entry, parity
 
 
 def _step_entries(ctx: "_Export", names: list[str]) -> list[mf.NetworkEntry]:
-    entries, profile = [], ctx.config.profile
+    entries, profiles = [], ctx.config.profiles
     for name in STEP_NETWORKS:
         if name == "unet_inpaint_step" and "unet_inpaint" not in names:
             continue
-        file_name = ctx.store.write_bytes(name, ".onnx", build_step_graph(name, profile, ctx.dims).SerializeToString())
-        network = resolve(name, profile, ctx.dims)
+        graph = build_step_graph(name, profiles[0].cfg, ctx.dims)
+        file_name = ctx.store.write_bytes(name, ".onnx", graph.SerializeToString())
+        io = resolve_graph(name, ctx.dims)
         entries.append(mf.NetworkEntry(name, file_name, ctx.store.records[file_name].sha256, "fp32",
-                                       network.inputs, network.outputs))
+                                       io.inputs, io.outputs, tuple(resolve(name, p, ctx.dims) for p in profiles)))
     return entries
 
 
@@ -201,18 +213,18 @@ def _network_entry(name: str, ctx: _Export) -> mf.NetworkEntry:
     gc.collect()
     ctx.store.checkpoint(entry)
     ctx.report.exported.append(name)
-    if parity is not None:
-        ctx.report.parity.append(parity)
-        log.info("    parity: %s", parity.line())
+    for result in parity:
+        ctx.report.parity.append(result)
+        log.info("    parity: %s", result.line())
     log.info("    done in %.1f s", time.perf_counter() - start)
     return entry
 
 
 def _carried(ctx: _Export, names: list[str]) -> dict:
-    """Networks exported earlier into the same profile and not asked for now: kept in the manifest."""
+    """Networks exported earlier into the same profiles and not asked for now: kept in the manifest."""
     previous, config = ctx.previous, ctx.config
-    if previous is None or (previous.profile, previous.precision, previous.model_dims) != (
-            config.profile, config.precision, ctx.dims):
+    if previous is None or (previous.profiles, previous.precision, previous.model_dims) != (
+            config.profiles, config.precision, ctx.dims):
         return {}
     carried = {n: e for n, e in previous.networks.items() if n not in names and n in NETWORKS}
     for entry in carried.values():
@@ -236,13 +248,27 @@ def _constants(ctx: _Export) -> dict[str, mf.ConstantEntry]:
     return export_constants(ctx.config.checkpoints, ctx.store, ctx.dims)
 
 
+def check_profiles(profiles: tuple[Profile, ...]) -> None:
+    """At least one profile, no two of the same batch and size, one ``cfg`` for all."""
+    if not profiles:
+        raise onnx_export.ExportError("profiles: expected at least one (batch, height, width), found none")
+    labels = [p.name for p in profiles]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise onnx_export.ExportError(f"profiles: expected each batch x size once, found {repeated} more than once")
+    if len({p.cfg for p in profiles}) > 1:
+        raise onnx_export.ExportError(f"profiles: expected one cfg setting for all, found {labels}")
+
+
 def validate_export_config(config: ExportConfig) -> list[str]:
     """The networks to export; raises before anything is written when the request cannot work.
 
     Raises:
-        ExportError: ``out_dir`` is a file, or ``networks`` names a network the checkpoints lack.
+        ExportError: ``out_dir`` is a file, ``networks`` names a network the checkpoints lack, or the
+            profiles are none, repeated or of mixed guidance.
         SpecError / CheckpointError: a checkpoint folder or its weights are missing or not safetensors.
     """
+    check_profiles(config.profiles)
     out = Path(config.out_dir)
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
@@ -267,7 +293,8 @@ def export_artifacts(config: ExportConfig) -> ExportReport:
     """
     names = validate_export_config(config)
     dims = checkpoint_loading.read_model_dims(config.checkpoints)
-    check_profile(config.profile, dims)  # before anything is written
+    for profile in config.profiles:
+        check_profile(profile, dims)  # before anything is written
     out_dir = Path(config.out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +326,7 @@ def _export_into(ctx: _Export, names: list[str]) -> ExportReport:
     for entry in _step_entries(ctx, list(entries)):
         entries[entry.name] = entry
     manifest = mf.Manifest(
-        directory=ctx.store.out_dir, profile=config.profile, model_dims=ctx.dims, precision=config.precision,
+        directory=ctx.store.out_dir, profiles=config.profiles, model_dims=ctx.dims, precision=config.precision,
         networks=entries, constants=_constants(ctx), schedulers=scheduler_entries(dirs),
         tokenizers=export_tokenizers(dirs, ctx.store), image_processor=image_processor_config(dirs),
         producer=_producer(config), checkpoints={k: str(v) for k, v in vars(dirs).items() if v is not None},

@@ -20,10 +20,25 @@ def _cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace):
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (as image sizes are written) -> (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 768x512, found {text!r}")
+    width, height = (int(p) for p in parts)
+    return height, width
+
+
+def _profiles(args: argparse.Namespace) -> tuple:
+    """Every size x batch, sizes in the order given (the first size and batch are the default)."""
+    from kandinsky_trt.export.onnx_export import ExportError
     from kandinsky_trt.runtime.contract.spec import Profile
 
-    return Profile(batch=args.batch, height=args.height, width=args.width, cfg=not args.no_cfg)
+    if args.size and (args.height is not None or args.width is not None):
+        raise ExportError("--size: expected either --size (repeatable) or --height/--width, found both")
+    sizes = args.size or [(args.height or 512, args.width or 512)]
+    return tuple(Profile(batch=b, height=h, width=w, cfg=not args.no_cfg)
+                 for h, w in dict.fromkeys(sizes) for b in dict.fromkeys(args.batch))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -32,7 +47,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     dirs = CheckpointDirs(Path(args.prior), Path(args.decoder), Path(args.inpaint) if args.inpaint else None)
     config = ExportConfig(
-        checkpoints=dirs, out_dir=Path(args.out), profile=_profile(args), precision=args.precision,
+        checkpoints=dirs, out_dir=Path(args.out), profiles=_profiles(args), precision=args.precision,
         exporter=args.exporter, verify=args.verify, networks=tuple(args.networks) if args.networks else None,
         fp32_nodes=tuple(args.fp32_nodes or ()),
     )
@@ -61,9 +76,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--height", type=int, default=512, help="image height in pixels, a multiple of the MoVQ scale factor squared: 64 for Kandinsky 2.1 (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels, a multiple of the MoVQ scale factor squared: 64 for Kandinsky 2.1 (default 512)")
-    p.add_argument("--batch", type=int, default=1, help="images per network call (default 1)")
+    p.add_argument("--size", type=parse_size, action="append", metavar="WIDTHxHEIGHT",
+                   help="an image size to serve, multiples of the MoVQ scale factor squared (64 for Kandinsky "
+                        "2.1), e.g. 768x512; repeat for several (every size x batch is a profile; the first is "
+                        "the default size)")
+    p.add_argument("--height", type=int, help="image height in pixels for one size (default 512)")
+    p.add_argument("--width", type=int, help="image width in pixels for one size (default 512)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="BATCH",
+                   help="images per network call, one or more (default 1)")
     p.add_argument("--no-cfg", action="store_true", help="profile without classifier-free guidance (batch not doubled)")
 
 

@@ -49,7 +49,7 @@ def run_demo(out: Path, say: Callable[[str], None] = print) -> DemoResult:
     ckpt = write_tiny_checkpoint(out / "checkpoint", seed=0)
     say(f"2/4 exporting it to ONNX (fp32, {SIZE}x{SIZE}, inpaint UNet included) with a parity check against torch")
     dirs = CheckpointDirs(ckpt.prior, ckpt.decoder, ckpt.inpaint)
-    config = ExportConfig(dirs, out / "artifacts", Profile(1, SIZE, SIZE, True), precision="fp32",
+    config = ExportConfig(dirs, out / "artifacts", (Profile(1, SIZE, SIZE, True),), precision="fp32",
                           exporter="legacy", verify=True)  # legacy: 5x faster than dynamo on tiny models
     report = export_artifacts(config)
     for parity in report.parity:

@@ -55,13 +55,24 @@ def _value_bytes(value_info: onnx.ValueInfoProto) -> int:
     return int(np.prod(dims)) * helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
 
 
+def _make_static(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give the inputs named in ``shapes`` those static shapes (a graph's profile dims are symbolic),
+    so that shape inference knows every intermediate's size and the segment budget holds."""
+    for value in graph.input:
+        for dim, size in zip(value.type.tensor_type.shape.dim, shapes.get(value.name, ())):
+            dim.Clear()
+            dim.dim_value = size
+
+
 class SegmentedGraph:
     """One ONNX graph (weights read lazily), run segment by segment on ``feeds``."""
 
-    def __init__(self, onnx_path: Path, limits: SegmentLimits = SegmentLimits()) -> None:
+    def __init__(self, onnx_path: Path, limits: SegmentLimits = SegmentLimits(),
+                 input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         self.path, self.limits = Path(onnx_path), limits
         self.model = onnx.load(str(onnx_path), load_external_data=False)
         graph = self.model.graph
+        _make_static(graph, input_shapes or {})
         self.nodes = list(graph.node)
         self.initializers = {t.name: t for t in graph.initializer}
         inferred = onnx.shape_inference.infer_shapes(self.model).graph

@@ -252,9 +252,10 @@ def debug_network(config: DebugConfig, name: str) -> NetworkReport:
         wanted, found = ([t.to_dict() for t in e.inputs] for e in (fp16, reference))
         raise PrecisionDebugError(f"--reference: expected {name}'s inputs of the fp16 artifacts {wanted}, found "
                                   f"{found} (export the reference at the same profile)")
-    graph16 = SegmentedGraph(Path(config.fp16_artifacts) / fp16.onnx, config.limits)
-    graph32 = SegmentedGraph(Path(config.reference) / reference.onnx, config.limits)
-    feeds = sample_inputs(fp16.resolved, seed=config.seed)
+    shapes = {t.name: t.shape for t in fp16.resolved().inputs}  # at the default profile
+    graph16 = SegmentedGraph(Path(config.fp16_artifacts) / fp16.onnx, config.limits, shapes)
+    graph32 = SegmentedGraph(Path(config.reference) / reference.onnx, config.limits, shapes)
+    feeds = sample_inputs(fp16.resolved(), seed=config.seed)
     try:
         nodes = compare_graphs(graph16, graph32, feeds)
     except ValueError as err:  # graphs from different exporters

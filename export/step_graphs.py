@@ -25,10 +25,9 @@ from kandinsky_trt.runtime.contract.spec import (
     KANDINSKY_2_1_DIMS,
     STEP_NETWORKS,
     ModelDims,
-    Profile,
     ResolvedNetwork,
     SpecError,
-    resolve,
+    resolve_graph,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,37 +125,40 @@ def _model_input(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> None:
         g.op("Concat", [batch_out, "conditioning"], "model_input", axis=1)
 
 
-def build_step_graph(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> onnx.ModelProto:
-    """The ONNX step graph ``name`` (a key of ``spec.STEP_NETWORKS``) at ``profile``, checked with onnx.checker.
+def build_step_graph(name: str, cfg: bool, dims: ModelDims = KANDINSKY_2_1_DIMS) -> onnx.ModelProto:
+    """The ONNX step graph ``name`` (a key of ``spec.STEP_NETWORKS``), checked with onnx.checker.
+
+    Its batch and latent dims are symbolic (``spec.resolve_graph``): one graph serves every profile
+    with guidance ``cfg``.
 
     Raises:
         SpecError: ``name`` is not a step network.
     """
     if name not in STEP_NETWORKS:
         raise SpecError(f"name: expected one of {sorted(STEP_NETWORKS)}, found {name!r}")
-    spec = resolve(name, profile, dims)
+    spec = resolve_graph(name, dims)
     g = _GraphBuilder()
     columns = [f"c_{c}" for c in COEFFICIENT_COLUMNS]  # one (1,) tensor per column, broadcast below
     g.op("Split", ["coefficients"], columns, axis=0, num_outputs=len(columns))
-    eps, var = _guidance(g, spec, profile.cfg)
+    eps, var = _guidance(g, spec, cfg)
     _update(g, eps, _std(g, var))
-    _model_input(g, spec, profile.cfg)
+    _model_input(g, spec, cfg)
     graph = helper.make_graph(
         g.nodes, name, [_value_info(t) for t in spec.inputs], [_value_info(t) for t in spec.outputs], g.initializers
     )
     opset = helper.make_opsetid("", OPSET)
     model = helper.make_model(graph, opset_imports=[opset], producer_name="kandinsky_trt.export.step_graphs")
     model.ir_version = helper.find_min_ir_version_for([opset])
-    helper.set_model_props(model, {"coefficient_columns": ",".join(COEFFICIENT_COLUMNS), "profile": profile.name})
+    helper.set_model_props(model, {"coefficient_columns": ",".join(COEFFICIENT_COLUMNS), "cfg": str(cfg).lower()})
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def write_step_graph(name: str, profile: Profile, dims: ModelDims, path: str | os.PathLike) -> Path:
+def write_step_graph(name: str, cfg: bool, dims: ModelDims, path: str | os.PathLike) -> Path:
     """Build the step graph and write it to ``path`` atomically (temporary file in the same folder, rename)."""
     path = Path(path)
-    model = build_step_graph(name, profile, dims)
+    model = build_step_graph(name, cfg, dims)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, model.SerializeToString())
-    logger.info("wrote %s (%s, %s)", path, name, profile.name)
+    logger.info("wrote %s (%s, cfg %s)", path, name, cfg)
     return path

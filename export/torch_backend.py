@@ -18,12 +18,14 @@ import numpy as np
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.contract.spec import NETWORK_SOURCE
+from kandinsky_trt.runtime.contract.spec import NETWORK_SOURCE, ResolvedNetwork
 
 
 class TorchSession(NetworkSession):
-    def __init__(self, entry: mf.NetworkEntry, module, device: str) -> None:
-        super().__init__(entry.resolved)
+    """One network at one profile; the sessions of every profile share one module."""
+
+    def __init__(self, network: ResolvedNetwork, module, device: str) -> None:
+        super().__init__(network)
         self._module = module
         self._device = device
 
@@ -48,7 +50,8 @@ class TorchBackend(Backend):
     def __init__(self, manifest: mf.Manifest, device: str = "cpu") -> None:
         self.manifest = manifest
         self.device = device
-        self._sessions: dict[str, NetworkSession] = {}
+        self._modules: dict[str, object] = {}  # network -> its wrapper module, one per network
+        self._sessions: dict[tuple[str, int], NetworkSession] = {}
         self._steps = OrtBackend(manifest)
 
     def _component_dir(self, network: str) -> Path:
@@ -62,24 +65,30 @@ class TorchBackend(Backend):
             )
         return path
 
-    def load(self, network: str) -> NetworkSession:
+    def load(self, network: str, profile: int = 0) -> NetworkSession:
         if network.endswith("_step"):
-            return self._steps.load(network)
-        if network not in self._sessions:
+            return self._steps.load(network, profile)
+        key = (network, profile)
+        if key not in self._sessions:
+            resolved = self.manifest.network(network).resolved(profile)
+            self._sessions[key] = TorchSession(resolved, self._module(network), self.device)
+        return self._sessions[key]
+
+    def _module(self, network: str):
+        if network not in self._modules:
             from kandinsky_trt.export.torch_modules import WRAPPERS, load_module
 
             import torch
 
-            entry = self.manifest.network(network)
             module = load_module(network, self._component_dir(network)).to(self.device)
-            wrapper = WRAPPERS[network](module, torch.float32)
-            self._sessions[network] = TorchSession(entry, wrapper, self.device)
-        return self._sessions[network]
+            self._modules[network] = WRAPPERS[network](module, torch.float32)
+        return self._modules[network]
 
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+        self._modules.clear()
         self._steps.close()
 
 

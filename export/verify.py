@@ -43,6 +43,7 @@ class ParityResult:
     max_abs: float
     max_rel: float
     tolerance: float
+    profile: str = ""  # the profile (name) whose shapes were compared
 
     @property
     def passed(self) -> bool:
@@ -50,7 +51,7 @@ class ParityResult:
 
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
-        return (f"{self.network:<20} {self.precision}  max abs {self.max_abs:.3e}  "
+        return (f"{self.network:<20} {self.precision}  {self.profile:<18} max abs {self.max_abs:.3e}  "
                 f"max rel {self.max_rel:.3e}  (tolerance {self.tolerance:.0e})  {verdict}")
 
 
@@ -88,14 +89,27 @@ def onnx_outputs(onnx_path: Path, input_sets: list[dict[str, np.ndarray]]) -> li
     return [session.run(None, feeds) for feeds in input_sets]
 
 
-def compare(network: str, precision: str, reference: list[list[np.ndarray]], found: list[list[np.ndarray]]) -> ParityResult:
+def onnx_outputs_by_shape(onnx_path: Path, inputs: dict) -> dict:
+    """{key: outputs of each input set} for ``{key: input sets}``, from one session of ``onnx_path``."""
+    if not inputs:
+        return {}
+    flat = [feeds for sets in inputs.values() for feeds in sets]
+    outputs, found = iter(onnx_outputs(onnx_path, flat)), {}
+    for key, sets in inputs.items():
+        found[key] = [next(outputs) for _ in sets]
+    return found
+
+
+def compare(network: str, precision: str, reference: list[list[np.ndarray]], found: list[list[np.ndarray]],
+            profile: str = "") -> ParityResult:
     max_abs = max_rel = 0.0
     for ref_set, got_set in zip(reference, found):
         for ref, got in zip(ref_set, got_set):
             if got.shape != ref.shape:
-                return ParityResult(network, precision, float("inf"), float("inf"), tolerance(network, precision))
+                return ParityResult(network, precision, float("inf"), float("inf"), tolerance(network, precision),
+                                    profile)
             err = float(np.max(np.abs(got.astype(np.float64) - ref)))
             err = err if np.isfinite(err) else float("inf")  # NaN must fail, never compare as 0
             scale = float(np.max(np.abs(ref))) or 1.0
             max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale)
-    return ParityResult(network, precision, max_abs, max_rel, tolerance(network, precision))
+    return ParityResult(network, precision, max_abs, max_rel, tolerance(network, precision), profile)

@@ -58,14 +58,20 @@ def tiny_checkpoint(tmp_path_factory):
 
 def _export(tmp_path_factory, checkpoint, precision: str, batch: int, height: int, width: int,
             exporter: str = "legacy"):
-    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
-    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
     from kandinsky_trt.runtime.contract.spec import Profile
 
+    return _export_profiles(tmp_path_factory, checkpoint, precision, (Profile(batch, height, width, cfg=True),),
+                            f"artifacts_{precision}_b{batch}_{height}x{width}", exporter)
+
+
+def _export_profiles(tmp_path_factory, checkpoint, precision: str, profiles: tuple, label: str,
+                     exporter: str = "legacy"):
+    from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
+    from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
+
     dirs = CheckpointDirs(checkpoint.prior, checkpoint.decoder, checkpoint.inpaint)
-    out = tmp_path_factory.mktemp(f"artifacts_{precision}_b{batch}_{height}x{width}")
-    profile = Profile(batch, height, width, cfg=True)
-    report = export_artifacts(ExportConfig(dirs, out, profile, precision, exporter=exporter, verify=True))
+    out = tmp_path_factory.mktemp(label)
+    report = export_artifacts(ExportConfig(dirs, out, profiles, precision, exporter=exporter, verify=True))
     return out, report
 
 
@@ -91,3 +97,13 @@ def artifacts_fp32_b2_wide(tmp_path_factory, tiny_checkpoint):
 def artifacts_fp16_b2_wide(tmp_path_factory, tiny_checkpoint):
     """fp16 graphs, batch 2, non-square 64x128."""
     return _export(tmp_path_factory, tiny_checkpoint, "fp16", 2, 64, 128)
+
+
+@pytest.fixture(scope="session")
+def artifacts_fp32_multi(tmp_path_factory, tiny_checkpoint):
+    """fp32 graphs, one artifacts set of 4 profiles: sizes 64x64 and 64x128 (height x width) x batches 1, 2
+    (the sizes of ``artifacts_fp32`` and ``artifacts_fp32_b2_wide``)."""
+    from kandinsky_trt.runtime.contract.spec import Profile
+
+    profiles = tuple(Profile(b, h, w, cfg=True) for h, w in ((64, 64), (64, 128)) for b in (1, 2))
+    return _export_profiles(tmp_path_factory, tiny_checkpoint, "fp32", profiles, "artifacts_fp32_multi")

@@ -1,7 +1,10 @@
-"""Complete a hand-written engine/TRT test manifest to schema 2 (schedulers, tokenizers, file records).
+"""Complete a hand-written engine/TRT test manifest to the current schema (profiles, schedulers,
+tokenizers, file records).
 
-Those tests describe only networks; a loadable manifest also needs the prior and decoder scheduler
-configs, the two tokenizers and a size + sha256 record of every file it names. Files that exist are
+Those tests describe only networks at one static shape; a loadable manifest also needs the prior
+and decoder scheduler configs, the two tokenizers and a size + sha256 record of every file it names.
+A single ``profile`` becomes the one-element ``profiles``; a network without ``profiles`` gets its
+static I/O as that profile's (engines map it to their optimization profile 0). Files that exist are
 hashed; the others get a record repeating the sha256 the entry states (they are never opened).
 """
 
@@ -14,8 +17,21 @@ from kandinsky_trt.runtime.contract.integrity import file_record
 from kandinsky_trt.runtime.contract.manifest_checks import file_fields
 
 
+def _one_profile(d: dict) -> dict:
+    """The single-profile shorthand of hand-written manifests, written out."""
+    if "profile" in d:
+        d = {key: value for key, value in d.items() if key != "profile"} | {"profiles": [d["profile"]]}
+    networks = []
+    for net in d["networks"]:
+        net = {"profiles": [{"profile": 0, "inputs": net["inputs"], "outputs": net["outputs"]}], **net}
+        if isinstance(net.get("engine"), dict):
+            net["engine"] = {"profiles": [0], **net["engine"]}
+        networks.append(net)
+    return {**d, "networks": networks}
+
+
 def complete_manifest(d: dict, directory: Path) -> dict:
-    d = {**d, "schema_version": mf.SCHEMA_VERSION}
+    d = {**_one_profile(d), "schema_version": mf.SCHEMA_VERSION}
     d["schedulers"] = {"prior": {"config": {"_class_name": "UnCLIPScheduler"}, "tables": {}},
                        "decoder": {"config": {"_class_name": "DDIMScheduler"}, "tables": {}}, **d["schedulers"]}
     for which in ("prior", "decoder"):

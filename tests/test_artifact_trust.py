@@ -70,7 +70,7 @@ def _set_tokenizer(d, value):
 def _set_engine(d, value):
     d["networks"][0]["engine"] = {"file": value, "sha256": "0" * 64, "tensorrt_version": "10.8",
                                   "gpu_name": "x", "compute_capability": "9.0", "onnx_sha256": "0" * 64,
-                                  "device_memory_bytes": 0}
+                                  "device_memory_bytes": 0, "profiles": [0]}
 
 
 FIELDS = {"onnx": (_set_onnx, r"networks\[\d+\]\.onnx"),
@@ -139,7 +139,7 @@ def external_data_artifacts(tmp_path_factory, tiny_checkpoint):
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "_PROTOBUF_LIMIT", 1)  # every graph "over 2 GB"
-        export_artifacts(ExportConfig(dirs, out, Profile(1, 64, 64), "fp32", exporter="legacy",
+        export_artifacts(ExportConfig(dirs, out, (Profile(1, 64, 64),), "fp32", exporter="legacy",
                                       networks=("movq_decoder",)))
     return out
 
@@ -239,12 +239,17 @@ MUTATIONS = {
                                  r"schedulers\.decoder\.config\.num_train_timesteps: expected a JSON integer"),
     "num_train_timesteps=10**12": (_mutate("schedulers/decoder/config/num_train_timesteps", 10**12),
                                    r"num_train_timesteps: expected a number <= 100000, found 1000000000000"),
-    "negative dim": (_mutate("networks/0/inputs/0/shape/0", -3), r"networks\[0\]\.inputs\[0\]\.shape\[0\]: expected a number >= 1"),
-    "giant dim": (_mutate("networks/0/inputs/0/shape/0", 10**9), r"networks\[0\]\.inputs\[0\]\.shape\[0\]: expected a number <= 1048576"),
-    "giant tensor": (_mutate("networks/0/inputs/0/shape", [100000, 100000, 100000]), r"expected at most 2\*\*31 elements"),
-    "batch 10**9": (_mutate("profile/batch", 10**9), r"profile\.batch: expected a number <= 256"),
-    "height not /64": (_mutate("profile/height", 100), r"profile\.height: expected a multiple of 64 "
-                                                        r"\(model_dims\.latent_scale squared\), found 100"),
+    "negative dim": (_mutate("networks/0/profiles/0/inputs/0/shape/0", -3),
+                     r"networks\[0\]\.profiles\[0\]\.inputs\[0\]\.shape\[0\]: expected a number >= 1"),
+    "giant dim": (_mutate("networks/0/profiles/0/inputs/0/shape/0", 10**9),
+                  r"networks\[0\]\.profiles\[0\]\.inputs\[0\]\.shape\[0\]: expected a number <= 1048576"),
+    "giant tensor": (_mutate("networks/0/profiles/0/inputs/0/shape", [100000, 100000, 100000]),
+                     r"profiles\[0\]\.inputs\.input_ids: expected at most 2\*\*31 elements"),
+    "unknown graph dim": (_mutate("networks/0/inputs/0/shape/0", "N"),
+                          r"networks\[0\]\.inputs\[0\]\.shape\[0\]: expected one of \['B', 'B2', 'H', 'W', 'h', 'w'\]"),
+    "batch 10**9": (_mutate("profiles/0/batch", 10**9), r"profiles\[0\]\.batch: expected a number <= 256"),
+    "height not /64": (_mutate("profiles/0/height", 100), r"profiles\[0\]\.height: expected a multiple of 64 "
+                                                           r"\(model_dims\.latent_scale squared\), found 100"),
     "latent_scale 3": (_mutate("model_dims/latent_scale", 3), r"model_dims\.latent_scale: expected one of \[1, 2, 4"),
     "no latent_scale": (_mutate("model_dims/latent_scale", KeyError),
                         r"model_dims\.latent_scale: expected this required field"),
@@ -281,8 +286,10 @@ def test_malformed_or_absurd_values_are_one_line_manifest_errors(art, case):
     (b"[1, 2]", r"expected a JSON object, found list"),
     (b'{"schema_version": NaN}', r"found unreadable content \(a finite JSON number, found NaN\)"),
     (b"[" * 100000 + b"]" * 100000, r"found unreadable content"),  # nesting beyond the parser's recursion
-    (b'{"schema_version": 1}', r"schema_version: expected 2, found 1 \(written by an older kandinsky-trt; "
-                               r"re-export with kandinsky-trt >= 0\.2\.0\)"),
+    (b'{"schema_version": 1}', r"schema_version: expected 3, found 1 \(written by an older kandinsky-trt; "
+                               r"re-export with kandinsky-trt >= 0\.3\.0\)"),
+    (b'{"schema_version": 2, "profile": {}}', r"schema_version: expected 3, found 2 \(written by an older "
+                                               r"kandinsky-trt; re-export with kandinsky-trt >= 0\.3\.0\)"),
 ])
 def test_unreadable_manifests_are_one_line_errors(art, content, match):
     path = art / "manifest.json"

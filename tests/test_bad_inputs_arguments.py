@@ -40,7 +40,7 @@ def components(artifacts_fp32):
 @pytest.fixture
 def offline(components, monkeypatch):
     """The shared components with every network refusing to load: validation must not need one."""
-    def refuse(network):
+    def refuse(network, profile=0):
         raise AssertionError(f"{network} was loaded before the bad argument was refused")
 
     monkeypatch.setattr(components, "session", refuse)
@@ -199,7 +199,8 @@ def test_combined_names_its_own_arguments(offline):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(height=128), r"height/width: these artifacts were exported for 64x64 \(profile b1_64x64_cfg\); found 128x64"),
+    (dict(height=128), r"height/width: expected a size these artifacts hold \(width x height: 64x64\), found width 64 "
+                       r"x height 128 \(served as 64x128\)"),
     (dict(width=0), r"width: expected an integer >= 1, found 0"),
     (dict(num_inference_steps=0), r"num_inference_steps: expected an integer >= 1, found 0"),
     (dict(num_images_per_prompt=0), r"num_images_per_prompt: expected an integer >= 1, found 0"),
@@ -269,14 +270,18 @@ def test_guidance_needs_a_cfg_profile(tmp_path, artifacts_fp32, monkeypatch):
     out = tmp_path / "art"
     shutil.copytree(artifacts_fp32[0], out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["profile"]["cfg"] = False
+    manifest["profiles"][0]["cfg"] = False
+    for net in manifest["networks"]:  # the resolved I/O of a profile without guidance: B2 = B
+        for kind in ("inputs", "outputs"):
+            for graph, tensor in zip(net[kind], net["profiles"][0][kind]):
+                tensor["shape"] = [1 if dim == "B2" else size for dim, size in zip(graph["shape"], tensor["shape"])]
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PipelineInputError, match="guidance_scale: .*without classifier-free guidance.*found 4.0"):
         KandinskyPipeline(out)("a", EMB, EMB, height=64, width=64, num_inference_steps=1)
     with Components(out) as c:
         with pytest.raises(PipelineInputError, match="guidance_scale: .*without classifier-free guidance.*found 1.5"):
             KandinskyPriorPipeline(components=c)("a", num_inference_steps=1, guidance_scale=1.5)
-        monkeypatch.setattr(c, "session", lambda name: (_ for _ in ()).throw(AssertionError(f"{name} reached")))
+        monkeypatch.setattr(c, "session", lambda name, profile=0: (_ for _ in ()).throw(AssertionError(f"{name} reached")))
         for scale in (1.0, 0.5, -2.0):  # no guidance (diffusers' rule): such artifacts serve it
             with pytest.raises(AssertionError, match="text_encoder reached"):
                 KandinskyPipeline(components=c)("a", EMB, EMB, height=64, width=64, num_inference_steps=1,

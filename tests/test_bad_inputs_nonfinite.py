@@ -47,9 +47,11 @@ def _overflow_in(components, monkeypatch, network: str) -> None:
     """Stage networks are reached through ``Components.session``, loop networks through the backend's
     ``load`` (``backend.loop`` builds the loop from it): patch both."""
     real = type(components).session.__get__(components)
-    monkeypatch.setattr(components, "session", lambda name: _Overflowing(real(name)) if name == network else real(name))
+    monkeypatch.setattr(components, "session",
+                        lambda name, profile=0: _Overflowing(real(name, profile)) if name == network else real(name, profile))
     load = components.backend.load
-    monkeypatch.setattr(components.backend, "load", lambda name: _Overflowing(load(name)) if name == network else load(name))
+    monkeypatch.setattr(components.backend, "load",
+                        lambda name, profile=0: _Overflowing(load(name, profile)) if name == network else load(name, profile))
 
 
 @pytest.mark.parametrize("network, stage", [

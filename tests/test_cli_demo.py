@@ -84,12 +84,13 @@ def test_default_size_equals_the_explicit_one(demo, tmp_path):
 ])
 def test_wrong_size_is_refused_before_any_network_runs(command, demo, tmp_path, capsys, monkeypatch):
     loaded = []
-    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network, profile=0: loaded.append(network))
     argv = [a.format(demo=demo) for a in command]
     code = main(argv + ["--artifacts", str(demo / "artifacts"), "--height", "128", "--out", str(tmp_path / "x.png")])
     assert code == 2 and loaded == []
     err = capsys.readouterr().err
-    assert "height/width: these artifacts were exported for 64x64" in err and "found 128x64" in err
+    assert "height/width: expected a size these artifacts hold (width x height: 64x64)" in err
+    assert "found width 64 x height 128" in err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -99,8 +100,8 @@ def test_api_combined_pipelines_refuse_a_wrong_size_before_the_prior(demo, monke
 
     pipe = KandinskyCombinedPipeline(demo / "artifacts")
     loaded = []
-    monkeypatch.setattr(OrtBackend, "load", lambda self, network: loaded.append(network))
-    with pytest.raises(PipelineInputError, match="found 64x192"):
+    monkeypatch.setattr(OrtBackend, "load", lambda self, network, profile=0: loaded.append(network))
+    with pytest.raises(PipelineInputError, match="found width 192 x height 64"):
         pipe("a cat", width=192, num_inference_steps=2, prior_num_inference_steps=2)
     assert loaded == []
 

@@ -53,8 +53,8 @@ class _Recording:
         self.calls: dict[str, list] = {network: [], step_graph: []}
         load = components.backend.load
 
-        def recording_load(name: str):
-            session = load(name)
+        def recording_load(name: str, profile: int = 0):
+            session = load(name, profile)
             if name not in self.calls:
                 return session
             calls = self.calls[name]
@@ -91,9 +91,9 @@ class _Recording:
         return out
 
 
-def _replay(host_program: Path, artifacts: Path, recording: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(host_program), str(artifacts), str(recording)], capture_output=True, text=True,
-                          timeout=120)
+def _replay(host_program: Path, artifacts: Path, recording: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(host_program), str(artifacts), str(recording), *options], capture_output=True,
+                          text=True, timeout=120)
 
 
 def _emb(seed: int, rows: int = 1) -> np.ndarray:
@@ -156,13 +156,16 @@ def test_cpp_host_detects_a_wrong_replay(host_program, artifacts_fp32, tmp_path)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 2, found 99"),
+    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 3, found 99"),
+    (lambda m: m.update(schema_version=2), "manifest.schema_version: expected 3, found 2 (written by an older "
+                                           "kandinsky-trt; re-export with kandinsky-trt >= 0.3.0)"),
     (lambda m: m["constants"][0].update(file="../outside.bin"),
      "expected a file name inside the artifacts directory, found '../outside.bin'"),
     (lambda m: m["constants"][0].update(file="/etc/passwd"),
      "expected a file name inside the artifacts directory, found '/etc/passwd'"),
     (lambda m: m["constants"][0].update(sha256="0" * 64), "does not match"),
-    (lambda m: m.pop("profile"), "manifest.profile: expected the field, found none"),
+    (lambda m: m.pop("profiles"), "manifest.profiles: expected the field, found none"),
+    (lambda m: m["networks"][0]["profiles"].clear(), ".profiles: expected the resolved I/O of profile 0, found none"),
 ])
 def test_cpp_host_contract_errors_are_one_line(edit, message, host_program, artifacts_fp32, tmp_path):
     artifacts = tmp_path / "artifacts"
@@ -178,6 +181,27 @@ def test_cpp_host_contract_errors_are_one_line(edit, message, host_program, arti
     done = _replay(host_program, artifacts, recording)
     assert done.returncode == 2
     assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_cpp_host_picks_the_profile_of_a_multi_profile_set(host_program, artifacts_fp32_multi, tmp_path):
+    """Two rows at 64x128 (height x width) run at the batch-2 profile of that size: the host picks
+    it by --size WIDTHxHEIGHT and --batch and replays the loop on its shapes."""
+    artifacts = artifacts_fp32_multi[0]
+    with Components(artifacts) as components:
+        recorder = _Recording(components, "unet", "unet_step")
+        KandinskyPipeline(components=components)(["a castle", "a boat"], _emb(1, 2), _emb(2, 2), height=64, width=128,
+                                                 num_inference_steps=50, guidance_scale=4.0, generator=0)
+    record = dict(network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=50,
+                  guidance_scale=4.0)
+    rec = recorder.write(tmp_path / "rec", record, "noise_pred")
+    done = _replay(host_program, artifacts, rec, "--size", "128x64", "--batch", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 profile(s), serving profile 3: batch 2 128x64" in done.stdout
+    assert "bind unet_step          input  latents        float32 [2,4,8,16]" in done.stdout
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    refused = _replay(host_program, artifacts, rec, "--size", "192x64")
+    assert refused.returncode == 2 and "profile: expected one of the manifest's profiles (b1 64x64, b2 64x64, " \
+        "b1 128x64, b2 128x64), found none of batch 0 at 192x64" in refused.stderr, refused.stderr
 
 
 def test_cpp_host_names_a_missing_table(host_program, artifacts_fp32, tmp_path):

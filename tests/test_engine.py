@@ -11,6 +11,7 @@ missing (it was not executed where this file was written).
 from __future__ import annotations
 
 import json
+import re
 import logging
 import sys
 
@@ -177,11 +178,12 @@ def test_build_records_engines_in_the_manifest(tmp_path):
     assert paths[0] == tmp_path / f"toy.trt11.4.0.sm90.{sha8}.plan"
     assert paths[0].read_bytes() == b"plan:toy:11.4.0.106"
     saved = load_manifest(tmp_path)
-    engine = saved.networks["toy"].engine
+    engine = dict(saved.networks["toy"].engine)
+    assert re.fullmatch("[0-9a-f]{16}", engine.pop("profile_shapes"))  # a reuse key: the shapes built for
     assert engine == {
         "file": paths[0].name, "sha256": sha256_file(paths[0]), "tensorrt_version": TRT_VERSION,
         "gpu_name": H100.gpu_name, "compute_capability": "9.0", "onnx_sha256": manifest.networks["toy"].onnx_sha256,
-        "device_memory_bytes": 4096, "export_key": "key-toy", "builder_optimization_level": 4,
+        "device_memory_bytes": 4096, "export_key": "key-toy", "builder_optimization_level": 4, "profiles": [0],
     }
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator(schema).validate(json.loads((tmp_path / "manifest.json").read_text()))

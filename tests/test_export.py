@@ -15,7 +15,7 @@ from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, read_model_dims
 from kandinsky_trt.export.onnx_export import check_graph_io
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError, resolve
+from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError, resolve_graph
 
 ALL_ARTIFACTS = ["artifacts_fp32", "artifacts_fp16", "artifacts_fp32_b2_wide", "artifacts_fp16_b2_wide"]
 
@@ -23,7 +23,7 @@ ALL_ARTIFACTS = ["artifacts_fp32", "artifacts_fp16", "artifacts_fp32_b2_wide", "
 @pytest.mark.parametrize("fixture", ALL_ARTIFACTS)
 def test_every_network_exports_and_matches_torch(fixture, request):
     out, report = request.getfixturevalue(fixture)
-    assert sorted(p.network for p in report.parity) == sorted(NETWORKS)
+    assert sorted(p.network for p in report.parity) == sorted(NETWORKS)  # one shape each: one profile
     for parity in report.parity:
         assert parity.passed, parity.line()
     manifest = mf.load_manifest(out)
@@ -37,7 +37,7 @@ def test_graph_io_equals_the_resolved_spec(fixture, request):
     manifest = mf.load_manifest(out)
     for name, entry in manifest.networks.items():
         model = onnx.load(str(out / entry.onnx), load_external_data=False)
-        check_graph_io(model, resolve(name, manifest.profile, manifest.model_dims))
+        check_graph_io(model, resolve_graph(name, manifest.model_dims))
         assert mf.sha256_file(out / entry.onnx) == entry.onnx_sha256
 
 
@@ -77,7 +77,7 @@ def test_constants_and_tokenizers(artifacts_fp32, tiny_checkpoint):
 
 def test_reexport_reuses_by_hash_and_redoes_what_changed(tmp_path, tiny_checkpoint):
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
-    config = ExportConfig(dirs, tmp_path, Profile(1, 64, 64), "fp32", exporter="legacy",
+    config = ExportConfig(dirs, tmp_path, (Profile(1, 64, 64),), "fp32", exporter="legacy",
                           networks=("movq_decoder", "prior"))
     first = export_artifacts(config)
     assert sorted(first.exported) == ["movq_decoder", "prior"]
@@ -95,7 +95,7 @@ def test_constants_are_reused_with_their_source_networks(tmp_path, tiny_checkpoi
     from kandinsky_trt.export import artifacts
 
     dirs = CheckpointDirs(tiny_checkpoint.prior, tiny_checkpoint.decoder)
-    config = ExportConfig(dirs, tmp_path, Profile(1, 64, 64), "fp32", exporter="legacy",
+    config = ExportConfig(dirs, tmp_path, (Profile(1, 64, 64),), "fp32", exporter="legacy",
                           networks=("prior", "image_encoder"))
     first = mf.load_manifest(export_artifacts(config).manifest_path.parent).constants
 

@@ -32,13 +32,13 @@ from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.runtime.contract.spec import Profile
 prior, decoder, out, precision = sys.argv[1:5]
-export_artifacts(ExportConfig(CheckpointDirs(Path(prior), Path(decoder)), Path(out), Profile(1, 64, 64), precision,
+export_artifacts(ExportConfig(CheckpointDirs(Path(prior), Path(decoder)), Path(out), (Profile(1, 64, 64),), precision,
                               exporter="legacy", networks=tuple(sys.argv[5].split(","))))
 """
 
 
 def _config(ckpt, out, precision="fp32", networks=NETWORKS) -> ExportConfig:
-    return ExportConfig(CheckpointDirs(ckpt.prior, ckpt.decoder), out, Profile(1, 64, 64), precision,
+    return ExportConfig(CheckpointDirs(ckpt.prior, ckpt.decoder), out, (Profile(1, 64, 64),), precision,
                         exporter="legacy", networks=networks)
 
 
@@ -217,7 +217,7 @@ def test_every_written_file_follows_the_umask(tmp_path, tiny_checkpoint, umask):
     try:
         out = tmp_path / "art"
         export_artifacts(_config(tiny_checkpoint, out, networks=("movq_decoder",)))
-        step = write_step_graph("prior_step", Profile(1, 64, 64), read_model_dims(_config(tiny_checkpoint, out).checkpoints),
+        step = write_step_graph("prior_step", True, read_model_dims(_config(tiny_checkpoint, out).checkpoints),
                                 tmp_path / "step.onnx")
         integrity.write_bytes_atomic(tmp_path / "plain.bin", b"x")
     finally:

@@ -39,7 +39,7 @@ def two_level_checkpoint(tmp_path_factory):
 def artifacts(tmp_path_factory, two_level_checkpoint):
     out = tmp_path_factory.mktemp("artifacts_movq2")
     profile = Profile(1, SIZE, SIZE, cfg=True)
-    report = export_artifacts(ExportConfig(two_level_checkpoint, out, profile, "fp32", exporter="legacy", verify=True))
+    report = export_artifacts(ExportConfig(two_level_checkpoint, out, (profile,), "fp32", exporter="legacy", verify=True))
     assert report.passed
     return out
 
@@ -64,9 +64,9 @@ def test_scale_factor_is_read_and_recorded(two_level_checkpoint, artifacts, diff
     assert read_model_dims(two_level_checkpoint).latent_scale == SCALE == diffusers_pipes["text2img"].movq_scale_factor
     manifest = load_manifest(artifacts)
     assert manifest.model_dims.latent_scale == SCALE
-    assert manifest.network("movq_decoder").resolved.tensor("latents").shape == (1, 4, LATENT, LATENT)
-    assert manifest.network("movq_encoder").resolved.tensor("image").shape == (1, 3, SIZE, SIZE)
-    assert manifest.network("unet").resolved.tensor("sample").shape == (2, 4, LATENT, LATENT)
+    assert manifest.network("movq_decoder").resolved().tensor("latents").shape == (1, 4, LATENT, LATENT)
+    assert manifest.network("movq_encoder").resolved().tensor("image").shape == (1, 3, SIZE, SIZE)
+    assert manifest.network("unet").resolved().tensor("sample").shape == (2, 4, LATENT, LATENT)
 
 
 @pytest.mark.parametrize("levels", [0, 5, 2.0, True])
@@ -78,7 +78,7 @@ def test_bad_movq_levels_are_refused(tmp_path, levels):
 
 
 def test_export_refuses_a_size_the_movq_cannot_make(two_level_checkpoint, tmp_path):
-    config = ExportConfig(two_level_checkpoint, tmp_path / "out", Profile(1, 50, SIZE), "fp32")
+    config = ExportConfig(two_level_checkpoint, tmp_path / "out", (Profile(1, 50, SIZE),), "fp32")
     with pytest.raises(SpecError, match="height: expected a multiple of 4 .*scale factor 2 squared.*found 50"):
         export_artifacts(config)
     assert not (tmp_path / "out").exists()

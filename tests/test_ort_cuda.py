@@ -52,7 +52,7 @@ def _host(c, spec: LoopSpec, table, inputs, callback=None) -> np.ndarray:
 def _inputs(c, names: LoopSpec, table, seed: int) -> LoopInputs:
     """Random inputs of the spec's shapes: N(0,1) floats, text masks of mixed lengths."""
     rng = np.random.default_rng(seed)
-    network = c.manifest.network(names.network).resolved
+    network = c.manifest.network(names.network).resolved()
     conditioning = {}
     for t in network.inputs:
         if t.name in (names.sample_input, "timestep"):
@@ -61,7 +61,7 @@ def _inputs(c, names: LoopSpec, table, seed: int) -> LoopInputs:
             conditioning[t.name] = np.arange(t.shape[1])[None, :] < rng.integers(2, t.shape[1], (t.shape[0], 1))
         else:
             conditioning[t.name] = rng.standard_normal(t.shape).astype(np.float32)
-    latents = rng.standard_normal(c.manifest.network(names.step).resolved.tensor("latents").shape).astype(np.float32)
+    latents = rng.standard_normal(c.manifest.network(names.step).resolved().tensor("latents").shape).astype(np.float32)
     stochastic = int(table.stochastic.sum())
     noise = rng.standard_normal((stochastic, *latents.shape)).astype(np.float32) if stochastic else None
     return LoopInputs(latents, conditioning, {}, noise, guidance_scale=4.0)
@@ -249,25 +249,27 @@ def _toy_network() -> ResolvedNetwork:
 
 def test_each_binding_gets_its_own_graph_id():
     session = _FakeSession()
-    device = DeviceSession(_toy_network(), session, "cuda", CudaGraphOptions())
-    runs = [device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}) for _ in range(3)]
-    assert [r.graph_id for r in runs] == [1, 2, 3]  # never 0 (ORT's default) nor -1 (capture off)
+    device = DeviceSession("toy", session, "cuda", CudaGraphOptions())
+    runs = [device.bind(_toy_network(), {"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}) for _ in range(2)]
+    wider = ResolvedNetwork("toy", (ResolvedTensor("x", "float32", (4, 3)),), (ResolvedTensor("y", "float32", (4, 3)),))
+    runs.append(device.bind(wider, {"x": _FakeValue((4, 3)), "y": _FakeValue((4, 3))}))  # another profile's shapes
+    assert [r.graph_id for r in runs] == [1, 2, 3]  # unique per session, whatever the profile; never 0 nor -1
     runs[1].enqueue()
     runs[1].enqueue()
     runs[1].enqueue(graph=False)  # the same binding eagerly
     assert [graph_id for _, graph_id in session.runs] == ["2", "2", "-1"]
-    eager = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions(enabled=False))
-    assert eager.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}).graph_id is None
+    eager = DeviceSession("toy", _FakeSession(), "cuda", CudaGraphOptions(enabled=False))
+    assert eager.bind(_toy_network(), {"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3))}).graph_id is None
 
 
 def test_bind_rejects_wrong_buffers():
-    device = DeviceSession(_toy_network(), _FakeSession(), "cuda", CudaGraphOptions())
+    device = DeviceSession("toy", _FakeSession(), "cuda", CudaGraphOptions())
     with pytest.raises(BackendError, match=r"buffers expected \['x', 'y'\], found \['x'\]"):
-        device.bind({"x": _FakeValue((2, 3))})
+        device.bind(_toy_network(), {"x": _FakeValue((2, 3))})
     with pytest.raises(BackendError, match=r"toy.y: expected a float32\[2, 3\] buffer, found float16\[2, 3\]"):
-        device.bind({"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3), "tensor(float16)")})
+        device.bind(_toy_network(), {"x": _FakeValue((2, 3)), "y": _FakeValue((2, 3), "tensor(float16)")})
     with pytest.raises(BackendError, match="toy.x: expected a buffer on cuda, found Cpu"):
-        device.bind({"x": _FakeValue((2, 3), device="Cpu"), "y": _FakeValue((2, 3))})
+        device.bind(_toy_network(), {"x": _FakeValue((2, 3), device="Cpu"), "y": _FakeValue((2, 3))})
 
 
 def test_device_sessions_are_cached_per_backend(components):

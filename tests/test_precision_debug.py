@@ -30,7 +30,7 @@ def _export(checkpoint_dir, out, precision, exporter="legacy", fp32_nodes=()):
     from kandinsky_trt.runtime.contract.spec import Profile
 
     dirs = CheckpointDirs(checkpoint_dir / "prior", checkpoint_dir / "decoder")
-    export_artifacts(ExportConfig(dirs, out, Profile(1, 64, 64, cfg=True), precision, exporter=exporter,
+    export_artifacts(ExportConfig(dirs, out, (Profile(1, 64, 64, cfg=True),), precision, exporter=exporter,
                                   networks=("unet",), fp32_nodes=tuple(fp32_nodes)))
     return out
 

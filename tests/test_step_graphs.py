@@ -23,6 +23,7 @@ from kandinsky_trt.runtime.contract.spec import (  # noqa: E402
     Profile,
     SpecError,
     resolve,
+    resolve_graph,
 )
 
 DIMS = ModelDims(clip_dim=32, text_dim=32, image_size=32)
@@ -66,7 +67,7 @@ def _feeds(spec, rng) -> dict[str, np.ndarray]:
 def test_step_graph_matches_apply_step(name, cfg, batch):
     profile = Profile(batch=batch, height=64, width=128, cfg=cfg)
     spec = resolve(name, profile, DIMS)
-    session = _session(build_step_graph(name, profile, DIMS))
+    session = _session(build_step_graph(name, cfg, DIMS))  # one symbolic graph serves every batch and size
     rng = np.random.default_rng(batch + 2 * cfg)
     for row in _rows(prior=name == "prior_step"):
         feeds = {**_feeds(spec, rng), "coefficients": row}
@@ -85,14 +86,13 @@ def test_step_graph_matches_apply_step(name, cfg, batch):
 @pytest.mark.parametrize("cfg", [True, False])
 @pytest.mark.parametrize("name", sorted(STEP_NETWORKS))
 def test_graph_io_equals_spec(name, cfg):
-    profile = Profile(batch=2, height=64, width=64, cfg=cfg)
-    model = build_step_graph(name, profile, DIMS)
-    spec = resolve(name, profile, DIMS)
+    model = build_step_graph(name, cfg, DIMS)
+    spec = resolve_graph(name, DIMS)
 
     def describe(values) -> list[tuple]:
         return [
             (v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-             tuple(d.dim_value for d in v.type.tensor_type.shape.dim))
+             tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
             for v in values
         ]  # fmt: skip
 
@@ -108,7 +108,7 @@ def test_dpm_history_through_the_graph():
     """x0 output fed back as x0_prev: 10 DPM-Solver++ steps in onnxruntime equal the apply_step loop."""
     profile = Profile(batch=1, height=64, width=64, cfg=True)
     spec = resolve("unet_step", profile, DIMS)
-    session = _session(build_step_graph("unet_step", profile, DIMS))
+    session = _session(build_step_graph("unet_step", profile.cfg, DIMS))
     table = S.scheduler_table(S.fast_solver_config(DDIM), 10)
     rng = np.random.default_rng(0)
     x_graph = x_ref = rng.standard_normal(spec.tensor("latents").shape).astype(np.float32)
@@ -124,15 +124,14 @@ def test_dpm_history_through_the_graph():
 
 
 def test_write_step_graph_is_atomic(tmp_path):
-    profile = Profile(batch=1, height=64, width=64, cfg=True)
-    path = write_step_graph("unet_inpaint_step", profile, DIMS, tmp_path / "sub" / "unet_inpaint_step.onnx")
+    path = write_step_graph("unet_inpaint_step", True, DIMS, tmp_path / "sub" / "unet_inpaint_step.onnx")
     assert os.listdir(path.parent) == ["unet_inpaint_step.onnx"]  # no temporary file left behind
     loaded = onnx.load(path)
-    assert loaded.SerializeToString() == build_step_graph("unet_inpaint_step", profile, DIMS).SerializeToString()
+    assert loaded.SerializeToString() == build_step_graph("unet_inpaint_step", True, DIMS).SerializeToString()
     props = {p.key: p.value for p in loaded.metadata_props}
     assert props["coefficient_columns"] == ",".join(COEFFICIENT_COLUMNS)
 
 
 def test_unknown_step_graph():
     with pytest.raises(SpecError, match="name: expected one of .*found 'unet'"):
-        build_step_graph("unet", Profile(), DIMS)
+        build_step_graph("unet", True, DIMS)

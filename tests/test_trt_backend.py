@@ -33,17 +33,18 @@ from kandinsky_trt.runtime.backends.trt import (
     import_tensorrt,
 )
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.contract.spec import ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
 
 
 def _unet_entry(engine: dict | None = None) -> NetworkEntry:
+    inputs = (ResolvedTensor("sample", "float32", (2, 4, 64, 64)), ResolvedTensor("timestep", "float32", (1,)))
+    outputs = (ResolvedTensor("noise_pred", "float32", (2, 8, 64, 64)),)
     return NetworkEntry(
-        name="unet", onnx="unet.onnx", onnx_sha256="a" * 64, precision="fp16",
-        inputs=(ResolvedTensor("sample", "float32", (2, 4, 64, 64)), ResolvedTensor("timestep", "float32", (1,))),
-        outputs=(ResolvedTensor("noise_pred", "float32", (2, 8, 64, 64)),),
+        name="unet", onnx="unet.onnx", onnx_sha256="a" * 64, precision="fp16", inputs=inputs, outputs=outputs,
+        profiles=(ResolvedNetwork("unet", inputs, outputs),),
         engine=engine if engine is not None else {
-            "file": "unet.plan", "sha256": "b" * 64, "tensorrt_version": TRT_VERSION,
-            "gpu_name": H100.name, "compute_capability": "9.0", "onnx_sha256": "a" * 64, "device_memory_bytes": 0,
+            "file": "unet.plan", "sha256": "b" * 64, "tensorrt_version": TRT_VERSION, "gpu_name": H100.name,
+            "compute_capability": "9.0", "onnx_sha256": "a" * 64, "device_memory_bytes": 0, "profiles": [0],
         },
     )
 
@@ -272,7 +273,8 @@ def test_plan_from_another_tensorrt_is_refused_before_deserializing(fake_trt, tm
 def test_engine_io_is_checked_on_load(fake_trt, tmp_path):
     manifest = _write_toy_artifacts(tmp_path)
     data = manifest.to_dict()
-    data["networks"][0]["inputs"][0]["shape"] = [4, 3]
+    for io in (data["networks"][0], data["networks"][0]["profiles"][0]):  # the graph's and the profile's
+        io["inputs"][0]["shape"] = [4, 3]
     Manifest.from_dict(data, tmp_path).save()
     with TrtBackend(tmp_path) as backend, pytest.raises(EngineMismatchError) as caught:
         backend.load("toy")

@@ -1,8 +1,8 @@
 """kandinsky_trt.runtime.backends: the backend interface at two levels, and its implementations.
 
-``base`` declares the interface (host level ``load(network).run(feeds)``; device level
-``bind(network, buffers).enqueue(stream)``; ``loop(spec, cuda_graph)``); ``ort`` and ``ort_cuda``
-run ONNX Runtime, ``trt`` and ``trt_network`` TensorRT plans. The ``torch`` backend (the parity
+``base`` declares the interface (host level ``load(network, profile).run(feeds)``; device level
+``bind(network, buffers, profile).enqueue(stream)``; ``loop(spec, profile, cuda_graph)``); ``ort`` and
+``ort_cuda`` run ONNX Runtime, ``trt`` and ``trt_network`` TensorRT plans. The ``torch`` backend (the parity
 oracle) needs torch and so lives in ``kandinsky_trt.export.torch_backend``, registered through the
 ``kandinsky_trt.backends`` entry point.
 

@@ -1,13 +1,14 @@
 """The backend interface at two levels, and the denoising loop each backend runs.
 
-* Host level, every backend (``ort``, ``torch``, ``trt``): ``load(network)`` returns a
-  :class:`NetworkSession`; ``run(feeds)`` takes and returns host numpy arrays by spec tensor name,
-  so pipelines never know which backend runs underneath.
+* Host level, every backend (``ort``, ``torch``, ``trt``): ``load(network, profile)`` returns a
+  :class:`NetworkSession` at the static shapes of manifest profile ``profile`` (an index of
+  ``manifest.profiles``; the sessions of one network share its weights); ``run(feeds)`` takes and
+  returns host numpy arrays by spec tensor name, so pipelines never know which backend runs underneath.
 * Device level, the backends with device buffers (:class:`DeviceBackend`: ONNX Runtime with IO
   binding, TensorRT): ``allocate(tensor)`` a buffer, ``bind(network, buffers)`` one buffer to every
-  input and output once, and ``BoundNetwork.enqueue(stream)`` runs on them. The device loops are
-  built on this level only.
-* ``loop(spec, cuda_graph=...)``: the backend's strategy of the one denoising loop
+  input and output once (at one profile), and ``BoundNetwork.enqueue(stream)`` runs on them. The
+  device loops are built on this level only.
+* ``loop(spec, profile, cuda_graph=...)``: the backend's strategy of the one denoising loop
   (:mod:`kandinsky_trt.runtime.loops.template`); the default is the host loop over ``load``.
 
 Standard library + numpy at import (the loop modules are imported when a loop is made).
@@ -57,17 +58,19 @@ class Backend(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def load(self, network: str) -> NetworkSession:
-        """Load ``network`` (a name from the manifest) and check it against the manifest."""
+    def load(self, network: str, profile: int = 0) -> NetworkSession:
+        """Load ``network`` (a name from the manifest) at manifest profile ``profile`` and check it
+        against the manifest; the weights are loaded once per network, whatever the profile."""
 
-    def loop(self, spec: LoopSpec, cuda_graph: bool = True) -> "DenoiseLoop":
-        """The denoising loop of ``spec`` on this backend; here the host loop (``cuda_graph`` unused).
+    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True) -> "DenoiseLoop":
+        """The denoising loop of ``spec`` at ``profile`` on this backend; here the host loop
+        (``cuda_graph`` unused).
 
         The caller closes it; closing a loop never closes the backend.
         """
         from kandinsky_trt.runtime.loops.host import HostLoop
 
-        return HostLoop(spec, self.load(spec.network), self.load(spec.step))
+        return HostLoop(spec, self.load(spec.network, profile), self.load(spec.step, profile))
 
     def close(self) -> None:
         """Free every session this backend created; idempotent."""
@@ -102,8 +105,8 @@ class DeviceBackend(Backend):
         """A new, uninitialised buffer for ``tensor`` on this backend's device; the caller frees it."""
 
     @abc.abstractmethod
-    def bind(self, network: str, buffers: Mapping[str, Any]) -> BoundNetwork:
-        """Bind ``buffers`` (one per input and output of ``network``, by name) once."""
+    def bind(self, network: str, buffers: Mapping[str, Any], profile: int = 0) -> BoundNetwork:
+        """Bind ``buffers`` (one per input and output of ``network`` at ``profile``, by name) once."""
 
 
 def check_buffer_names(network: ResolvedNetwork, buffers: Mapping[str, Any]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
-from kandinsky_trt.runtime.contract.spec import LoopSpec
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,16 @@ def _session_io(session) -> list[str]:
 
 
 def _expected_io(entry: mf.NetworkEntry) -> list[str]:
+    """The graph's I/O as the manifest records it (profile dims by name, as ONNX Runtime reports them)."""
     return [f"{kind} {t.name}: {t.dtype}{list(t.shape)}"
             for kind, tensors in (("input", entry.inputs), ("output", entry.outputs)) for t in tensors]
 
 
 class OrtSession(NetworkSession):
-    def __init__(self, entry: mf.NetworkEntry, session) -> None:
-        super().__init__(entry.resolved)
+    """One network at one profile; the sessions of every profile share one ``InferenceSession``."""
+
+    def __init__(self, network: ResolvedNetwork, session) -> None:
+        super().__init__(network)
         self._session = session
 
     @property
@@ -63,7 +66,8 @@ class OrtSession(NetworkSession):
 
 
 class OrtBackend(Backend):
-    """Sessions over the ONNX graphs of one artifacts directory."""
+    """Sessions over the ONNX graphs of one artifacts directory: one ``InferenceSession`` per
+    network serves every profile (the graphs' profile dims are symbolic)."""
 
     name = "ort"
 
@@ -72,7 +76,8 @@ class OrtBackend(Backend):
             raise BackendError(f"device: expected one of {DEVICES}, found {options.device!r}")
         self.manifest = manifest
         self.options = options
-        self._sessions: dict[str, OrtSession] = {}
+        self._inference: dict[str, object] = {}  # network -> its InferenceSession
+        self._sessions: dict[tuple[str, int], OrtSession] = {}
 
     def _providers(self) -> list:
         import onnxruntime as ort
@@ -86,9 +91,16 @@ class OrtBackend(Backend):
             )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
-    def load(self, network: str) -> OrtSession:
-        if network in self._sessions:
-            return self._sessions[network]
+    def load(self, network: str, profile: int = 0) -> OrtSession:
+        key = (network, profile)
+        if key not in self._sessions:
+            resolved = self.manifest.network(network).resolved(profile)
+            self._sessions[key] = OrtSession(resolved, self._inference_session(network))
+        return self._sessions[key]
+
+    def _inference_session(self, network: str):
+        if network in self._inference:
+            return self._inference[network]
         import onnxruntime as ort
 
         entry = self.manifest.network(network)
@@ -111,11 +123,11 @@ class OrtBackend(Backend):
         expected, found = _expected_io(entry), _session_io(session)
         if expected != found:
             raise BackendError(f"{network}: graph I/O differs from the manifest:\n  expected {expected}\n  found    {found}")
-        self._sessions[network] = OrtSession(entry, session)
+        self._inference[network] = session
         log.debug("loaded %s with %s", network, session.get_providers())
-        return self._sessions[network]
+        return session
 
-    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
+    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
         """The host loop on the CPU; on CUDA the bound loop, over sessions of its own.
 
         CUDA graphs are a session option, and captured graphs must keep their buffers: the CUDA loop
@@ -123,15 +135,16 @@ class OrtBackend(Backend):
         the loop) rather than this backend's sessions.
         """
         if self.options.device != "cuda":
-            return super().loop(spec, cuda_graph)
+            return super().loop(spec, profile, cuda_graph)
         from kandinsky_trt.runtime.loops.ort_bound import bound_loop
 
-        return bound_loop(self.manifest, spec, "cuda", cuda_graph)
+        return bound_loop(self.manifest, spec, profile, "cuda", cuda_graph)
 
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+        self._inference.clear()
 
 
 def create(manifest: mf.Manifest, device: str = "cpu") -> OrtBackend:

@@ -162,10 +162,10 @@ class BoundRun(BoundNetwork):
 
 
 class DeviceSession:
-    """A loaded network whose runs go through bindings (see :meth:`bind`)."""
+    """A loaded network whose runs go through bindings (see :meth:`bind`), at any of its profiles."""
 
-    def __init__(self, network: ResolvedNetwork, session, device: str, graphs: CudaGraphOptions) -> None:
-        self.network = network
+    def __init__(self, network: str, session, device: str, graphs: CudaGraphOptions) -> None:
+        self.name = network
         self.device = device
         self.graphs = graphs
         self._session = session
@@ -175,38 +175,40 @@ class DeviceSession:
     def uses_cuda_graphs(self) -> bool:
         return self.device == "cuda" and self.graphs.enabled
 
-    def bind(self, buffers: Mapping[str, object]) -> BoundRun:
-        """Bind one buffer to every input and output of the network, once; returns the run.
+    def bind(self, network: ResolvedNetwork, buffers: Mapping[str, object]) -> BoundRun:
+        """Bind one buffer to every input and output of ``network`` (this network at one profile),
+        once; returns the run.
 
-        Each call is a new binding with its own graph id: buffers are never rebound.
+        Each call is a new binding with its own graph id (unique in this session, whatever the
+        profile): buffers are never rebound.
 
         Raises:
             BackendError: a tensor without a buffer, an unknown name, or a buffer of another shape/dtype.
         """
-        self._check_buffers(buffers)
+        self._check_buffers(network, buffers)
         binding = self._session.io_binding()
-        for name in self.network.input_names:
+        for name in network.input_names:
             binding.bind_ortvalue_input(name, buffers[name])
-        for name in self.network.output_names:
+        for name in network.output_names:
             binding.bind_ortvalue_output(name, buffers[name])
         graph_id = None
         if self.uses_cuda_graphs:
             graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
-        log.debug("%s: bound on %s (graph id %s)", self.network.name, self.device, graph_id)
-        return BoundRun(self.network, self._session, binding, graph_id, buffers)
+        log.debug("%s: bound on %s (graph id %s)", network.name, self.device, graph_id)
+        return BoundRun(network, self._session, binding, graph_id, buffers)
 
-    def _check_buffers(self, buffers: Mapping[str, object]) -> None:
-        check_buffer_names(self.network, buffers)
-        for name in self.network.input_names + self.network.output_names:
-            tensor, value = self.network.tensor(name), buffers[name]
+    def _check_buffers(self, network: ResolvedNetwork, buffers: Mapping[str, object]) -> None:
+        check_buffer_names(network, buffers)
+        for name in network.input_names + network.output_names:
+            tensor, value = network.tensor(name), buffers[name]
             found = (tuple(value.shape()), DTYPE_OF_ORT.get(value.data_type(), value.data_type()))
             if found != (tensor.shape, tensor.dtype):
                 raise BackendError(
-                    f"{self.network.name}.{name}: expected a {tensor.dtype}{list(tensor.shape)} buffer, "
+                    f"{network.name}.{name}: expected a {tensor.dtype}{list(tensor.shape)} buffer, "
                     f"found {found[1]}{list(found[0])}")
             if value.device_name().lower() != self.device:
                 raise BackendError(
-                    f"{self.network.name}.{name}: expected a buffer on {self.device}, found {value.device_name()}")
+                    f"{network.name}.{name}: expected a buffer on {self.device}, found {value.device_name()}")
 
     def close(self) -> None:
         self._session = None
@@ -241,22 +243,24 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
                     f"{network}: expected a session on the {CUDA_PROVIDER}, found {providers} (the CUDA EP "
                     "did not load: check that its CUDA and cuDNN libraries match the onnxruntime-gpu build)")
             self._device_sessions[network] = DeviceSession(
-                session.network, session.inference_session, self.options.device, self.graphs)
+                network, session.inference_session, self.options.device, self.graphs)
         return self._device_sessions[network]
 
     def allocate(self, tensor: ResolvedTensor):
         """An uninitialised ``OrtValue`` for ``tensor`` on this backend's device."""
         return allocate(tensor, self.options.device, self.graphs.device_id)
 
-    def bind(self, network: str, buffers: Mapping[str, Any]) -> BoundRun:
-        """Bind ``buffers`` to ``network`` once: a new binding with its own graph id (see :meth:`DeviceSession.bind`)."""
-        return self.device_session(network).bind(buffers)
+    def bind(self, network: str, buffers: Mapping[str, Any], profile: int = 0) -> BoundRun:
+        """Bind ``buffers`` to ``network`` at ``profile`` once: a new binding with its own graph id
+        (see :meth:`DeviceSession.bind`)."""
+        return self.device_session(network).bind(self.load(network, profile).network, buffers)
 
-    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
-        """The bound loop on this backend's sessions; ``cuda_graph=False`` runs its bindings eagerly."""
+    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
+        """The bound loop at ``profile`` on this backend's sessions; ``cuda_graph=False`` runs its
+        bindings eagerly."""
         from kandinsky_trt.runtime.loops.ort_bound import OrtBoundLoop
 
-        return OrtBoundLoop(self, spec, replay_graphs=cuda_graph)
+        return OrtBoundLoop(self, spec, profile, replay_graphs=cuda_graph)
 
     def close(self) -> None:
         for session in self._device_sessions.values():

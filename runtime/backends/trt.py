@@ -18,7 +18,14 @@ Two levels of use:
 
 The networks of one backend run one after another on its stream, so they share one activation
 arena: contexts use ``USER_MANAGED`` memory and get one buffer sized to the largest
-``device_memory_size_v2``. Do not run two of them concurrently on different streams.
+``device_memory_size_v2`` (the largest over an engine's optimization profiles). Do not run two of
+them concurrently on different streams.
+
+Profiles: one plan per network holds one optimization profile per distinct static shape of the
+manifest's profiles (min = opt = max; :func:`optimization_profiles`; ``engine.profiles`` maps each
+manifest profile to its index). The engine is deserialized once per network; every execution
+context selects its optimization profile (``set_optimization_profile_async``) before its input
+shapes are set. Unverified on a GPU.
 
 ``tensorrt`` is imported lazily; this module imports on any host. The plain-data check
 (:func:`check_engine_against_manifest` on :class:`EngineInfo`) is testable without TensorRT.
@@ -40,7 +47,7 @@ from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
 from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, point_at
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +182,17 @@ def platform_differences(entry: NetworkEntry, tensorrt_version: str, device: cud
     return lines
 
 
-def tensor_differences(tensors: tuple[TensorInfo, ...], entry: NetworkEntry) -> list[str]:
-    """Lines for I/O tensors that differ from the manifest in presence, mode, dtype or shape."""
+def optimization_profiles(entry: NetworkEntry) -> tuple[tuple[ResolvedNetwork, ...], tuple[int, ...]]:
+    """The distinct static shapes of ``entry``'s profiles (one optimization profile each, in order of
+    first use) and, per manifest profile, the index of its shape (what ``engine.profiles`` records)."""
+    shapes: dict[ResolvedNetwork, int] = {}
+    indices = tuple(shapes.setdefault(network, len(shapes)) for network in entry.profiles)
+    return tuple(shapes), indices
+
+
+def tensor_differences(tensors: tuple[TensorInfo, ...], entry: ResolvedNetwork) -> list[str]:
+    """Lines for I/O tensors that differ from ``entry`` (a network at one shape) in presence, mode,
+    dtype or shape."""
     lines: list[str] = []
     expected = {t.name: TensorInfo(t.name, "input", t.dtype, t.shape) for t in entry.inputs}
     expected.update({t.name: TensorInfo(t.name, "output", t.dtype, t.shape) for t in entry.outputs})
@@ -196,14 +212,17 @@ def tensor_differences(tensors: tuple[TensorInfo, ...], entry: NetworkEntry) -> 
     return lines
 
 
-def engine_differences(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo) -> list[str]:
-    """Every difference between an engine and its manifest entry, one readable line each."""
-    return platform_differences(entry, info.tensorrt_version, device) + tensor_differences(info.tensors, entry)
+def engine_differences(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo, profile: int = 0) -> list[str]:
+    """Every difference between an engine (its context at manifest profile ``profile``) and its
+    manifest entry, one readable line each."""
+    lines = platform_differences(entry, info.tensorrt_version, device)
+    return lines + tensor_differences(info.tensors, entry.resolved(profile))
 
 
-def check_engine_against_manifest(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo) -> None:
+def check_engine_against_manifest(info: EngineInfo, entry: NetworkEntry, device: cuda.DeviceInfo,
+                                  profile: int = 0) -> None:
     """Raise :class:`EngineMismatchError` listing every difference, or return None when they agree."""
-    lines = engine_differences(info, entry, device)
+    lines = engine_differences(info, entry, device, profile)
     if lines:
         raise EngineMismatchError(entry.name, lines)
     built = entry.engine or {}
@@ -212,8 +231,16 @@ def check_engine_against_manifest(info: EngineInfo, entry: NetworkEntry, device:
                     entry.name, built.get("gpu_name"), device.name, device.compute_capability)
 
 
-def set_static_input_shapes(engine: Any, context: Any, entry: NetworkEntry) -> None:
-    """Give dynamic-dim inputs (``-1`` in the engine) the manifest's static shapes."""
+def select_profile(context: Any, optimization_profile: int, stream_handle: int, name: str) -> None:
+    """Make ``optimization_profile`` the context's (``set_optimization_profile_async`` on the stream
+    ``stream_handle``); a new context starts on profile 0, so single-profile engines need no call."""
+    if optimization_profile and not context.set_optimization_profile_async(optimization_profile, stream_handle):
+        raise BackendError(f"{name}: set_optimization_profile_async({optimization_profile}) expected True, "
+                           f"found False (a plan built for fewer profiles? rebuild with `kandinsky-trt build`)")
+
+
+def set_static_input_shapes(engine: Any, context: Any, entry: ResolvedNetwork) -> None:
+    """Give dynamic-dim inputs (``-1`` in the engine) the static shapes of ``entry`` (one profile's)."""
     names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
     for tensor in entry.inputs:
         if tensor.name in names and any(int(d) < 0 for d in engine.get_tensor_shape(tensor.name)):
@@ -240,7 +267,8 @@ class TrtBackend(DeviceBackend):
         self._runtime = self.trt.Runtime(self._logger)
         self._owns_stream = stream is None
         self.stream = stream if stream is not None else cuda.Stream()
-        self._networks: dict[str, TrtNetwork] = {}
+        self._engines: dict[str, Any] = {}  # network -> its one deserialized engine
+        self._networks: dict[tuple[str, int], TrtNetwork] = {}  # (network, manifest profile)
         self._bindings: list[TrtBinding] = []
         self._arena: cuda.DeviceBuffer | None = None
         self.generation = 0  # bumped when the arena moves: captured graphs must be re-captured
@@ -250,30 +278,38 @@ class TrtBackend(DeviceBackend):
         errors, self._logger.errors[:] = list(self._logger.errors), []
         return "; ".join(errors[-5:]) or "TensorRT logged no error"
 
-    def load(self, network: str) -> TrtNetwork:
+    def load(self, network: str, profile: int = 0) -> TrtNetwork:
+        """``network`` at manifest profile ``profile``: the network's one engine, a context of its own."""
         if self._closed:
             raise BackendError("TrtBackend: expected an open backend, found it closed")
-        cached = self._networks.get(network)
+        cached = self._networks.get((network, profile))
         if cached is not None and not cached.closed:
             return cached
         entry = self.manifest.network(network)
-        engine = self._deserialize(entry)
-        context = self._new_context(engine, entry)
-        check_engine_against_manifest(engine_info(engine, self.trt, context), entry, self.device)
-        session = TrtNetwork(entry.resolved, engine, context, self)
-        self._networks[network] = session
+        engine = self._engine(entry)
+        context = self._new_context(engine, entry, profile)
+        check_engine_against_manifest(engine_info(engine, self.trt, context), entry, self.device, profile)
+        session = TrtNetwork(entry.resolved(profile), engine, context, self)
+        self._networks[(network, profile)] = session
         self._fit_arena(session)
-        log.info("loaded TensorRT engine %s (%s, activations %.1f MiB)", network, entry.engine["file"],
-                 session.device_memory_bytes / 2**20)
+        log.info("loaded TensorRT engine %s (%s, profile %d, activations %.1f MiB)", network, entry.engine["file"],
+                 profile, session.device_memory_bytes / 2**20)
         return session
 
-    def _new_context(self, engine: Any, entry: NetworkEntry) -> Any:
-        """An execution context of ``engine`` on user-managed memory, with the manifest's input shapes."""
+    def _engine(self, entry: NetworkEntry) -> Any:
+        if entry.name not in self._engines:
+            self._engines[entry.name] = self._deserialize(entry)
+        return self._engines[entry.name]
+
+    def _new_context(self, engine: Any, entry: NetworkEntry, profile: int) -> Any:
+        """An execution context of ``engine`` on user-managed memory, on the optimization profile of
+        manifest profile ``profile``, with its input shapes."""
         context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise BackendError(f"{entry.name}: create_execution_context expected a context, found None "
                                f"({self.trt_errors()})")
-        set_static_input_shapes(engine, context, entry)
+        select_profile(context, entry.engine["profiles"][profile], self.stream.ptr, entry.name)
+        set_static_input_shapes(engine, context, entry.resolved(profile))
         return context
 
     def _deserialize(self, entry: NetworkEntry) -> Any:
@@ -317,20 +353,21 @@ class TrtBackend(DeviceBackend):
         """``cudaMalloc`` for ``tensor`` (at least one byte); the caller closes it."""
         return cuda.DeviceBuffer(max(tensor.nbytes, 1))
 
-    def bind(self, network: str, buffers: Mapping[str, Any]) -> TrtBinding:
-        """A new execution context of ``network`` with its addresses set to ``buffers`` once."""
-        session = self.load(network)
-        context = self._new_context(session.engine, self.manifest.network(network))
+    def bind(self, network: str, buffers: Mapping[str, Any], profile: int = 0) -> TrtBinding:
+        """A new execution context of ``network`` at ``profile`` with its addresses set to ``buffers`` once."""
+        session = self.load(network, profile)
+        context = self._new_context(session.engine, self.manifest.network(network), profile)
         point_at(context, self._arena)
         binding = TrtBinding(session, context, buffers, self)
         self._bindings.append(binding)
         return binding
 
-    def loop(self, spec: LoopSpec, cuda_graph: bool = True):
-        """The TensorRT loop (:class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`) on this backend."""
+    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
+        """The TensorRT loop (:class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`) at ``profile``
+        on this backend: its own contexts and buffers, its own CUDA graph."""
         from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop
 
-        return TrtGraphLoop(self, spec, cuda_graph=cuda_graph)
+        return TrtGraphLoop(self, spec, cuda_graph=cuda_graph, profile=profile)
 
     def close(self) -> None:
         if self._closed:
@@ -343,6 +380,7 @@ class TrtBackend(DeviceBackend):
         for session in self._networks.values():
             session.close()
         self._networks.clear()
+        self._engines.clear()
         if self._arena is not None:
             self._arena.close()
             self._arena = None

@@ -32,7 +32,7 @@ def _size(args: argparse.Namespace, components) -> tuple[int, int]:
     """--height/--width, or the artifacts' size when neither is given; refused before any network runs."""
     from kandinsky_trt.runtime.pipelines.inputs import check_size
 
-    height, width = check_size(args.height, args.width, components.profile, components.latent_scale)
+    height, width = check_size(args.height, args.width, components.sizes, components.latent_scale)
     if args.height is None and args.width is None:
         print(f"size: width {width}, height {height} (the artifacts' size; --width/--height for another)", file=sys.stderr)
     return height, width

@@ -4,20 +4,25 @@ Written by export (and updated by the engine build), read by every backend and b
 Schema lives beside this module (``manifest.schema.json``) and is enforced at every load, with range
 limits and file rules (:mod:`~kandinsky_trt.runtime.contract.manifest_checks`), before anything is allocated.
 
-Layout (schema version 2)::
+Layout (schema version 3)::
 
-    schema_version, producer{...}, precision, profile{batch,height,width,cfg}, model_dims{...},
+    schema_version, producer{...}, precision, profiles[{batch,height,width,cfg}], model_dims{...},
     checkpoints{prior|decoder|inpaint: path},
     networks[{name, onnx, onnx_sha256, external_data[], precision, fp32_islands[], export_key,
-              inputs[{name,dtype,shape}], outputs[...], engine{file, sha256, ...}|null}],
+              inputs[{name,dtype,shape}], outputs[...]   (the graph's: profile dims by name, e.g. "B2"),
+              profiles[{profile, inputs[...], outputs[...]}]   (resolved I/O at each manifest profile),
+              engine{file, sha256, ..., profiles[]}|null}],   (engine.profiles[i]: the plan's
+                                                               optimization profile for profiles[i])
     constants[{name, file, dtype, shape, sha256}],
     schedulers{prior, decoder[, decoder_ddpm]: {config{...}, tables{steps: table}}},
     tokenizers{prior, decoder: {file, max_length, pad_id}},
     image_processor{size, mean, std}  (CLIP preprocessing for ``interpolate`` image conditions),
     files{name: {size, sha256}}  (every file named above except engine plans)
 
-Every file name is relative to the manifest's directory and must stay inside it. Schema 1 (before
-kandinsky-trt 0.2.0) recorded no sizes and no hashes of external data or tokenizers: refused.
+One ONNX graph per network serves every profile (its profile dims are symbolic), so weights are
+stored once. Every file name is relative to the manifest's directory and must stay inside it.
+Schema 1 (before kandinsky-trt 0.2.0) recorded no hashes of external data or tokenizers, schema 2
+(0.2.x) one profile: both refused.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, ResolvedNetw
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "SCHEMA_PATH", "ManifestError", "NetworkEntry", "ConstantEntry",
            "Manifest", "load_manifest", "sha256_file", "write_bytes_atomic", "FileRecord", "IntegrityError"]
 
-SCHEMA_VERSION = 2
-# The first release writing schema 2 (size + sha256 of every file, content-addressed names).
-MIN_PRODUCER_VERSION = "0.2.0"
+SCHEMA_VERSION = 3
+# The first release writing schema 3 (several profiles, one graph per network).
+MIN_PRODUCER_VERSION = "0.3.0"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # the largest real manifest is ~1 MB (coefficient tables)
 
@@ -51,9 +56,15 @@ def _tensors(entries: list[dict]) -> tuple[ResolvedTensor, ...]:
     return tuple(ResolvedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries)
 
 
+def _profile_io(name: str, d: dict) -> ResolvedNetwork:
+    return ResolvedNetwork(name, _tensors(d["inputs"]), _tensors(d["outputs"]))
+
+
 @dataclass(frozen=True)
 class NetworkEntry:
-    """One network of the manifest: its ONNX file, its resolved I/O and (after a build) its engine."""
+    """One network of the manifest: its ONNX file, the graph's I/O (profile dims by name), its
+    resolved I/O at each manifest profile (``profiles[i]`` at ``Manifest.profiles[i]``) and (after a
+    build) its engine."""
 
     name: str
     onnx: str
@@ -61,13 +72,19 @@ class NetworkEntry:
     precision: str
     inputs: tuple[ResolvedTensor, ...]
     outputs: tuple[ResolvedTensor, ...]
+    profiles: tuple[ResolvedNetwork, ...]
     external_data: tuple[str, ...] = ()
     fp32_islands: tuple[str, ...] = ()
     export_key: str = ""  # hash of what produced the ONNX: reuse only when it matches
     engine: dict | None = None
 
+    def resolved(self, profile: int = 0) -> ResolvedNetwork:
+        """The static I/O at manifest profile ``profile`` (an index of ``Manifest.profiles``)."""
+        return self.profiles[profile]
+
     @property
-    def resolved(self) -> ResolvedNetwork:
+    def graph(self) -> ResolvedNetwork:
+        """The ONNX graph's I/O: integers, and the profile dims (``spec.PROFILE_DIMS``) by name."""
         return ResolvedNetwork(self.name, self.inputs, self.outputs)
 
     def to_dict(self) -> dict:
@@ -81,6 +98,8 @@ class NetworkEntry:
             "export_key": self.export_key,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "profiles": [{"profile": i, "inputs": [t.to_dict() for t in p.inputs],
+                          "outputs": [t.to_dict() for t in p.outputs]} for i, p in enumerate(self.profiles)],
             "engine": self.engine,
         }
 
@@ -93,6 +112,7 @@ class NetworkEntry:
             precision=d["precision"],
             inputs=_tensors(d["inputs"]),
             outputs=_tensors(d["outputs"]),
+            profiles=tuple(_profile_io(d["name"], p) for p in d["profiles"]),
             external_data=tuple(d.get("external_data", ())),
             fp32_islands=tuple(d.get("fp32_islands", ())),
             export_key=d.get("export_key", ""),
@@ -129,7 +149,7 @@ class Manifest:
     """
 
     directory: Path
-    profile: Profile
+    profiles: tuple[Profile, ...]
     model_dims: ModelDims
     precision: str
     networks: dict[str, NetworkEntry]
@@ -140,6 +160,36 @@ class Manifest:
     producer: dict[str, Any]
     checkpoints: dict[str, Any]
     files: dict[str, FileRecord] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> Profile:
+        """The default profile (the first): its size serves requests that give none."""
+        return self.profiles[0]
+
+    @property
+    def cfg(self) -> bool:
+        """Whether the loop networks run the [uncond, cond] batch (the same in every profile)."""
+        return self.profiles[0].cfg
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) sizes the profiles hold, in manifest order, each once."""
+        return list(dict.fromkeys(p.size for p in self.profiles))
+
+    def batches(self, size: tuple[int, int] | None = None) -> list[int]:
+        """The batches of the profiles of ``size`` (None: of every size), ascending."""
+        return sorted({p.batch for p in self.profiles if size is None or p.size == size})
+
+    def profile_index(self, batch: int, size: tuple[int, int] | None = None) -> int:
+        """The index of the first profile of ``batch`` (and ``size`` when given).
+
+        Raises:
+            ManifestError: no profile has that batch and size.
+        """
+        for index, p in enumerate(self.profiles):
+            if p.batch == batch and (size is None or p.size == size):
+                return index
+        raise ManifestError(f"profile: expected one of {[p.name for p in self.profiles]}, found none of batch "
+                            f"{batch}" + ("" if size is None else f" at {size[0]}x{size[1]}"))
 
     def network(self, name: str) -> NetworkEntry:
         if name not in self.networks:
@@ -178,7 +228,7 @@ class Manifest:
             "schema_version": SCHEMA_VERSION,
             "producer": self.producer,
             "precision": self.precision,
-            "profile": self.profile.to_dict(),
+            "profiles": [p.to_dict() for p in self.profiles],
             "model_dims": self.model_dims.to_dict(),
             "checkpoints": self.checkpoints,
             "networks": [n.to_dict() for n in self.networks.values()],
@@ -206,7 +256,7 @@ class Manifest:
             raise ManifestError(f"{Path(directory) / MANIFEST_NAME}: {err}") from None
         return cls(
             directory=Path(directory),
-            profile=Profile(**d["profile"]),
+            profiles=tuple(Profile(**p) for p in d["profiles"]),
             model_dims=ModelDims(**d["model_dims"]),
             precision=d["precision"],
             networks={n["name"]: NetworkEntry.from_dict(n) for n in d["networks"]},

@@ -6,7 +6,10 @@
   its own sha256), and agrees with the sha256 the entries repeat; a constant's recorded byte size is
   its shape times its dtype's size.
 - No tensor is larger than 2**31 elements; scheduler configs and tables are ones the runtime can use.
-- The profile's height and width are multiples of ``model_dims.latent_scale`` squared (diffusers' rounding).
+- Each profile's height and width are multiples of ``model_dims.latent_scale`` squared (diffusers' rounding).
+- The profiles are distinct and share ``cfg``; every network resolves its graph's I/O at each of them,
+  in manifest order (a profile dim such as ``B2`` takes the profile's value, the others agree within
+  one profile); an engine maps every profile to one of its optimization profiles.
 
 Each rule raises :class:`ManifestRuleError` with one line naming the field.
 """
@@ -91,11 +94,6 @@ def _check_entries(d: dict) -> None:
         if records[net["onnx"]]["sha256"] != net["onnx_sha256"]:
             raise ManifestRuleError(f"networks[{i}].onnx_sha256: expected the sha256 of files.{net['onnx']}, "
                                     f"found {net['onnx_sha256']}")
-        for kind in ("inputs", "outputs"):
-            for tensor in net[kind]:
-                if math.prod(tensor["shape"]) > MAX_TENSOR_ELEMENTS:
-                    raise ManifestRuleError(f"networks[{i}] ({net['name']}).{kind}.{tensor['name']}: expected at "
-                                            f"most 2**31 elements, found shape {tensor['shape']}")
     for i, constant in enumerate(d["constants"]):
         record = records[constant["file"]]
         expected = math.prod(constant["shape"]) * ITEM_SIZES[constant["dtype"]]
@@ -124,17 +122,69 @@ def _check_schedulers(d: dict) -> None:
                                         f"found {len(parsed)}")
 
 
-def _check_profile(d: dict) -> None:
+def _check_profile_sizes(d: dict) -> None:
     multiple = d["model_dims"]["latent_scale"] ** 2
-    for name in ("height", "width"):
-        if d["profile"][name] % multiple:
-            raise ManifestRuleError(f"profile.{name}: expected a multiple of {multiple} (model_dims.latent_scale "
-                                    f"squared), found {d['profile'][name]}")
+    for i, profile in enumerate(d["profiles"]):
+        for name in ("height", "width"):
+            if profile[name] % multiple:
+                raise ManifestRuleError(f"profiles[{i}].{name}: expected a multiple of {multiple} "
+                                        f"(model_dims.latent_scale squared), found {profile[name]}")
+
+
+def _check_profiles(profiles: list[dict]) -> None:
+    labels = [(p["batch"], p["height"], p["width"]) for p in profiles]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ManifestRuleError(f"profiles: expected distinct (batch, height, width), found {duplicates} "
+                                "more than once")
+    if len({p["cfg"] for p in profiles}) > 1:
+        raise ManifestRuleError("profiles: expected one cfg for every profile, found both true and false")
+
+
+def _profile_values(profile: dict) -> dict[str, int]:
+    batch = profile["batch"]
+    return {"B": batch, "B2": batch * (2 if profile["cfg"] else 1), "H": profile["height"], "W": profile["width"]}
+
+
+def _check_resolved(where: str, graph: list[dict], resolved: list[dict], values: dict[str, int]) -> None:
+    """``resolved`` is ``graph`` with every named dim replaced by one integer (``values`` fixes some)."""
+    if [(t["name"], t["dtype"]) for t in resolved] != [(t["name"], t["dtype"]) for t in graph]:
+        raise ManifestRuleError(f"{where}: expected the graph's tensors {[t['name'] for t in graph]} in order, "
+                                f"found {[t['name'] for t in resolved]}")
+    for g, r in zip(graph, resolved):
+        if math.prod(r["shape"]) > MAX_TENSOR_ELEMENTS:
+            raise ManifestRuleError(f"{where}.{r['name']}: expected at most 2**31 elements, found shape {r['shape']}")
+        matches = len(g["shape"]) == len(r["shape"])
+        for dim, size in zip(g["shape"], r["shape"]):
+            matches = matches and (dim == size if isinstance(dim, int) else values.setdefault(dim, size) == size)
+        if not matches:
+            raise ManifestRuleError(f"{where}.{r['name']}: expected shape {g['shape']} at this profile "
+                                    f"({values}), found {r['shape']}")
+
+
+def _check_network_profiles(d: dict) -> None:
+    profiles = d["profiles"]
+    for i, net in enumerate(d["networks"]):
+        where = f"networks[{i}] ({net['name']})"
+        indices = [p["profile"] for p in net["profiles"]]
+        if indices != list(range(len(profiles))):
+            raise ManifestRuleError(f"{where}.profiles: expected the resolved I/O of profiles "
+                                    f"{list(range(len(profiles)))} in order, found profiles {indices}")
+        for j, (entry, profile) in enumerate(zip(net["profiles"], profiles)):
+            values = _profile_values(profile)
+            for kind in ("inputs", "outputs"):
+                _check_resolved(f"{where}.profiles[{j}].{kind}", net[kind], entry[kind], values)
+        engine = net["engine"]
+        if engine is not None and len(engine["profiles"]) != len(profiles):
+            raise ManifestRuleError(f"{where}.engine.profiles: expected one optimization profile per manifest "
+                                    f"profile ({len(profiles)}), found {len(engine['profiles'])}")
 
 
 def check_manifest(d: dict, directory: Path) -> None:
     """Every rule above, on a manifest dict that already fits the schema."""
-    _check_profile(d)
     _check_files(d, directory)
     _check_entries(d)
+    _check_profiles(d["profiles"])
+    _check_profile_sizes(d)
+    _check_network_profiles(d)
     _check_schedulers(d)

@@ -1,7 +1,8 @@
 """The component spec: every network's tensor contract, declared once.
 
 Export (dummy inputs, ONNX input/output names), the engine build (min = opt = max shapes), runtime
-buffer allocation and ``manifest.json`` are all derived from :func:`resolve` — never restated.
+buffer allocation and ``manifest.json`` are all derived from :func:`resolve` (one profile) and
+:func:`resolve_graph` (a graph serving every profile) — never restated.
 
 Standard library only: a deployed host, an export machine and C++-side tooling all import it.
 
@@ -38,7 +39,8 @@ class SpecError(KandinskyTrtError, ValueError):
 
 @dataclass(frozen=True)
 class Profile:
-    """The static build point: one set of artifacts per profile.
+    """A static build point: one shape of every network. An artifacts set holds one or more; one graph
+    per network serves them all, its TensorRT plan has one optimization profile per distinct shape.
 
     Args:
         batch: images per network call (before classifier-free-guidance doubling).
@@ -59,6 +61,10 @@ class Profile:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpecError(f"{name}: expected a positive integer (pixels), found {value!r}")
+
+    @property
+    def size(self) -> tuple[int, int]:  # (height, width) in pixels
+        return self.height, self.width
 
     @property
     def name(self) -> str:
@@ -115,7 +121,7 @@ class NetworkSpec:
 class ResolvedTensor:
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # integers at a profile; a graph's profile dims by name (resolve_graph)
 
     @property
     def nbytes(self) -> int:
@@ -374,7 +380,12 @@ def dim_values(profile: Profile, dims: ModelDims) -> dict[str, int]:
     }
 
 
-def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int]) -> tuple[ResolvedTensor, ...]:
+# The dims a profile sets: symbolic in an ONNX graph (``dim_param``, by these names) so that one
+# graph serves every profile; static in TensorRT plans and CUDA graphs (one shape per profile).
+PROFILE_DIMS = ("B", "B2", "H", "W", "h", "w")
+
+
+def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int | str]) -> tuple[ResolvedTensor, ...]:
     resolved = []
     for t in tensors:
         try:
@@ -385,14 +396,22 @@ def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int]) -> 
     return tuple(resolved)
 
 
+def _resolved(name: str, values: dict[str, int | str]) -> ResolvedNetwork:
+    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
+    if spec is None:
+        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
+    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
+
+
 def resolve(name: str, profile: Profile, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
     """Resolve network ``name`` to static shapes.
 
     Raises:
         SpecError: ``name`` is not a network of the spec, or ``profile`` does not fit ``dims``.
     """
-    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
-    if spec is None:
-        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
-    values = dim_values(profile, dims)
-    return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
+    return _resolved(name, dim_values(profile, dims))
+
+
+def resolve_graph(name: str, dims: ModelDims = KANDINSKY_2_1_DIMS) -> ResolvedNetwork:
+    """Network ``name``'s ONNX graph I/O: the model dims as integers, :data:`PROFILE_DIMS` by name."""
+    return _resolved(name, {**dim_values(Profile(), dims), **{d: d for d in PROFILE_DIMS}})

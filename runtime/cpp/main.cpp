@@ -1,8 +1,9 @@
 // ktrt_host_contract: what a C++ host does with an artifacts directory, minus running the networks.
 //
-//   ktrt_host_contract ARTIFACTS RECORDING [--tolerance 1e-6]
+//   ktrt_host_contract ARTIFACTS RECORDING [--size WIDTHxHEIGHT] [--batch N] [--tolerance 1e-6]
 //
-// 1. reads manifest.json and checks its schema version; takes the profile;
+// 1. reads manifest.json and checks its schema version; picks the profile of --size and --batch
+//    (default: the first), whose resolved I/O every later step uses;
 // 2. verifies every file the manifest names (inside the directory, sha256 where recorded);
 // 3. lists the bindings of the loop's network and step graph, by name, dtype and shape;
 // 4. loads every constant (byte size against its shape, sha256);
@@ -115,15 +116,42 @@ Replay replay(const ktrt::Manifest& m, const std::string& dir, const nlohmann::j
   return result;
 }
 
+struct Args {
+  std::string artifacts, recording;
+  ktrt::ProfileChoice choice;
+  double tolerance = 1e-6;
+};
+
+Args parse_args(int argc, char** argv) {
+  const std::string usage = "usage: ktrt_host_contract ARTIFACTS RECORDING [--size WIDTHxHEIGHT] [--batch N] "
+                            "[--tolerance 1e-6]";
+  if (argc < 3 || argc % 2 == 0) throw ContractError(usage);
+  Args args{argv[1], argv[2], {}, 1e-6};
+  for (int i = 3; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--tolerance") {
+      args.tolerance = std::stod(value);
+    } else if (flag == "--batch") {
+      args.choice.batch = std::stoll(value);
+    } else if (flag == "--size" && value.find('x') != std::string::npos) {
+      args.choice.width = std::stoll(value.substr(0, value.find('x')));
+      args.choice.height = std::stoll(value.substr(value.find('x') + 1));
+    } else {
+      throw ContractError(usage + " (found " + flag + " " + value + ")");
+    }
+  }
+  return args;
+}
+
 int run(int argc, char** argv) {
-  if (argc != 3 && !(argc == 5 && std::string(argv[3]) == "--tolerance"))
-    throw ContractError("usage: ktrt_host_contract ARTIFACTS RECORDING [--tolerance 1e-6]");
-  const double tolerance = argc == 5 ? std::stod(argv[4]) : 1e-6;
-  const std::string artifacts = argv[1], recording = argv[2];
-  const auto m = ktrt::Manifest::load(artifacts);
-  std::printf("manifest: schema %lld, %s, profile batch %lld %lldx%lld cfg %s\n", (long long)m.schema_version,
-              m.precision.c_str(), (long long)m.profile.batch, (long long)m.profile.height,
-              (long long)m.profile.width, m.profile.cfg ? "on" : "off");
+  const Args args = parse_args(argc, argv);
+  const double tolerance = args.tolerance;
+  const std::string& recording = args.recording;
+  const auto m = ktrt::Manifest::load(args.artifacts, args.choice);
+  std::printf("manifest: schema %lld, %s, %zu profile(s), serving profile %zu: batch %lld %lldx%lld cfg %s\n",
+              (long long)m.schema_version, m.precision.c_str(), m.profiles.size(), m.profile_index,
+              (long long)m.profile.batch, (long long)m.profile.width, (long long)m.profile.height,
+              m.profile.cfg ? "on" : "off");
   verify_files(m);
   std::ifstream rec_in(recording + "/recording.json");
   if (!rec_in) throw ContractError("recording: expected " + recording + "/recording.json, found none");

@@ -8,8 +8,10 @@
 namespace ktrt {
 namespace {
 
-// The manifest schema versions this host understands (runtime/contract/manifest.py SCHEMA_VERSION).
-constexpr int64_t kSchemaVersion = 2;
+// The manifest schema version this host understands (runtime/contract/manifest.py SCHEMA_VERSION) and
+// the first kandinsky-trt writing it (MIN_PRODUCER_VERSION).
+constexpr int64_t kSchemaVersion = 3;
+constexpr const char* kMinProducer = "0.3.0";
 
 const nlohmann::json& field(const nlohmann::json& j, const std::string& key, const std::string& where) {
   if (!j.is_object() || !j.contains(key))
@@ -59,7 +61,43 @@ std::vector<std::string> named_files(const nlohmann::json& j) {
   return names;
 }
 
+Profile parse_profile(const nlohmann::json& p, const std::string& where) {
+  return {get<int64_t>(p, "batch", where), get<int64_t>(p, "height", where), get<int64_t>(p, "width", where),
+          get<bool>(p, "cfg", where)};
+}
+
+size_t pick_profile(const std::vector<Profile>& profiles, const ProfileChoice& choice) {
+  for (size_t i = 0; i < profiles.size(); ++i) {
+    const Profile& p = profiles[i];
+    if ((!choice.batch || p.batch == choice.batch) && (!choice.width || p.width == choice.width) &&
+        (!choice.height || p.height == choice.height))
+      return i;
+  }
+  std::string held;
+  for (const auto& p : profiles) held += (held.empty() ? "" : ", ") + p.label();
+  throw ContractError("profile: expected one of the manifest's profiles (" + held + "), found none of batch " +
+                      std::to_string(choice.batch) + " at " + std::to_string(choice.width) + "x" +
+                      std::to_string(choice.height));
+}
+
+// A network's I/O at profile `index`: networks[].profiles[index], which must say it is that profile's.
+Network network_at(const nlohmann::json& n, size_t index) {
+  const std::string name = get<std::string>(n, "name", "networks[]");
+  const auto& list = field(n, "profiles", name);
+  if (!list.is_array() || index >= list.size() || get<int64_t>(list.at(index), "profile", name) != int64_t(index))
+    throw ContractError(name + ".profiles: expected the resolved I/O of profile " + std::to_string(index) +
+                        ", found none");
+  const auto& io = list.at(index);
+  const std::string where = name + ".profiles[" + std::to_string(index) + "]";
+  return {name, get<std::string>(n, "onnx", name), tensors(field(io, "inputs", where), where + ".inputs"),
+          tensors(field(io, "outputs", where), where + ".outputs")};
+}
+
 }  // namespace
+
+std::string Profile::label() const {
+  return "b" + std::to_string(batch) + " " + std::to_string(width) + "x" + std::to_string(height);
+}
 
 size_t Tensor::count() const {
   size_t n = 1;
@@ -70,7 +108,7 @@ size_t Tensor::count() const {
 const Tensor& Network::input(const std::string& tensor) const { return find(inputs, tensor, name + ".inputs"); }
 const Tensor& Network::output(const std::string& tensor) const { return find(outputs, tensor, name + ".outputs"); }
 
-Manifest Manifest::load(const std::string& artifacts_dir) {
+Manifest Manifest::load(const std::string& artifacts_dir, const ProfileChoice& choice) {
   Manifest m;
   m.dir_ = artifacts_dir;
   const std::string file = artifacts_dir + "/manifest.json";
@@ -82,17 +120,21 @@ Manifest Manifest::load(const std::string& artifacts_dir) {
     throw ContractError("manifest: expected JSON in " + file + ", found a parse error (" + err.what() + ")");
   }
   m.schema_version = get<int64_t>(m.json_, "schema_version", "manifest");
+  if (m.schema_version < kSchemaVersion)  // never read an older layout as this one
+    throw ContractError("manifest.schema_version: expected " + std::to_string(kSchemaVersion) + ", found " +
+                        std::to_string(m.schema_version) + " (written by an older kandinsky-trt; re-export with " +
+                        "kandinsky-trt >= " + kMinProducer + ")");
   if (m.schema_version != kSchemaVersion)
     throw ContractError("manifest.schema_version: expected " + std::to_string(kSchemaVersion) + ", found " +
                         std::to_string(m.schema_version) + " (re-export, or use a host built for that schema)");
   m.precision = get<std::string>(m.json_, "precision", "manifest");
-  const auto& p = field(m.json_, "profile", "manifest");
-  m.profile = {get<int64_t>(p, "batch", "profile"), get<int64_t>(p, "height", "profile"),
-               get<int64_t>(p, "width", "profile"), get<bool>(p, "cfg", "profile")};
+  for (const auto& p : field(m.json_, "profiles", "manifest")) m.profiles.push_back(parse_profile(p, "profiles[]"));
+  if (m.profiles.empty()) throw ContractError("manifest.profiles: expected at least one profile, found none");
+  m.profile_index = pick_profile(m.profiles, choice);
+  m.profile = m.profiles[m.profile_index];
   for (const auto& n : field(m.json_, "networks", "manifest")) {
-    const std::string name = get<std::string>(n, "name", "networks[]");
-    m.networks[name] = {name, get<std::string>(n, "onnx", name), tensors(field(n, "inputs", name), name + ".inputs"),
-                        tensors(field(n, "outputs", name), name + ".outputs")};
+    Network network = network_at(n, m.profile_index);
+    m.networks[network.name] = network;
   }
   for (const auto& c : field(m.json_, "constants", "manifest"))
     m.constants.push_back({get<std::string>(c, "name", "constants[]"), get<std::string>(c, "file", "constants[]"),

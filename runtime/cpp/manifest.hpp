@@ -1,5 +1,5 @@
-// manifest.json as a C++ host reads it: schema version, profile, per-network ordered I/O, files and
-// their sha256, constants, scheduler coefficient tables. Every problem is a ContractError whose
+// manifest.json as a C++ host reads it: schema version, the profiles and the one it picks, each
+// network's ordered I/O at that profile, files and their sha256, constants, scheduler coefficient tables. Every problem is a ContractError whose
 // message names the manifest field, what was expected and what was found.
 #pragma once
 
@@ -39,6 +39,12 @@ struct Network {
 struct Profile {
   int64_t batch = 0, height = 0, width = 0;
   bool cfg = true;
+  std::string label() const;  // "b1 512x512" (batch, width x height)
+};
+
+// Which profile a host serves: the first of this batch and size; 0 = any (the default is the first).
+struct ProfileChoice {
+  int64_t batch = 0, width = 0, height = 0;
 };
 
 struct Constant {
@@ -62,10 +68,12 @@ struct SchedulerTable {
 
 class Manifest {
  public:
-  static Manifest load(const std::string& artifacts_dir);
+  static Manifest load(const std::string& artifacts_dir, const ProfileChoice& choice = {});
 
   int64_t schema_version = 0;
   std::string precision;
+  std::vector<Profile> profiles;
+  size_t profile_index = 0;  // the profile picked; `networks` hold their I/O at it
   Profile profile;
   std::map<std::string, Network> networks;
   std::vector<Constant> constants;

@@ -48,13 +48,14 @@ class OrtBoundLoop(DenoiseLoop):
     Args:
         backend: the :class:`OrtCudaBackend` whose sessions run the loop.
         spec: which network and step graph.
+        profile: the manifest profile whose shapes the buffers have.
         replay_graphs: False runs the same bindings eagerly (``gpu_graph_id`` -1), to compare.
         owner: closed with the loop (the backend :func:`bound_loop` creates), or None.
     """
 
-    def __init__(self, backend: OrtCudaBackend, spec: LoopSpec, replay_graphs: bool = True,
+    def __init__(self, backend: OrtCudaBackend, spec: LoopSpec, profile: int = 0, replay_graphs: bool = True,
                  owner: OrtCudaBackend | None = None) -> None:
-        network, step = backend.load(spec.network).network, backend.load(spec.step).network
+        network, step = backend.load(spec.network, profile).network, backend.load(spec.step, profile).network
         super().__init__(spec, network, step)
         self._owner, self.replay_graphs = owner, replay_graphs
         self.network_buffers = {t.name: backend.allocate(t) for t in network.inputs + network.outputs}
@@ -64,9 +65,9 @@ class OrtBoundLoop(DenoiseLoop):
         linked = {name for name, _ in spec.links}
         self.step_buffers = {n: backend.allocate(step.tensor(n)) for n in step.input_names
                              if n not in carried and n not in linked}
-        self._network_run = backend.bind(spec.network, self.network_buffers)
-        self._step_runs = (backend.bind(spec.step, self._step_binding(0)),
-                           backend.bind(spec.step, self._step_binding(1)))
+        self._network_run = backend.bind(spec.network, self.network_buffers, profile)
+        self._step_runs = (backend.bind(spec.step, self._step_binding(0), profile),
+                           backend.bind(spec.step, self._step_binding(1), profile))
         self._side, self._noisy = 1, False
 
     @property
@@ -129,7 +130,8 @@ class OrtBoundLoop(DenoiseLoop):
             self._owner = None
 
 
-def bound_loop(manifest: mf.Manifest, spec: LoopSpec, device: str = "cuda", cuda_graph: bool = True) -> OrtBoundLoop:
+def bound_loop(manifest: mf.Manifest, spec: LoopSpec, profile: int = 0, device: str = "cuda",
+               cuda_graph: bool = True) -> OrtBoundLoop:
     """A bound loop over sessions of its own (an :class:`OrtCudaBackend` closed with the loop).
 
     Raises:
@@ -137,7 +139,7 @@ def bound_loop(manifest: mf.Manifest, spec: LoopSpec, device: str = "cuda", cuda
     """
     backend = OrtCudaBackend(manifest, device, CudaGraphOptions(enabled=cuda_graph))
     try:
-        return OrtBoundLoop(backend, spec, owner=backend)
+        return OrtBoundLoop(backend, spec, profile, owner=backend)
     except BaseException:
         backend.close()
         raise

@@ -20,7 +20,7 @@ Three strategies fill in where the tensors live: :class:`~kandinsky_trt.runtime.
 (host numpy through ``NetworkSession.run``), :class:`~kandinsky_trt.runtime.loops.ort_bound.OrtBoundLoop`
 (ONNX Runtime IO bindings, its CUDA graphs) and :class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`
 (TensorRT bindings, one stream, one CUDA graph per step). A backend returns its own
-(``backend.loop(spec, cuda_graph=...)``). Imports: numpy and the runtime's spec and errors only.
+(``backend.loop(spec, profile, cuda_graph=...)``). Imports: numpy and the runtime's spec and errors only.
 """
 
 from __future__ import annotations

@@ -69,20 +69,23 @@ class TrtGraphLoop(DenoiseLoop):
         cuda_graph: capture one step as a CUDA graph and replay it (False: the same chain eagerly).
         cuda_ops: the CUDA operations (``memcpy_d2d`` and graph capture/launch); default
             :mod:`kandinsky_trt.runtime.cuda.runtime_api`. Tests pass a simulated layer.
+        profile: the manifest profile (its shapes, its optimization profile); one loop, so one CUDA
+            graph, per (spec, profile).
 
     Raises:
         BackendError: the engines do not load, or their linked tensors do not fit each other.
     """
 
-    def __init__(self, backend: TrtBackend, spec: LoopSpec, cuda_graph: bool = True, cuda_ops: Any = None) -> None:
-        super().__init__(spec, backend.load(spec.network).network, backend.load(spec.step).network)
+    def __init__(self, backend: TrtBackend, spec: LoopSpec, cuda_graph: bool = True, cuda_ops: Any = None,
+                 profile: int = 0) -> None:
+        super().__init__(spec, backend.load(spec.network, profile).network, backend.load(spec.step, profile).network)
         self.backend, self._cuda = backend, cuda_ops or cuda
         self._owned: list[Any] = []
         self._bindings: list[Any] = []
         try:
             self.network_buffers, self.step_buffers = self._allocate()
-            self._bindings = [backend.bind(spec.network, self.network_buffers),
-                              backend.bind(spec.step, self.step_buffers)]
+            self._bindings = [backend.bind(spec.network, self.network_buffers, profile),
+                              backend.bind(spec.step, self.step_buffers, profile)]
         except BaseException:
             self._free()
             raise

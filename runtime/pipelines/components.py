@@ -5,6 +5,10 @@ the scheduler tables; the combined pipelines hand the same instance to their pri
 halves, so nothing is loaded twice. Everything is loaded on first use through a :class:`OnceCache`,
 so one instance serves many threads with exactly one session per network; the device loops (which
 own bound buffers) run one call at a time.
+
+Profiles: the artifacts may hold several (batch, size) profiles. A pipeline asks :meth:`Components.chunks`
+how to split its rows into the batches the profiles of its size hold; :meth:`run` and :meth:`denoise`
+pick the profile from the shapes they are given, so pipelines never name a profile.
 """
 
 from __future__ import annotations
@@ -30,7 +34,32 @@ log = logging.getLogger(__name__)
 
 # CLI / API scheduler names -> which manifest config they use.
 DECODER_SCHEDULERS = ("ddim", "ddpm", "dpmpp2m")
-__all__ = ["Components"]
+__all__ = ["Components", "split_rows"]
+
+
+def split_rows(rows: int, batches: list[int]) -> list[tuple[slice, int]]:
+    """``rows`` split into calls of the given batch sizes: the fewest padded rows, then the fewest calls.
+
+    Returns (rows of the call, its batch) pairs, largest batches first; only the last call is padded.
+    """
+    top = max(batches)
+    unreachable = rows + top + 1  # more calls than any plan needs
+    calls = [0] + [unreachable] * (rows + top)  # calls[t]: fewest calls whose batches sum to exactly t
+    for total in range(1, len(calls)):
+        calls[total] = min((calls[total - b] + 1 for b in batches if b <= total), default=unreachable)
+    # The smallest reachable total >= rows: its padding is below the last call's batch (else a
+    # smaller total would do), so only the last call is padded.
+    total = next(t for t in range(rows, len(calls)) if calls[t] < unreachable)
+    plan = []
+    while total:
+        batch = max(b for b in batches if b <= total and calls[total - b] == calls[total] - 1)
+        plan.append(batch)
+        total -= batch
+    out, start = [], 0
+    for batch in plan:
+        out.append((slice(start, min(start + batch, rows)), batch))
+        start += batch
+    return out
 
 
 class Components:
@@ -49,8 +78,8 @@ class Components:
         self.backend = make_backend(backend, self.manifest, device)
         self.device, self.cuda_graph = device, cuda_graph
         self._cache = OnceCache()  # sessions, tokenizers, constants, scheduler tables
-        self._loops = OnceCache()  # LoopSpec -> the backend's loop (it holds one call's state)
-        self._loop_locks = OnceCache()  # LoopSpec -> the lock its calls run under
+        self._loops = OnceCache()  # (LoopSpec, profile) -> the backend's loop (it holds one call's state)
+        self._loop_locks = OnceCache()  # (LoopSpec, profile) -> the lock its calls run under
         # TensorRT engines share one activation arena (sized on load): they must load and run one
         # after another, so one lock serialises all TensorRT work of this instance.
         self._trt_lock = threading.RLock() if backend == "trt" else None
@@ -61,26 +90,30 @@ class Components:
 
         The backend supplies the loop (``backend.loop``): the host loop for ``torch`` and ``ort`` on
         the CPU, the bound loop for ``ort`` on CUDA (``cuda_graph=False``: the same bindings eagerly),
-        the TensorRT loop for ``trt``; one per spec, kept until :meth:`close`. A loop holds one call's
-        state (host arrays or bound device buffers), so its calls run one at a time.
+        the TensorRT loop for ``trt``; one per (spec, profile), the profile whose latents have the
+        shape of ``inputs.latents``, kept until :meth:`close`. A loop holds one call's state (host
+        arrays or bound device buffers), so its calls run one at a time.
         ``guidance_scale <= 1`` runs the conditional prediction alone, as diffusers does (for every
         strategy, prior and decoders alike). The final latents are checked once for NaN/Inf.
         """
-        if self.profile.cfg and not guided(inputs.guidance_scale):
+        if self.manifest.cfg and not guided(inputs.guidance_scale):
             inputs = conditional_only(inputs)
+        profile = self._profile_of(spec.step, {spec.io.latents: inputs.latents})
 
         def build():
             with self._serial():
-                return self.backend.loop(spec, cuda_graph=self.cuda_graph)
+                return self.backend.loop(spec, profile, cuda_graph=self.cuda_graph)
 
-        loop = self._loops.get(spec, build)
-        with self._serial(), self._loop_locks.get(spec, threading.Lock):
+        key = (spec, profile)
+        loop = self._loops.get(key, build)
+        with self._serial(), self._loop_locks.get(key, threading.Lock):
             latents = loop(table, inputs, callback)
         return require_finite(latents, f"{spec.network} loop (final latents)")
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a stage network once (encoders, MoVQ); every output is checked for NaN/Inf, naming it."""
-        session = self.session(network)
+        """Run a stage network once (encoders, MoVQ) at the profile of the feeds' shapes; every output
+        is checked for NaN/Inf, naming it."""
+        session = self.session(network, self._profile_of(network, feeds))
         with self._serial():
             outputs = session.run(feeds)
         for name, array in outputs.items():
@@ -89,6 +122,7 @@ class Components:
 
     @property
     def profile(self) -> Profile:
+        """The default profile (its size serves requests without one; ``cfg`` is every profile's)."""
         return self.manifest.profile
 
     @property
@@ -100,13 +134,33 @@ class Components:
         """Decoder latents of ``rows`` images of a size :func:`~.inputs.check_size` returned."""
         return rows, LATENT_CHANNELS, height // self.latent_scale, width // self.latent_scale
 
-    def session(self, network: str) -> NetworkSession:
-        """The loaded network; created once per ``Components`` whatever the concurrency."""
+    def sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) sizes the artifacts hold, the default first."""
+        return self.manifest.sizes()
+
+    def chunks(self, rows: int, size: tuple[int, int] | None = None) -> list[tuple[slice, int]]:
+        """``rows`` split into network calls of the batches the profiles of ``size`` hold (None: of any
+        size, for the size-independent prior): the fewest padded rows, then the fewest calls."""
+        return split_rows(rows, self.manifest.batches(size))
+
+    def _profile_of(self, network: str, feeds: dict[str, np.ndarray]) -> int:
+        """The first profile at which ``network``'s inputs named in ``feeds`` have the feeds' shapes."""
+        shapes = {name: tuple(np.shape(array)) for name, array in feeds.items()}
+        entry = self.manifest.network(network)
+        for index, resolved in enumerate(entry.profiles):
+            if all(resolved.tensor(name).shape == shape for name, shape in shapes.items()):
+                return index
+        raise BackendError(f"{network}: expected inputs of the shapes of one of the profiles "
+                           f"{[p.name for p in self.manifest.profiles]}, found {shapes}")
+
+    def session(self, network: str, profile: int = 0) -> NetworkSession:
+        """The loaded network at manifest profile ``profile``; created once per ``Components``
+        whatever the concurrency (the backend shares one set of weights between profiles)."""
         def build() -> NetworkSession:
             with self._serial():
-                return self.backend.load(network)
+                return self.backend.load(network, profile)
 
-        return self._cache.get(("session", network), build)
+        return self._cache.get(("session", network, profile), build)
 
     def _serial(self):
         return self._trt_lock if self._trt_lock is not None else nullcontext()

@@ -2,16 +2,17 @@
 
 All three share one path (kandinsky_map §1.3-1.5): M-CLIP text encoding, the UNet loop with
 classifier-free guidance, MoVQ decoding, post-processing. Rows are processed in chunks of the
-artifacts' batch; each row is independent, so chunking does not change results.
+batches the artifacts hold at the request's size (``Components.chunks``); each row is independent,
+so chunking does not change results.
 
 Fixed diffusers bugs (README "Divergences from diffusers"): image embeddings are repeated per image
 also without guidance (diffusers crashes for ``guidance_scale <= 1`` with several images per prompt),
 and img2img no longer swaps height and width.
 
-``height``/``width`` default to the size the artifacts were exported for (diffusers defaults to 512,
-the size its model was trained at; static-shape artifacts serve only their own size). Other sizes
-are rounded up as in diffusers (to a multiple of the MoVQ scale factor squared, 64 for Kandinsky 2.1)
-and refused, before any network runs, if the artifacts do not hold them.
+``height``/``width`` default to the artifacts' default size, their first (diffusers defaults to 512,
+the size its model was trained at; static-shape artifacts serve only the sizes they hold). Other
+sizes are rounded up as in diffusers (to a multiple of the MoVQ scale factor squared, 64 for
+Kandinsky 2.1) and refused, before any network runs, if the artifacts do not hold them.
 
 A ``__call__`` checks its arguments into a :class:`DecoderRequest` (``request``: no network runs,
 nothing is drawn) and runs it (``run``); the combined pipelines call those two themselves.
@@ -98,6 +99,7 @@ class DecoderJob:
     step_noise: np.ndarray | None = None  # (stochastic steps, rows, 4, h, w)
     inpaint_conditioning: np.ndarray | None = None  # (rows, 5, h, w): masked image latents + mask
     callback: Callable | None = None
+    size: tuple[int, int] | None = None  # (height, width): picks the profiles the rows run at
 
 
 class _DecoderPipeline:
@@ -124,7 +126,7 @@ class _DecoderPipeline:
         args.check_output_type(call["output_type"])
         guidance = args.check_guidance(call["guidance_scale"], "guidance_scale", c.profile)
         callback = args.step_callback(call["callback"], call["callback_steps"])
-        height, width = args.check_size(call["height"], call["width"], c.profile, c.latent_scale)
+        height, width = args.check_size(call["height"], call["width"], c.sizes, c.latent_scale)
         n, rows = prompts.per_prompt, len(prompts.texts) * prompts.per_prompt
         request = DecoderRequest(
             args.repeat_rows(prompts.texts, n), args.repeat_rows(prompts.negatives or [""] * len(prompts.texts), n),
@@ -152,7 +154,7 @@ class _DecoderPipeline:
             step_noise = request.rng.standard_normal((int(table.stochastic.sum()), *request.latent_shape),
                                                      dtype=np.float32)
         job = DecoderJob(request.prompts, request.negatives, *embeds, latents, table, request.guidance_scale,
-                         step_noise, callback=request.callback, **extra)
+                         step_noise, callback=request.callback, size=(request.height, request.width), **extra)
         images = postprocess(self._denoise_and_decode(job), request.output_type)
         return ImagePipelineOutput(images) if request.return_dict else (images,)
 
@@ -164,13 +166,13 @@ class _DecoderPipeline:
     def _denoise_and_decode(self, job: DecoderJob) -> np.ndarray:
         c = self.components
         results = []
-        for rows in args.chunks(len(job.prompts), c.profile.batch):
-            latents = c.denoise(self.loop, job.table, self._chunk_inputs(job, rows), job.callback)
+        for rows, batch in c.chunks(len(job.prompts), job.size):
+            latents = c.denoise(self.loop, job.table, self._chunk_inputs(job, rows, batch), job.callback)
             results.append(latents[: rows.stop - rows.start])
-        return self._decode_latents(np.concatenate(results))
+        return self._decode_latents(np.concatenate(results), job.size)
 
-    def _chunk_inputs(self, job: DecoderJob, rows: slice) -> LoopInputs:
-        batch, cfg = self.components.profile.batch, self.components.profile.cfg
+    def _chunk_inputs(self, job: DecoderJob, rows: slice, batch: int) -> LoopInputs:
+        cfg = self.components.profile.cfg
         pick = lambda a: args.take(a, rows, batch)  # noqa: E731
         conditioning = self._text(args.take_list(job.prompts, rows, batch),
                                   args.take_list(job.negatives, rows, batch), cfg)
@@ -189,10 +191,10 @@ class _DecoderPipeline:
         # The UNet attends to all 77 tokens: diffusers discards the text mask (kandinsky_map §1.3).
         return {"encoder_hidden_states": out["last_hidden_state"], "text_embeds": out["text_embeds"]}
 
-    def _decode_latents(self, latents: np.ndarray) -> np.ndarray:
+    def _decode_latents(self, latents: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         c, images = self.components, []
-        for rows in args.chunks(len(latents), c.profile.batch):
-            feeds = {"latents": args.take(latents, rows, c.profile.batch)}
+        for rows, batch in c.chunks(len(latents), size):
+            feeds = {"latents": args.take(latents, rows, batch)}
             images.append(c.run("movq_decoder", feeds)["image"][: rows.stop - rows.start])
         return np.concatenate(images)
 
@@ -249,8 +251,8 @@ class KandinskyImg2ImgPipeline(_DecoderPipeline):
     def _encode_images(self, pixels: np.ndarray, count: int) -> np.ndarray:
         """MoVQ-encode ``pixels`` and broadcast one image to every prompt."""
         c, out = self.components, []
-        for rows in args.chunks(len(pixels), c.profile.batch):
-            feeds = {"image": args.take(pixels, rows, c.profile.batch)}
+        for rows, batch in c.chunks(len(pixels), pixels.shape[-2:]):
+            feeds = {"image": args.take(pixels, rows, batch)}
             out.append(c.run("movq_encoder", feeds)["latents"][: rows.stop - rows.start])
         latents = np.concatenate(out)
         return np.repeat(latents, count, axis=0) if len(latents) == 1 else latents

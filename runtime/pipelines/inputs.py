@@ -14,7 +14,7 @@ import numbers
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ Generator = int | np.random.Generator | None
 Size = int | None  # pixels; None: the artifacts' size
 
 # Images per call (prompts x num_images_per_prompt): refused above this before anything is
-# allocated. Rows run in chunks of the profile batch, so more would only queue work in one call.
+# allocated. Rows run in chunks of the batches the artifacts hold, so more would only queue work in one call.
 MAX_IMAGES_PER_CALL = 64
 
 
@@ -267,27 +267,29 @@ def check_conditions(conditions) -> int:
     return sum(isinstance(c, str) for c in conditions)
 
 
-def check_size(height: int | None, width: int | None, profile: Profile, latent_scale: int) -> tuple[int, int]:
-    """The request's size, rounded up as diffusers' ``get_new_h_w`` does; it must be the profile's.
+def check_size(height: int | None, width: int | None, sizes: Sequence[tuple[int, int]],
+               latent_scale: int) -> tuple[int, int]:
+    """The request's size, rounded up as diffusers' ``get_new_h_w`` does; it must be one of ``sizes``.
 
     diffusers rounds each side up to a multiple of the MoVQ scale factor squared (``latent_scale**2``,
     64 for Kandinsky 2.1) and makes latents of ``side / latent_scale``.
 
-    ``None`` means the size the artifacts were exported for (diffusers' 512 is the size its model was
-    trained at; a static-shape engine can only serve what it was built for). Called before any
-    network runs, so a wrong size fails at once.
+    ``sizes``: the (height, width) pairs the artifacts hold, the default first. ``None`` means the
+    default's (diffusers' 512 is the size its model was trained at; static-shape engines serve only
+    the sizes they were built for). Called before any network runs, so a wrong size fails at once.
     """
-    height = profile.height if height is None else height
-    width = profile.width if width is None else width
+    height = sizes[0][0] if height is None else height
+    width = sizes[0][1] if width is None else width
     for name, value in (("height", height), ("width", width)):
         check_positive_int(value, name)
     multiple = latent_scale**2
     rounded = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
-    if rounded != (profile.height, profile.width):
+    if rounded not in sizes:
+        held = ", ".join(f"{w}x{h}" for h, w in sizes)
         raise PipelineInputError(
-            f"height/width: these artifacts were exported for {profile.height}x{profile.width} "
-            f"(profile {profile.name}); found {height}x{width}. Export another profile with "
-            f"`kandinsky-trt export --height {rounded[0]} --width {rounded[1]}`"
+            f"height/width: expected a size these artifacts hold (width x height: {held}), found width {width} "
+            f"x height {height} (served as {rounded[1]}x{rounded[0]}). Export it with "
+            f"`kandinsky-trt export --size {rounded[1]}x{rounded[0]}`"
         )
     return rounded
 
@@ -303,11 +305,6 @@ def renamed(names: Mapping[str, str]):
         if match is None or match.group(1) not in names:
             raise
         raise type(err)(names[match.group(1)] + str(err)[len(match.group(1)):]) from None
-
-
-def chunks(rows: int, batch: int) -> Iterator[slice]:
-    for start in range(0, rows, batch):
-        yield slice(start, min(start + batch, rows))
 
 
 def take(array: np.ndarray, rows: slice, batch: int) -> np.ndarray:

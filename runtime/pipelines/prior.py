@@ -118,8 +118,8 @@ class KandinskyPriorPipeline:
         """Run the prior loop on the request's rows; returns post-processed embeddings (rows, E)."""
         c = self.components
         table = c.scheduler("prior", request.steps)
-        batch, results = c.profile.batch, []
-        for chunk in args.chunks(len(request.cond), batch):
+        results = []
+        for chunk, batch in c.chunks(len(request.cond)):
             chunk_noise = args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
             loop = LoopInputs(
                 latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),

@@ -63,7 +63,7 @@ def draw(pipelines: Pipelines, item: Item, kwargs: dict) -> Draws:
     steps = args.check_positive_int(kwargs["num_inference_steps"], "num_inference_steps")
     if c.scheduler("decoder", steps).stochastic.any():
         raise BatchDrewRandomness("the decoder scheduler is stochastic; its step noise cannot be passed")
-    height, width = args.check_size(kwargs["height"], kwargs["width"], c.profile, c.latent_scale)
+    height, width = args.check_size(kwargs["height"], kwargs["width"], c.sizes, c.latent_scale)
     return Draws(latents, noise, rng.standard_normal(c.latent_shape(n, height, width), dtype=np.float32))
 
 

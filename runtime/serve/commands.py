@@ -123,7 +123,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances (each loads every network; default 1)")
     p.add_argument("--max-queue-delay-us", type=int, default=2000,
                    help="how long the dynamic batcher waits to fill a batch (default 2000 us)")
-    p.add_argument("--max-batch-size", type=int, help="requests per batch (default: the artifacts' profile batch)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="requests per batch (default: the largest batch of the artifacts' profiles)")
     p.add_argument("--max-images", type=int, default=16, help="largest num_images a request may ask (default 16)")
     p.add_argument("--no-batching", action="store_true", help="one request per model call (to compare)")
 

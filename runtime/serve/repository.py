@@ -33,7 +33,7 @@ class RepoConfig:
     device: str = "cpu"
     instances: int = 1
     max_queue_delay_us: int = 2000
-    max_batch_size: int | None = None  # None: the profile batch
+    max_batch_size: int | None = None  # None: the largest profile batch
     max_images: int = 16
     batching: bool = True  # False: dynamic batching off (Triton delivers one request at a time)
 
@@ -54,7 +54,7 @@ def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
     params = (("artifacts", str(Path(config.artifacts).resolve())), ("backend", config.backend),
               ("device", config.device), ("max_images", str(config.max_images)),
               ("batching", "true" if config.batching else "false"))
-    batch = config.max_batch_size or manifest.profile.batch
+    batch = config.max_batch_size or max(manifest.batches())
     return ModelConfig(
         max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,
         max_queue_delay_us=config.max_queue_delay_us, instances=config.instances,

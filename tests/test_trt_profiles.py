@@ -2,7 +2,7 @@
 
 A toy network of batch dim ``B`` in a set of two profiles (batch 1 and batch 2): one plan with
 two optimization profiles (``engine.profiles = [0, 1]``). The stand-in engine (a subclass of
-``fake_trt_runtime.FakeEngine``, kept here so the shared fakes stay as they are) has a dynamic
+``fakes.tensorrt.FakeEngine``, kept here so the shared fakes stay as they are) has a dynamic
 batch, and each context runs at the shapes of the optimization profile it selected. This checks
 our logic (one engine per network, a context per profile, profile selection before the input
 shapes), not TensorRT: unverified on a GPU.
@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from fake_trt_runtime import H100, TRT_VERSION, FakeContext, FakeEngine, FakeMemory, fake_tensorrt, install
+from fakes.cuda import H100, FakeMemory  # tests/ is on sys.path under pytest
+from fakes.tensorrt import TRT_VERSION, FakeContext, FakeEngine, install
 from manifest_helpers import complete_manifest
 
 from kandinsky_trt.runtime.backends.base import BackendError
@@ -78,7 +79,7 @@ def _write(directory) -> Manifest:
     profiles = [{"batch": b, "height": 64, "width": 64, "cfg": False} for b in (1, 2)]
     manifest = Manifest.from_dict(complete_manifest({
         "producer": {}, "precision": "fp32", "profiles": profiles,
-        "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4}, "checkpoints": {},
+        "model_dims": {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4, "latent_scale": 8}, "checkpoints": {},
         "networks": [network], "constants": [], "schedulers": {}, "tokenizers": {},
         "image_processor": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
     }, directory), directory)
@@ -99,7 +100,7 @@ def engines(monkeypatch):
         made.append(ProfiledEngine(tensors, lambda x, y: {"z": x * y + x}, 1000, memory))
         return made[-1]
 
-    install(monkeypatch, fake_tensorrt(make), memory)
+    install(monkeypatch, make, memory)
     return made
 
 

@@ -17,7 +17,7 @@ def write_plan_artifacts(directory, networks: dict, arena: dict, version: str = 
     ``geometry`` is (profile, model_dims); default a 64x64 batch-1 profile of a tiny model.
     """
     profile, dims = geometry or ({"batch": 1, "height": 64, "width": 64, "cfg": True},
-                                 {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4})
+                                 {"clip_dim": 8, "text_dim": 8, "image_size": 8, "text_len": 4, "latent_scale": 8})
     entries = []
     for name, (inputs, outputs) in networks.items():
         plan = f"plan:{name}".encode()

@@ -134,6 +134,7 @@ class Components:
         """Decoder latents of ``rows`` images of a size :func:`~.inputs.check_size` returned."""
         return rows, LATENT_CHANNELS, height // self.latent_scale, width // self.latent_scale
 
+    @property
     def sizes(self) -> list[tuple[int, int]]:
         """The (height, width) sizes the artifacts hold, the default first."""
         return self.manifest.sizes()

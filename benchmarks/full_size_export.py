@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="unet")
     parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
@@ -28,8 +28,11 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true",
                         help="also compare the graph (ONNX Runtime CPU) with the fp32 torch module on 3 input sets")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = _parse()
     import torch
 
     from kandinsky_trt.export.full_size import build_full_size_model
@@ -44,15 +47,15 @@ def main() -> None:
     start = time.perf_counter()
     model = build_full_size_model(args.network, dtype=torch.float32)
     built = time.perf_counter()
-    network = resolve(args.network, Profile(1, args.height, args.width, True))
+    profile = Profile(1, args.height, args.width, True)
+    network = resolve(args.network, profile)
     reference = inputs = None
     if args.verify:
         inputs = verify.verification_inputs(network)
         reference = verify.torch_reference(WRAPPERS[args.network](model, torch.float32), inputs)
     exported = time.perf_counter()
-    request = ExportRequest.for_profiles(args.network, (Profile(1, args.height, args.width, True),), KANDINSKY_2_1_DIMS,
-                                         policy_for(args.network, args.precision), out, args.exporter)
-    files = export_network(model, request)
+    files = export_network(model, ExportRequest.for_profiles(args.network, (profile,), KANDINSKY_2_1_DIMS,
+                                                             policy_for(args.network, args.precision), out, args.exporter))
     done = time.perf_counter()
     parity = None
     if args.verify:

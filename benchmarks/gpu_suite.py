@@ -164,7 +164,7 @@ def _loop_inputs(manifest, spec, table, seed: int = 0):
 
 def replay_vs_eager(config: argparse.Namespace, artifacts: Path, backend: str) -> dict:
     """Per loop: max |diff| of the final latents, with graphs (capture, then replay) against eager."""
-    from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP, UNET_LOOP
+    from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP, UNET_LOOP
     from kandinsky_trt.runtime.pipelines.components import Components
 
     found = {}

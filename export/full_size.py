@@ -79,12 +79,10 @@ def _movq_config() -> dict:
 
 
 def full_size_configs() -> dict[str, dict]:
-    """Constructor keyword arguments of every real network, keyed by component.
-
-    Keys: ``prior_text_encoder`` (``CLIPTextConfig``), ``image_encoder`` (``CLIPVisionConfig``),
-    ``prior`` (``PriorTransformer``), ``text_encoder`` (``MCLIPConfig``), ``unet``, ``unet_inpaint``
-    (``UNet2DConditionModel``), ``movq`` (``VQModel``). A fresh dict on every call.
-    """
+    """Constructor keyword arguments of every real network, a fresh dict on every call, by component:
+    ``prior_text_encoder`` (``CLIPTextConfig``), ``image_encoder`` (``CLIPVisionConfig``), ``prior``
+    (``PriorTransformer``), ``text_encoder`` (``MCLIPConfig``), ``unet``, ``unet_inpaint``
+    (``UNet2DConditionModel``), ``movq`` (``VQModel``)."""
     return {
         "prior_text_encoder": {  # [card] openai/clip-vit-large-patch14 text_config
             "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,

@@ -15,7 +15,7 @@ from kandinsky_trt.runtime.backends.ort import OrtBackend
 from kandinsky_trt.runtime.loops.host import HostLoop
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.contract.manifest import load_manifest
-from kandinsky_trt.runtime.contract.spec import UNET_LOOP, LoopSpec
+from kandinsky_trt.runtime.contract.loop_specs import UNET_LOOP, LoopSpec
 
 
 class _Counting:

@@ -24,9 +24,10 @@ from kandinsky_trt.runtime.loops.ort_bound import bound_loop
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.contract.schedulers import scheduler_table
-from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP as PRIOR
-from kandinsky_trt.runtime.contract.spec import UNET_LOOP as UNET
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP as PRIOR
+from kandinsky_trt.runtime.contract.loop_specs import UNET_LOOP as UNET
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 DDPM_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
                "beta_start": 0.00085, "beta_end": 0.012, "variance_type": "learned_range", "clip_sample": True,

@@ -33,7 +33,8 @@ from kandinsky_trt.runtime.backends.trt import TensorInfo, TrtBackend
 from kandinsky_trt.runtime.loops.host import HostLoop
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, apply_step, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, UNET_LOOP, K, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.contract.spec import K, ModelDims, Profile, resolve
+from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
 from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop
 
 PROFILE = Profile(batch=1, height=64, width=64, cfg=True)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 if TYPE_CHECKING:
     from kandinsky_trt.runtime.loops.template import DenoiseLoop

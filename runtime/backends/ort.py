@@ -16,7 +16,8 @@ import numpy as np
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,8 @@ from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend, check_buffer_names
 from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 

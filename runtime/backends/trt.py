@@ -47,7 +47,8 @@ from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
 from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, point_at
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
-from kandinsky_trt.runtime.contract.spec import LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 

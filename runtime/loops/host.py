@@ -11,7 +11,7 @@ import numpy as np
 
 from kandinsky_trt.runtime.backends.base import NetworkSession
 from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.contract.spec import LoopSpec
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 
 class HostLoop(DenoiseLoop):

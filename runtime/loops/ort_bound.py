@@ -37,7 +37,7 @@ import numpy as np
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.ort_cuda import CudaGraphOptions, OrtCudaBackend, upload
 from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.contract.spec import LoopSpec
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ import numpy as np
 
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
-from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, LoopSpec, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 # x_next = x, nothing else: used once per chunk to build the first network input through the step graph.
 _IDENTITY = dict.fromkeys(COEFFICIENT_COLUMNS, 0.0) | {"v": 1.0, "clip_min": -1.0, "clip_max": 1.0}

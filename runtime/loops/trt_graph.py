@@ -42,7 +42,7 @@ from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.trt import TrtBackend
 from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, RowCopy, StepChain
 from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
-from kandinsky_trt.runtime.contract.spec import LoopSpec
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 

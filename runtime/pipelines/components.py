@@ -27,7 +27,8 @@ from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_fi
 from kandinsky_trt.runtime.loops.template import LoopInputs, StepCallback, conditional_only, guided
 from kandinsky_trt.runtime.pipelines.once import OnceCache
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, LoopSpec, Profile
+from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, Profile
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.processing.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.processing.images import (
     latent_keep_mask, postprocess, prepare_img2img_image, prepare_inpaint_inputs)
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, img2img_add_noise, img2img_timesteps
-from kandinsky_trt.runtime.contract.spec import INPAINT_LOOP, UNET_LOOP
+from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
 
 
 @dataclass

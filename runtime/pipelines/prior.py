@@ -21,7 +21,7 @@ from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
 from kandinsky_trt.runtime.processing.images import clip_image_preprocess
 from kandinsky_trt.runtime.loops.template import LoopInputs
-from kandinsky_trt.runtime.contract.spec import PRIOR_LOOP
+from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP
 
 
 @dataclass

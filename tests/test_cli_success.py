@@ -50,7 +50,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
 def _feeds(entry, rng) -> dict[str, np.ndarray]:
     """Inputs of the entry's shapes: N(0, 1) floats; integers and booleans 1 (a valid token id and mask)."""
     return {t.name: rng.standard_normal(t.shape).astype(t.dtype) if t.dtype.startswith("float")
-            else np.ones(t.shape, t.dtype) for t in entry.inputs}
+            else np.ones(t.shape, t.dtype) for t in entry.resolved().inputs}
 
 
 def test_export_writes_a_manifest_whose_networks_run(exported):
@@ -63,7 +63,7 @@ def test_export_writes_a_manifest_whose_networks_run(exported):
     with OrtBackend(manifest) as backend:
         for name, entry in manifest.networks.items():
             outputs = backend.load(name).run(_feeds(entry, rng))
-            for tensor in entry.outputs:
+            for tensor in entry.resolved().outputs:
                 value = outputs[tensor.name]
                 assert (value.shape, value.dtype.name) == (tensor.shape, tensor.dtype), f"{name}.{tensor.name}"
                 assert np.isfinite(value).all(), f"{name}.{tensor.name}"

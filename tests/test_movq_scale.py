@@ -87,7 +87,7 @@ def test_export_refuses_a_size_the_movq_cannot_make(two_level_checkpoint, tmp_pa
 def test_request_sizes_round_up_to_the_scale_factor_squared(artifacts):
     pipe = KandinskyPipeline(artifacts)
     emb = embeds(1, E, 1)
-    with pytest.raises(PipelineInputError, match=r"exported for 48x48 .*found 49x48.*--height 52 --width 48"):
+    with pytest.raises(PipelineInputError, match=r"width x height: 48x48\), found width 48 x height 49 \(served as 48x52\).*--size 48x52"):
         pipe("a cat", emb, emb, height=49, width=48, num_inference_steps=2)
 
 

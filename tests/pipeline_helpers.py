@@ -39,3 +39,16 @@ def check_close(label: str, diff: float, tolerance: float) -> None:
     if os.environ.get("KTRT_MEASURE"):
         print(f"PARITY {label} {diff:.3e}")
     assert diff < tolerance, f"{label}: max abs diff {diff:.3e} >= tolerance {tolerance:.0e}"
+
+
+def diffusers_pipelines(checkpoint, prior: bool = True) -> dict:
+    """diffusers' Kandinsky 2.1 pipelines on ``checkpoint`` (a ``CheckpointDirs``), on the CPU."""
+    import diffusers
+
+    load = lambda cls, path: getattr(diffusers, cls).from_pretrained(path).to("cpu")  # noqa: E731
+    pipes = {"prior": load("KandinskyPriorPipeline", checkpoint.prior)} if prior else {}
+    return pipes | {
+        "text2img": load("KandinskyPipeline", checkpoint.decoder),
+        "img2img": load("KandinskyImg2ImgPipeline", checkpoint.decoder),
+        "inpaint": load("KandinskyInpaintPipeline", checkpoint.inpaint),
+    }

@@ -19,7 +19,7 @@ from kandinsky_trt.runtime import KandinskyImg2ImgPipeline, KandinskyInpaintPipe
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.contract.manifest import load_manifest
 from kandinsky_trt.runtime.contract.spec import Profile, SpecError
-from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
+from pipeline_helpers import check_close, diffusers_pipelines, embeds, generator, max_diff, torch_draws
 from test_pipelines import TOLERANCE
 
 SIZE, SCALE, E = 48, 2, 32  # 48 px: a multiple of 2**2 but not of 64; latents 24x24
@@ -46,14 +46,7 @@ def artifacts(tmp_path_factory, two_level_checkpoint):
 
 @pytest.fixture(scope="module")
 def diffusers_pipes(two_level_checkpoint):
-    import diffusers
-
-    load = lambda cls, path: getattr(diffusers, cls).from_pretrained(path).to("cpu")  # noqa: E731
-    return {
-        "text2img": load("KandinskyPipeline", two_level_checkpoint.decoder),
-        "img2img": load("KandinskyImg2ImgPipeline", two_level_checkpoint.decoder),
-        "inpaint": load("KandinskyInpaintPipeline", two_level_checkpoint.inpaint),
-    }
+    return diffusers_pipelines(two_level_checkpoint, prior=False)
 
 
 def _picture(seed: int) -> Image.Image:

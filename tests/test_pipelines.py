@@ -13,7 +13,7 @@ from PIL import Image
 from kandinsky_trt.runtime import (
     KandinskyCombinedPipeline, KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline,
     KandinskyPriorPipeline)
-from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
+from pipeline_helpers import check_close, diffusers_pipelines, embeds, generator, max_diff, torch_draws
 
 PRECISIONS = ["artifacts_fp32", "artifacts_fp16"]
 # Max abs difference (embeddings, images), ~2x the worst value measured with KTRT_MEASURE=1
@@ -29,15 +29,7 @@ E, H = 32, 8  # tiny CLIP width; 64 px -> 8 latent
 
 @pytest.fixture(scope="module")
 def diffusers_pipes(tiny_checkpoint):
-    import diffusers
-
-    load = lambda cls, path: getattr(diffusers, cls).from_pretrained(path).to("cpu")  # noqa: E731
-    return {
-        "prior": load("KandinskyPriorPipeline", tiny_checkpoint.prior),
-        "text2img": load("KandinskyPipeline", tiny_checkpoint.decoder),
-        "img2img": load("KandinskyImg2ImgPipeline", tiny_checkpoint.decoder),
-        "inpaint": load("KandinskyInpaintPipeline", tiny_checkpoint.inpaint),
-    }
+    return diffusers_pipelines(tiny_checkpoint)
 
 
 def _picture(seed: int, size=(64, 64)) -> Image.Image:

@@ -99,7 +99,7 @@ def report(target_rps: float, gpu_name: str, utilization: float, efficiencies: t
     for name, path in SERVE_RESULTS.items():
         m = measured_throughput(path)
         lines.append(f"CPU replica ({m.machine}), {m.label}: {m.requests_per_s:.4g} req/s measured "
-                     f"-> {replicas_for(target_rps, m.requests_per_s, utilization)} replicas")
+                     f"-> {replicas_for(target_rps, m.requests_per_s, utilization)} replica(s)")
     decoder, prior = default_steps()
     floor = floor_ms_per_request(gpu_floors_ms(gpu_name), decoder, prior)
     lines.append(f"{gpu_name}, 512x512 text2img, {prior} prior + {decoder} decoder steps: floor {floor:.1f} ms "
@@ -107,8 +107,8 @@ def report(target_rps: float, gpu_name: str, utilization: float, efficiencies: t
     for e in efficiencies:
         rate = _positive("efficiency", e, 1.0) * 1e3 / floor
         lines.append(f"  at {e:.0%} of the floor: {rate:.2f} req/s per GPU -> "
-                     f"{replicas_for(target_rps, rate, utilization)} GPUs")
-    lines.append(f"  no fewer than {replicas_for(target_rps, 1e3 / floor, 1.0)} GPUs at any efficiency")
+                     f"{replicas_for(target_rps, rate, utilization)} GPU(s)")
+    lines.append(f"  no fewer than {replicas_for(target_rps, 1e3 / floor, 1.0)} GPU(s) at any efficiency")
     return lines
 
 

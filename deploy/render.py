@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sizing.py beside this file (deploy/ is no package)
+if str(Path(__file__).resolve().parent) not in sys.path:  # sizing.py beside this file (deploy/ is no package)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sizing  # noqa: E402
 

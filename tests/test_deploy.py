@@ -241,6 +241,19 @@ def test_gpu_floors_equal_the_committed_benchmark_bounds():
         assert floors[network] == pytest.approx(bound, rel=1e-6)
     with pytest.raises(capacity.CapacityError, match="^gpu: expected"):
         capacity.gpu_floors_ms("Voodoo 2")
+    floor = capacity.floor_ms_per_request(floors, *capacity.default_steps())
+    readme = (ROOT / "README.md").read_text()  # the scale-out section quotes these
+    assert f"{floor:.1f} ms" in readme and f"≤ {1e3 / floor:.2f} |" in readme
+    for e in (0.5, 0.1):
+        rate = e * 1e3 / floor
+        assert f"| {rate:.2f} | {capacity.replicas_for(10, rate, 0.7)} |" in readme
+
+
+def test_readme_cpu_capacity_rows_are_computed_from_the_results():
+    readme = (ROOT / "README.md").read_text()
+    for path, digits in zip(capacity.SERVE_RESULTS.values(), (".2f", ".3g")):
+        m = capacity.measured_throughput(path)
+        assert f"| {m.requests_per_s:{digits}} | {capacity.replicas_for(10, m.requests_per_s, 0.7)} |" in readme
 
 
 # --- the entrypoint and the rendered flags on a real tritonserver (the serve extra's, CPU) ---
@@ -304,6 +317,11 @@ def _wait_ready(process, url: str, log: Path, timeout_s: float = 180.0) -> None:
     pytest.fail("not ready in time:\n" + log.read_text(errors="replace")[-3000:])
 
 
+# What the README's scale-out section says to watch, besides the HPA's two: each must be real.
+WATCHED = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_pending_request_count",
+           "nv_inference_request_duration_us")
+
+
 def _sample(metrics: str, name: str) -> float:
     match = re.search(rf'^{name}\{{[^}}]*model="{MODEL_NAME}"[^}}]*\}} (\S+)$', metrics, re.MULTILINE)
     assert match, f"{name} for model {MODEL_NAME} not on /metrics"
@@ -327,6 +345,12 @@ def test_entrypoint_and_rendered_flags_on_a_real_tritonserver(entrypoint_server,
     assert status == 200
     assert _sample(metrics, render.COMPUTE_METRIC) > 0  # the ratio's denominator is measured
     assert _sample(metrics, render.QUEUE_METRIC) >= 0
+    assert _sample(metrics, "nv_inference_request_success") == 1
+    readme = (ROOT / "README.md").read_text()
+    for name in (*WATCHED, render.QUEUE_METRIC, render.COMPUTE_METRIC):
+        assert name in readme, name
+        _sample(metrics, name)  # on this server's /metrics, for our model
+    assert METRIC in readme
     assert re.search(rf'^{METRIC}\{{[^}}]*outcome="success"[^}}]*\}} 1$', metrics, re.MULTILINE), metrics[-2000:]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]

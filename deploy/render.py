@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # sizing.py beside thi
 
 import sizing  # noqa: E402
 
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError  # noqa: E402
 from kandinsky_trt.runtime.serve.contract import MODEL_NAME  # noqa: E402
 from kandinsky_trt.runtime.serve.launcher import ServerConfig  # noqa: E402
 
@@ -59,6 +61,26 @@ class DeployConfig:
     max_replicas: int = 8
     target_ratio: str = "500m"  # queue time per unit of compute time, averaged over the pods
     gpu_product: str | None = None  # nodeSelector nvidia.com/gpu.product: plans are built per GPU model
+
+
+class DeployConfigError(KandinskyTrtError, ValueError):
+    """A renderer option out of range."""
+
+
+def check_config(config: DeployConfig) -> DeployConfig:
+    """One-line errors for options that would render a deployment that cannot do its job."""
+    if config.min_replicas < 2:  # the PDB's maxUnavailable 1 must leave one replica serving
+        raise DeployConfigError(f"min_replicas: expected an integer >= 2, found {config.min_replicas}")
+    if config.max_replicas < config.min_replicas:
+        raise DeployConfigError(f"max_replicas: expected >= min_replicas ({config.min_replicas}), "
+                                f"found {config.max_replicas}")
+    if not re.fullmatch(r"(\d+m|\d+(\.\d+)?)", config.target_ratio) or float(config.target_ratio.rstrip("m")) == 0:
+        raise DeployConfigError(f"target_ratio: expected a positive quantity such as 500m or 1.5, "
+                                f"found {config.target_ratio!r}")
+    for name in ("name", "image", "artifacts_claim"):
+        if not getattr(config, name):
+            raise DeployConfigError(f"{name}: expected a non-empty string, found {getattr(config, name)!r}")
+    return config
 
 
 def ports() -> dict[str, int]:
@@ -234,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                             default=field.default, help=f"default {field.default!r}")
     args = vars(parser.parse_args(argv))
     check = args.pop("check")
-    files = rendered_files(DeployConfig(**args))
+    try:
+        files = rendered_files(check_config(DeployConfig(**args)))
+    except DeployConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
     if check:
         for path in stale:

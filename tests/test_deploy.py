@@ -214,6 +214,20 @@ def test_dockerfile_pins_agree_with_the_renderer():
         assert f"COPY {folder} /src/{folder}" in text, folder
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--min-replicas", "1", "min_replicas: expected an integer >= 2, found 1"),
+    ("--max-replicas", "1", "max_replicas: expected >= min_replicas (2), found 1"),
+    ("--target-ratio", "0m", "target_ratio: expected a positive quantity such as 500m or 1.5, found '0m'"),
+    ("--target-ratio", "half", "target_ratio: expected a positive quantity such as 500m or 1.5, found 'half'"),
+    ("--image", "", "image: expected a non-empty string, found ''"),
+])
+def test_renderer_refuses_bad_options_in_one_line(capsys, option, value, message):
+    before = {p: p.read_text() for p in (DEPLOY / "k8s").glob("*.yaml")}
+    assert render.main([option, value]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert {p: p.read_text() for p in (DEPLOY / "k8s").glob("*.yaml")} == before  # nothing written
+
+
 def test_replica_count_formula():
     assert capacity.replicas_for(2.0, 1.0, 1.0) == 2
     assert capacity.replicas_for(2.0, 1.0, 0.7) == 3
@@ -222,6 +236,11 @@ def test_replica_count_formula():
         kwargs = {"target_rps": 1.0, "per_replica_rps": 1.0, "utilization": 0.7, **bad}
         with pytest.raises(capacity.CapacityError, match=rf"^{next(iter(bad))}: expected "):
             capacity.replicas_for(**kwargs)
+
+
+def test_capacity_cli_refuses_a_bad_rate_in_one_line(capsys):
+    assert capacity.main(["--target-rps", "-3"]) == 2
+    assert capsys.readouterr().err == "error: target_rps: expected a finite number > 0, found -3.0\n"
 
 
 def test_capacity_inputs_are_the_committed_measurements():

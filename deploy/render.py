@@ -55,7 +55,7 @@ class DeployConfig:
     """What differs between clusters; every other value comes from the code or the measurements."""
 
     name: str = "kandinsky-triton"
-    image: str = f"kandinsky-trt:0.3.0-triton{TRITON_TAG}"
+    image: str = f"registry.example.com/kandinsky-trt:0.3.0-triton{TRITON_TAG}"  # your registry: --image
     artifacts_claim: str = "kandinsky-artifacts"
     min_replicas: int = 2  # a PDB of maxUnavailable 1 then leaves one replica serving through a drain
     max_replicas: int = 8

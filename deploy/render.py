@@ -1,10 +1,11 @@
 """Render the Kubernetes deployment (``deploy/k8s/``) and the Prometheus-adapter rule from the code.
 
-``python deploy/render.py`` (re)writes the committed files; ``--check`` only compares them
-(``tests/test_deploy.py`` does both). Nothing that must match the server is restated here: the
-ports are :class:`ServerConfig`'s defaults, the model name is the serving contract's, our counter is
-``serve.model.METRIC``; the start-up allowance and the memory request are computed from the
-measured results in ``benchmarks/results/`` (:mod:`sizing`). Needs PyYAML (the ``dev`` extra).
+``python deploy/render.py`` (re)writes the committed files; ``--check`` only compares them (as
+``tests/test_deploy.py`` does). Nothing that must match the server is restated here: the ports are
+:class:`ServerConfig`'s defaults and the model name is the serving contract's; the start-up
+allowance, memory request and volume size are computed from the measured results in
+``benchmarks/results/`` (:mod:`sizing`). The health paths and Triton's metric names below are
+checked against a real tritonserver by the test. Needs PyYAML (the ``dev`` extra).
 """
 
 from __future__ import annotations

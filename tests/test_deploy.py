@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import re
 import shutil
@@ -253,7 +254,7 @@ def test_capacity_inputs_are_the_committed_measurements():
 
 def test_gpu_floors_equal_the_committed_benchmark_bounds():
     pytest.importorskip("torch")
-    committed = __import__("json").loads((ROOT / "benchmarks" / "results" /
+    committed = json.loads((ROOT / "benchmarks" / "results" /
                                           "cpu-2core_full-size_unet-movq_fp32_ort-vs-torch.json").read_text())
     floors = capacity.gpu_floors_ms(committed["device"]["reference_gpu"])
     for network, bound in committed["device"]["lower_bound_ms"].items():
@@ -314,7 +315,7 @@ def entrypoint_server(tmp_path, artifacts_fp32):
     process = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), *_container()["args"]], env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield process, ports, tmp_path / "server.log"
+        yield process, ports, tmp_path / "server.log", install
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -347,17 +348,18 @@ def _sample(metrics: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_entrypoint_and_rendered_flags_on_a_real_tritonserver(entrypoint_server, artifacts_fp32):
+def test_entrypoint_and_rendered_flags_on_a_real_tritonserver(entrypoint_server):
     from serve_helpers import task_fields
 
     from kandinsky_trt.runtime.serve.client import Target, infer, item_arrays
     from kandinsky_trt.runtime.serve.model import METRIC
 
-    process, ports, log = entrypoint_server
+    process, ports, log, install = entrypoint_server
     http = f"http://127.0.0.1:{ports['http']}"
     _wait_ready(process, http + render.READY_PATH, log)
     assert _get(http + render.LIVE_PATH)[0] == 200
-    assert "tritonserver" in Path(f"/proc/{process.pid}/cmdline").read_text()  # exec'd: SIGTERM reaches it
+    # entrypoint.sh exec'd (and the shim too): the process Kubernetes signals is tritonserver itself
+    assert Path(os.readlink(f"/proc/{process.pid}/exe")) == Path(install.binary).resolve()
     fields = task_fields("text2img", 0, 64, 64)
     assert infer(Target(f"127.0.0.1:{ports['http']}", "http", 120.0), item_arrays(fields))["images"].shape[-1] == 3
     status, metrics = _get(f"http://127.0.0.1:{ports['metrics']}{render.METRICS_PATH}")

@@ -114,6 +114,16 @@ def test_validation_works_without_network():
     assert done.returncode == 0, done.stderr
 
 
+def test_kubectl_kustomize_renders_the_same_objects():
+    """Where a kubectl is installed (not in CI's packages): its kustomize builds exactly our objects."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("no kubectl here")
+    done = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    built = sorted((o["kind"], o["metadata"]["name"]) for o in yaml.safe_load_all(done.stdout))
+    assert built == sorted((o["kind"], o["metadata"]["name"]) for o in _manifests().values())
+
+
 def test_ports_are_the_servers_and_probes_service_use_them():
     defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
     expected = {"http": defaults["http_port"], "grpc": defaults["grpc_port"], "metrics": defaults["metrics_port"]}

@@ -32,15 +32,18 @@ def test_config_bounds_the_queue_and_lets_clients_time_out(artifacts_fp32_b2_wid
     from kandinsky_trt.runtime.contract.errors import PipelineInputError
     from kandinsky_trt.runtime.serve.repository import RepoConfig, write_repository
 
-    text = write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path, max_queue_size=5,
+    text = write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path, max_queue_size=5, queue_timeout_s=2.5,
                                        max_request_bytes=1000)).read_text()
     block = text[text.index("dynamic_batching {"):text.index("instance_group")]
     assert "max_queue_size: 5\n" in block and "timeout_action: REJECT" in block
-    assert "allow_timeout_override: true" in block and "max_queue_delay_microseconds: 2000" in block
+    assert "allow_timeout_override: true" in block and "default_timeout_microseconds: 2500000" in block
+    assert "max_queue_delay_microseconds: 2000" in block
     assert 'key: "max_request_bytes"\n  value: { string_value: "1000" }' in text
     for name in ("max_queue_size", "max_request_bytes"):
         with pytest.raises(PipelineInputError, match=f"{name}: expected an integer >= 1, found 0"):
             write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path / name, **{name: 0}))
+    with pytest.raises(PipelineInputError, match="queue_timeout_s: expected a number of seconds > 0, found 0"):
+        write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path / "t", queue_timeout_s=0))
 
 
 def test_error_kinds_client_server_cancelled(components, monkeypatch):

@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 from kandinsky_trt.runtime.serve.contract import TASKS
-from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES
+from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
+                                                 DEFAULT_QUEUE_TIMEOUT_S)
 
 DEMO_DIR = Path("kandinsky-demo")
 
@@ -26,6 +27,7 @@ def _repo_config(args: argparse.Namespace, artifacts: Path, out: Path):
                       instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                       max_batch_size=args.max_batch_size, max_images=args.max_images,
                       batching=not args.no_batching, max_queue_size=args.max_queue_size,
+                      queue_timeout_s=args.queue_timeout,
                       max_request_bytes=args.max_request_bytes)
 
 
@@ -145,6 +147,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-batching", action="store_true", help="one request per model call (to compare)")
     p.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
                    help=f"requests waiting beyond it are refused at once (default {DEFAULT_MAX_QUEUE_SIZE})")
+    p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
+                   help=f"seconds a request may wait for the model before it is refused unrun (default "
+                        f"{DEFAULT_QUEUE_TIMEOUT_S:.0f}; a client may ask for less)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest HTTP request body (413 above; default {DEFAULT_MAX_REQUEST_BYTES}); the model "
                         "refuses larger gRPC requests")

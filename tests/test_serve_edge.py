@@ -29,7 +29,7 @@ pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)"
 pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-QUEUE = 2  # --max-queue-size of the module's server
+QUEUE = 4  # --max-queue-size of the module's server (the abandoned-requests test sends 3 at once)
 LIMIT = DEFAULT_MAX_REQUEST_BYTES
 NOT_READY_WITHIN_S = 3.0  # the watchdog polls every 0.5 s; the unload is immediate
 
@@ -213,14 +213,15 @@ def test_queue_is_bounded(server, size):
     """More waiting requests than --max-queue-size are refused at once, the rest are served."""
     height, width = size
     long = {**task_fields("text2img", 9, height, width), "num_inference_steps": 60}
-    barrier = threading.Barrier(8)
+    clients = 3 * QUEUE  # more than can execute (a batch of 2) and wait (QUEUE) together
 
     def send(_):
         barrier.wait(timeout=30)
         return _timed(lambda: _raw_infer(server, "grpc", long, client_timeout=120))[1]
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(send, range(8)))
+    barrier = threading.Barrier(clients)
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(send, range(clients)))
     refused = [r for r in results if isinstance(r, InferenceServerException)]
     assert refused and all("Exceeds maximum queue size" in r.message() for r in refused), results
     assert len(results) - len(refused) >= QUEUE  # the queue's worth (and what was executing) was served

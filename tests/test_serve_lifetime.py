@@ -85,3 +85,38 @@ def test_busy_port_is_named_first(artifacts_fp32_b2_wide, flag):
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.splitlines()[0] == f"error: {flag}: expected a free port, found {port} in use"
     assert "serving" not in result.stdout
+
+
+_ECHO_CONFIG = '''name: "echo"
+backend: "python"
+max_batch_size: 1
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+'''
+_ECHO_MODEL = '''import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+'''
+
+
+def test_a_port_taken_after_the_check_is_still_named_first(tmp_path, monkeypatch):
+    """The race the check cannot close (taken between the check and Triton's bind): Triton's own
+    "already in use" line leads the error, not its option table."""
+    from kandinsky_trt.runtime.serve.launcher import ServerConfig, ServerError, TritonServer
+
+    (tmp_path / "echo" / "1").mkdir(parents=True)
+    (tmp_path / "echo" / "config.pbtxt").write_text(_ECHO_CONFIG)
+    (tmp_path / "echo" / "1" / "model.py").write_text(_ECHO_MODEL)
+    monkeypatch.setattr(hygiene, "check_ports_free", lambda *a: None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = ServerConfig(tmp_path, http_port=0, grpc_port=port, metrics_port=0, startup_timeout_s=60, model="")
+        with pytest.raises(ServerError) as err:
+            TritonServer(config).start()
+    assert str(err.value).splitlines()[0] == f"--grpc-port: expected a free port, found {port} in use"

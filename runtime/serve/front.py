@@ -137,7 +137,7 @@ class HttpFront:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = await reader.readexactly(length)
                 if upstream is None:
-                    upstream = await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+                    upstream = await self._open_upstream()
                     pump = asyncio.ensure_future(self._pump(upstream[0], writer))
                 upstream[1].write(forward + body)
                 await upstream[1].drain()
@@ -150,6 +150,13 @@ class HttpFront:
                 pump.cancel()
             for w in ([upstream[1]] if upstream else []) + [writer]:
                 w.close()
+
+    async def _open_upstream(self) -> tuple:
+        try:
+            return await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+        except OSError as err:
+            raise Refusal("503 Service Unavailable", f"server: expected tritonserver to accept the request, "
+                                                     f"found it not answering ({err.strerror or err})") from None
 
     async def _refuse(self, reader, writer, refusal: Refusal) -> None:
         log.info("refused a request: %s", refusal)

@@ -154,3 +154,21 @@ def test_secure_regions_narrows_to_owner_only(tmp_path, monkeypatch):
     assert hygiene.secure_regions("kandinsky-shm-1-a-") == 1
     assert region.stat().st_mode & 0o777 == 0o600
     assert hygiene.secure_regions("kandinsky-shm-1-a-") == 0
+
+
+def test_front_answers_503_when_tritonserver_does_not_accept():
+    import http.client
+
+    from kandinsky_trt.runtime.serve.front import FrontConfig, HttpFront
+    from kandinsky_trt.runtime.serve.launcher import free_port
+
+    front = HttpFront(FrontConfig("127.0.0.1", 0, free_port())).start()  # nothing listens upstream
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        conn.request("GET", "/v2/health/ready")
+        response = conn.getresponse()
+        assert response.status == 503
+        assert b"expected tritonserver to accept the request, found it not answering" in response.read()
+        conn.close()
+    finally:
+        front.stop()

@@ -1,9 +1,20 @@
-"""Helpers of the serving tests: the Python API's reference results and request fields."""
+"""Helpers of the serving tests: a CLI server, the Python API's reference results and request fields."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
+import pytest
 from PIL import Image
+
+from kandinsky_trt.runtime.serve.launcher import ServerConfig, free_port, is_ready
 
 STEPS = dict(num_inference_steps=3, prior_steps=2)
 
@@ -69,3 +80,55 @@ def assert_same(served: dict, expected: dict) -> None:
     for name, value in expected.items():
         assert served[name].dtype == value.dtype and served[name].shape == value.shape, name
         np.testing.assert_array_equal(served[name], value, err_msg=name)
+
+
+class CliServer:
+    """``kandinsky-trt serve`` in a subprocess on free loopback ports; its output is collected."""
+
+    def __init__(self, artifacts: Path, *extra: str, new_session: bool = False, ports: dict | None = None) -> None:
+        self.ports = ports or {name: free_port() for name in ("http", "grpc", "metrics")}
+        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--artifacts", str(artifacts),
+               "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
+               "--metrics-port", str(self.ports["metrics"]), *extra]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=new_session)
+        self.config = ServerConfig(Path("."), http_port=self.ports["http"], grpc_port=self.ports["grpc"],
+                                   metrics_port=self.ports["metrics"])
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail("kandinsky-trt serve exited:\n" + "".join(self.lines))
+            if is_ready(self.config) and any("tritonserver pid" in line for line in self.lines):
+                return
+            time.sleep(0.25)
+        pytest.fail("kandinsky-trt serve not ready in time:\n" + "".join(self.lines))
+
+    def triton_pid(self) -> int | None:
+        for line in self.lines:
+            if "tritonserver pid " in line:
+                return int(line.split("tritonserver pid ")[1].split(";")[0])
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM to the CLI (it stops tritonserver); then SIGKILL both by PID if anything is left."""
+        triton = self.triton_pid()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if triton is not None:
+            try:
+                os.killpg(triton, signal.SIGKILL)  # tritonserver leads its own group (stubs included)
+            except ProcessLookupError:
+                pass

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import assert_same, python_api, task_fields
+from serve_helpers import CliServer, assert_same, python_api, task_fields
 
 from kandinsky_trt.runtime.serve.client import ClientError, Target, infer, item_arrays, make_client
 from kandinsky_trt.runtime.serve.contract import INPUTS
-from kandinsky_trt.runtime.serve.launcher import ServerConfig, TritonServer, free_port, is_ready
+from kandinsky_trt.runtime.serve.launcher import ServerConfig, TritonServer, is_ready
 
 pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)")
 pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
@@ -32,58 +30,9 @@ TASKS = ("text2img", "img2img", "inpaint", "prior", "interpolate")
 QUEUE_DELAY_US = 500_000  # long enough that two requests sent together share a batch on a busy CI machine
 
 
-class CliServer:
-    def __init__(self, artifacts: Path) -> None:
-        self.ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--artifacts", str(artifacts),
-               "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
-               "--metrics-port", str(self.ports["metrics"]), "--max-queue-delay-us", str(QUEUE_DELAY_US)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.config = ServerConfig(Path("."), http_port=self.ports["http"], grpc_port=self.ports["grpc"],
-                                   metrics_port=self.ports["metrics"])
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail("kandinsky-trt serve exited:\n" + "".join(self.lines))
-            if is_ready(self.config) and any("tritonserver pid" in line for line in self.lines):
-                return
-            time.sleep(0.25)
-        pytest.fail("kandinsky-trt serve not ready in time:\n" + "".join(self.lines))
-
-    def triton_pid(self) -> int | None:
-        for line in self.lines:
-            if "tritonserver pid " in line:
-                return int(line.split("tritonserver pid ")[1].split(";")[0])
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM to the CLI (it stops tritonserver); then SIGKILL both by PID if anything is left."""
-        triton = self.triton_pid()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if triton is not None:
-            try:
-                os.killpg(triton, signal.SIGKILL)  # tritonserver leads its own group (stubs included)
-            except ProcessLookupError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def server(artifacts_fp32_b2_wide):
-    cli = CliServer(artifacts_fp32_b2_wide[0])
+    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-delay-us", str(QUEUE_DELAY_US))
     try:
         cli.wait_ready()
         yield cli
@@ -212,7 +161,7 @@ def test_four_clients_eight_mixed_requests_each(server, components):
 
 def _counter(server) -> dict[str, float]:
     text = urllib.request.urlopen(server.config.metrics_url, timeout=10).read().decode()
-    counts = {"success": 0.0, "error": 0.0}
+    counts = {"success": 0.0, "error": 0.0, "cancelled": 0.0}
     for line in text.splitlines():
         if line.startswith("kandinsky_requests_total{"):
             outcome = line.split('outcome="')[1].split('"')[0]

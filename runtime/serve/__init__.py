@@ -3,8 +3,11 @@
 Owns the request contract (``contract``: tensor names, types and shapes, from which ``config.pbtxt``
 and the README's client table are generated), the model repository writer (``repository``), the
 request decoding and grouped execution behind the Python-backend model (``requests``,
-``executor``, ``model``), the tritonserver launcher (``launcher``), the client (``client``) and
-the CLI commands (``commands``).
+``executor``, ``model``, with cancellation at step boundaries in ``cancel``), the tritonserver
+launcher (``launcher``) with its HTTP front bounding request sizes (``front``), the stub watchdog
+that keeps readiness true to the model (``watchdog``), the hygiene of what a server leaves behind
+(``hygiene``) and the bounds in one place (``limits``), the client (``client``) and the CLI
+commands (``commands``).
 
 May import the rest of ``kandinsky_trt.runtime``, numpy and the standard library at module level;
 ``tritonclient`` and ``triton_python_backend_utils`` (which exists only inside the server's Python

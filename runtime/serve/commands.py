@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import signal
+import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 from kandinsky_trt.runtime.serve.contract import TASKS
+from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
+                                                 DEFAULT_QUEUE_TIMEOUT_S)
 
 DEMO_DIR = Path("kandinsky-demo")
 
@@ -24,7 +26,9 @@ def _repo_config(args: argparse.Namespace, artifacts: Path, out: Path):
     return RepoConfig(artifacts=artifacts, out=out, backend=args.backend, device=args.device,
                       instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                       max_batch_size=args.max_batch_size, max_images=args.max_images,
-                      batching=not args.no_batching)
+                      batching=not args.no_batching, max_queue_size=args.max_queue_size,
+                      queue_timeout_s=args.queue_timeout,
+                      max_request_bytes=args.max_request_bytes)
 
 
 def _cmd_triton_repo(args: argparse.Namespace) -> int:
@@ -50,30 +54,44 @@ def _demo_artifacts() -> Path:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kandinsky_trt.runtime.serve.launcher import ServerConfig, TritonServer
+    from kandinsky_trt.runtime.serve import hygiene
+    from kandinsky_trt.runtime.serve.launcher import ServerConfig
     from kandinsky_trt.runtime.serve.repository import write_repository
 
     artifacts = Path(args.artifacts) if args.artifacts else _demo_artifacts()
+    hygiene.check_ports_free(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
+                                         "--metrics-port": args.metrics_port})  # before any work
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with tempfile.TemporaryDirectory(prefix="kandinsky-repo-") as repo:
-        write_repository(_repo_config(args, artifacts, Path(repo)))
-        config = ServerConfig(Path(repo), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, startup_timeout_s=args.startup_timeout)
-        with TritonServer(config) as server:
-            c = server.config
-            print(f"serving {artifacts} as model 'kandinsky' (tritonserver pid {server.process.pid}; "
-                  f"no authentication: keep it behind a gateway)\n"
-                  f"  HTTP    http://{c.http_url}   (KServe v2; ready: /v2/health/ready)\n"
-                  f"  gRPC    {c.grpc_url}\n  metrics {c.metrics_url}\n"
-                  f"try: kandinsky-trt client \"a red cat\" --url {c.http_url} --out cat.png   (Ctrl-C stops)",
-                  flush=True)
-            while not stop.wait(0.5):
-                if server.process.poll() is not None:
-                    print(f"error: tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",
-                          file=sys.stderr)
-                    return 1
+    repo = hygiene.make_dir("kandinsky-repo")  # named after this PID: the next start removes it if we die
+    try:
+        write_repository(_repo_config(args, artifacts, repo))
+        config = ServerConfig(repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, startup_timeout_s=args.startup_timeout,
+                              max_request_bytes=args.max_request_bytes)
+        return _serve_until_stopped(config, artifacts, stop)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def _serve_until_stopped(config, artifacts: Path, stop: threading.Event) -> int:
+    from kandinsky_trt.runtime.serve.launcher import TritonServer
+
+    with TritonServer(config) as server:
+        c = server.config
+        print(f"serving {artifacts} as model 'kandinsky' (tritonserver pid {server.process.pid}; "
+              f"no authentication: keep it behind a gateway)\n"
+              f"  HTTP    http://{c.http_url}   (KServe v2; ready: /v2/health/ready; "
+              f"bodies up to {c.max_request_bytes} bytes)\n"
+              f"  gRPC    {c.grpc_url}\n  metrics {c.metrics_url}\n"
+              f"try: .venv/bin/kandinsky-trt client \"a red cat\" --url {c.http_url} --out cat.png   (Ctrl-C stops)",
+              flush=True)
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                print(f"error: tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",
+                      file=sys.stderr)
+                return 1
     print("stopped")
     return 0
 
@@ -127,6 +145,14 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="requests per batch (default: the largest batch of the artifacts' profiles)")
     p.add_argument("--max-images", type=int, default=16, help="largest num_images a request may ask (default 16)")
     p.add_argument("--no-batching", action="store_true", help="one request per model call (to compare)")
+    p.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                   help=f"requests waiting beyond it are refused at once (default {DEFAULT_MAX_QUEUE_SIZE})")
+    p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
+                   help=f"seconds a request may wait for the model before it is refused unrun (default "
+                        f"{DEFAULT_QUEUE_TIMEOUT_S:.0f}; a client may ask for less)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest HTTP request body (413 above; default {DEFAULT_MAX_REQUEST_BYTES}); the model "
+                        "refuses larger gRPC requests")
 
 
 def add_commands(sub) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from kandinsky_trt.runtime.pipelines.components import Components
-from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
 from kandinsky_trt.runtime.serve.batching import group_key, run_batched
+from kandinsky_trt.runtime.serve.cancel import RequestCancelled, cancel_scope, watch_steps
 from kandinsky_trt.runtime.serve.calls import Pipelines, run_item
 from kandinsky_trt.runtime.serve.requests import Item, RequestError, decode_request
 
@@ -25,17 +27,23 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_IMAGES = 16
 
 
+CLIENT_ERRORS = (RequestError, PipelineInputError)  # the request's fault: 400 / INVALID_ARGUMENT
+
+
 @dataclass(frozen=True)
 class Response:
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
+    kind: str = "success"  # "client" (bad request), "server" (our failure), "cancelled", or "success"
 
 
-def _error_text(err: BaseException) -> str:
+def _error_response(err: BaseException, prefix: str = "") -> Response:
+    if isinstance(err, RequestCancelled):
+        return Response(error=str(err), kind="cancelled")
     if isinstance(err, KandinskyTrtError):
-        return str(err)
+        return Response(error=prefix + str(err), kind="client" if isinstance(err, CLIENT_ERRORS) else "server")
     log.error("internal error while serving a request", exc_info=err)
-    return f"internal error: {type(err).__name__}: {err}".splitlines()[0]
+    return Response(error=prefix + f"internal error: {type(err).__name__}: {err}".splitlines()[0], kind="server")
 
 
 @dataclass(frozen=True)
@@ -48,48 +56,59 @@ class Executor:
     """Serves requests on one :class:`Components` (every network loaded once, shared by all pipelines)."""
 
     def __init__(self, components: Components, config: ExecutorConfig = ExecutorConfig()) -> None:
+        watch_steps(components)  # denoising steps stop when the call's clients have all gone
         self.pipelines = Pipelines(components)
         self.config = config
 
-    def handle(self, requests: list[dict[str, np.ndarray]]) -> list[Response]:
+    def handle(self, requests: list[dict[str, np.ndarray]],
+               cancelled: list[Callable[[], bool]] | None = None) -> list[Response]:
+        """One response per request; ``cancelled[r]()`` says whether request ``r``'s client has gone."""
+        cancelled = cancelled or [lambda: False] * len(requests)
         decoded: list[list[Item] | Response] = []
-        for inputs in requests:
+        for inputs, gone in zip(requests, cancelled):
             try:
-                decoded.append(decode_request(inputs, self.config.max_images))
+                decoded.append(_error_response(RequestCancelled()) if gone() else
+                               decode_request(inputs, self.config.max_images))
             except RequestError as err:
-                decoded.append(Response(error=str(err)))
-        flat = [(r, j, item) for r, items in enumerate(decoded) if isinstance(items, list)
-                for j, item in enumerate(items)]
-        results = self._run_items([item for _, _, item in flat])
+                decoded.append(_error_response(err))
+        flat = [(r, item) for r, items in enumerate(decoded) if isinstance(items, list) for item in items]
+        results = self._run_items(flat, cancelled)
         per_request: dict[int, list] = defaultdict(list)
-        for (r, _, _), result in zip(flat, results):
+        for (r, _), result in zip(flat, results):
             per_request[r].append(result)
         return [d if isinstance(d, Response) else _assemble(per_request[r]) for r, d in enumerate(decoded)]
 
-    def _run_items(self, items: list[Item]) -> list[dict | BaseException]:
+    def _run_items(self, flat: list[tuple[int, Item]], cancelled: list) -> list[dict | BaseException]:
         groups: dict[object, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
+        for index, (_, item) in enumerate(flat):
             key = group_key(self.pipelines, item) if self.config.batching else None
             groups[key if key is not None else ("alone", index)].append(index)
-        results: list = [None] * len(items)
+        results: list = [None] * len(flat)
         for indices in groups.values():
-            for index, result in zip(indices, self._run_group([items[i] for i in indices])):
+            members = [flat[i] for i in indices]
+            for index, result in zip(indices, self._run_group(members, cancelled)):
                 results[index] = result
         return results
 
-    def _run_group(self, items: list[Item]) -> list[dict | BaseException]:
+    def _run_group(self, members: list[tuple[int, Item]], cancelled: list) -> list[dict | BaseException]:
+        items = [item for _, item in members]
         if len(items) > 1:
+            gone = [cancelled[r] for r in {r for r, _ in members}]
             try:
-                outputs = run_batched(self.pipelines, items)
+                with cancel_scope(lambda: all(g() for g in gone)):
+                    outputs = run_batched(self.pipelines, items)
                 log.debug("served %d %s items in one call", len(items), items[0].task)
                 return outputs
+            except RequestCancelled as err:
+                return [err] * len(items)
             except Exception as err:  # noqa: BLE001 - re-run alone: each item gets its own error
                 log.debug("merged call of %d items failed (%s); running them one at a time", len(items), err)
-        return [self._run_one(item) for item in items]
+        return [self._run_one(item, cancelled[r]) for r, item in members]
 
-    def _run_one(self, item: Item) -> dict | BaseException:
+    def _run_one(self, item: Item, gone: Callable[[], bool]) -> dict | BaseException:
         try:
-            return run_item(self.pipelines, item)
+            with cancel_scope(gone):
+                return run_item(self.pipelines, item)
         except Exception as err:  # noqa: BLE001 - a failing item must not take the instance down
             return err
 
@@ -98,8 +117,7 @@ def _assemble(results: list[dict | BaseException]) -> Response:
     """One request's items -> outputs stacked on the batch dim, or the first item's error."""
     for index, result in enumerate(results):
         if isinstance(result, BaseException):
-            prefix = f"item {index}: " if len(results) > 1 else ""
-            return Response(error=prefix + _error_text(result))
+            return _error_response(result, f"item {index}: " if len(results) > 1 else "")
     names = set(results[0])
     shapes = {name: {r[name].shape for r in results} for name in names}
     if any(set(r) != names for r in results) or any(len(s) > 1 for s in shapes.values()):

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.serve import hygiene
+from kandinsky_trt.runtime.serve.front import FrontConfig, HttpFront
+from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_REQUEST_BYTES
+from kandinsky_trt.runtime.serve.watchdog import StubWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class ServerConfig:
     startup_timeout_s: float = 120.0
     log_verbose: int = 0
     exit_timeout_s: int = 10  # how long Triton waits for in-flight requests on SIGTERM
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies over it: 413 from the front
+    model: str = "kandinsky"  # the model the watchdog reloads when its stub dies ("" = no watchdog)
 
     @property
     def http_url(self) -> str:
@@ -130,60 +135,102 @@ def find_tritonserver(workdir: Path) -> TritonInstall:
                       "it) or a tritonserver on PATH (NVIDIA's Triton container), found neither")
 
 
-def server_command(install: TritonInstall, config: ServerConfig) -> list[str]:
+def server_command(install: TritonInstall, config: ServerConfig, http_port: int, shm_prefix: str) -> list[str]:
+    """Triton's HTTP on ``http_port`` (loopback, behind the front); models loaded explicitly so the
+    watchdog can reload them; the Python stubs' shared memory named ``shm_prefix...``."""
     cmd = [str(install.binary), f"--model-repository={config.repository}",
-           f"--http-address={config.host}", f"--http-port={config.http_port}",
+           f"--http-address=127.0.0.1", f"--http-port={http_port}",
            f"--grpc-address={config.host}", f"--grpc-port={config.grpc_port}",
            f"--metrics-address={config.host}", f"--metrics-port={config.metrics_port}",
            "--allow-metrics=true", "--allow-gpu-metrics=false", f"--log-verbose={config.log_verbose}",
-           "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={config.exit_timeout_s}"]
+           "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={config.exit_timeout_s}",
+           "--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true",
+           f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
     return cmd
 
 
-def is_ready(config: ServerConfig, timeout_s: float = 2.0) -> bool:
+def is_ready(config: ServerConfig, timeout_s: float = 2.0, http_url: str | None = None) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{config.http_url}/v2/health/ready", timeout=timeout_s) as r:
+        with urllib.request.urlopen(f"http://{http_url or config.http_url}/v2/health/ready", timeout=timeout_s) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
-class TritonServer:
-    """One tritonserver process: ``start()`` waits for readiness, ``stop()`` ends it by PID.
+def _port_cause(log_text: str, config: ServerConfig) -> str | None:
+    """The first line of Triton's log that says a port is taken, as ``--flag: expected a free port``."""
+    for line in log_text.splitlines():
+        if "already in use" in line or "Address already in use" in line:
+            for flag, port in (("--grpc-port", config.grpc_port), ("--metrics-port", config.metrics_port)):
+                if f":{port}" in line:
+                    return f"{flag}: expected a free port, found {port} in use"
+            return line.strip()
+    return None
 
-    Use as a context manager; the work directory (backends copy, log) is removed on stop.
+
+class TritonServer:
+    """One tritonserver process behind the HTTP front: ``start()`` waits for readiness, ``stop()``
+    ends it by PID and removes everything it made (work directory, shared-memory regions).
+
+    The server dies with this process (parent-death signal) and creates files with umask 077; what a
+    SIGKILLed launcher left is removed by the next one's start (:mod:`hygiene`). Use as a context
+    manager.
     """
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = with_free_ports(config)
+        hygiene.sweep()
+        self.config = config
         self.process: subprocess.Popen | None = None
-        self._workdir = Path(tempfile.mkdtemp(prefix="kandinsky-triton-"))
+        self.front: HttpFront | None = None
+        self.watchdog: StubWatchdog | None = None
+        self._workdir = hygiene.make_dir("kandinsky-triton")
+        self.shm_prefix = f"{hygiene.SHM_PREFIX}-{os.getpid()}-{self._workdir.name.rsplit('-', 1)[-1]}-"
         self.log_path = self._workdir / "tritonserver.log"
+        self.triton_http_url = ""
 
     def start(self) -> "TritonServer":
-        install = find_tritonserver(self._workdir)
-        cmd = server_command(install, self.config)
-        log.info("starting %s", " ".join(cmd))
-        with open(self.log_path, "wb") as out:
-            # Own process group: Ctrl-C in a terminal reaches us, and we stop the server ourselves.
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=install.env,
-                                            start_new_session=True)
+        c = self.config
+        hygiene.check_ports_free(c.host, {"--http-port": c.http_port, "--grpc-port": c.grpc_port,
+                                          "--metrics-port": c.metrics_port})
+        self.config = with_free_ports(c)
         try:
+            self.front = HttpFront(FrontConfig(c.host, self.config.http_port, free_port("127.0.0.1"),
+                                               c.max_request_bytes)).start()
+            self.triton_http_url = f"127.0.0.1:{self.front.config.upstream_port}"
+            self._launch()
             self._wait_ready()
+            if self.config.model:
+                self.watchdog = StubWatchdog(self.process.pid, self.triton_http_url, self.config.model,
+                                             self.shm_prefix, self.config.startup_timeout_s).start()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _launch(self) -> None:
+        install = find_tritonserver(self._workdir)
+        cmd = server_command(install, self.config, self.front.config.upstream_port, self.shm_prefix)
+        log.info("starting %s", " ".join(cmd))
+        with open(self.log_path, "wb") as out:
+            # Own session: Ctrl-C in a terminal reaches us, and we stop the server ourselves; the
+            # parent-death signal ends it when we die without stopping it.
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=install.env,
+                                            start_new_session=True, preexec_fn=hygiene.child_setup(os.getpid()))
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver: exited with code {self.process.returncode} before it was ready; "
-                                  f"last log lines:\n{self.log_tail()}")
-            if is_ready(self.config):
+                text = self.log_tail(10_000)
+                cause = _port_cause(text, self.config)
+                first = f"{cause}\n" if cause else ""
+                raise ServerError(f"{first}tritonserver: exited with code {self.process.returncode} before it was "
+                                  f"ready; last log lines:\n{self.log_tail()}")
+            hygiene.secure_regions(self.shm_prefix)  # as they appear, and at the latest before ready
+            if is_ready(self.config, http_url=self.triton_http_url):
+                hygiene.secure_regions(self.shm_prefix)
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver: expected ready within {self.config.startup_timeout_s:.0f} s, "
@@ -196,7 +243,9 @@ class TritonServer:
             return "(no log)"
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (Triton unloads models and exits), then SIGKILL if it has not exited in time."""
+        """SIGTERM (Triton unloads models and exits), then SIGKILL its group if it has not exited in time."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -204,8 +253,15 @@ class TritonServer:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver %d did not exit in %.0f s; killing it", process.pid, timeout_s)
-                os.killpg(process.pid, signal.SIGKILL)  # its own group: the Python stubs too
-                process.wait(timeout=timeout_s)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # its own group: stubs that outlived it too
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=timeout_s)
+        if self.front is not None:
+            self.front.stop()
+        hygiene.remove_regions(self.shm_prefix)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":

@@ -18,6 +18,8 @@ from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.registry import check_backend
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.serve.contract import MODEL_NAME, ModelConfig, config_pbtxt
+from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
+                                                 DEFAULT_QUEUE_TIMEOUT_S)
 
 MODEL_PY = (
     '"""Triton Python-backend entry point, written by `kandinsky-trt triton-repo`."""\n'
@@ -36,13 +38,18 @@ class RepoConfig:
     max_batch_size: int | None = None  # None: the largest profile batch
     max_images: int = 16
     batching: bool = True  # False: dynamic batching off (Triton delivers one request at a time)
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # waiting requests beyond it: refused at once
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S  # waited longer: refused without running
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the model refuses requests holding more
 
 
 def _check(config: RepoConfig) -> None:
     check_backend(config.backend)
-    for name in ("instances", "max_images"):
+    for name in ("instances", "max_images", "max_queue_size", "max_request_bytes"):
         if getattr(config, name) < 1:
             raise PipelineInputError(f"{name}: expected an integer >= 1, found {getattr(config, name)}")
+    if not config.queue_timeout_s > 0:
+        raise PipelineInputError(f"queue_timeout_s: expected a number of seconds > 0, found {config.queue_timeout_s}")
     if config.max_queue_delay_us < 0:
         raise PipelineInputError(f"max_queue_delay_us: expected >= 0, found {config.max_queue_delay_us}")
     if config.max_batch_size is not None and config.max_batch_size < 1:
@@ -53,12 +60,27 @@ def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
     """Batch from the profile, embedding width from the model dims; nothing restated by hand."""
     params = (("artifacts", str(Path(config.artifacts).resolve())), ("backend", config.backend),
               ("device", config.device), ("max_images", str(config.max_images)),
-              ("batching", "true" if config.batching else "false"))
+              ("batching", "true" if config.batching else "false"),
+              ("max_request_bytes", str(config.max_request_bytes)))
     batch = config.max_batch_size or max(manifest.batches())
     return ModelConfig(
         max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,
         max_queue_delay_us=config.max_queue_delay_us, instances=config.instances,
         kind="KIND_GPU" if config.device == "cuda" else "KIND_CPU", parameters=params)
+
+
+def with_queue_policy(pbtxt: str, config: RepoConfig) -> str:
+    """The dynamic batcher's queue bounded: beyond ``max_queue_size`` waiting requests Triton refuses
+    at once; a request still queued after ``queue_timeout_s`` (or the shorter timeout its client
+    sends, the KServe ``timeout`` parameter in us) is refused without running, so an abandoned
+    request does not wait for its turn to compute."""
+    policy = (f"  default_queue_policy {{\n    max_queue_size: {config.max_queue_size}\n    timeout_action: REJECT\n"
+              f"    default_timeout_microseconds: {round(config.queue_timeout_s * 1e6)}\n"
+              f"    allow_timeout_override: true\n  }}\n")
+    head, marker, tail = pbtxt.partition("dynamic_batching {\n")
+    if not marker:
+        raise ValueError("config.pbtxt: expected a dynamic_batching block, found none")
+    return head + marker + policy + tail
 
 
 def _write(path: Path, text: str) -> None:
@@ -76,5 +98,5 @@ def write_repository(config: RepoConfig) -> Path:
     model_dir = Path(config.out) / MODEL_NAME
     _write(model_dir / "1" / "model.py", MODEL_PY)
     target = model_dir / "config.pbtxt"
-    _write(target, config_pbtxt(model_config(config, manifest)))
+    _write(target, with_queue_policy(config_pbtxt(model_config(config, manifest)), config))
     return target

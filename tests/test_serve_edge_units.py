@@ -1,0 +1,174 @@
+"""The served model's edge without a server: queue policy, error kinds, cancellation at a step
+boundary, the front's header rules, leftovers of dead launchers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from serve_helpers import task_fields
+
+from kandinsky_trt.runtime.serve import hygiene
+from kandinsky_trt.runtime.serve.client import item_arrays
+from kandinsky_trt.runtime.serve.front import Refusal, _parse_head
+
+
+@pytest.fixture(scope="module")
+def components(artifacts_fp32_b2_wide):
+    from kandinsky_trt.runtime.pipelines.components import Components
+
+    with Components(artifacts_fp32_b2_wide[0]) as c:
+        yield c
+
+
+def _fields(components, task="text2img", seed=1, **extra):
+    return {**task_fields(task, seed, components.profile.height, components.profile.width), **extra}
+
+
+def test_config_bounds_the_queue_and_lets_clients_time_out(artifacts_fp32_b2_wide, tmp_path):
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+    from kandinsky_trt.runtime.serve.repository import RepoConfig, write_repository
+
+    text = write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path, max_queue_size=5, queue_timeout_s=2.5,
+                                       max_request_bytes=1000)).read_text()
+    block = text[text.index("dynamic_batching {"):text.index("instance_group")]
+    assert "max_queue_size: 5\n" in block and "timeout_action: REJECT" in block
+    assert "allow_timeout_override: true" in block and "default_timeout_microseconds: 2500000" in block
+    assert "max_queue_delay_microseconds: 2000" in block
+    assert 'key: "max_request_bytes"\n  value: { string_value: "1000" }' in text
+    for name in ("max_queue_size", "max_request_bytes"):
+        with pytest.raises(PipelineInputError, match=f"{name}: expected an integer >= 1, found 0"):
+            write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path / name, **{name: 0}))
+    with pytest.raises(PipelineInputError, match="queue_timeout_s: expected a number of seconds > 0, found 0"):
+        write_repository(RepoConfig(artifacts_fp32_b2_wide[0], tmp_path / "t", queue_timeout_s=0))
+
+
+def test_error_kinds_client_server_cancelled(components, monkeypatch):
+    from kandinsky_trt.runtime.serve import executor as ex
+
+    good = _fields(components)
+    cases = [{k: v for k, v in good.items() if k != "prompt"}, {**good, "task": "paint"},
+             {**good, "num_inference_steps": -3}, {**good, "height": components.profile.height + 64}]
+    results = ex.Executor(components).handle([item_arrays(f) for f in cases])
+    assert [r.kind for r in results] == ["client"] * len(cases), [r.error for r in results]
+    monkeypatch.setattr(ex, "run_item", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    [failed] = ex.Executor(components, ex.ExecutorConfig(batching=False)).handle([item_arrays(good)])
+    assert failed.kind == "server" and failed.error == "internal error: RuntimeError: boom"
+
+
+class _GoneAfter:
+    """``cancelled()`` that turns true at its ``n``-th call; counts the calls (= step boundaries seen)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("task", ["text2img", "prior"])
+def test_a_cancelled_request_stops_at_the_next_step(components, task):
+    from kandinsky_trt.runtime.serve.executor import Executor, ExecutorConfig
+
+    fields = _fields(components, task, num_inference_steps=50, prior_steps=50)
+    for batching in (False, True):
+        gone = _GoneAfter(5)
+        [result] = Executor(components, ExecutorConfig(batching=batching)).handle([item_arrays(fields)], [gone])
+        assert result.kind == "cancelled" and result.error == "request cancelled by the client"
+        assert gone.calls == 5  # stopped at the boundary where it turned true: no step after it
+
+
+def test_cancelled_before_it_starts_runs_nothing_and_a_merged_call_stops_only_when_all_have_gone(components):
+    from kandinsky_trt.runtime.serve.executor import Executor
+
+    a, b = _fields(components, seed=1), _fields(components, seed=2)
+    executor = Executor(components)
+    gone = _GoneAfter(1)
+    [result] = executor.handle([item_arrays(a)], [gone])
+    assert result.kind == "cancelled" and gone.calls == 1
+    both = [_GoneAfter(3), _GoneAfter(3)]
+    results = executor.handle([item_arrays(a), item_arrays(b)], both)
+    assert [r.kind for r in results] == ["cancelled", "cancelled"]
+    one = executor.handle([item_arrays(a), item_arrays(b)], [_GoneAfter(2), lambda: False])
+    assert [r.kind for r in one] == ["success", "success"]  # the other client still waits for it
+
+
+def test_oversized_counts_bytes_elements_by_length():
+    from kandinsky_trt.runtime.serve.model import oversized, request_bytes
+
+    arrays = {"prompt": np.array([[b"x" * 100]], dtype=object), "seed": np.zeros((1, 1), np.int64)}
+    assert request_bytes(arrays) == 108
+    assert oversized(arrays, 108) is None
+    assert oversized(arrays, 107) == ("request: expected at most 107 bytes of input tensors (this server's limit), "
+                                      "found 108")
+
+
+def _head(*lines: str) -> bytes:
+    return ("\r\n".join(["POST /v2/logging HTTP/1.1", "Host: x", *lines]) + "\r\n\r\n").encode()
+
+
+def test_front_header_rules():
+    forward, length, expect = _parse_head(_head("Content-Length: 10", "Expect: 100-continue",
+                                                "Content-Type: application/x-www-form-urlencoded"), 10)
+    assert (length, expect) == (10, True)
+    assert b"Expect" not in forward and b"form-urlencoded" not in forward and b"Content-Length: 10" in forward
+    with pytest.raises(Refusal, match=r"expected at most 10 bytes \(this server's limit\), found 11") as err:
+        _parse_head(_head("Content-Length: 11"), 10)
+    assert err.value.status.startswith("413") and err.value.discard == 11
+    with pytest.raises(Refusal) as err:
+        _parse_head(_head("Content-Length: 11", "Expect: 100-continue"), 10)
+    assert err.value.discard == 0  # the client has not sent the body: nothing to read
+    for bad in (["Content-Length: -1"], ["Content-Length: 1", "Content-Length: 2"], ["Content-Length: 1e3"]):
+        with pytest.raises(Refusal, match="Content-Length: expected one integer"):
+            _parse_head(_head(*bad), 10)
+    with pytest.raises(Refusal, match="expected a Content-Length header, found Transfer-Encoding: chunked"):
+        _parse_head(_head("Transfer-Encoding: chunked"), 10)
+
+
+def test_sweep_removes_only_dead_launchers_leftovers(tmp_path, monkeypatch):
+    monkeypatch.setattr(hygiene, "SHM_DIR", tmp_path / "shm")
+    monkeypatch.setattr(hygiene.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = str(os.getppid())
+    for name in (f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-repo-{live}-c",
+                 "kandinsky-repo-old", f"kandinsky-repo-{os.getpid()}-d"):
+        (tmp_path / "tmp" / name).mkdir(parents=True)
+    (tmp_path / "shm").mkdir()
+    for name in (f"kandinsky-shm-{dead}-x-1", f"kandinsky-shm-{live}-y-1", "triton_python_backend_shm_region_z"):
+        (tmp_path / "shm" / name).write_bytes(b"prompt")
+    removed = {p.name for p in hygiene.sweep()}
+    assert removed == {f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-shm-{dead}-x-1"}
+    assert len(list((tmp_path / "tmp").iterdir())) == 3 and len(list((tmp_path / "shm").iterdir())) == 2
+
+
+def test_secure_regions_narrows_to_owner_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(hygiene, "SHM_DIR", tmp_path)
+    region = tmp_path / "kandinsky-shm-1-a-uuid"
+    region.write_bytes(b"prompt")
+    region.chmod(0o644)
+    assert hygiene.secure_regions("kandinsky-shm-1-a-") == 1
+    assert region.stat().st_mode & 0o777 == 0o600
+    assert hygiene.secure_regions("kandinsky-shm-1-a-") == 0
+
+
+def test_front_answers_503_when_tritonserver_does_not_accept():
+    import http.client
+
+    from kandinsky_trt.runtime.serve.front import FrontConfig, HttpFront
+    from kandinsky_trt.runtime.serve.launcher import free_port
+
+    front = HttpFront(FrontConfig("127.0.0.1", 0, free_port())).start()  # nothing listens upstream
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        conn.request("GET", "/v2/health/ready")
+        response = conn.getresponse()
+        assert response.status == 503
+        assert b"expected tritonserver to accept the request, found it not answering" in response.read()
+        conn.close()
+    finally:
+        front.stop()

@@ -54,6 +54,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.serve.repository import write_repository
 
     artifacts = Path(args.artifacts) if args.artifacts else _demo_artifacts()
+    if args.replicas is not None:
+        from kandinsky_trt.runtime.serve.replicas import serve_replicas
+
+        return serve_replicas(args, artifacts, lambda out: write_repository(_repo_config(args, artifacts, out)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -129,6 +133,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-batching", action="store_true", help="one request per model call (to compare)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}")
+    return int(text)
+
+
 def add_commands(sub) -> None:
     """Add ``triton-repo``, ``serve`` and ``client`` to the ``kandinsky-trt`` sub-parsers."""
     p = sub.add_parser("triton-repo", help="write a Triton model repository (model 'kandinsky') for artifacts")
@@ -144,6 +154,8 @@ def add_commands(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=8001, help="0 = a free port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 = a free port (default 8002)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    p.add_argument("--replicas", type=_positive_int, help="N tritonservers (one per GPU with --device cuda) behind "
+                   "HAProxy on the ports above, health-checked and restarted when they die")
     _add_server_args(p)
     p.set_defaults(func=_cmd_serve)
 

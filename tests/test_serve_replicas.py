@@ -1,0 +1,131 @@
+"""``kandinsky-trt serve --replicas 2`` behind HAProxy: failover under load, restart, stop.
+
+The scenario is ``benchmarks/serve_failover.py`` (the script that writes the committed figures),
+run once per module on the tiny fp32 artifacts: 2 client threads send seeded text2img requests
+through the balancer while one replica's tritonserver is SIGKILLed, then the other replica's model
+process (the Python backend stub); then SIGTERM to the launcher. Every answer is compared with the
+serial Python API's image for its seed. A second launcher is SIGKILLed to check that nothing it
+ran outlives it.
+
+Two checks rely on work of the hardening branch (h18-edge) that this branch does not contain:
+the stub watchdog that turns readiness false when the stub dies, and the launcher's parent-death
+signal for tritonserver. They are expected failures (non-strict) until ``runtime/serve/watchdog.py``
+and ``runtime/serve/hygiene.py`` exist, and required from then on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from kandinsky_trt.benchmarks.serve_failover import (FailoverConfig, ServeProcess, _cmdline, alive,
+                                                     render_markdown, run, write)
+from kandinsky_trt.runtime.serve.balancer import (BalancerConfig, BalancerError, HealthCheck, Upstream,
+                                                  find_haproxy, render)
+
+pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)")
+pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient[http])")
+if not shutil.which("haproxy") and not shutil.which("/usr/sbin/haproxy"):
+    pytest.skip("needs HAProxy (apt-get install haproxy; .ci/run installs it)", allow_module_level=True)
+
+HAS_WATCHDOG = importlib.util.find_spec("kandinsky_trt.runtime.serve.watchdog") is not None
+HAS_PDEATHSIG = importlib.util.find_spec("kandinsky_trt.runtime.serve.hygiene") is not None
+CHECK = HealthCheck()
+POLL_SLACK_S = 1.0  # the stats socket is polled every 50 ms on a loaded 2-core machine
+WATCHDOG_POLL_S = 0.5  # the stub watchdog's poll (h18-edge's runtime/serve/watchdog.py)
+
+
+@pytest.fixture(scope="module")
+def failover(artifacts_fp32, tmp_path_factory):
+    result = run(FailoverConfig(artifacts_fp32[0], max_requests=300))
+    json_path, md_path = write(result, tmp_path_factory.mktemp("failover"), "failover")
+    assert json_path.is_file() and "failover under load" in md_path.read_text()
+    return result
+
+
+def _phase(result: dict, kill: str) -> dict:
+    return next(p for p in result["phases"] if p["kill"] == kill)
+
+
+def test_no_request_fails_and_every_image_is_the_python_apis(failover):
+    assert failover["requests_sent"] >= 8 * 2, render_markdown(failover)
+    assert failover["requests_failed"] == 0, failover["failures"]
+    assert failover["requests_not_equal_to_python_api"] == 0
+
+
+def test_killed_tritonserver_leaves_rotation_and_comes_back_after_its_restart(failover):
+    phase = _phase(failover, "kill_server")
+    assert phase["out_of_rotation_s"] is not None, render_markdown(failover)
+    assert phase["out_of_rotation_s"] <= CHECK.out_within_s + POLL_SLACK_S
+    assert phase["back_in_rotation_s"] is not None, render_markdown(failover)
+    assert phase["requests"] > 0
+
+
+@pytest.mark.xfail(not HAS_WATCHDOG, strict=False, reason="needs h18-edge's readiness watchdog")
+def test_killed_model_process_leaves_rotation_and_comes_back_after_its_reload(failover):
+    phase = _phase(failover, "kill_stub")
+    assert phase["out_of_rotation_s"] is not None, render_markdown(failover)
+    assert phase["out_of_rotation_s"] <= WATCHDOG_POLL_S + CHECK.out_within_s + POLL_SLACK_S
+    assert phase["back_in_rotation_s"] is not None, render_markdown(failover)
+
+
+def test_sigterm_stops_every_process_and_frees_every_port(failover):
+    stop = failover["stop"]
+    assert stop["exit_code"] == 0 and failover["stopped_cleanly"], stop
+    assert stop["processes_seen"] >= 1 + 2 * 2, stop  # haproxy, 2 tritonservers and their stubs (plus restarts)
+    assert stop["left_alive"] == [] and stop["ports_in_use"] == [], stop
+
+
+def test_sigkill_of_the_launcher_leaves_no_process(artifacts_fp32):
+    serve = ServeProcess(FailoverConfig(artifacts_fp32[0], replicas=1))
+    try:
+        serve.wait_serving(240.0)
+        serve.note_processes()
+        haproxy = [p for p in serve.seen if "haproxy" in _cmdline(p)]
+        servers = [p for p in serve.seen if p not in haproxy]
+        assert haproxy and servers, serve.output()
+        serve.process.send_signal(signal.SIGKILL)
+        serve.process.wait(timeout=30)
+        deadline = time.monotonic() + 10.0
+        while any(alive(p) for p in serve.seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in haproxy), "haproxy outlived its launcher"
+        left = [p for p in servers if alive(p)]
+    finally:
+        serve.kill_leftovers()
+    if left and not HAS_PDEATHSIG:
+        pytest.xfail(f"tritonserver/stub {left} outlived the launcher: needs h18-edge's parent-death signal")
+    assert left == [], "tritonserver or its stub outlived the launcher"
+
+
+def test_balancer_configuration_is_valid_for_haproxy(tmp_path):
+    upstreams = (Upstream("r0", 18010, 18011), Upstream("r1", 18020, 18021))
+    config = BalancerConfig("127.0.0.1", 18000, 18001, upstreams, tmp_path, metrics_port=18002)
+    (tmp_path / "haproxy.cfg").write_text(render(config))
+    check = subprocess.run([find_haproxy(), "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
+    text = render(config)
+    assert "option httpchk GET /v2/health/ready" in text and "retry-on all-retryable-errors" in text
+    assert "track triton_http/r1" in text and "proto h2" in text
+
+
+def test_replicas_argument_and_busy_port_are_one_line_errors(tmp_path):
+    from kandinsky_trt.runtime.cli.main import main
+    from kandinsky_trt.runtime.serve.replicas import ReplicaSet, ReplicaSetConfig
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--replicas", "0"])
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BalancerError, match=rf"--http-port: expected a free port on 127.0.0.1, found {port}"):
+            ReplicaSet(ReplicaSetConfig(tmp_path, 2, "127.0.0.1", port, 0, 0), tmp_path)

@@ -2,20 +2,15 @@
 
     python -m kandinsky_trt.benchmarks.serve_failover --artifacts A --out benchmarks/results --name STEM
 
-Starts the CLI (``serve --replicas 2`` on free loopback ports), computes the serial Python API's
-image for every seed in this process meanwhile, then runs ``--clients`` threads that send seeded
-text2img requests through the balancer's HTTP port back to back (bounded by ``--max-requests``
-and the phase time limits) while it:
-
-1. SIGKILLs one replica's ``tritonserver`` (``kill_server``);
-2. SIGKILLs the other replica's model process, the Python backend stub (``kill_stub``);
-
-and, for each, polls HAProxy's stats socket every 50 ms for the seconds until the replica is out
-of rotation and back in. Then SIGTERM to the launcher: the seconds it takes, and whether any of the
-processes it ran (haproxy, every tritonserver and stub seen) or any of its ports is left.
-Every answer is compared with the Python API's image for its seed (bit-exact). ``retried`` is
-HAProxy's own count of retries (``wretr`` + ``wredis`` of the HTTP backend). Writes
-``STEM.json`` and ``STEM.md`` under ``--out``.
+Starts ``serve --replicas 2`` on free loopback ports and computes the serial Python API's image
+for every seed meanwhile; then ``--clients`` threads send seeded text2img requests through the
+balancer's HTTP port back to back (bounded by ``--max-requests`` and the phase time limits) while
+it SIGKILLs one replica's ``tritonserver``, then the other replica's model process (the Python
+backend stub), each time polling HAProxy's stats socket every 50 ms for the seconds until the
+replica is out of rotation and back in. Then SIGTERM to the launcher: how long it takes, and
+whether any process it ran (haproxy, every tritonserver and stub seen) or any port is left.
+Every answer is compared bit for bit with the Python API's image for its seed; ``retried`` is
+HAProxy's count (``wretr`` + ``wredis`` of the HTTP backend). Writes ``STEM.json`` and ``STEM.md``.
 """
 
 from __future__ import annotations
@@ -75,21 +70,18 @@ def _cmdline(pid: int) -> str:
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-    return state != "Z"
 
 
 def port_free(port: int) -> bool:
-    import socket
+    from kandinsky_trt.runtime.serve.replicas import BalancerError, check_ports_free
 
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+    try:
+        check_ports_free("127.0.0.1", {"port": port})
+    except BalancerError:
+        return False
     return True
 
 
@@ -327,12 +319,23 @@ def _result(config: FailoverConfig, serve: ServeProcess, outcomes: list[Outcome]
     return {
         "benchmark": "serve-replicas-failover", "machine": MachineInfo.collect().__dict__,
         "versions": collect_versions(), "config": {**asdict(config), "artifacts": str(config.artifacts)},
-        "balancer": "HAProxy " + _haproxy_version(), "health_check": _health_check(),
+        "balancer": "HAProxy " + _haproxy_version(), "health_check": _health_check(), "code": _code(),
         "requests_sent": len(outcomes), "requests_failed": len(failed),
         "requests_not_equal_to_python_api": sum(1 for o in outcomes if o.ok and not o.equal),
         "retried": sum(p["retried"] for p in phases), "failures": [o.error for o in failed][:10],
         "phases": phases, "stop": stop, "stopped_cleanly": "stopped" in serve.output(),
     }
+
+
+def _code() -> dict:
+    """Which serving code ran: the commit, and whether the stub watchdog and the launcher's
+    parent-death signal (the hardening branch's modules) were there."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    git = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    has = lambda name: importlib.util.find_spec(f"kandinsky_trt.runtime.serve.{name}") is not None  # noqa: E731
+    return {"git": git.stdout.strip(), "stub_watchdog": has("watchdog"), "launcher_parent_death_signal": has("hygiene")}
 
 
 def _haproxy_version() -> str:
@@ -355,6 +358,7 @@ def render_markdown(result: dict) -> str:
              "", f"Machine: {m['cpu_model']}, {m['cores']} logical cores, {m['ram_gb']} GB RAM (CPU only; "
              f"tiny fp32 artifacts, {result['config']['steps']} steps). Balancer: {result['balancer']}; health check "
              f"every {chk['interval_s']:g} s, out after {chk['fall']} failures, back after {chk['rise']} successes.",
+             "", f"Code: {result['code']['git']}; stub watchdog: {result['code']['stub_watchdog']}.",
              "", f"Requests sent: {result['requests_sent']} ({result['config']['clients']} client threads), "
              f"failed: {result['requests_failed']}, image not equal to the Python API's: "
              f"{result['requests_not_equal_to_python_api']}, retried by the balancer: {result['retried']}.",

@@ -101,11 +101,12 @@ class BalancerConfig:
         return self.workdir / "haproxy.sock"
 
 
-def render(config: BalancerConfig) -> str:
-    """The HAProxy 2.6 configuration for ``config``."""
-    c, chk = config, config.check
-    ms = lambda s: f"{int(round(s * 1000))}ms"  # noqa: E731
-    lines = [
+def _ms(seconds: float) -> str:
+    return f"{int(round(seconds * 1000))}ms"
+
+
+def _head(c: BalancerConfig) -> list[str]:
+    return [
         "global",
         "    maxconn 512",
         f"    tune.bufsize {c.max_retry_body_bytes}",
@@ -124,8 +125,16 @@ def render(config: BalancerConfig) -> str:
         f"    timeout server {c.timeout_s}s",
         "    timeout http-request 60s",
         "    timeout queue 60s",
-        f"    timeout check {ms(chk.timeout_s)}",
+        f"    timeout check {_ms(c.check.timeout_s)}",
         "",
+    ]
+
+
+def render(config: BalancerConfig) -> str:
+    """The HAProxy 2.6 configuration for ``config``."""
+    c, chk = config, config.check
+    lines = [
+        *_head(c),
         "frontend kandinsky_http",
         f"    bind {c.host}:{c.http_port}",
         f"    default_backend {HTTP_BACKEND}",
@@ -139,7 +148,7 @@ def render(config: BalancerConfig) -> str:
         "    balance leastconn",
         "    option httpchk GET /v2/health/ready",
         "    http-check expect status 200",
-        f"    default-server inter {ms(chk.interval_s)} fall {chk.fall} rise {chk.rise}",
+        f"    default-server inter {_ms(chk.interval_s)} fall {chk.fall} rise {chk.rise}",
         *(f"    server {u.name} 127.0.0.1:{u.http_port} check" for u in c.upstreams),
         "",
         f"backend {GRPC_BACKEND}",

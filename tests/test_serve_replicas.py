@@ -4,8 +4,8 @@ The scenario is ``benchmarks/serve_failover.py`` (the script that writes the com
 run once per module on the tiny fp32 artifacts: 2 client threads send seeded text2img requests
 through the balancer while one replica's tritonserver is SIGKILLed, then the other replica's model
 process (the Python backend stub); then SIGTERM to the launcher. Every answer is compared with the
-serial Python API's image for its seed. A second launcher is SIGKILLed to check that nothing it
-ran outlives it.
+serial Python API's image for its seed. A second launcher (one replica) answers a gRPC request
+through the balancer (HTTP/2 cleartext) and is then SIGKILLed: nothing it ran may outlive it.
 
 Two checks rely on work of the hardening branch (h18-edge) that this branch does not contain:
 the stub watchdog that turns readiness false when the stub dies, and the launcher's parent-death
@@ -21,16 +21,19 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 
+import numpy as np
 import pytest
 
-from kandinsky_trt.benchmarks.serve_failover import (FailoverConfig, ServeProcess, _cmdline, alive,
-                                                     render_markdown, run, write)
+from kandinsky_trt.benchmarks.serve_failover import (PROMPT, FailoverConfig, ServeProcess, _cmdline, alive,
+                                                     reference_images, render_markdown, run, write)
 from kandinsky_trt.runtime.serve.balancer import (BalancerConfig, BalancerError, HealthCheck, Upstream,
                                                   find_haproxy, render)
 
 pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)")
 pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient[http])")
+pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritonclient[grpc])")
 if not shutil.which("haproxy") and not shutil.which("/usr/sbin/haproxy"):
     pytest.skip("needs HAProxy (apt-get install haproxy; .ci/run installs it)", allow_module_level=True)
 
@@ -82,10 +85,25 @@ def test_sigterm_stops_every_process_and_frees_every_port(failover):
     assert stop["left_alive"] == [] and stop["ports_in_use"] == [], stop
 
 
+def _grpc_and_metrics_through_the_balancer(serve: ServeProcess, config: FailoverConfig) -> None:
+    """One seeded gRPC request through HAProxy (h2c) equals the Python API; HAProxy's /metrics answers."""
+    from kandinsky_trt.runtime.serve.client import Target, infer, item_arrays
+
+    reference = reference_images(config)[0]
+    fields = dict(task="text2img", prompt=PROMPT, seed=0, num_inference_steps=config.steps,
+                  prior_steps=config.steps, height=reference.shape[2], width=reference.shape[3])
+    served = infer(Target(f"127.0.0.1:{serve.ports['grpc']}", "grpc", 120.0), item_arrays(fields))
+    np.testing.assert_array_equal(served["images"], reference)
+    with urllib.request.urlopen(f"http://127.0.0.1:{serve.ports['metrics']}/metrics", timeout=30) as answer:
+        assert b"haproxy_server_check_status" in answer.read()
+
+
 def test_sigkill_of_the_launcher_leaves_no_process(artifacts_fp32):
-    serve = ServeProcess(FailoverConfig(artifacts_fp32[0], replicas=1))
+    config = FailoverConfig(artifacts_fp32[0], replicas=1, seeds=1)
+    serve = ServeProcess(config)
     try:
         serve.wait_serving(240.0)
+        _grpc_and_metrics_through_the_balancer(serve, config)
         serve.note_processes()
         haproxy = [p for p in serve.seen if "haproxy" in _cmdline(p)]
         servers = [p for p in serve.seen if p not in haproxy]

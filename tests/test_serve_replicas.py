@@ -147,3 +147,14 @@ def test_replicas_argument_and_busy_port_are_one_line_errors(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(BalancerError, match=rf"--http-port: expected a free port on 127.0.0.1, found {port}"):
             ReplicaSet(ReplicaSetConfig(tmp_path, 2, "127.0.0.1", port, 0, 0), tmp_path)
+
+
+def test_server_flags_reach_every_replica():
+    """A ``serve`` flag that is also a ServerConfig field (e.g. the hardening work's --max-request-bytes)
+    is passed on to every replica; flags of the balancer's own ports are not."""
+    from argparse import Namespace
+
+    from kandinsky_trt.runtime.serve.replicas import _server_options
+
+    args = Namespace(log_verbose=1, http_port=8000, exit_timeout_s=None, replicas=2)
+    assert _server_options(args) == (("log_verbose", 1),)

@@ -18,6 +18,7 @@ that forked the child ends) kills it when the launcher is SIGKILLed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -164,6 +165,7 @@ class ReplicaSetConfig:
     startup_timeout_s: float = 300.0
     cuda: bool = False  # one GPU per replica
     check: HealthCheck = HealthCheck()
+    server_options: tuple[tuple[str, object], ...] = ()  # more ServerConfig fields, the same for every replica
 
 
 def replica_specs(config: ReplicaSetConfig) -> list[ReplicaSpec]:
@@ -171,7 +173,8 @@ def replica_specs(config: ReplicaSetConfig) -> list[ReplicaSpec]:
     specs = []
     for i in range(config.count):
         server = ServerConfig(config.repository, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), startup_timeout_s=config.startup_timeout_s)
+                              metrics_port=free_port(), startup_timeout_s=config.startup_timeout_s,
+                              **dict(config.server_options))
         specs.append(ReplicaSpec(f"r{i}", server, devices[i % len(devices)] if devices else None))
     return specs
 
@@ -247,6 +250,14 @@ class ReplicaSet:
         return "\n".join(lines)
 
 
+def _server_options(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """Server flags of ``serve`` that this launcher's ServerConfig has beyond the ports (e.g. the
+    hardening work's ``--max-request-bytes``), passed on to every replica."""
+    known = {f.name for f in dataclasses.fields(ServerConfig)} - {"repository", "host", "http_port", "grpc_port",
+                                                                  "metrics_port", "startup_timeout_s"}
+    return tuple((name, getattr(args, name)) for name in sorted(known) if getattr(args, name, None) is not None)
+
+
 def serve_replicas(args: argparse.Namespace, artifacts: Path, write_repo: Callable[[Path], object]) -> int:
     """The ``serve --replicas N`` command: run until SIGINT/SIGTERM or until the balancer dies."""
     stop = threading.Event()
@@ -257,7 +268,8 @@ def serve_replicas(args: argparse.Namespace, artifacts: Path, write_repo: Callab
     try:
         write_repo(workdir / "models")
         config = ReplicaSetConfig(workdir / "models", args.replicas, args.host, args.http_port, args.grpc_port,
-                                  args.metrics_port, args.startup_timeout, cuda=args.device == "cuda")
+                                  args.metrics_port, args.startup_timeout, cuda=args.device == "cuda",
+                                  server_options=_server_options(args))
         return _run(ReplicaSet(config, workdir), artifacts, stop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

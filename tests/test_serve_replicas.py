@@ -158,3 +158,21 @@ def test_server_flags_reach_every_replica():
 
     args = Namespace(log_verbose=1, http_port=8000, exit_timeout_s=None, replicas=2)
     assert _server_options(args) == (("log_verbose", 1),)
+
+
+def test_readme_failover_rows_are_the_committed_results():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    for stem in ("", "_with-h18-edge"):
+        result = json.loads((root / f"benchmarks/results/cpu-2core_tiny_serve-replicas-failover{stem}.json").read_text())
+        server = _phase(result, "kill_server")
+        row = (f"| {result['requests_sent']} | {result['requests_failed']} | {result['retried']} | "
+               f"{server['out_of_rotation_s']:.2f} s / {server['back_in_rotation_s']:.2f} s |")
+        assert row in readme, row
+        stub = _phase(result, "kill_stub")
+        if stub["out_of_rotation_s"] is not None:
+            assert f"| {stub['out_of_rotation_s']:.2f} s / {stub['back_in_rotation_s']:.2f} s |" in readme
+        assert f"| {result['stop']['seconds']:.1f} s, nothing |" in readme and result["stop"]["left_alive"] == []

@@ -13,7 +13,8 @@ The balancer does what a Kubernetes Service with readiness probes does for pods,
   or reset connections, an empty answer, 500/502/503/504; ``option redispatch 1``: each retry goes to
   another replica where there is one). HAProxy retries a request only when its whole body is in its
   buffer: ``option http-buffer-request`` waits for the body before choosing a replica, and
-  ``tune.bufsize`` bounds the bodies that can be retried (larger ones are forwarded, not retried).
+  ``tune.bufsize`` (1 MiB) bounds the bodies that can be retried (larger ones are forwarded, not
+  retried: a 3 MB body was served through it); buffers are taken per active connection only.
 - **Balancing**: ``leastconn`` (requests take seconds; the replica with fewest in flight gets the next).
 - **gRPC** over cleartext HTTP/2 (``proto h2`` on both sides). gRPC errors travel as HTTP 200 with a
   ``grpc-status`` trailer, so HAProxy retries gRPC only on connection failures and empty answers.

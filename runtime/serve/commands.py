@@ -61,6 +61,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     artifacts = Path(args.artifacts) if args.artifacts else _demo_artifacts()
     hygiene.check_ports_free(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                                          "--metrics-port": args.metrics_port})  # before any work
+    if args.replicas is not None:
+        from kandinsky_trt.runtime.serve.replicas import serve_replicas
+
+        return serve_replicas(args, artifacts, lambda out: write_repository(_repo_config(args, artifacts, out)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -155,6 +159,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         "refuses larger gRPC requests")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}")
+    return int(text)
+
+
 def add_commands(sub) -> None:
     """Add ``triton-repo``, ``serve`` and ``client`` to the ``kandinsky-trt`` sub-parsers."""
     p = sub.add_parser("triton-repo", help="write a Triton model repository (model 'kandinsky') for artifacts")
@@ -170,6 +180,8 @@ def add_commands(sub) -> None:
     p.add_argument("--grpc-port", type=int, default=8001, help="0 = a free port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics; 0 = a free port (default 8002)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    p.add_argument("--replicas", type=_positive_int, help="N tritonservers (one per GPU with --device cuda) behind "
+                   "HAProxy on the ports above, health-checked and restarted when they die")
     _add_server_args(p)
     p.set_defaults(func=_cmd_serve)
 

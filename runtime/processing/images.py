@@ -258,7 +258,7 @@ def prepare_inpaint_inputs(
     repaint = np.stack([_inpaint_repaint_mask(m, height, width) for m in masks])[:, None]
     if pixels.shape[-2:] != (height, width) or repaint.shape[-2:] != (height, width):
         raise ImageInputError(
-            f"image/mask: expected {height}x{width} (numpy inputs are not resized), "
+            f"image/mask: expected {height}x{width} (float images and numpy masks are not resized), "
             f"found image {pixels.shape[-2]}x{pixels.shape[-1]} and mask {repaint.shape[-2]}x{repaint.shape[-1]}"
         )
     return pixels.astype(np.float32, copy=False), (1.0 - repaint).astype(np.float32)

@@ -10,13 +10,13 @@ from PIL import Image
 from kandinsky_trt.runtime import (
     KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline)
 from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
-from test_pipelines import TOLERANCE
+from test_pipelines import tolerance
 
 E = 32
-WIDE = {"artifacts_fp32_b2_wide": "artifacts_fp32", "artifacts_fp16_b2_wide": "artifacts_fp16"}
+WIDE = ["artifacts_fp32_b2_wide", "artifacts_fp16_b2_wide"]
 
 
-@pytest.mark.parametrize("fixture", list(WIDE))
+@pytest.mark.parametrize("fixture", WIDE)
 def test_text2img_non_square_batch2_with_padding(fixture, request, tiny_checkpoint):
     """3 rows on batch-2 artifacts: two chunks, the second padded; 64x128 (latent 8x16)."""
     from diffusers import KandinskyPipeline as Reference
@@ -31,7 +31,7 @@ def test_text2img_non_square_batch2_with_padding(fixture, request, tiny_checkpoi
     ours = KandinskyPipeline(out)(prompts, emb, neg, height=64, width=128, num_inference_steps=3,
                                   latents=latents, output_type="np").images
     assert ours.shape == (3, 64, 128, 3)
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[WIDE[fixture]][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "text2img_b2_wide"))
 
 
 @pytest.mark.parametrize("negative", [None, "low quality"], ids=["no_negative", "negative_prior_prompt"])
@@ -52,7 +52,7 @@ def test_interpolate_matches_diffusers(fixture, negative, request, tiny_checkpoi
     ours = KandinskyPriorPipeline(out).interpolate(
         ["a cat", picture], [0.3, 0.7], num_inference_steps=steps, latents=latents, negative_prior_prompt=negative,
         step_noise=[np.stack(noise[: steps - 1]), np.stack(noise[steps - 1:])])
-    tol = TOLERANCE[fixture][0]
+    tol = tolerance(fixture, "interpolate")
     check_close(request.node.name, max_diff(ref.image_embeds, ours.image_embeds), tol)
     check_close(request.node.name, max_diff(ref.negative_image_embeds, ours.negative_image_embeds), tol)
 

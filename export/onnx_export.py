@@ -110,17 +110,31 @@ def _dim_steps(values: dict[str, int]) -> dict[str, int]:
     return {"h": LATENT_STEP, "w": LATENT_STEP, "H": LATENT_STEP * latent_scale, "W": LATENT_STEP * latent_scale}
 
 
+def _dim_range(taken: list[int], step: int) -> tuple[int, int]:
+    """``(min, max)`` in units of ``step`` of the values a dim takes, ``max > min`` always.
+
+    torch.export refuses a ``Dim`` whose min equals its max ("Cannot create Dim with inconsistent
+    min=4, max=4"), which is what a dim taking one value gives: a single ``--batch 2`` (the trace's
+    batch), or any dim whose trace and profiles coincide. Such a range is widened by one step above,
+    so the dim stays symbolic (the graph is still one graph with named dims) and its one value is in
+    range; nothing is ever run at the extra value.
+    """
+    low, high = min(taken) // step, max(taken) // step
+    return low, max(high, low + 1)
+
+
 def _dynamic_shapes(graph: ResolvedNetwork, values: list[dict[str, int]]) -> tuple | None:
     """torch.export's ``dynamic_shapes``: one ``Dim`` per profile dim name (shared across inputs),
-    its range the values it takes in ``values`` (the trace's and each profile's), image dims as
-    multiples of their step, so that the exporter's shape guards hold on every profile."""
+    its range the values it takes in ``values`` (the trace's and each profile's, see
+    :func:`_dim_range`), image dims as multiples of their step, so that the exporter's shape guards
+    hold on every profile."""
     from torch.export import Dim
 
     dims, steps = {}, _dim_steps(values[0])
     for name in dict.fromkeys(d for t in graph.inputs for d in t.shape if isinstance(d, str)):
-        step, taken = steps.get(name, 1), [v[name] for v in values]
-        dims[name] = step * Dim(f"{name}_steps", min=min(taken) // step, max=max(taken) // step) if step > 1 \
-            else Dim(name, min=min(taken), max=max(taken))
+        step = steps.get(name, 1)
+        low, high = _dim_range([v[name] for v in values], step)
+        dims[name] = step * Dim(f"{name}_steps", min=low, max=high) if step > 1 else Dim(name, min=low, max=high)
     if not dims:
         return None
     return tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in graph.inputs)

@@ -13,7 +13,8 @@ The layers, bottom to top (each package's docstring says what it owns and may im
 
 No module here imports ``kandinsky_trt.export``/``engine``/``benchmarks``, torch, diffusers,
 transformers or tensorrt at module level (tests/test_layering.py walks every one): a deployed host
-installs only the runtime. The pipeline classes below are loaded on first access.
+installs only the runtime. The pipeline classes and the exception roots below are loaded on first
+access: ``except kandinsky_trt.runtime.KandinskyTrtError`` catches every error a user can cause.
 """
 
 from importlib import import_module
@@ -30,6 +31,15 @@ _EXPORTS = {
     "KandinskyInpaintCombinedPipeline": "pipelines.combined",
     "Components": "pipelines.components",
     "Profile": "contract.spec",
+    # The exception roots (every one derives from KandinskyTrtError).
+    "KandinskyTrtError": "contract.errors",
+    "PipelineInputError": "contract.errors",
+    "NonFiniteOutputError": "contract.errors",
+    "ManifestError": "contract.manifest",
+    "IntegrityError": "contract.integrity",
+    "SpecError": "contract.spec",
+    "ImageInputError": "processing.images",
+    "BackendError": "backends.base",
 }
 __all__ = sorted(_EXPORTS)
 

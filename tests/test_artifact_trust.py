@@ -12,11 +12,13 @@ import shutil
 
 import jsonschema
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from kandinsky_trt.runtime.contract import integrity
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.backends.base import BackendError
+from kandinsky_trt.runtime.backends.base import BackendError, sample_inputs
+from kandinsky_trt.runtime.contract.spec import resolve
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.contract.manifest_schema import SchemaViolation, manifest_schema, validate
 
@@ -108,12 +110,20 @@ def test_a_symlink_out_of_the_directory_is_refused(art, tmp_path, field):
 def test_a_symlink_inside_the_directory_is_fine(art):
     data = _data(art)
     i = _index(data, "networks", "movq_decoder")
-    (art / "alias.onnx").symlink_to(art / data["networks"][i]["onnx"])
+    original = art / data["networks"][i]["onnx"]
+    (art / "alias.onnx").symlink_to(original)
     data["files"]["alias.onnx"] = data["files"].pop(data["networks"][i]["onnx"])
     data["networks"][i]["onnx"] = "alias.onnx"
     _write(art, data)
     with Components(art) as c:
-        c.session("movq_decoder")
+        network = resolve("movq_decoder", c.profile, c.manifest.model_dims)
+        feeds = sample_inputs(network)
+        served = c.run("movq_decoder", feeds)
+    assert mf.load_manifest(art).networks["movq_decoder"].onnx == "alias.onnx"
+    direct = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert list(served) == [t.name for t in network.outputs]
+    for got, expected in zip(served.values(), direct):
+        np.testing.assert_array_equal(got, expected)  # the alias loaded the graph it points to
 
 
 # -- size + sha256 of every named file ----------------------------------------------------------------------

@@ -60,12 +60,22 @@ def test_combined_pairs_prompts_with_their_embeddings_and_passes_the_negative_pr
     check_close("combined pairing + negative", max_diff(ref, ours), TOL[1])
 
 
-def test_img2img_non_square_keeps_height_and_width(artifacts_fp32_b2_wide):
-    """diffusers swaps height and width in img2img preprocessing, so non-square sizes raise."""
+def test_img2img_non_square_keeps_height_and_width(artifacts_fp32_b2_wide, tiny_checkpoint):
+    """diffusers swaps height and width in img2img preprocessing (``preprocess(i, width, height)``), so
+    non-square sizes raise. Reference: diffusers with that one call put right, same noise."""
+    from diffusers import KandinskyImg2ImgPipeline as Reference
     from PIL import Image
 
     out, _ = artifacts_fp32_b2_wide
     picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 128, 3), dtype=np.uint8))
-    images = KandinskyImg2ImgPipeline(out)("a frog", picture, embeds(1, E, 1), embeds(1, E, 2), height=64, width=128,
-                                           num_inference_steps=4, strength=0.5, generator=0, output_type="np").images
-    assert images.shape == (1, 64, 128, 3) and np.isfinite(images).all()
+    emb, neg = embeds(1, E, 1), embeds(1, E, 2)
+    ref_pipe = Reference.from_pretrained(tiny_checkpoint.decoder)
+    swapped = ref_pipe.image_processor.preprocess
+    ref_pipe.image_processor.preprocess = lambda image, height, width: swapped(image, width, height)
+    ref = ref_pipe("a frog", picture, torch.from_numpy(emb), torch.from_numpy(neg), height=64, width=128,
+                   num_inference_steps=4, strength=0.5, generator=generator(), output_type="np").images
+    (noise,) = torch_draws([(1, 4, 8, 16)])
+    images = KandinskyImg2ImgPipeline(out)("a frog", picture, emb, neg, height=64, width=128,
+                                           num_inference_steps=4, strength=0.5, noise=noise, output_type="np").images
+    assert images.shape == ref.shape == (1, 64, 128, 3)
+    check_close("img2img 64x128", max_diff(ref, images), TOL[1])

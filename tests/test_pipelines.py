@@ -1,7 +1,8 @@
 """Every pipeline against diffusers on the tiny checkpoint, with identical prompts, latents and noise.
 
 Tolerances (max abs difference; images in [0, 1], embeddings unscaled) are measured on this
-checkpoint and written in the README parity table; fp32 is tight, fp16 is the cost of fp16 graphs.
+checkpoint and written in the README parity table; fp32 is tight, fp16 (per case, ~2x the measured
+value) is the cost of fp16 graphs.
 """
 
 from __future__ import annotations
@@ -16,14 +17,35 @@ from kandinsky_trt.runtime import (
 from pipeline_helpers import check_close, diffusers_pipelines, embeds, generator, max_diff, torch_draws
 
 PRECISIONS = ["artifacts_fp32", "artifacts_fp16"]
-# Max abs difference (embeddings, images), ~2x the worst value measured with KTRT_MEASURE=1
-# (README parity table). Random tiny weights amplify rounding: fp32 images differ by up to
-# 2.6e-4; fp16 images by up to 0.13 at single pixels (the prior's fp16 error feeds the decoder
-# in the combined pipeline, fp16 UNet error compounds over the steps).
-TOLERANCE = {
-    "artifacts_fp32": (2e-5, 5e-4),
-    "artifacts_fp16": (2e-2, 2.5e-1),
+# Max abs difference, fp32 (embeddings, images): random tiny weights amplify rounding; fp32 images
+# differ by up to 2.6e-4.
+TOLERANCE = {"artifacts_fp32": (2e-5, 5e-4)}
+# fp16, per case: ~2x the worst value measured with KTRT_MEASURE=1 (in brackets; 2026-12-07, 2-core
+# AMD EPYC VM, ONNX Runtime CPU; benchmarks/results/cpu-2core_tiny_parity.txt, README parity table).
+# Images in [0, 1], embeddings unscaled. The image maxima are single pixels: fp16 UNet error
+# compounds over the steps, and in the combined pipelines the prior's fp16 error feeds the decoder.
+FP16_TOLERANCE = {
+    "prior": 1.7e-2,  # embeddings [8.5e-3]
+    "interpolate": 3.0e-3,  # embeddings [1.4e-3]
+    "text2img": 1.0e-1,  # guidance 4 [5.0e-2]
+    "text2img_no_guidance": 6.2e-2,  # [3.1e-2]
+    "text2img_b2_wide": 1.7e-1,  # batch-2 artifacts, 64x128, 3 prompts [8.3e-2]
+    "img2img": 3.1e-2,  # [1.5e-2]
+    "inpaint": 9.8e-2,  # [4.9e-2]
+    "combined_text2img": 1.6e-1,  # [7.9e-2]
+    "combined_img2img": 2.8e-2,  # [1.4e-2]
+    "combined_inpaint": 5.9e-2,  # [2.9e-2]
 }
+EMBEDDING_CASES = ("prior", "interpolate")
+
+
+def tolerance(fixture: str, case: str) -> float:
+    """The tolerance of parity ``case`` on ``fixture``'s artifacts (fp32: by kind; fp16: per case)."""
+    if "fp16" in fixture:
+        return FP16_TOLERANCE[case]
+    return TOLERANCE["artifacts_fp32"][0 if case in EMBEDDING_CASES else 1]
+
+
 E, H = 32, 8  # tiny CLIP width; 64 px -> 8 latent
 
 
@@ -54,7 +76,7 @@ def test_prior(fixture, negative, guidance, request, diffusers_pipes):
     ours = KandinskyPriorPipeline(out)(prompts, negative_prompt=negative, num_images_per_prompt=n,
                                        num_inference_steps=steps, guidance_scale=guidance, latents=latents,
                                        step_noise=np.stack(noise))
-    tol = TOLERANCE[fixture][0]
+    tol = tolerance(fixture, "prior")
     check_close(request.node.name, max_diff(ref.image_embeds, ours.image_embeds), tol)
     check_close(request.node.name, max_diff(ref.negative_image_embeds, ours.negative_image_embeds), tol)
 
@@ -76,7 +98,8 @@ def test_text2img(fixture, guidance, n, request, diffusers_pipes):
                                   num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
                                   latents=latents, output_type="np").images
     assert ours.shape == ref.shape == (2 * n, 64, 64, 3)
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    case = "text2img" if guidance > 1 else "text2img_no_guidance"
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, case))
 
 
 @pytest.mark.parametrize("fixture", PRECISIONS)
@@ -92,7 +115,7 @@ def test_img2img(fixture, request, diffusers_pipes):
     ours = KandinskyImg2ImgPipeline(out)("a frog", _picture(5), emb, neg, height=64, width=64,
                                          num_inference_steps=steps, strength=strength, num_images_per_prompt=n,
                                          noise=noise, output_type="np").images
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "img2img"))
 
 
 @pytest.mark.parametrize("fixture, guidance", [(f, 4.0) for f in PRECISIONS] + [("artifacts_fp32", 0.5)])
@@ -110,7 +133,7 @@ def test_inpaint(fixture, guidance, request, diffusers_pipes):
     ours = KandinskyInpaintPipeline(out)("a hat", _picture(8), mask, emb, neg, height=64, width=64,
                                          num_inference_steps=steps, guidance_scale=guidance, latents=latents,
                                          output_type="np").images
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "inpaint"))
 
 
 @pytest.mark.parametrize("fixture, guidance, prior_guidance", [(f, 4.0, 4.0) for f in PRECISIONS]
@@ -134,7 +157,7 @@ def test_combined_text2img(fixture, guidance, prior_guidance, request, tiny_chec
                                           height=64, width=64, prior_num_inference_steps=prior_steps, **scales,
                                           latents=latents, prior_step_noise=np.stack(noise),
                                           decoder_latents=dec_latents, output_type="np").images
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "combined_text2img"))
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpmpp2m"])
@@ -159,8 +182,8 @@ def test_text2img_other_schedulers(scheduler, artifacts_fp32, tiny_checkpoint):
     # DPM++ coefficients differ from diffusers' by up to ~5e-6 relative (torch's float32 log/sqrt
     # are not correctly rounded, tests/test_schedulers.py); the random tiny decoder amplifies that
     # to 9.8e-4 in pixels (measured), DDPM to 5.7e-6.
-    tolerance = 2e-3 if scheduler == "dpmpp2m" else TOLERANCE["artifacts_fp32"][1]
-    check_close(f"text2img[{scheduler}]", max_diff(ref, ours), tolerance)
+    limit = 2e-3 if scheduler == "dpmpp2m" else TOLERANCE["artifacts_fp32"][1]
+    check_close(f"text2img[{scheduler}]", max_diff(ref, ours), limit)
 
 
 def _diffusers_combined(kind: str, tiny_checkpoint):
@@ -188,7 +211,7 @@ def test_combined_img2img(fixture, request, tiny_checkpoint):
         "a frog", _picture(14), num_inference_steps=steps, strength=strength, height=64, width=64,
         prior_num_inference_steps=prior_steps, latents=latents, prior_step_noise=np.stack(noise), noise=img_noise,
         output_type="np").images
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "combined_img2img"))
 
 
 @pytest.mark.parametrize("fixture", PRECISIONS)
@@ -207,4 +230,4 @@ def test_combined_inpaint(fixture, request, tiny_checkpoint):
         "a hat", _picture(15), mask, num_inference_steps=steps, height=64, width=64,
         prior_num_inference_steps=prior_steps, latents=latents, prior_step_noise=np.stack(noise),
         decoder_latents=dec_latents, output_type="np").images
-    check_close(request.node.name, max_diff(ref, ours), TOLERANCE[fixture][1])
+    check_close(request.node.name, max_diff(ref, ours), tolerance(fixture, "combined_inpaint"))

@@ -14,18 +14,13 @@ import sys
 
 
 def _open_image(path: str | None, name: str):
+    """The file as ``kandinsky-trt client`` reads it too (``processing.images.load_image_file``):
+    ``--image`` as RGB, ``--mask`` as L (255 = repaint)."""
     if path is None:
         return None
-    from PIL import Image
+    from kandinsky_trt.runtime.processing.images import load_image_file
 
-    from kandinsky_trt.runtime.contract.errors import PipelineInputError
-
-    try:
-        image = Image.open(path)
-        image.load()  # PIL reads lazily: a truncated file fails here, not deep in a pipeline
-        return image.convert("RGB") if name == "--image" else image
-    except (OSError, SyntaxError, ValueError) as err:
-        raise PipelineInputError(f"{name}: expected a readable image file, found {path!r} ({err})") from None
+    return load_image_file(path, "L" if name == "--mask" else "RGB", name)
 
 
 def _size(args: argparse.Namespace, components) -> tuple[int, int]:

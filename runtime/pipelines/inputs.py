@@ -20,6 +20,7 @@ import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
 from kandinsky_trt.runtime.contract.spec import Profile
+from kandinsky_trt.runtime.processing.tokenization import check_prompt_size
 
 Generator = int | np.random.Generator | None
 Size = int | None  # pixels; None: the artifacts' size
@@ -36,6 +37,8 @@ def describe(value) -> str:
 
 
 def _check_text(text: str, name: str) -> str:
+    """Valid Unicode, at most ``MAX_PROMPT_BYTES`` of UTF-8 (size first: a huge text is refused at once)."""
+    check_prompt_size(text, name)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:  # lone surrogates: from invalid UTF-8 bytes on a command line

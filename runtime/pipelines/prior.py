@@ -182,10 +182,12 @@ class KandinskyPriorPipeline:
         texts = args.check_conditions(conditions)
         weights = args.check_weights(call["weights"], len(conditions))
         n = args.check_images_per_prompt(call["num_images_per_prompt"], 1)
-        # (n, E) even with a negative_prior_prompt, whose runs take (2n, E): kept as it was (issue 9 report)
-        args.check_array(call["latents"], (n, self.components.manifest.model_dims.clip_dim), "latents")
         with args.renamed({"negative_prompt": "negative_prior_prompt"}):
             negatives = args.negative_prompts(call["negative_prior_prompt"], 1)
+        # Each prior run samples its prompt's rows and, with a negative_prior_prompt, the negative's
+        # too: (2n, E) latents, as diffusers' __call__ (prompt + negative_prompt) takes them.
+        rows = n * (1 if negatives is None else 2)
+        args.check_array(call["latents"], (rows, self.components.manifest.model_dims.clip_dim), "latents")
         if not isinstance(call["negative_prompt"], str):
             raise PipelineInputError(f"negative_prompt: expected a str, found {type(call['negative_prompt']).__name__}")
         args.as_prompt_list(call["negative_prompt"], "negative_prompt")  # valid Unicode

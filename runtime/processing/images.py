@@ -10,15 +10,25 @@ Each function reproduces one step of the diffusers / transformers code (kandinsk
 * :func:`clip_image_preprocess`: ``CLIPImageProcessor`` (transformers' PIL backend) for ``interpolate``.
 * :func:`postprocess`: decoder output to ``np`` / ``pil`` images.
 
+One decoder for every entry (issue 18 §1.8): :func:`load_image_file` reads a file the way the CLI
+and ``kandinsky-trt client`` both do (images as RGB, masks as L), and :func:`image_from_array` /
+:func:`mask_from_array` turn the uint8 arrays a client sends (and the server receives) back into
+the same PIL images. uint8 ``HxWx3`` arrays given to the pipelines take that PIL path too, so an
+image of any size is resized as diffusers resizes PIL images (bicubic, ``reducing_gap=1``; masks
+LANCZOS) whether it came from a file, the Python API or the server.
+
 Deliberate divergences from diffusers (all documented where they happen):
 
 1. img2img resizes to ``(width, height)`` as asked; diffusers swaps the two (a bug that makes every
    non-square size fail). Square sizes give identical results.
 2. Images of any PIL mode are converted to RGB after resizing (the inpaint pipeline's order);
    diffusers' img2img keeps RGBA/L inputs as 4/1-channel tensors, which then fail in the encoder.
-3. numpy images: uint8 means 0..255; float means 0..1 (values outside raise). diffusers' img2img
-   would feed uint8 arrays through ``2x-1`` unscaled and its inpaint path divides floats by 127.5.
-   uint8 inpaint arrays and float img2img arrays match diffusers exactly.
+3. numpy images: uint8 ``HxWx3`` is an RGB image (0..255) and goes through PIL like an image file
+   (bicubic resize to any size); float means 0..1 (values outside raise), resized nearest as
+   diffusers' ``VaeImageProcessor`` resizes arrays (img2img) and not resized (inpaint). diffusers'
+   img2img would feed uint8 arrays through ``2x-1`` unscaled and its inpaint path divides floats by
+   127.5 and never resizes arrays. uint8 inpaint arrays of the output size and float img2img arrays
+   match diffusers exactly.
 4. Out-of-range, non-finite, wrongly shaped inputs raise :class:`ImageInputError` here instead of
    failing later inside a network, and sizes must be multiples of the MoVQ scale factor (8 for
    Kandinsky 2.1; diffusers floors or fails).
@@ -48,7 +58,8 @@ class ImageInputError(KandinskyTrtError, ValueError):
 
 
 __all__ = ["ImageInputError", "NonFiniteOutputError", "clip_image_preprocess", "latent_keep_mask", "postprocess",
-           "prepare_img2img_image", "prepare_inpaint_inputs"]  # NonFiniteOutputError: its old home
+           "image_from_array", "load_image_file", "mask_from_array", "prepare_img2img_image",
+           "prepare_inpaint_inputs"]  # NonFiniteOutputError: its old home
 
 
 def _pil(image: Image.Image, name: str) -> Image.Image:
@@ -59,6 +70,47 @@ def _pil(image: Image.Image, name: str) -> Image.Image:
         raise ImageInputError(f"{name}: expected a readable image, found a broken one ({err})") from None
     if image.width < 1 or image.height < 1:
         raise ImageInputError(f"{name}: expected an image of at least 1x1 pixels, found {image.width}x{image.height}")
+    return image
+
+
+IMAGE_FILE_MODES = ("RGB", "L")  # an image, a mask
+
+
+def load_image_file(path, mode: str = "RGB", name: str = "image") -> Image.Image:
+    """The one image-file decoder of the CLI and the client: the file's pixels (read now, not lazily)
+    as ``mode`` (``"RGB"`` for images, ``"L"`` for masks, 255 = repaint)."""
+    if mode not in IMAGE_FILE_MODES:
+        raise ValueError(f"mode: expected one of {IMAGE_FILE_MODES}, found {mode!r}")
+    try:
+        with Image.open(path) as image:
+            image.load()  # a truncated file fails here, not deep in a pipeline
+            return _pil(image.convert(mode), name)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageInputError(f"{name}: expected a readable image file, found {str(path)!r} ({err})") from None
+
+
+def _uint8_array(array, ndim: int, name: str, shape: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != ndim or (ndim == 3 and array.shape[-1] != 3):
+        raise ImageInputError(f"{name}: expected a uint8 {shape} array, found {array.dtype} {array.shape}")
+    _check_not_empty(array, name)
+    return np.ascontiguousarray(array)
+
+
+def image_from_array(array: np.ndarray, name: str = "image") -> Image.Image:
+    """A uint8 ``HxWx3`` array (as ``kandinsky-trt client`` sends an image file) as its RGB PIL image."""
+    return Image.fromarray(_uint8_array(array, 3, name, "HxWx3"), "RGB")
+
+
+def mask_from_array(array: np.ndarray, name: str = "mask") -> Image.Image:
+    """A uint8 ``HxW`` mask (255 = repaint, as the client sends a mask file) as its L PIL image."""
+    return Image.fromarray(_uint8_array(array, 2, name, "HxW"), "L")
+
+
+def _as_pil_if_uint8_rgb(image, name: str):
+    """uint8 ``HxWx3`` arrays become PIL images (the file path's resampling); anything else unchanged."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return image_from_array(image, name)
     return image
 
 
@@ -129,11 +181,12 @@ def prepare_img2img_image(image: Image.Image | np.ndarray, height: int, width: i
 
     ``scale_factor`` is the MoVQ's (diffusers' ``vae_scale_factor``, 8 for Kandinsky 2.1).
 
-    PIL: bicubic resize (``reducing_gap=1``) to ``width x height``, RGB, ``/255``, ``2x-1``.
-    numpy HWC (uint8, or float in [0, 1]): nearest resize with torch's rule, then ``2x-1``.
+    PIL, and uint8 HxWx3 arrays: bicubic resize (``reducing_gap=1``) to ``width x height``, RGB,
+    ``/255``, ``2x-1``. float HWC arrays in [0, 1]: nearest resize with torch's rule, then ``2x-1``.
     Unlike diffusers, height and width are not swapped (identical for square sizes).
     """
     _check_size(height, width, scale_factor)
+    image = _as_pil_if_uint8_rgb(image, "image")
     if isinstance(image, Image.Image):
         pixels = _resize_pil_rgb(image, height, width).astype(np.float32) / np.float32(255.0)
         chw = pixels.transpose(2, 0, 1)
@@ -146,13 +199,11 @@ def prepare_img2img_image(image: Image.Image | np.ndarray, height: int, width: i
 
 def _inpaint_image(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
     """One inpaint image as float32 [3, H, W] in [-1, 1]."""
+    image = _as_pil_if_uint8_rgb(image, "image")
     if isinstance(image, Image.Image):
         # diffusers: torch.from_numpy(uint8).float() / 127.5 - 1 (true division, same float32 result)
         return _resize_pil_rgb(image, height, width).transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - 1
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
-            _check_not_empty(image, "image")
-            return image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - 1
         return 2.0 * _numpy_image_01(image, "image").transpose(2, 0, 1) - 1.0
     raise ImageInputError(f"image: expected a PIL.Image or an HxWx3 numpy array, found {type(image).__name__}")
 
@@ -190,8 +241,9 @@ def prepare_inpaint_inputs(
     """Inpaint image and keep-mask: ``(float32 [n,3,H,W] in [-1,1], float32 [n,1,H,W] with 1 = keep)``.
 
     The user mask marks the region to repaint with white / 1 (diffusers >= 0.19 convention); it is
-    binarised at 0.5 and inverted, as diffusers does. PIL images are resized bicubic
-    (``reducing_gap=1``), PIL masks LANCZOS; numpy inputs are not resized and must already be
+    binarised at 0.5 and inverted, as diffusers does. PIL images and uint8 HxWx3 arrays are resized
+    bicubic (``reducing_gap=1``), PIL masks LANCZOS (a served uint8 mask arrives as a PIL image:
+    :func:`mask_from_array`); float images and numpy masks are not resized and must already be
     ``height x width``. Lists give a batch (one mask per image). ``scale_factor`` is the MoVQ's
     (8 for Kandinsky 2.1): sizes must be multiples of it.
     """
@@ -206,7 +258,7 @@ def prepare_inpaint_inputs(
     repaint = np.stack([_inpaint_repaint_mask(m, height, width) for m in masks])[:, None]
     if pixels.shape[-2:] != (height, width) or repaint.shape[-2:] != (height, width):
         raise ImageInputError(
-            f"image/mask: expected {height}x{width} (numpy inputs are not resized), "
+            f"image/mask: expected {height}x{width} (float images and numpy masks are not resized), "
             f"found image {pixels.shape[-2]}x{pixels.shape[-1]} and mask {repaint.shape[-2]}x{repaint.shape[-1]}"
         )
     return pixels.astype(np.float32, copy=False), (1.0 - repaint).astype(np.float32)

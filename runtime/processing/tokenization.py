@@ -13,6 +13,14 @@ room for the special tokens the post-processor adds, so the end-of-sequence toke
 right-side padding to ``max_length`` with the pad id reproduces their ``input_ids`` and
 ``attention_mask``. Padding and truncation stored inside ``tokenizer.json`` are ignored on purpose:
 they are reset and enabled here with explicit values.
+
+Prompt size (issue 18 §1.2): a prompt over :data:`MAX_PROMPT_BYTES` of UTF-8 is refused before any
+work (a 5 MB prompt used to take 24 s and 1.3 GB inside ``tokenizers``). Below the cap, a long
+prompt is cut to a head that already fills the 77 tokens (:meth:`TextTokenizer._head`), which
+gives the ids of the whole prompt, since truncation keeps only the first tokens. The head ends
+just before a space, a boundary every pre-tokenizer of the two Kandinsky tokenizers splits at
+(CLIP's regex split, XLM-R's whitespace split): the words before it tokenize as they do in the
+whole prompt. A tokenizer of another layout (:func:`_cuts_at_spaces`) is tokenized whole.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,18 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 DEFAULT_MAX_LENGTH = 77  # both Kandinsky 2.1 text encoders
+# Largest prompt accepted, in bytes of UTF-8: ~100x what 77 tokens can hold, tokenized in < 0.5 s.
+MAX_PROMPT_BYTES = 64 * 1024
+HEAD_CHARS = 512  # first head tried for a long prompt; grown x4 until it fills max_length tokens
+# CLIP's pre-tokenizer regex: none of its alternatives matches a space.
+CLIP_SPLIT_PATTERN = ("<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]"
+                      "|[^\\s\\p{L}\\p{N}]+")
+# Pre-tokenizers that only split (never join pieces), and those that always split at a space.
+_SPLITTERS = {"Sequence", "WhitespaceSplit", "Whitespace", "BertPreTokenizer", "Metaspace", "Split", "ByteLevel",
+              "Digits", "Punctuation"}
+# Normalizers that act per character (or collapse whitespace into one space).
+_PER_CHARACTER = {"Sequence", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Precompiled", "Strip", "StripAccents",
+                  "BertNormalizer", "Replace"}
 
 
 class TokenizerFileError(KandinskyTrtError, ValueError):
@@ -47,6 +67,50 @@ def _load_backend(path: Path) -> Tokenizer:
         raise TokenizerFileError(
             f"tokenizer file {path}: expected a valid tokenizers JSON file, failed to parse it ({exc})"
         ) from exc
+
+
+def check_prompt_size(text: str, name: str = "prompt") -> str:
+    """``text`` unchanged, or :class:`PipelineInputError` if over :data:`MAX_PROMPT_BYTES` of UTF-8."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        raise PipelineInputError(f"{name}: expected at most {MAX_PROMPT_BYTES} bytes of UTF-8, found {size}")
+    return text
+
+
+def _space_boundary(node: dict | None) -> bool:
+    """Whether a pre-tokenizer (JSON) always puts a piece boundary at a space and only ever splits."""
+    if not isinstance(node, dict) or node.get("type") not in _SPLITTERS:
+        return False
+    kind = node["type"]
+    if kind == "Sequence":
+        children = node.get("pretokenizers", [])
+        return all(c.get("type") in _SPLITTERS for c in children) and any(_space_boundary(c) for c in children)
+    if kind == "Metaspace":
+        return node.get("split", True) is True
+    if kind == "ByteLevel":
+        return node.get("use_regex", True) is True
+    if kind == "Split":
+        return node.get("pattern") == {"Regex": CLIP_SPLIT_PATTERN} and node.get("invert") is True
+    return kind in ("WhitespaceSplit", "Whitespace", "BertPreTokenizer")
+
+
+def _per_character(node: dict | None) -> bool:
+    if node is None:
+        return True
+    if not isinstance(node, dict) or node.get("type") not in _PER_CHARACTER:
+        return False
+    if node["type"] == "Sequence":
+        return all(_per_character(c) for c in node.get("normalizers", []))
+    return node["type"] != "Replace" or node.get("content") == " "
+
+
+def _cuts_at_spaces(backend: Tokenizer) -> bool:
+    """Whether a prompt's head ending before a space tokenizes as the same words of the whole prompt:
+    the pre-tokenizer splits at every space, the normalizer works per character and no added token
+    holds a space (added tokens are matched before either)."""
+    config = json.loads(backend.to_str())
+    spaced = any(" " in t.get("content", "") for t in config.get("added_tokens", []))
+    return not spaced and _space_boundary(config.get("pre_tokenizer")) and _per_character(config.get("normalizer"))
 
 
 def _token_content(value: Any) -> str | None:
@@ -90,6 +154,7 @@ class TextTokenizer:
             raise ValueError(f"max_length: expected an integer >= 2, found {max_length!r}")
         self.max_length = max_length
         self._backend = _load_backend(self.path)
+        self._heads = _cuts_at_spaces(self._backend)
         self.pad_token, self.pad_id = self._resolve_pad(pad_token, pad_id)
         # Whatever tokenizer.json stored is discarded: the settings below are the pipelines' own.
         self._backend.no_padding()
@@ -171,7 +236,8 @@ class TextTokenizer:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts[{i}]: expected str, found {type(prompt).__name__}")
-        encodings = self._backend.encode_batch(list(prompts), add_special_tokens=True)
+            check_prompt_size(prompt, "prompt" if len(prompts) == 1 else f"prompts[{i}]")
+        encodings = self._backend.encode_batch([self._head(p) for p in prompts], add_special_tokens=True)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         if ids.shape != (len(prompts), self.max_length):
@@ -179,6 +245,19 @@ class TextTokenizer:
                 f"tokenizer {self.path}: expected [{len(prompts)}, {self.max_length}] ids, found {ids.shape}"
             )
         return ids, mask
+
+    def _head(self, prompt: str) -> str:
+        """The shortest head of ``prompt`` tried that ends before a space and fills ``max_length``
+        tokens (truncation then gives the whole prompt's ids), else ``prompt`` itself."""
+        length = HEAD_CHARS
+        while self._heads and length < len(prompt):
+            cut = prompt.find(" ", length)
+            if cut < 0:
+                break
+            if sum(self._backend.encode(prompt[:cut], add_special_tokens=True).attention_mask) == self.max_length:
+                return prompt[:cut]
+            length = cut * 4
+        return prompt
 
     def __repr__(self) -> str:
         return (

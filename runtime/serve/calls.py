@@ -2,8 +2,11 @@
 
 Each task maps onto the pipeline a Python user would call with the same arguments
 (``generator=seed``); arguments a request leaves out are left out of the call, so the pipelines'
-own defaults apply (height and width default to the artifacts' size, as in the CLI). Images come
-back as the pipelines' PIL images turned into uint8 arrays, so they match the Python API exactly.
+own defaults apply (height and width default to the artifacts' size, as in the CLI). The uint8
+image and mask a request carries become the PIL images the client read them from
+(``processing.images``: the one decoder of the CLI, the client and the server), so an image of
+another size is resized exactly as ``kandinsky-trt generate`` resizes the file. Images come back
+as the pipelines' PIL images turned into uint8 arrays, so they match the Python API exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from kandinsky_trt.runtime.pipelines.combined import (
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
 from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
+from kandinsky_trt.runtime.processing.images import image_from_array, mask_from_array
 from kandinsky_trt.runtime.serve.requests import Item
 
 INTERPOLATE_IMAGE_WEIGHT = 0.5  # interpolate: the image's weight when ``strength`` is not sent
@@ -33,9 +37,15 @@ def _sent(item: Item, names: dict[str, str]) -> dict:
     return {arg: getattr(item, field) for field, arg in names.items() if getattr(item, field) is not None}
 
 
-def mask_array(mask: np.ndarray) -> np.ndarray:
-    """The contract's uint8 mask (255 = repaint) as the pipelines' [0, 1] mask."""
-    return mask.astype(np.float32) / np.float32(255.0)
+def served_image(image: np.ndarray):
+    """The contract's uint8 HxWx3 image as the RGB PIL image the client read from its file."""
+    return image_from_array(image)
+
+
+def mask_array(mask: np.ndarray):
+    """The contract's uint8 mask (255 = repaint) as the L PIL image the client read from its file
+    (resized LANCZOS by the pipelines, as the CLI's mask file is)."""
+    return mask_from_array(mask)
 
 
 @dataclass
@@ -86,9 +96,9 @@ def run_item(pipelines: Pipelines, item: Item) -> dict[str, np.ndarray]:
     if item.task == "interpolate":
         return run_interpolate(pipelines, item)
     pipe = pipelines.combined[item.task]
-    images = () if item.task == "text2img" else (item.image,)
+    images = () if item.task == "text2img" else (served_image(item.image),)
     if item.task == "inpaint":
-        images = (item.image, mask_array(item.mask))
+        images = (served_image(item.image), mask_array(item.mask))
     out = pipe(item.prompt, *images, generator=item.seed, output_type="pil", **kwargs)
     return image_outputs(out.images)
 
@@ -96,12 +106,10 @@ def run_item(pipelines: Pipelines, item: Item) -> dict[str, np.ndarray]:
 def run_interpolate(pipelines: Pipelines, item: Item) -> dict[str, np.ndarray]:
     """``kandinsky-trt interpolate`` with one text and one image condition: the prior's
     ``interpolate`` (weights 1 - strength and strength), then the text-to-image decoder on ``""``."""
-    from PIL import Image
-
     weight = INTERPOLATE_IMAGE_WEIGHT if item.strength is None else item.strength
     prior_args = _sent(item, {"num_images": "num_images_per_prompt", "prior_steps": "num_inference_steps",
                               "negative_prompt": "negative_prior_prompt"})
-    mix = pipelines.prior.interpolate([item.prompt, Image.fromarray(item.image, "RGB")], [1.0 - weight, weight],
+    mix = pipelines.prior.interpolate([item.prompt, served_image(item.image)], [1.0 - weight, weight],
                                       generator=item.seed, **prior_args)
     profile = pipelines.components.profile
     decoder_args = {"height": profile.height, "width": profile.width,

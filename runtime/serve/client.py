@@ -39,6 +39,17 @@ def item_arrays(fields: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
+def read_image(path, mode: str) -> np.ndarray:
+    """An image file as the uint8 array sent (``mode`` ``"RGB"``: HxWx3; ``"L"``: an HxW mask), decoded
+    by the CLI's own decoder (``processing.images.load_image_file``)."""
+    from kandinsky_trt.runtime.processing.images import load_image_file
+
+    try:
+        return np.asarray(load_image_file(path, mode, str(path)))
+    except KandinskyTrtError as err:
+        raise ClientError(str(err)) from None
+
+
 def _module(protocol: str):
     if protocol == "http":
         import tritonclient.http as module

@@ -101,17 +101,9 @@ def _serve_until_stopped(config, artifacts: Path, stop: threading.Event) -> int:
 
 
 def _read_image(path: str | None, mode: str):
-    if path is None:
-        return None
-    import numpy as np
-    from PIL import Image
+    from kandinsky_trt.runtime.serve.client import read_image
 
-    from kandinsky_trt.runtime.serve.client import ClientError
-
-    try:
-        return np.asarray(Image.open(path).convert(mode))
-    except OSError as err:
-        raise ClientError(f"{path}: expected a readable image file ({err})") from None
+    return None if path is None else read_image(path, mode)
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

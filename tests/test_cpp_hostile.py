@@ -279,6 +279,12 @@ def test_recording_errors_name_the_recording_field(case, edit, fragment):
     assert_refused(case.run(), fragment)
 
 
+def test_control_characters_in_names_keep_the_error_one_line(case):
+    rec = case.manifest["files"].pop("tokenizer.json")
+    case.manifest["files"]["evil\nname\r.json"] = dict(rec, size=-5)
+    assert_refused(case.run(lambda m: None), "files.evil?name?.json.size: expected an integer in [0, ")
+
+
 def test_manifest_errors_are_not_blamed_on_the_recording(case):
     done = case.run(lambda m: m["networks"][1]["profiles"][0].update(inputs={"latents": 1}))
     assert_refused(done, "unet_step.profiles[0].inputs: expected an array, found an object")

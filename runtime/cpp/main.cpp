@@ -191,17 +191,26 @@ int run(int argc, char** argv) {
   return ok ? 0 : 1;
 }
 
+// Field names and values in a message come from untrusted JSON: control characters are shown as '?'
+// so an error stays one line.
+std::string one_line(const char* message) {
+  std::string text = message;
+  for (char& c : text)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  return text;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const ContractError& err) {
-    std::fprintf(stderr, "error: %s\n", err.what());
+    std::fprintf(stderr, "error: %s\n", one_line(err.what()).c_str());
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "error: out of memory\n");
   } catch (const std::exception& err) {  // not expected: every input is checked before use
-    std::fprintf(stderr, "error: internal: %s\n", err.what());
+    std::fprintf(stderr, "error: internal: %s\n", one_line(err.what()).c_str());
   }
   return 2;
 }

@@ -53,7 +53,7 @@ void check_relative_name(const std::string& name, const std::string& where) {
 }
 
 Directory::Directory(const std::string& path, const std::string& where) : path_(path) {
-  fd_ = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  fd_ = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_CLOEXEC);
   if (fd_ < 0) throw ContractError(where + ": expected a readable directory " + path + ", found " + std::strerror(errno));
 }
 

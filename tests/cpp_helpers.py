@@ -19,7 +19,7 @@ import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
 
-def build(out: Path, compiler: str, *options: str) -> Path:
+def build(out: Path, compiler: str, *options: str, build_type: str = "RelWithDebInfo") -> Path:
     """Configures and builds runtime/cpp into `out` with `compiler` (skipped without cmake,
     nlohmann-json or the compiler, except in CI, where that fails: .ci/run installs them)."""
     missing = [tool for tool in ("cmake", compiler) if shutil.which(tool) is None]
@@ -31,7 +31,7 @@ def build(out: Path, compiler: str, *options: str) -> Path:
             pytest.fail(message + " (CI installs them in .ci/run)")
         pytest.skip(message)
     env = {**os.environ, "CXX": shutil.which(compiler)}
-    for command in (["cmake", "-S", str(SOURCE), "-B", str(out), "-DCMAKE_BUILD_TYPE=RelWithDebInfo", *options],
+    for command in (["cmake", "-S", str(SOURCE), "-B", str(out), f"-DCMAKE_BUILD_TYPE={build_type}", *options],
                     ["cmake", "--build", str(out), "-j2"]):
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stdout + done.stderr

@@ -79,14 +79,18 @@ RegularFile::RegularFile(const Directory& dir, const std::string& name, const st
     }
     at = fd;
   }
-  fd_ = at;
   struct stat st {};
-  if (fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode))
-    throw ContractError(where + ": expected a regular file " + shown + ", found " + kind_of(st.st_mode));
+  std::string refused;
+  if (fstat(at, &st) != 0 || !S_ISREG(st.st_mode))
+    refused = "a regular file " + shown + ", found " + kind_of(st.st_mode);
+  else if (st.st_size < 0 || st.st_size > max_bytes)
+    refused = "at most " + std::to_string(max_bytes) + " bytes in " + shown + ", found " + std::to_string(st.st_size);
+  if (!refused.empty()) {
+    close(at);  // the destructor does not run for a constructor that throws
+    throw ContractError(where + ": expected " + refused);
+  }
+  fd_ = at;
   size_ = static_cast<int64_t>(st.st_size);
-  if (size_ < 0 || size_ > max_bytes)
-    throw ContractError(where + ": expected at most " + std::to_string(max_bytes) + " bytes in " + shown + ", found " +
-                        std::to_string(size_));
 }
 
 RegularFile::~RegularFile() {

@@ -12,34 +12,26 @@
 //    per step (each from the Python loop's previous latents and x0: this decides) and free-running
 //    (reported: float32 exp differs from ONNX Runtime's in the last ulp, which DDPM's learned
 //    variance carries from step to step).
-// Exit status: 0 reproduced within the tolerance, 1 not, 2 a contract error (one line on stderr).
+// Exit status: 0 reproduced within the tolerance, 1 not (or any NaN/Inf in the replay), 2 a contract
+// error (one line on stderr naming the field). Manifest, recording and every file they name are untrusted
+// (see checked_json.hpp, safe_file.hpp).
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
-#include <iostream>
+#include <cstdlib>
+#include <limits>
+#include <new>
 #include <string>
 
 #include "manifest.hpp"
-#include "sha256.hpp"
+#include "recording.hpp"
+#include "safe_file.hpp"
 #include "step_update.hpp"
 
 namespace {
 
 using ktrt::ContractError;
-
-std::vector<float> read_f32(const std::string& path, size_t count, const std::string& what) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw ContractError(what + ": expected a readable file " + path + ", found none");
-  const auto bytes = static_cast<size_t>(in.tellg());
-  if (bytes != count * sizeof(float))
-    throw ContractError(what + ": expected " + std::to_string(count * sizeof(float)) + " bytes of float32, found " +
-                        std::to_string(bytes));
-  std::vector<float> values(count);
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(bytes));
-  return values;
-}
 
 std::string shape_text(const ktrt::Tensor& t) {
   std::string s = "[";
@@ -48,21 +40,17 @@ std::string shape_text(const ktrt::Tensor& t) {
 }
 
 void verify_files(const ktrt::Manifest& m) {
-  size_t bytes = 0;
-  const auto files = m.files();
-  for (const auto& record : files) {
-    const std::string path = m.path(record.file, "files");
-    std::ifstream in(path, std::ios::binary | std::ios::ate);
-    if (!in) throw ContractError("files: expected " + path + ", found none");
-    const auto size = static_cast<int64_t>(in.tellg());
-    if (record.size >= 0 && size != record.size)
-      throw ContractError("files: " + path + " has " + std::to_string(size) + " bytes, the manifest records " +
-                          std::to_string(record.size));
-    if (ktrt::sha256_file(path) != record.sha256)
-      throw ContractError("files: " + path + " does not match the sha256 in the manifest");
-    bytes += static_cast<size_t>(size);
+  int64_t bytes = 0;
+  for (const auto& record : m.files()) {
+    const ktrt::RegularFile file(m.directory(), record.file, record.where, ktrt::kMaxFileBytes);
+    if (record.size >= 0 && file.size() != record.size)
+      throw ContractError(record.where + ": " + record.file + " has " + std::to_string(file.size()) +
+                          " bytes, the manifest records " + std::to_string(record.size));
+    if (file.sha256() != record.sha256)
+      throw ContractError(record.where + ": " + record.file + " does not match the sha256 in the manifest");
+    bytes += file.size();
   }
-  std::printf("files: %zu named, size and sha256 verified (%zu bytes)\n", files.size(), bytes);
+  std::printf("files: %zu named, size and sha256 verified (%lld bytes)\n", m.files().size(), (long long)bytes);
 }
 
 void print_bindings(const ktrt::Network& n) {
@@ -78,40 +66,58 @@ struct Replay {
   double free_running = 0.0;  // all steps from the C++ state: adds float32 exp's last-ulp drift
 };
 
+// max that keeps NaN (std::max(x, NaN) returns x and would report a NaN replay as a match).
+double max_keep_nan(double a, double b) { return std::isnan(a) || std::isnan(b) ? std::nan("") : std::max(a, b); }
+
+// max |ours - want| / max |want|; NaN if any value on either side is NaN or infinite.
 double relative(const std::vector<float>& ours, const float* want, size_t n) {
   double diff = 0.0, scale = 0.0;
   for (size_t j = 0; j < n; ++j) {
+    if (!std::isfinite(ours[j]) || !std::isfinite(want[j])) return std::nan("");
     diff = std::max(diff, std::fabs(double(ours[j]) - double(want[j])));
     scale = std::max(scale, std::fabs(double(want[j])));
   }
   return scale > 0 ? diff / scale : diff;
 }
 
-Replay replay(const ktrt::Manifest& m, const std::string& dir, const nlohmann::json& rec) {
-  const auto& step_graph = m.network(rec.at("step_graph").get<std::string>());
+std::vector<float> slice(const std::vector<float>& all, size_t i, size_t n) {
+  return std::vector<float>(all.begin() + static_cast<std::ptrdiff_t>(i * n), all.begin() + static_cast<std::ptrdiff_t>((i + 1) * n));
+}
+
+struct Recorded {
+  std::vector<float> start, outputs, noise, expected, expected_x0;
+};
+
+// The recorded float32 files, each a regular file in the recording directory of exactly the size the
+// step graph's shapes and the step count give (overflow-checked before anything is allocated).
+Recorded read_recorded(const ktrt::Directory& dir, const ktrt::Recording& rec, size_t n, const ktrt::StepShapes& shapes) {
+  auto read = [&](const char* key, int64_t per_step, int64_t steps) {
+    const std::string where = std::string("recording.files.") + key;
+    const int64_t count = ktrt::checked_mul(per_step, steps, ktrt::kMaxElements, where);
+    const ktrt::RegularFile file(dir, rec.file(key), where, count * int64_t{sizeof(float)});
+    return file.read_f32(count);
+  };
+  const auto latent = static_cast<int64_t>(shapes.latent_count()), steps = static_cast<int64_t>(n);
+  return {read("latents", latent, 1), read("model_outputs", static_cast<int64_t>(shapes.output_count()), steps),
+          read("noise", latent, steps), read("expected", latent, steps), read("expected_x0", latent, steps)};
+}
+
+Replay replay(const ktrt::Manifest& m, const ktrt::Directory& dir, const ktrt::Recording& rec) {
+  const auto& step_graph = m.network(rec.step_graph);
   const auto shapes = ktrt::StepShapes::of(step_graph, m.profile.cfg);
-  const auto table = m.table(rec.at("scheduler").get<std::string>(), rec.at("num_inference_steps").get<int64_t>());
+  const auto table = m.table(rec.scheduler, rec.steps);
   const size_t n = table.rows.size(), latent = shapes.latent_count(), output = shapes.output_count();
-  const auto& files = rec.at("files");
-  auto file = [&](const char* key) { return dir + "/" + files.at(key).get<std::string>(); };
-  const auto start = read_f32(file("latents"), latent, "latents");
-  const auto outputs = read_f32(file("model_outputs"), n * output, "model_outputs");
-  const auto noise = read_f32(file("noise"), n * latent, "noise");
-  const auto expected = read_f32(file("expected"), n * latent, "expected");
-  const auto expected_x0 = read_f32(file("expected_x0"), n * latent, "expected_x0");
-  const float guidance = rec.at("guidance_scale").get<float>();
-  ktrt::StepState free{start, std::vector<float>(latent, 0.0f)};
+  const Recorded r = read_recorded(dir, rec, n, shapes);
+  ktrt::StepState free{r.start, std::vector<float>(latent, 0.0f)};
   Replay result{n, 0.0, 0.0};
   for (size_t i = 0; i < n; ++i) {
-    const std::vector<float> out(outputs.begin() + i * output, outputs.begin() + (i + 1) * output);
-    const std::vector<float> eta(noise.begin() + i * latent, noise.begin() + (i + 1) * latent);
-    ktrt::StepState forced = i == 0 ? ktrt::StepState{start, std::vector<float>(latent, 0.0f)}
-        : ktrt::StepState{std::vector<float>(expected.begin() + (i - 1) * latent, expected.begin() + i * latent),
-                          std::vector<float>(expected_x0.begin() + (i - 1) * latent, expected_x0.begin() + i * latent)};
-    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, forced);
-    ktrt::step_update(table.rows[i], shapes, guidance, out, eta, free);
-    result.per_step = std::max(result.per_step, relative(forced.latents, &expected[i * latent], latent));
-    result.free_running = std::max(result.free_running, relative(free.latents, &expected[i * latent], latent));
+    const std::vector<float> out = slice(r.outputs, i, output), eta = slice(r.noise, i, latent);
+    ktrt::StepState forced = i == 0 ? ktrt::StepState{r.start, std::vector<float>(latent, 0.0f)}
+                                    : ktrt::StepState{slice(r.expected, i - 1, latent), slice(r.expected_x0, i - 1, latent)};
+    ktrt::step_update(table.rows[i], shapes, rec.guidance_scale, out, eta, forced);
+    ktrt::step_update(table.rows[i], shapes, rec.guidance_scale, out, eta, free);
+    result.per_step = max_keep_nan(result.per_step, relative(forced.latents, &r.expected[i * latent], latent));
+    result.free_running = max_keep_nan(result.free_running, relative(free.latents, &r.expected[i * latent], latent));
   }
   return result;
 }
@@ -122,6 +128,23 @@ struct Args {
   double tolerance = 1e-6;
 };
 
+int64_t positive_int(const std::string& text, const std::string& where) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end != '\0' || errno != 0 || v < 1 || v > ktrt::kMaxImageSide)
+    throw ContractError(where + ": expected an integer in [1, " + std::to_string(ktrt::kMaxImageSide) + "], found '" + text + "'");
+  return v;
+}
+
+double tolerance_of(const std::string& text) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || !std::isfinite(v) || v < 0)
+    throw ContractError("--tolerance: expected a finite number >= 0, found '" + text + "'");
+  return v;
+}
+
 Args parse_args(int argc, char** argv) {
   const std::string usage = "usage: ktrt_host_contract ARTIFACTS RECORDING [--size WIDTHxHEIGHT] [--batch N] "
                             "[--tolerance 1e-6]";
@@ -130,12 +153,12 @@ Args parse_args(int argc, char** argv) {
   for (int i = 3; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--tolerance") {
-      args.tolerance = std::stod(value);
+      args.tolerance = tolerance_of(value);
     } else if (flag == "--batch") {
-      args.choice.batch = std::stoll(value);
+      args.choice.batch = positive_int(value, "--batch");
     } else if (flag == "--size" && value.find('x') != std::string::npos) {
-      args.choice.width = std::stoll(value.substr(0, value.find('x')));
-      args.choice.height = std::stoll(value.substr(value.find('x') + 1));
+      args.choice.width = positive_int(value.substr(0, value.find('x')), "--size width");
+      args.choice.height = positive_int(value.substr(value.find('x') + 1), "--size height");
     } else {
       throw ContractError(usage + " (found " + flag + " " + value + ")");
     }
@@ -145,27 +168,36 @@ Args parse_args(int argc, char** argv) {
 
 int run(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
-  const double tolerance = args.tolerance;
-  const std::string& recording = args.recording;
   const auto m = ktrt::Manifest::load(args.artifacts, args.choice);
   std::printf("manifest: schema %lld, %s, %zu profile(s), serving profile %zu: batch %lld %lldx%lld cfg %s\n",
               (long long)m.schema_version, m.precision.c_str(), m.profiles.size(), m.profile_index,
               (long long)m.profile.batch, (long long)m.profile.width, (long long)m.profile.height,
               m.profile.cfg ? "on" : "off");
   verify_files(m);
-  std::ifstream rec_in(recording + "/recording.json");
-  if (!rec_in) throw ContractError("recording: expected " + recording + "/recording.json, found none");
-  const auto rec = nlohmann::json::parse(rec_in);
-  print_bindings(m.network(rec.at("network").get<std::string>()));
-  print_bindings(m.network(rec.at("step_graph").get<std::string>()));
+  const ktrt::Directory dir(args.recording, "recording");
+  const ktrt::RegularFile rec_file(dir, "recording.json", "recording", ktrt::kMaxRecordingJsonBytes);
+  const auto rec = ktrt::Recording::parse(rec_file.read_all());
+  print_bindings(m.network(rec.network));
+  print_bindings(m.network(rec.step_graph));
   for (const auto& c : m.constants)
     std::printf("  constant %-18s %zu float32 values\n", c.name.c_str(), m.constant(c.name).size());
-  const Replay r = replay(m, recording, rec);
-  const bool ok = r.per_step <= tolerance;
+  const Replay r = replay(m, dir, rec);
+  const bool finite = std::isfinite(r.per_step) && std::isfinite(r.free_running);
+  const bool ok = finite && r.per_step <= args.tolerance;
   std::printf("free-running over all steps: max relative difference %.3e\n", r.free_running);
+  if (!finite) std::printf("non-finite values (NaN or Inf) in the replay or the recording: a failure\n");
   std::printf("replayed %zu steps of %s: max relative difference to the Python loop per step %.3e (tolerance %.0e) %s\n",
-              r.steps, rec.at("step_graph").get<std::string>().c_str(), r.per_step, tolerance, ok ? "ok" : "FAIL");
+              r.steps, rec.step_graph.c_str(), r.per_step, args.tolerance, ok ? "ok" : "FAIL");
   return ok ? 0 : 1;
+}
+
+// Field names and values in a message come from untrusted JSON: control characters are shown as '?'
+// so an error stays one line.
+std::string one_line(const char* message) {
+  std::string text = message;
+  for (char& c : text)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  return text;
 }
 
 }  // namespace
@@ -174,11 +206,11 @@ int main(int argc, char** argv) {
   try {
     return run(argc, argv);
   } catch (const ContractError& err) {
-    std::fprintf(stderr, "error: %s\n", err.what());
-  } catch (const nlohmann::json::exception& err) {
-    std::fprintf(stderr, "error: recording: expected the documented JSON fields (%s)\n", err.what());
-  } catch (const std::exception& err) {
-    std::fprintf(stderr, "error: %s\n", err.what());
+    std::fprintf(stderr, "error: %s\n", one_line(err.what()).c_str());
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
+  } catch (const std::exception& err) {  // not expected: every input is checked before use
+    std::fprintf(stderr, "error: internal: %s\n", one_line(err.what()).c_str());
   }
   return 2;
 }

@@ -1,32 +1,36 @@
 // manifest.json as a C++ host reads it: schema version, the profiles and the one it picks, each
-// network's ordered I/O at that profile, files and their sha256, constants, scheduler coefficient tables. Every problem is a ContractError whose
-// message names the manifest field, what was expected and what was found.
+// network's ordered I/O at that profile, files and their sha256, constants, scheduler coefficient
+// tables. The manifest is untrusted: every field is read with its expected JSON type and range
+// (checked_json.hpp), every file it names is opened as a regular file inside the directory
+// (safe_file.hpp). Every problem is a ContractError whose message names the manifest field, what
+// was expected and what was found.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <map>
-#include <stdexcept>
+#include <memory>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include "checked_json.hpp"
+#include "safe_file.hpp"
 
 namespace ktrt {
-
-struct ContractError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 // The step graphs' coefficient columns, in order (runtime/contract/spec.py COEFFICIENT_COLUMNS).
 constexpr std::array<const char*, 12> kColumns = {"p", "q", "clip_min", "clip_max", "u", "v", "w", "r",
                                                   "s", "learned", "log_var_min", "log_var_max"};
 using Row = std::array<float, kColumns.size()>;
 
+constexpr int64_t kMaxManifestBytes = int64_t{64} << 20;
+constexpr int64_t kMaxFileBytes = int64_t{1} << 50;  // a recorded file size (external data can be GBs)
+constexpr int64_t kMaxBatch = 1 << 16, kMaxImageSide = 1 << 20, kMaxSteps = 100000;
+
 struct Tensor {
   std::string name, dtype;
-  std::vector<int64_t> shape;
-  size_t count() const;  // number of elements
+  std::vector<int64_t> shape;  // dims in [1, kMaxDim], element count <= kMaxElements (checked)
+  int64_t count() const;       // number of elements
 };
 
 struct Network {
@@ -53,8 +57,8 @@ struct Constant {
 };
 
 struct FileRecord {
-  std::string file, sha256;
-  int64_t size = -1;
+  std::string file, sha256, where;  // where: the manifest field that records it
+  int64_t size = -1;                // -1 = not recorded (engine plans)
 };
 
 struct SchedulerTable {
@@ -63,12 +67,15 @@ struct SchedulerTable {
   float init_noise_sigma = 1.0f;
   std::vector<int64_t> timesteps;
   std::vector<bool> stochastic;
-  std::vector<Row> rows;
+  std::vector<Row> rows;  // every value finite in float32
 };
 
 class Manifest {
  public:
+  // Reads ARTIFACTS/manifest.json (a regular file of at most kMaxManifestBytes) and parses it.
   static Manifest load(const std::string& artifacts_dir, const ProfileChoice& choice = {});
+  // Parses manifest text without touching any file (the fuzz target's entry point).
+  static Manifest parse(const std::string& text, const ProfileChoice& choice = {});
 
   int64_t schema_version = 0;
   std::string precision;
@@ -80,16 +87,17 @@ class Manifest {
 
   const Network& network(const std::string& name) const;
   SchedulerTable table(const std::string& scheduler, int64_t steps) const;
-  // The constant's float32 values; its byte size and sha256 are checked against the manifest.
+  // The constant's float32 values; its byte size, sha256 and finiteness are checked.
   std::vector<float> constant(const std::string& name) const;
   // Every file the manifest names: the `files` records (graphs, external data, constants,
   // tokenizers: size + sha256) and the engine plans (sha256; size -1 = not recorded).
-  std::vector<FileRecord> files() const;
-  std::string path(const std::string& file, const std::string& field) const;
+  const std::vector<FileRecord>& files() const { return files_; }
+  const Directory& directory() const;
 
  private:
-  std::string dir_;
-  nlohmann::json json_;
+  std::shared_ptr<Directory> dir_;
+  Json json_;
+  std::vector<FileRecord> files_;
 };
 
 }  // namespace ktrt

@@ -1,10 +1,13 @@
 // SHA-256 written from FIPS 180-4 (section 6.2): 64-byte blocks, 64 rounds, big-endian words.
 #include "sha256.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <stdexcept>
 #include <vector>
 
@@ -87,14 +90,17 @@ class Sha256 {
 
 }  // namespace
 
-std::string sha256_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot be opened");
+std::string sha256_fd(int fd, int64_t size) {
   Sha256 hash;
   std::vector<unsigned char> buffer(1 << 20);
-  while (in) {
-    in.read(reinterpret_cast<char*>(buffer.data()), static_cast<std::streamsize>(buffer.size()));
-    hash.update(buffer.data(), static_cast<size_t>(in.gcount()));
+  int64_t done = 0;
+  while (done < size) {
+    const size_t want = static_cast<size_t>(std::min<int64_t>(size - done, static_cast<int64_t>(buffer.size())));
+    const ssize_t n = pread(fd, buffer.data(), want, done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw std::runtime_error("sha256: the file became shorter while it was read");
+    hash.update(buffer.data(), static_cast<size_t>(n));
+    done += n;
   }
   return hash.hex_digest();
 }

@@ -19,23 +19,39 @@ float learned_std(const Row& c, float var) {
 StepShapes StepShapes::of(const Network& step_graph, bool cfg) {
   const Tensor& latents = step_graph.input("latents");
   const Tensor& output = step_graph.input("model_output");
+  const std::string where = step_graph.name + ".inputs.model_output";
+  if (latents.dtype != "float32" || output.dtype != "float32")
+    throw ContractError(step_graph.name + ".inputs: expected float32 latents and model_output, found " + latents.dtype +
+                        " and " + output.dtype);
   if (latents.shape.size() < 2 || output.shape.size() != latents.shape.size())
-    throw ContractError(step_graph.name + ": expected latents and model_output of the same rank >= 2");
+    throw ContractError(where + ": expected the rank of latents (>= 2), found rank " + std::to_string(output.shape.size()) +
+                        " for latents of rank " + std::to_string(latents.shape.size()));
+  // Dims are in [1, 2^31 - 1] (shape_of), so these products cannot overflow int64.
+  const int64_t rows = (cfg ? 2 : 1) * latents.shape[0], channels = latents.shape[1];
+  bool same = output.shape[0] == rows && (output.shape[1] == channels || output.shape[1] == 2 * channels);
+  for (size_t i = 2; i < latents.shape.size(); ++i) same = same && output.shape[i] == latents.shape[i];
+  if (!same)
+    throw ContractError(where + ": expected (" + std::to_string(rows) + ", " + std::to_string(channels) + " or " +
+                        std::to_string(2 * channels) + ", the latents' other dims), found another shape");
   StepShapes s;
   s.batch = static_cast<size_t>(latents.shape[0]);
-  s.channels = static_cast<size_t>(latents.shape[1]);
+  s.channels = static_cast<size_t>(channels);
   s.out_channels = static_cast<size_t>(output.shape[1]);
   s.cfg = cfg;
-  for (size_t i = 2; i < latents.shape.size(); ++i) s.plane *= static_cast<size_t>(latents.shape[i]);
-  if (static_cast<size_t>(output.shape[0]) != (cfg ? 2 : 1) * s.batch || s.out_channels < s.channels)
-    throw ContractError(step_graph.name + ".model_output: expected (" + std::to_string((cfg ? 2 : 1) * s.batch) +
-                        ", >= " + std::to_string(s.channels) + ", ...), found another shape");
+  s.latents = static_cast<size_t>(latents.count());
+  s.outputs = static_cast<size_t>(output.count());
+  s.plane = s.latents / (s.batch * s.channels);
   return s;
 }
 
-void step_update(const Row& c, const StepShapes& s, float g, const std::vector<float>& out,
+void step_update(const Row& c, const StepShapes& s, float g, const std::vector<float>& model_output,
                  const std::vector<float>& noise, StepState& state) {
-  const bool has_var = s.out_channels > s.channels;
+  if (model_output.size() != s.outputs || noise.size() != s.latents || state.latents.size() != s.latents ||
+      state.x0_prev.size() != s.latents)
+    throw ContractError("step_update: expected buffers of " + std::to_string(s.outputs) + " model outputs and " +
+                        std::to_string(s.latents) + " latents, found buffers of other sizes");
+  const bool has_var = s.out_channels == 2 * s.channels;
+  const std::vector<float>& out = model_output;
   std::vector<float> next(state.latents.size()), x0(state.latents.size());
   for (size_t b = 0; b < s.batch; ++b) {
     const size_t cond_row = s.cfg ? s.batch + b : b;  // model_output is [uncond; cond] with guidance

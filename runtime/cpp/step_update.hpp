@@ -12,21 +12,24 @@
 
 namespace ktrt {
 
-// Shapes of one step graph, read from its manifest I/O: latents (batch, channels, ...rest) and
-// model_output (batch or 2 * batch with guidance, out_channels, ...rest).
+// Shapes of one step graph, read from its manifest I/O and checked against each other before any
+// indexing: latents (batch, channels, ...rest) and model_output ((2 *) batch, channels or
+// 2 * channels (learned variance), ...rest).
 struct StepShapes {
   size_t batch = 0, channels = 0, out_channels = 0, plane = 1;  // plane = product of the rest
   bool cfg = true;
+  size_t latents = 0, outputs = 0;  // element counts (overflow-checked)
   static StepShapes of(const Network& step_graph, bool cfg);
-  size_t latent_count() const { return batch * channels * plane; }
-  size_t output_count() const { return (cfg ? 2 : 1) * batch * out_channels * plane; }
+  size_t latent_count() const { return latents; }
+  size_t output_count() const { return outputs; }
 };
 
 struct StepState {
   std::vector<float> latents, x0_prev;  // x and the previous x0 (zeros before the first step)
 };
 
-// Advances `state` by one step; `noise` is all zeros on deterministic steps.
+// Advances `state` by one step; `noise` is all zeros on deterministic steps. Every buffer's size is
+// checked against `shapes` first (ContractError otherwise).
 void step_update(const Row& row, const StepShapes& shapes, float guidance_scale, const std::vector<float>& model_output,
                  const std::vector<float>& noise, StepState& state);
 

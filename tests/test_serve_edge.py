@@ -191,6 +191,45 @@ def test_abandoned_grpc_requests_stop_at_a_step_and_count_as_cancelled(server, s
     assert cancelled >= 1
 
 
+def _http_give_up(server, fields: dict, after_s: float) -> None:
+    """An HTTP client that sends a request and closes its connection after ``after_s`` seconds."""
+    from tritonclient.http import InferenceServerClient
+
+    body, json_size = InferenceServerClient.generate_request_body(build_inputs("http", item_arrays(fields)))
+    headers = {"Content-Type": "application/octet-stream", "kandinsky-cancel-token": "0" * 32}
+    if json_size is not None:
+        headers["Inference-Header-Content-Length"] = str(json_size)
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=after_s)
+    conn.request("POST", "/v2/models/kandinsky/infer", body=body, headers=headers)
+    with pytest.raises(OSError):  # socket.timeout: the client gives up
+        conn.getresponse()
+    conn.close()
+
+
+def test_abandoned_http_requests_stop_at_a_step_and_count_as_cancelled(server, size):
+    """Triton 2.51 does not notice an HTTP client that disconnects; the front does and marks the
+    request's token: the model stops it at the next step, and the next request is not delayed."""
+    height, width = size
+    long = {**task_fields("text2img", 11, height, width), "num_inference_steps": 400}
+    full_s, result = _timed(lambda: _raw_infer(server, "http", long))
+    assert not isinstance(result, Exception), result
+    before = _counter(server)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: _http_give_up(server, long, 0.5), range(3)))
+    gave_up = time.monotonic()
+    while _counter(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() - gave_up < 30:
+        time.sleep(0.05)
+    stopped_s = time.monotonic() - gave_up
+    next_s, result = _timed(lambda: _raw_infer(server, "http", task_fields("prior", 12, height, width)))
+    assert not isinstance(result, Exception), result
+    cancelled = _counter(server)["cancelled"] - before["cancelled"]
+    print(f"\nHTTP: full run {full_s:.2f} s; 3 clients gave up after 0.5 s: first counted cancelled "
+          f"{stopped_s:.2f} s after they closed; next request {next_s:.2f} s; counted cancelled: {cancelled:.0f}")
+    assert cancelled >= 1 and stopped_s < full_s / 2, (full_s, stopped_s)
+    assert next_s < full_s / 2, (full_s, next_s)
+    assert not list(server.cancel_dir().iterdir())  # every mark removed once its request ended
+
+
 def test_a_request_queued_past_its_timeout_is_refused_without_running(server, size):
     """HTTP does not report a client that disconnects (Triton 2.51); a queue timeout bounds the wait."""
     height, width = size

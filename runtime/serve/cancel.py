@@ -13,10 +13,11 @@ Two signals say a client has gone:
   mark lives exactly as long as its request (and at most :data:`MARK_MAX_AGE_S`).
 
 The executor runs each call inside :func:`cancel_scope` with a check saying whether every request
-the call serves is cancelled; :func:`watch_steps` makes the :class:`Components` call that check
-before each denoising loop (prior and decoder) and after each of its steps (the loops' ``should_stop``
-hook: no latents are fetched for it), and raise :class:`RequestCancelled`. The loops release their
-state on any exception.
+the call serves is cancelled, and sets :attr:`Components.should_stop` to :func:`requested` (that
+check, on the calling thread): the components check it before each denoising loop (prior and
+decoder), the loops after each step (their ``should_stop`` hook: no latents are fetched for it, so
+a device loop pays no extra host sync), and stop with ``LoopStopped``, which the executor answers as
+:class:`RequestCancelled`. The loops release their state and stay reusable.
 """
 
 from __future__ import annotations
@@ -55,33 +56,10 @@ def cancel_scope(cancelled: Callable[[], bool] | None):
         _scope.cancelled = previous
 
 
-def check() -> None:
+def requested() -> bool:
+    """Whether the calling thread's scope says its clients have all gone (False outside a scope)."""
     cancelled = getattr(_scope, "cancelled", None)
-    if cancelled is not None and cancelled():
-        raise RequestCancelled()
-
-
-def watch_steps(components) -> None:
-    """Make ``components.denoise`` check :func:`check` before the loop and at every step (once per
-    :class:`Components`: several executors may share one)."""
-    if getattr(components.denoise, "watches_cancellation", False):
-        return
-    denoise = components.denoise
-
-    def checked_denoise(spec, table, inputs, callback=None):
-        if getattr(_scope, "cancelled", None) is None:
-            return denoise(spec, table, inputs, callback)
-        check()
-
-        def step(i, t, latents):
-            check()
-            if callback is not None:
-                callback(i, t, latents)
-
-        return denoise(spec, table, inputs, step)
-
-    checked_denoise.watches_cancellation = True
-    components.denoise = checked_denoise
+    return cancelled is not None and bool(cancelled())
 
 
 def new_token() -> str:

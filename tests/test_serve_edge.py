@@ -30,13 +30,14 @@ pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritoncl
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 QUEUE = 4  # --max-queue-size of the module's server (the abandoned-requests test sends 3 at once)
+CONNECTIONS = 8  # --max-connections of the module's server
 LIMIT = DEFAULT_MAX_REQUEST_BYTES
 NOT_READY_WITHIN_S = 3.0  # the watchdog polls every 0.5 s; the unload is immediate
 
 
 @pytest.fixture(scope="module")
 def server(artifacts_fp32_b2_wide):
-    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE))
+    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE), "--max-connections", str(CONNECTIONS))
     try:
         cli.wait_ready()
         yield cli
@@ -100,6 +101,27 @@ def test_http_body_one_byte_over_the_bound_is_refused_and_at_the_bound_served(se
     status, body = _post(server, "/v2/logging", b"{}", {"Transfer-Encoding": "chunked"})
     assert status == 411 and b"expected a Content-Length" in body
     assert is_ready(server.config)
+
+
+def test_http_connections_beyond_the_bound_get_503_and_the_server_stays_up(server):
+    """Slow clients that hold connections open cannot take the front's memory: one more than
+    --max-connections is answered 503 at once; once they go, requests are served again."""
+    import socket
+
+    held = [socket.create_connection(("127.0.0.1", server.ports["http"]), timeout=10) for _ in range(CONNECTIONS)]
+    try:
+        for s in held:
+            s.sendall(b"POST /v2/models/kandinsky/infer HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        time.sleep(0.2)
+        status, body = _post(server, "/v2/health/ready", b"")
+        assert status == 503 and f"expected at most {CONNECTIONS} open at once".encode() in body
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while not is_ready(server.config) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert is_ready(server.config) and server.process.poll() is None
 
 
 def test_grpc_request_over_the_bound_is_refused_by_the_model(server):

@@ -206,7 +206,7 @@ class HttpFront:
             return await asyncio.wait_for(reader.readexactly(length), self.config.body_timeout_s)
         except asyncio.TimeoutError:
             raise Refusal("408 Request Timeout", f"request body: expected {length} bytes within "
-                                                 f"{self.config.body_timeout_s:.0f} s, found them slower") from None
+                                                 f"{self.config.body_timeout_s:g} s, found them slower") from None
 
     def _budget(self, length: int, expect: bool) -> "_Budget":
         if self._buffered + length > self.config.max_buffered_bytes:

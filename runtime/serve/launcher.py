@@ -248,8 +248,11 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (Triton unloads models and exits), then SIGKILL its group if it has not exited in time."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (Triton finishes in-flight requests for up to ``exit_timeout_s``, unloads models and
+        exits), then SIGKILL its group if it has not exited in time (default: exit timeout + 10 s)."""
+        if timeout_s is None:
+            timeout_s = self.config.exit_timeout_s + 10.0
         if self.watchdog is not None:
             self.watchdog.stop()
         process, self.process = self.process, None

@@ -136,13 +136,14 @@ def test_sweep_removes_only_dead_launchers_leftovers(tmp_path, monkeypatch):
                           text=True).stdout.strip()
     live = str(os.getppid())
     for name in (f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-repo-{live}-c",
-                 "kandinsky-repo-old", f"kandinsky-repo-{os.getpid()}-d"):
+                 "kandinsky-repo-old", f"kandinsky-repo-{os.getpid()}-d", f"kandinsky-cancel-{dead}-e"):
         (tmp_path / "tmp" / name).mkdir(parents=True)
     (tmp_path / "shm").mkdir()
     for name in (f"kandinsky-shm-{dead}-x-1", f"kandinsky-shm-{live}-y-1", "triton_python_backend_shm_region_z"):
         (tmp_path / "shm" / name).write_bytes(b"prompt")
     removed = {p.name for p in hygiene.sweep()}
-    assert removed == {f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-shm-{dead}-x-1"}
+    assert removed == {f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-cancel-{dead}-e",
+                       f"kandinsky-shm-{dead}-x-1"}
     assert len(list((tmp_path / "tmp").iterdir())) == 3 and len(list((tmp_path / "shm").iterdir())) == 2
 
 

@@ -149,7 +149,10 @@ class HttpFront:
             return
         self._open += 1
         try:
+            _no_delay(writer)
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop(): the connection ends with the server
         finally:
             self._open -= 1
 
@@ -218,7 +221,9 @@ class HttpFront:
 
     async def _open_upstream(self) -> tuple:
         try:
-            return await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+            _no_delay(writer)
+            return reader, writer
         except OSError as err:
             raise Refusal("503 Service Unavailable", f"server: expected tritonserver to accept the request, "
                                                      f"found it not answering ({err.strerror or err})") from None
@@ -244,18 +249,22 @@ class HttpFront:
         try:
             while True:
                 head = await upstream.readuntil(b"\r\n\r\n")
-                await exchange.send(head)
                 status, length = _response_length(head, exchange.method())
                 if length is None:  # no Content-Length (Triton always sends one): relay until it closes
+                    await exchange.send(head)
                     while chunk := await upstream.read(1 << 16):
                         await exchange.send(chunk)
                     return
+                pending = head  # sent with the body's first chunk: one segment for a small answer
                 while length > 0:
                     chunk = await upstream.read(min(length, 1 << 16))
                     if not chunk:
                         return
                     length -= len(chunk)
-                    await exchange.send(chunk)
+                    await exchange.send(pending + chunk)
+                    pending = b""
+                if pending:
+                    await exchange.send(pending)
                 if status >= 200 and exchange.answered():
                     return
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -263,6 +272,13 @@ class HttpFront:
         finally:
             if not exchange.gone:
                 exchange.writer.close()
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY: a request or answer written in two parts must not wait for a delayed ACK (40 ms)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _response_length(head: bytes, method: bytes) -> tuple[int, int | None]:

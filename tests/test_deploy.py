@@ -362,10 +362,10 @@ def test_entrypoint_and_rendered_flags_on_a_real_tritonserver(entrypoint_server)
     assert b"serve" in Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
     # The body that killed the bare tritonserver the old entrypoint ran (issue 18 §1.1): the front drops
     # its form-urlencoded type; Triton answers (an unknown input) and stays up.
-    import http.client
+    from http.client import HTTPConnection
 
     body = b'{"inputs":[{"name":"nope","datatype":"BYTES","shape":[1,1],"data":["' + b"a" * 4_185_000 + b'"]}]}'
-    conn = http.client.HTTPConnection("127.0.0.1", ports["http"], timeout=60)
+    conn = HTTPConnection("127.0.0.1", ports["http"], timeout=60)
     conn.request("POST", "/v2/logging", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert conn.getresponse().status in (200, 400)
     conn.close()

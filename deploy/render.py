@@ -27,6 +27,8 @@ import sizing  # noqa: E402
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError  # noqa: E402
 from kandinsky_trt.runtime.serve.contract import MODEL_NAME  # noqa: E402
 from kandinsky_trt.runtime.serve.launcher import ServerConfig  # noqa: E402
+from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE_SIZE,  # noqa: E402
+                                                 DEFAULT_MAX_REQUEST_BYTES, DEFAULT_QUEUE_TIMEOUT_S)
 
 HERE = Path(__file__).resolve().parent
 K8S_DIR = HERE / "k8s"
@@ -45,9 +47,9 @@ COMPUTE_METRIC = "nv_inference_compute_infer_duration_us"
 HPA_METRIC = "kandinsky_queue_compute_ratio"  # what the adapter rule exposes to the HPA
 
 ARTIFACTS_MOUNT = "/artifacts"
-REPO_DIR = "/models"
+POD_HOST = "0.0.0.0"  # serve binds every interface of the pod (the kubelet's probes and the Service reach it)
 PRESTOP_SLEEP_S = 10  # endpoints drop the pod before Triton stops taking requests
-EXIT_TIMEOUT_S = 30  # Triton's wait for in-flight requests after SIGTERM
+EXIT_TIMEOUT_S = 30  # serve's (Triton's) wait for in-flight requests after SIGTERM
 LABELS = {"app.kubernetes.io/name": "kandinsky-trt", "app.kubernetes.io/component": "triton"}
 
 
@@ -90,17 +92,21 @@ def ports() -> dict[str, int]:
     return {"http": defaults["http_port"], "grpc": defaults["grpc_port"], "metrics": defaults["metrics_port"]}
 
 
-def triton_args() -> list[str]:
-    """The tritonserver flags after ``--model-repository`` (the entrypoint adds that one)."""
+def serve_args() -> list[str]:
+    """The ``kandinsky-trt serve`` flags after the entrypoint's (artifacts, backend, device, instances):
+    every interface of the pod, the rendered ports, the drain, the start-up allowance and the limits
+    (their defaults, stated so a cluster operator sees and can change them)."""
     p = ports()
-    return [f"--http-port={p['http']}", f"--grpc-port={p['grpc']}", f"--metrics-port={p['metrics']}",
-            "--allow-metrics=true", "--allow-gpu-metrics=true", "--strict-readiness=true",
-            "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
+    return [f"--host={POD_HOST}", f"--http-port={p['http']}", f"--grpc-port={p['grpc']}",
+            f"--metrics-port={p['metrics']}", f"--exit-timeout={EXIT_TIMEOUT_S}",
+            f"--startup-timeout={sizing.startup_allowance().probe_window_s}",
+            f"--max-request-bytes={DEFAULT_MAX_REQUEST_BYTES}", f"--max-connections={DEFAULT_MAX_CONNECTIONS}",
+            f"--max-queue-size={DEFAULT_MAX_QUEUE_SIZE}", f"--queue-timeout={DEFAULT_QUEUE_TIMEOUT_S:g}"]
 
 
 def _entrypoint_env() -> list[dict]:
-    env = {"KANDINSKY_ARTIFACTS": ARTIFACTS_MOUNT, "KANDINSKY_REPO": REPO_DIR, "KANDINSKY_BACKEND": "trt",
-           "KANDINSKY_DEVICE": "cuda", "KANDINSKY_INSTANCES": "1"}
+    env = {"KANDINSKY_ARTIFACTS": ARTIFACTS_MOUNT, "KANDINSKY_BACKEND": "trt", "KANDINSKY_DEVICE": "cuda",
+           "KANDINSKY_INSTANCES": "1"}
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
@@ -119,12 +125,11 @@ def _probes(startup: sizing.StartupAllowance) -> dict:
 def _container(config: DeployConfig, memory: str, startup: sizing.StartupAllowance) -> dict:
     gpu = {"nvidia.com/gpu": 1}
     return {
-        "name": "triton", "image": config.image, "command": [ENTRYPOINT], "args": triton_args(),
+        "name": "triton", "image": config.image, "command": [ENTRYPOINT], "args": serve_args(),
         "env": _entrypoint_env(),
         "ports": [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in ports().items()],
         "resources": {"requests": {"cpu": "2", "memory": memory, **gpu}, "limits": {"memory": memory, **gpu}},
         "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT, "readOnly": True},
-                         {"name": "model-repository", "mountPath": REPO_DIR},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
         **_probes(startup),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
@@ -138,7 +143,6 @@ def _pod_spec(config: DeployConfig, memory: str, startup: sizing.StartupAllowanc
         "containers": [_container(config, memory, startup)],
         "volumes": [
             {"name": "artifacts", "persistentVolumeClaim": {"claimName": config.artifacts_claim, "readOnly": True}},
-            {"name": "model-repository", "emptyDir": {"sizeLimit": "16Mi"}},
             # Triton's Python backend passes tensors through /dev/shm; a container's default is 64 MiB.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
         ],

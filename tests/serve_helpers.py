@@ -111,6 +111,14 @@ class CliServer:
             time.sleep(0.25)
         pytest.fail("kandinsky-trt serve not ready in time:\n" + "".join(self.lines))
 
+    def cancel_dir(self) -> Path:
+        """The front's cancel-marks directory of this server (``kandinsky-cancel-<cli pid>-*``)."""
+        import tempfile
+
+        found = list(Path(tempfile.gettempdir()).glob(f"kandinsky-cancel-{self.process.pid}-*"))
+        assert len(found) == 1, found
+        return found[0]
+
     def triton_pid(self) -> int | None:
         for line in self.lines:
             if "tritonserver pid " in line:

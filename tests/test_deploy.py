@@ -6,9 +6,10 @@
 - Ports, probes, Service, HPA metric and adapter rule agree with each other and with the code
   (ServerConfig's defaults, the model name, the pipeline defaults); the Dockerfile's pins and the
   renderer's agree; the sizing follows the committed measurements.
-- With the serve extra: the image's entrypoint runs for real (on CPU, ONNX Runtime, the tiny model)
-  with the rendered tritonserver flags, and the probe paths, the metric names the adapter rule
-  reads and our counter are checked on that real server.
+- With the serve extra: the image's entrypoint runs for real (``kandinsky-trt serve`` on CPU, ONNX
+  Runtime, the tiny model) with the rendered serve flags; the probe paths, the metric names the
+  adapter rule reads, our counter, the front (the 4.2 MB form-urlencoded body that killed a bare
+  tritonserver) and the SIGTERM drain are checked on that real server.
 
 Not verifiable here: a cluster (scheduling, the GPU device plugin, probes by a kubelet, the HPA and
 the adapter against a real Prometheus), Docker (the image build), TensorRT and GPUs.
@@ -155,14 +156,17 @@ def test_pod_wiring_selectors_volumes_and_the_entrypoint_environment():
     assert claim["claimName"] == _kind("PersistentVolumeClaim")["metadata"]["name"]
     env = _env()
     assert mounts["artifacts"]["mountPath"] == env["KANDINSKY_ARTIFACTS"]
-    assert mounts["model-repository"]["mountPath"] == env["KANDINSKY_REPO"]
     assert _container()["resources"]["limits"]["nvidia.com/gpu"] == 1
     from kandinsky_trt.runtime.cli.main import build_parser
 
-    args = build_parser().parse_args(["triton-repo", "--artifacts", env["KANDINSKY_ARTIFACTS"], "--out", env["KANDINSKY_REPO"],
-                                      "--backend", env["KANDINSKY_BACKEND"], "--device", env["KANDINSKY_DEVICE"],
-                                      "--instances", env["KANDINSKY_INSTANCES"]])
-    assert (args.backend, args.device) == ("trt", "cuda")
+    # What the entrypoint runs: `serve` takes every flag the pod passes (argparse exits on an unknown one).
+    entrypoint = (DEPLOY / "entrypoint.sh").read_text()
+    assert "exec kandinsky-trt serve " in entrypoint and "triton-repo" not in entrypoint
+    args = build_parser().parse_args(["serve", "--artifacts", env["KANDINSKY_ARTIFACTS"], "--backend",
+                                      env["KANDINSKY_BACKEND"], "--device", env["KANDINSKY_DEVICE"],
+                                      "--instances", env["KANDINSKY_INSTANCES"], *_container()["args"]])
+    assert (args.backend, args.device, args.host) == ("trt", "cuda", "0.0.0.0")
+    assert args.exit_timeout == render.EXIT_TIMEOUT_S
 
 
 def test_rollout_keeps_serving_and_shutdown_drains():
@@ -174,7 +178,7 @@ def test_rollout_keeps_serving_and_shutdown_drains():
     assert _kind("PodDisruptionBudget")["spec"]["maxUnavailable"] < hpa["minReplicas"] <= hpa["maxReplicas"]
     container, pod = _container(), _kind("Deployment")["spec"]["template"]["spec"]
     sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout=")).split("=")[1])
     assert pod["terminationGracePeriodSeconds"] > sleep + exit_timeout
     startup = container["startupProbe"]
     assert deployment["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
@@ -298,34 +302,20 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _shim(tmp_path: Path, install, ports: dict[str, int]) -> Path:
-    """A ``tritonserver`` on PATH: the bundled binary, its backends, loopback, free ports."""
-    extra = [f"--backend-directory={install.backend_dir}"] if install.backend_dir else []
-    extra += [f"--{n}-address=127.0.0.1" for n in ("http", "grpc", "metrics")]
-    extra += [f"--{n}-port={p}" for n, p in ports.items()]  # after the rendered ones: the last one wins
-    shim = tmp_path / "bin" / "tritonserver"
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec "{install.binary}" "$@" {" ".join(extra)}\n')
-    shim.chmod(0o755)
-    return shim.parent
-
-
 @pytest.fixture
 def entrypoint_server(tmp_path, artifacts_fp32):
+    """deploy/entrypoint.sh with the rendered args, then loopback and free ports (the last flag wins)."""
     pytest.importorskip("pytriton", reason="needs the serve extra (nvidia-pytriton)")
     pytest.importorskip("tritonclient.http", reason="needs the serve extra (tritonclient)")
-    from kandinsky_trt.runtime.serve.launcher import find_tritonserver
-
-    install = find_tritonserver(tmp_path)
     ports = {n: free_port() for n in ("http", "grpc", "metrics")}
-    env = {**install.env, **_env(), "KANDINSKY_ARTIFACTS": str(artifacts_fp32[0]),
-           "KANDINSKY_REPO": str(tmp_path / "models"), "KANDINSKY_BACKEND": "ort", "KANDINSKY_DEVICE": "cpu"}
-    env["PATH"] = f"{_shim(tmp_path, install, ports)}:{env['PATH']}"
+    env = {**os.environ, **_env(), "KANDINSKY_ARTIFACTS": str(artifacts_fp32[0]), "KANDINSKY_BACKEND": "ort",
+           "KANDINSKY_DEVICE": "cpu", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    local = ["--host=127.0.0.1", *(f"--{n}-port={p}" for n, p in ports.items())]
     log = open(tmp_path / "server.log", "wb")
-    process = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), *_container()["args"]], env=env, stdout=log,
+    process = subprocess.Popen([str(DEPLOY / "entrypoint.sh"), *_container()["args"], *local], env=env, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield process, ports, tmp_path / "server.log", install
+        yield process, ports, tmp_path / "server.log"
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -364,12 +354,22 @@ def test_entrypoint_and_rendered_flags_on_a_real_tritonserver(entrypoint_server)
     from kandinsky_trt.runtime.serve.client import Target, infer, item_arrays
     from kandinsky_trt.runtime.serve.model import METRIC
 
-    process, ports, log, install = entrypoint_server
+    process, ports, log = entrypoint_server
     http = f"http://127.0.0.1:{ports['http']}"
     _wait_ready(process, http + render.READY_PATH, log)
     assert _get(http + render.LIVE_PATH)[0] == 200
-    # entrypoint.sh exec'd (and the shim too): the process Kubernetes signals is tritonserver itself
-    assert Path(os.readlink(f"/proc/{process.pid}/exe")) == Path(install.binary).resolve()
+    # entrypoint.sh exec'd: the process Kubernetes signals is `kandinsky-trt serve` itself
+    assert b"serve" in Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
+    # The body that killed the bare tritonserver the old entrypoint ran (issue 18 §1.1): the front drops
+    # its form-urlencoded type; Triton answers (an unknown input) and stays up.
+    from http.client import HTTPConnection
+
+    body = b'{"inputs":[{"name":"nope","datatype":"BYTES","shape":[1,1],"data":["' + b"a" * 4_185_000 + b'"]}]}'
+    conn = HTTPConnection("127.0.0.1", ports["http"], timeout=60)
+    conn.request("POST", "/v2/logging", body=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert conn.getresponse().status in (200, 400)
+    conn.close()
+    assert process.poll() is None and _get(http + render.READY_PATH)[0] == 200
     fields = task_fields("text2img", 0, 64, 64)
     assert infer(Target(f"127.0.0.1:{ports['http']}", "http", 120.0), item_arrays(fields))["images"].shape[-1] == 3
     status, metrics = _get(f"http://127.0.0.1:{ports['metrics']}{render.METRICS_PATH}")

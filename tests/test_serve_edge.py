@@ -30,13 +30,14 @@ pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritoncl
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 QUEUE = 4  # --max-queue-size of the module's server (the abandoned-requests test sends 3 at once)
+CONNECTIONS = 8  # --max-connections of the module's server
 LIMIT = DEFAULT_MAX_REQUEST_BYTES
 NOT_READY_WITHIN_S = 3.0  # the watchdog polls every 0.5 s; the unload is immediate
 
 
 @pytest.fixture(scope="module")
 def server(artifacts_fp32_b2_wide):
-    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE))
+    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE), "--max-connections", str(CONNECTIONS))
     try:
         cli.wait_ready()
         yield cli
@@ -100,6 +101,30 @@ def test_http_body_one_byte_over_the_bound_is_refused_and_at_the_bound_served(se
     status, body = _post(server, "/v2/logging", b"{}", {"Transfer-Encoding": "chunked"})
     assert status == 411 and b"expected a Content-Length" in body
     assert is_ready(server.config)
+
+
+def test_http_connections_beyond_the_bound_get_503_and_the_server_stays_up(server):
+    """Slow clients that hold connections open cannot take the front's memory: one more than
+    --max-connections is answered 503 at once; once they go, requests are served again."""
+    import socket
+
+    held = [socket.create_connection(("127.0.0.1", server.ports["http"]), timeout=10) for _ in range(CONNECTIONS)]
+    try:
+        for s in held:
+            s.sendall(b"POST /v2/models/kandinsky/infer HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        deadline = time.monotonic() + 10  # a loaded machine may take a moment to accept all of them
+        status, body = _post(server, "/v2/health/ready", b"")
+        while status != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status, body = _post(server, "/v2/health/ready", b"")
+        assert status == 503 and f"expected at most {CONNECTIONS} open at once".encode() in body
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while not is_ready(server.config) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert is_ready(server.config) and server.process.poll() is None
 
 
 def test_grpc_request_over_the_bound_is_refused_by_the_model(server):
@@ -189,6 +214,45 @@ def test_abandoned_grpc_requests_stop_at_a_step_and_count_as_cancelled(server, s
           f"counted cancelled: {cancelled:.0f}")
     assert next_s < full_s / 2, (full_s, next_s)
     assert cancelled >= 1
+
+
+def _http_give_up(server, fields: dict, after_s: float) -> None:
+    """An HTTP client that sends a request and closes its connection after ``after_s`` seconds."""
+    from tritonclient.http import InferenceServerClient
+
+    body, json_size = InferenceServerClient.generate_request_body(build_inputs("http", item_arrays(fields)))
+    headers = {"Content-Type": "application/octet-stream", "kandinsky-cancel-token": "0" * 32}
+    if json_size is not None:
+        headers["Inference-Header-Content-Length"] = str(json_size)
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=after_s)
+    conn.request("POST", "/v2/models/kandinsky/infer", body=body, headers=headers)
+    with pytest.raises(OSError):  # socket.timeout: the client gives up
+        conn.getresponse()
+    conn.close()
+
+
+def test_abandoned_http_requests_stop_at_a_step_and_count_as_cancelled(server, size):
+    """Triton 2.51 does not notice an HTTP client that disconnects; the front does and marks the
+    request's token: the model stops it at the next step, and the next request is not delayed."""
+    height, width = size
+    long = {**task_fields("text2img", 11, height, width), "num_inference_steps": 400}
+    full_s, result = _timed(lambda: _raw_infer(server, "http", long))
+    assert not isinstance(result, Exception), result
+    before = _counter(server)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: _http_give_up(server, long, 0.5), range(3)))
+    gave_up = time.monotonic()
+    while _counter(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() - gave_up < 30:
+        time.sleep(0.05)
+    stopped_s = time.monotonic() - gave_up
+    next_s, result = _timed(lambda: _raw_infer(server, "http", task_fields("prior", 12, height, width)))
+    assert not isinstance(result, Exception), result
+    cancelled = _counter(server)["cancelled"] - before["cancelled"]
+    print(f"\nHTTP: full run {full_s:.2f} s; 3 clients gave up after 0.5 s: first counted cancelled "
+          f"{stopped_s:.2f} s after they closed; next request {next_s:.2f} s; counted cancelled: {cancelled:.0f}")
+    assert cancelled >= 1 and stopped_s < full_s / 2, (full_s, stopped_s)
+    assert next_s < full_s / 2, (full_s, next_s)
+    assert not list(server.cancel_dir().iterdir())  # every mark removed once its request ended
 
 
 def test_a_request_queued_past_its_timeout_is_refused_without_running(server, size):

@@ -136,13 +136,14 @@ def test_sweep_removes_only_dead_launchers_leftovers(tmp_path, monkeypatch):
                           text=True).stdout.strip()
     live = str(os.getppid())
     for name in (f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-repo-{live}-c",
-                 "kandinsky-repo-old", f"kandinsky-repo-{os.getpid()}-d"):
+                 "kandinsky-repo-old", f"kandinsky-repo-{os.getpid()}-d", f"kandinsky-cancel-{dead}-e"):
         (tmp_path / "tmp" / name).mkdir(parents=True)
     (tmp_path / "shm").mkdir()
     for name in (f"kandinsky-shm-{dead}-x-1", f"kandinsky-shm-{live}-y-1", "triton_python_backend_shm_region_z"):
         (tmp_path / "shm" / name).write_bytes(b"prompt")
     removed = {p.name for p in hygiene.sweep()}
-    assert removed == {f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-shm-{dead}-x-1"}
+    assert removed == {f"kandinsky-repo-{dead}-a", f"kandinsky-triton-{dead}-b", f"kandinsky-cancel-{dead}-e",
+                       f"kandinsky-shm-{dead}-x-1"}
     assert len(list((tmp_path / "tmp").iterdir())) == 3 and len(list((tmp_path / "shm").iterdir())) == 2
 
 
@@ -172,3 +173,148 @@ def test_front_answers_503_when_tritonserver_does_not_accept():
         conn.close()
     finally:
         front.stop()
+
+
+class _Upstream:
+    """A stand-in tritonserver HTTP port: records each request head, answers 200 once ``release`` is set."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.heads, self.release = [], threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            self.heads.append(data.split(b"\r\n\r\n")[0].decode())
+            self.release.wait(30)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _front(upstream_port: int, **bounds):
+    from kandinsky_trt.runtime.serve.front import FrontConfig, HttpFront
+
+    return HttpFront(FrontConfig("127.0.0.1", 0, upstream_port, **bounds)).start()
+
+
+def _send(port: int, data: bytes, timeout: float = 10.0):
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(data)
+    return s
+
+
+def _read_all(s) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_front_marks_a_disconnected_request_until_triton_answers_it(tmp_path):
+    """The front's half of HTTP cancellation: a fresh token per request (the client's own is dropped),
+    marked when the client closes with its response pending, unmarked once Triton has answered."""
+    import time
+
+    from kandinsky_trt.runtime.serve.cancel import TOKEN_HEADER, CancelMarks, token_of
+
+    upstream = _Upstream()
+    front = _front(upstream.port, cancel_dir=str(tmp_path))
+    try:
+        forged = "f" * 32
+        s = _send(front.port, f"POST /v2/x HTTP/1.1\r\nHost: x\r\n{TOKEN_HEADER}: {forged}\r\n"
+                              f"Content-Length: 2\r\n\r\n{{}}".encode())
+        while not upstream.heads:
+            time.sleep(0.01)
+        fields = dict(line.split(": ", 1) for line in upstream.heads[0].split("\r\n")[1:])
+        token = token_of({k: v for k, v in fields.items()})
+        assert token is not None and token != forged and list(fields).count(TOKEN_HEADER) == 1
+        assert not list(tmp_path.iterdir())  # pending, client still there: not marked
+        s.close()
+        deadline = time.monotonic() + 5
+        while not CancelMarks(tmp_path).is_marked(token) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [p.name for p in tmp_path.iterdir()] == [token]
+        upstream.release.set()  # Triton answers the (cancelled) request: the mark goes
+        while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not list(tmp_path.iterdir())
+        s = _send(front.port, b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_all(s).endswith(b"\r\n\r\nok")  # answered normally: nothing marked
+        s.close()
+        time.sleep(0.2)
+        assert not list(tmp_path.iterdir())
+    finally:
+        front.stop()
+        upstream.close()
+
+
+def test_cancel_tokens_are_only_well_formed_ones():
+    from kandinsky_trt.runtime.serve.cancel import CancelMarks, token_of
+
+    good = "0123456789abcdef" * 2
+    assert token_of('{"kandinsky-cancel-token": "%s"}' % good) == good
+    assert token_of({"Kandinsky-Cancel-Token": good}) == good
+    for bad in ("../../etc/passwd", good.upper(), good + "0", 7, None):
+        assert token_of({"kandinsky-cancel-token": bad}) is None
+    assert token_of("not json") is None and token_of(None) is None
+    with pytest.raises(ValueError, match="expected 32 hex digits"):
+        CancelMarks("/tmp").mark("../x")
+
+
+def test_front_bounds_connections_and_times_out_slow_heads_and_bodies():
+    """Beyond ``max_connections`` open connections: 503 at once; a head not complete within
+    ``head_timeout_s``: closed; a body not complete within ``body_timeout_s``: 408; bodies beyond
+    ``max_buffered_bytes`` held at once: 503."""
+    import time
+
+    upstream = _Upstream()
+    upstream.release.set()
+    front = _front(upstream.port, max_connections=2, head_timeout_s=0.5, body_timeout_s=0.5, max_buffered_bytes=100)
+    try:
+        held = [_send(front.port, b"POST /v2 HTTP/1.1\r\n") for _ in range(2)]  # slowloris: heads never end
+        time.sleep(0.1)
+        third = _read_all(_send(front.port, b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert third.startswith(b"HTTP/1.1 503") and b"connections: expected at most 2 open at once" in third
+        started = time.monotonic()
+        assert [_read_all(s) for s in held] == [b"", b""]  # closed by the head timeout
+        assert time.monotonic() - started < 2
+        slow = _read_all(_send(front.port, b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nabc"))
+        assert slow.startswith(b"HTTP/1.1 408") and b"request body: expected 50 bytes within 0.5 s, found them slower" in slow
+        big = _read_all(_send(front.port, b"POST /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n" + b"x" * 101))
+        assert big.startswith(b"HTTP/1.1 503") and b"expected room in this server's 100 bytes" in big
+        ok = _read_all(_send(front.port, b"POST /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                         b"Content-Length: 100\r\n\r\n" + b"x" * 100))
+        assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"ok")  # the bounds still serve what fits
+    finally:
+        front.stop()
+        upstream.close()
+
+
+def test_response_length_rules():
+    from kandinsky_trt.runtime.serve.front import _response_length
+
+    assert _response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"POST") == (200, 12)
+    assert _response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"HEAD") == (200, 0)
+    assert _response_length(b"HTTP/1.1 204 No Content\r\n\r\n", b"GET") == (204, 0)
+    assert _response_length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET") == (200, None)

@@ -142,15 +142,19 @@ def test_replicas_argument_and_busy_port_are_one_line_errors(tmp_path):
             ReplicaSet(ReplicaSetConfig(tmp_path, 2, "127.0.0.1", port, 0, 0), tmp_path)
 
 
-def test_server_flags_reach_every_replica():
-    """A ``serve`` flag that is also a ServerConfig field (e.g. the hardening work's --max-request-bytes)
-    is passed on to every replica; flags of the balancer's own ports are not."""
-    from argparse import Namespace
+def test_server_flags_reach_every_replica(tmp_path):
+    """The limits ``serve`` gives its one server (request bytes, connections, cancel marks, exit
+    timeout) reach every replica's ServerConfig; each replica gets its own loopback ports."""
+    from kandinsky_trt.runtime.serve.replicas import ReplicaSetConfig, replica_specs
 
-    from kandinsky_trt.runtime.serve.replicas import _server_options
-
-    args = Namespace(log_verbose=1, http_port=8000, exit_timeout_s=None, replicas=2)
-    assert _server_options(args) == (("log_verbose", 1),)
+    options = (("cancel_dir", tmp_path), ("exit_timeout_s", 7), ("max_connections", 9),
+               ("max_request_bytes", 1234))
+    specs = replica_specs(ReplicaSetConfig(tmp_path, 2, "127.0.0.1", 0, 0, 0, 60.0, server_options=options))
+    assert len(specs) == 2
+    for spec in specs:
+        assert {name: getattr(spec.server, name) for name, _ in options} == dict(options)
+        assert spec.server.host == "127.0.0.1" and spec.server.http_port > 0
+    assert specs[0].server.http_port != specs[1].server.http_port
 
 
 def test_readme_failover_rows_are_the_committed_results():

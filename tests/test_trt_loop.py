@@ -338,3 +338,52 @@ def test_real_engines_graph_replay_equals_eager(artifacts_fp32, tmp_path):
     for got in (*results[True], *results[False]):
         np.testing.assert_array_equal(got, results[True][0])
     np.testing.assert_allclose(results[True][0], reference, rtol=1e-2, atol=1e-2)
+
+
+def test_stop_hook_costs_no_host_sync_and_stops_at_a_step_boundary(env, monkeypatch):
+    """``Components.should_stop`` (serving's cancellation check) is read after each step without
+    fetching the latents: a checked run makes exactly the syncs and device-to-host copies of an
+    unchecked one, a stop raises at the boundary where it turned true, and the loop stays reusable."""
+    from kandinsky_trt.runtime.loops.template import LoopStopped
+    from kandinsky_trt.runtime.pipelines.components import Components
+
+    for name in ("memcpy_d2d", "begin_capture", "end_capture", "instantiate", "launch", "destroy_graph",
+                 "destroy_graph_exec"):
+        monkeypatch.setattr(cuda, name, getattr(env.cuda, name))
+    table = scheduler_table(DDPM, STEPS)
+    components = Components(env.directory, backend="trt")
+    inputs = _inputs(components.backend, UNET_LOOP, table, 7)
+    expected = _host(components.backend, UNET_LOOP, table, inputs)
+    components.denoise(UNET_LOOP, table, inputs)  # builds the loop (and captures its graph)
+    (loop,) = components._loops.values()
+    downloads = []
+    buffer_class = type(loop.step_buffers["latents"])
+    copy = buffer_class.copy_to_host
+    monkeypatch.setattr(buffer_class, "copy_to_host", lambda self, out, stream=None: (downloads.append(1),
+                                                                                       copy(self, out, stream))[1])
+
+    def costs(should_stop):
+        components.should_stop = should_stop
+        syncs, before = components.backend.stream.syncs, len(downloads)
+        try:
+            return components.denoise(UNET_LOOP, table, inputs), components.backend.stream.syncs - syncs, \
+                len(downloads) - before
+        finally:
+            components.should_stop = None
+
+    plain, plain_syncs, plain_copies = costs(None)
+    checks = []
+    checked, checked_syncs, checked_copies = costs(lambda: checks.append(1) or False)
+    assert (checked_syncs, checked_copies) == (plain_syncs, plain_copies) == (1, 1)
+    assert len(checks) == STEPS  # before the loop, then after every step but the last
+    np.testing.assert_array_equal(plain, expected)
+    np.testing.assert_array_equal(checked, expected)
+    launches = _counts(loop)[2]
+    calls = []
+    with pytest.raises(LoopStopped, match=f"stopped after step 2 of {STEPS}"):
+        costs(lambda: calls.append(1) or len(calls) == 3)  # true after the second step
+    assert _counts(loop)[2] == launches + 2  # the captured graph replays steps 0 and 1, none after the stop
+    with pytest.raises(LoopStopped, match="before its first step"):
+        costs(lambda: True)
+    np.testing.assert_array_equal(costs(None)[0], expected)  # the loop is reusable after a stop
+    components.close()

@@ -14,7 +14,10 @@ the first network input comes from the same graph run with :data:`IDENTITY_ROW`.
   the per-step rows (timestep ``(n, 1)``, coefficients ``(n, K)``, and noise ``(n, *latent)`` —
   ``inputs.noise[k]`` on the k-th stochastic step, zeros elsewhere — when any step is stochastic);
 * the stepping: ``_start``, then ``_step(i)`` per row with ``callback(i, t, latents)`` after each
-  (diffusers' contract), then ``_latents()``; ``_abort`` on an error, ``_end`` always; ``close``.
+  (diffusers' contract), then ``_latents()``; ``_abort`` on an error, ``_end`` always; ``close``;
+* the stop hook: ``should_stop()`` after each step (before the next is enqueued) raises
+  :class:`LoopStopped` when true. Unlike a callback it fetches nothing: a device loop pays no
+  download or sync for it (only ``_abort``'s wait when it does stop), and the loop stays reusable.
 
 Three strategies fill in where the tensors live: :class:`~kandinsky_trt.runtime.loops.host.HostLoop`
 (host numpy through ``NetworkSession.run``), :class:`~kandinsky_trt.runtime.loops.ort_bound.OrtBoundLoop`
@@ -41,6 +44,11 @@ _IDENTITY = dict.fromkeys(COEFFICIENT_COLUMNS, 0.0) | {"v": 1.0, "clip_min": -1.
 IDENTITY_ROW = np.array([_IDENTITY[c] for c in COEFFICIENT_COLUMNS], dtype=np.float32)
 
 StepCallback = Callable[[int, int, np.ndarray], None]
+StopCheck = Callable[[], bool]
+
+
+class LoopStopped(Exception):
+    """``should_stop()`` was true at a step boundary: the loop stopped there (its state released)."""
 
 
 @dataclass(frozen=True)
@@ -141,9 +149,13 @@ class DenoiseLoop(abc.ABC):
         self.spec, self.network_io, self.step_io = spec, network, step
         self._closed = False
 
-    def __call__(self, table: SchedulerTable, inputs: LoopInputs,
-                 callback: StepCallback | None = None) -> np.ndarray:
-        """Run every row of ``table`` on one chunk and return the final latents (host numpy)."""
+    def __call__(self, table: SchedulerTable, inputs: LoopInputs, callback: StepCallback | None = None,
+                 should_stop: StopCheck | None = None) -> np.ndarray:
+        """Run every row of ``table`` on one chunk and return the final latents (host numpy).
+
+        Raises:
+            LoopStopped: ``should_stop()`` was true after a step (checked after every step but the last).
+        """
         if self._closed:
             raise BackendError(f"{type(self).__name__}({self.spec.network}): expected an open loop, found it closed")
         chunk = self.chunk(table, inputs)
@@ -153,6 +165,8 @@ class DenoiseLoop(abc.ABC):
                 self._step(chunk, i)
                 if callback is not None:
                     callback(i, int(t), self._latents())
+                if should_stop is not None and i + 1 < len(chunk) and should_stop():
+                    raise LoopStopped(f"{self.spec.network} loop: stopped after step {i + 1} of {len(chunk)}")
             return self._latents()
         except BaseException:
             self._abort()

@@ -24,7 +24,8 @@ from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import BackendError, NetworkSession
 from kandinsky_trt.runtime.backends.registry import check_backend, make_backend
 from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
-from kandinsky_trt.runtime.loops.template import LoopInputs, StepCallback, conditional_only, guided
+from kandinsky_trt.runtime.loops.template import (LoopInputs, LoopStopped, StepCallback, StopCheck, conditional_only,
+                                                  guided)
 from kandinsky_trt.runtime.pipelines.once import OnceCache
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, Profile
@@ -84,6 +85,9 @@ class Components:
         # TensorRT engines share one activation arena (sized on load): they must load and run one
         # after another, so one lock serialises all TensorRT work of this instance.
         self._trt_lock = threading.RLock() if backend == "trt" else None
+        # Checked before each denoising loop and after each step (e.g. serving: the calling thread's
+        # clients have all gone); true stops the loop with LoopStopped. None: never checked.
+        self.should_stop: StopCheck | None = None
 
     def denoise(self, spec: LoopSpec, table: SchedulerTable, inputs: LoopInputs,
                 callback: StepCallback | None = None) -> np.ndarray:
@@ -96,7 +100,11 @@ class Components:
         arrays or bound device buffers), so its calls run one at a time.
         ``guidance_scale <= 1`` runs the conditional prediction alone, as diffusers does (for every
         strategy, prior and decoders alike). The final latents are checked once for NaN/Inf.
+        :attr:`should_stop`, when set, is checked before the loop and after each step (the loop's
+        hook: nothing is fetched for it); true raises :class:`LoopStopped`.
         """
+        if self.should_stop is not None and self.should_stop():
+            raise LoopStopped(f"{spec.network} loop: stopped before its first step")
         if self.manifest.cfg and not guided(inputs.guidance_scale):
             inputs = conditional_only(inputs)
         profile = self._profile_of(spec.step, {spec.io.latents: inputs.latents})
@@ -108,7 +116,7 @@ class Components:
         key = (spec, profile)
         loop = self._loops.get(key, build)
         with self._serial(), self._loop_locks.get(key, threading.Lock):
-            latents = loop(table, inputs, callback)
+            latents = loop(table, inputs, callback, self.should_stop)
         return require_finite(latents, f"{spec.network} loop (final latents)")
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

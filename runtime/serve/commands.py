@@ -7,6 +7,7 @@ turns its arguments into the frozen configs of this package at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import shutil
 import sys
@@ -14,7 +15,7 @@ import threading
 from pathlib import Path
 
 from kandinsky_trt.runtime.serve.contract import TASKS
-from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
+from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
                                                  DEFAULT_QUEUE_TIMEOUT_S)
 
 DEMO_DIR = Path("kandinsky-demo")
@@ -61,22 +62,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     artifacts = Path(args.artifacts) if args.artifacts else _demo_artifacts()
     hygiene.check_ports_free(args.host, {"--http-port": args.http_port, "--grpc-port": args.grpc_port,
                                          "--metrics-port": args.metrics_port})  # before any work
-    if args.replicas is not None:
-        from kandinsky_trt.runtime.serve.replicas import serve_replicas
-
-        return serve_replicas(args, artifacts, lambda out: write_repository(_repo_config(args, artifacts, out)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     repo = hygiene.make_dir("kandinsky-repo")  # named after this PID: the next start removes it if we die
+    marks = hygiene.make_dir("kandinsky-cancel")  # 0700: the front's cancel marks, read by the model
+    # Every server (one, or each replica) gets the same limits and the same cancel-mark directory.
+    server_options = dict(startup_timeout_s=args.startup_timeout, max_request_bytes=args.max_request_bytes,
+                          cancel_dir=marks, max_connections=args.max_connections, exit_timeout_s=args.exit_timeout)
     try:
-        write_repository(_repo_config(args, artifacts, repo))
+        write_repository(dataclasses.replace(_repo_config(args, artifacts, repo), cancel_dir=str(marks)))
+        if args.replicas is not None:
+            from kandinsky_trt.runtime.serve.replicas import serve_replicas
+
+            return serve_replicas(args, artifacts, repo, server_options, stop)
         config = ServerConfig(repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, startup_timeout_s=args.startup_timeout,
-                              max_request_bytes=args.max_request_bytes)
+                              metrics_port=args.metrics_port, **server_options)
         return _serve_until_stopped(config, artifacts, stop)
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(marks, ignore_errors=True)
 
 
 def _serve_until_stopped(config, artifacts: Path, stop: threading.Event) -> int:
@@ -174,6 +179,10 @@ def add_commands(sub) -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     p.add_argument("--replicas", type=_positive_int, help="N tritonservers (one per GPU with --device cuda) behind "
                    "HAProxy on the ports above, health-checked and restarted when they die")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"HTTP connections held at once; more get 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--exit-timeout", type=int, default=10,
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests may finish before the server exits (default 10)")
     _add_server_args(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -19,7 +19,8 @@ import numpy as np
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
 from kandinsky_trt.runtime.serve.batching import group_key, run_batched
-from kandinsky_trt.runtime.serve.cancel import RequestCancelled, cancel_scope, watch_steps
+from kandinsky_trt.runtime.loops.template import LoopStopped
+from kandinsky_trt.runtime.serve.cancel import RequestCancelled, cancel_scope, requested
 from kandinsky_trt.runtime.serve.calls import Pipelines, run_item
 from kandinsky_trt.runtime.serve.requests import Item, RequestError, decode_request
 
@@ -56,7 +57,7 @@ class Executor:
     """Serves requests on one :class:`Components` (every network loaded once, shared by all pipelines)."""
 
     def __init__(self, components: Components, config: ExecutorConfig = ExecutorConfig()) -> None:
-        watch_steps(components)  # denoising steps stop when the call's clients have all gone
+        components.should_stop = requested  # denoising stops at a step once the call's clients have all gone
         self.pipelines = Pipelines(components)
         self.config = config
 
@@ -99,8 +100,8 @@ class Executor:
                     outputs = run_batched(self.pipelines, items)
                 log.debug("served %d %s items in one call", len(items), items[0].task)
                 return outputs
-            except RequestCancelled as err:
-                return [err] * len(items)
+            except LoopStopped:
+                return [RequestCancelled()] * len(items)
             except Exception as err:  # noqa: BLE001 - re-run alone: each item gets its own error
                 log.debug("merged call of %d items failed (%s); running them one at a time", len(items), err)
         return [self._run_one(item, cancelled[r]) for r, item in members]
@@ -109,6 +110,8 @@ class Executor:
         try:
             with cancel_scope(gone):
                 return run_item(self.pipelines, item)
+        except LoopStopped:
+            return RequestCancelled()
         except Exception as err:  # noqa: BLE001 - a failing item must not take the instance down
             return err
 

@@ -15,10 +15,18 @@ and, per request:
   body is read; a request without one is refused with 411: Triton's KServe clients always send it),
 - refuses a header block over :data:`MAX_HEAD_BYTES` with 431,
 - drops a form-urlencoded ``Content-Type`` (no Triton endpoint reads it; it is what crashes it),
-- answers ``Expect: 100-continue`` itself.
+- answers ``Expect: 100-continue`` itself,
+- gives it a fresh cancel token (header ``kandinsky-cancel-token``; the client's own is dropped) and,
+  when the client's connection closes while its response is pending, marks the token cancelled until
+  Triton has answered (see ``cancel.py``: the model stops at the next step boundary).
 
-Responses are relayed byte for byte. gRPC is not behind the front (a gRPC proxy is another
-matter); Triton's gRPC server has no such crash and is bounded by the model (see ``model.py``).
+Bounds (``limits.py``): at most ``max_connections`` connections open at once and
+``max_buffered_bytes`` of request bodies held at once (503 beyond either); a request head (or an
+idle keep-alive connection) must complete within ``head_timeout_s`` (closed otherwise) and its body
+within ``body_timeout_s`` (408). Responses are relayed byte for byte; the front reads their heads
+(``Content-Length``) only to know when each request has been answered. gRPC is not behind the front
+(a gRPC proxy is another matter); Triton's gRPC server has no such crash, is bounded by the model
+(see ``model.py``) and reports cancellation itself.
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import json
 import logging
 import socket
 import threading
+from collections import deque
 from dataclasses import dataclass
 
-from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_REQUEST_BYTES
+from kandinsky_trt.runtime.serve.cancel import MARK_MAX_AGE_S, TOKEN_HEADER, CancelMarks, new_token
+from kandinsky_trt.runtime.serve.limits import (BODY_TIMEOUT_S, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_CONNECTIONS,
+                                                 DEFAULT_MAX_REQUEST_BYTES, HEAD_TIMEOUT_S)
 
 log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
@@ -43,6 +54,11 @@ class FrontConfig:
     port: int  # public; 0 = any free port
     upstream_port: int  # tritonserver's HTTP port on 127.0.0.1
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    cancel_dir: str | None = None  # where disconnects are marked (None: no HTTP cancellation)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
 
 
 class Refusal(Exception):
@@ -74,6 +90,8 @@ def _parse_head(head: bytes, limit: int) -> tuple[bytes, int, bool]:
         if key == b"expect" and value.lower() == b"100-continue":
             expect = True
             continue
+        if key == TOKEN_HEADER.encode():
+            continue  # only the front names a request's token
         if key == b"content-type" and value.lower().startswith(b"application/x-www-form-urlencoded"):
             continue  # Triton never needs it; libevhtp would parse the body on its stack
         kept.append(line)
@@ -93,6 +111,8 @@ class HttpFront:
         self._thread: threading.Thread | None = None
         self._server = None
         self.port = config.port
+        self._open = 0  # connections being served (the event loop's thread only)
+        self._buffered = 0  # request-body bytes held
 
     def start(self) -> "HttpFront":
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -121,51 +141,102 @@ class HttpFront:
         self._thread = None
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.config.max_connections:
+            await self._refuse(reader, writer, Refusal(
+                "503 Service Unavailable", f"connections: expected at most {self.config.max_connections} open at "
+                                           f"once (this server's limit), found that many; retry later"), linger=1.0)
+            writer.close()
+            return
+        self._open += 1
+        try:
+            _no_delay(writer)
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop(): the connection ends with the server
+        finally:
+            self._open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        exchange = _Exchange(writer, CancelMarks(self.config.cancel_dir) if self.config.cancel_dir else None)
         upstream: tuple | None = None
         pump = None
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return
-                except asyncio.LimitOverrunError:
-                    raise Refusal("431 Request Header Fields Too Large",
-                                  f"request head: expected at most {MAX_HEAD_BYTES} bytes, found more") from None
+                    head = await self._read_head(reader, exchange)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    return  # the client closed (or stayed idle / too slow): nothing more to read
                 forward, length, expect = _parse_head(head, self.config.max_request_bytes)
                 if expect:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                body = await reader.readexactly(length)
-                if upstream is None:
-                    upstream = await self._open_upstream()
-                    pump = asyncio.ensure_future(self._pump(upstream[0], writer))
-                upstream[1].write(forward + body)
-                await upstream[1].drain()
+                async with self._budget(length, expect):
+                    body = await self._read_body(reader, length)
+                    if upstream is None:
+                        upstream = await self._open_upstream()
+                        pump = asyncio.ensure_future(self._pump(upstream[0], exchange))
+                    upstream[1].write(exchange.forward(forward) + body)
+                    del body
+                    await upstream[1].drain()
         except Refusal as refusal:
             await self._refuse(reader, writer, refusal)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
-            if pump is not None:
-                pump.cancel()
+            await exchange.client_gone(pump)
             for w in ([upstream[1]] if upstream else []) + [writer]:
                 w.close()
 
+    async def _read_head(self, reader: asyncio.StreamReader, exchange: "_Exchange") -> bytes:
+        """The next request head; idle or slow beyond ``head_timeout_s`` raises TimeoutError, except
+        while a response is pending (the client waits for it: its close is what we watch for)."""
+        read = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=self.config.head_timeout_s)
+                if done:
+                    try:
+                        return read.result()
+                    except asyncio.LimitOverrunError:
+                        raise Refusal("431 Request Header Fields Too Large",
+                                      f"request head: expected at most {MAX_HEAD_BYTES} bytes, found more") from None
+                if not exchange.pending:
+                    raise asyncio.TimeoutError
+        finally:
+            read.cancel()
+
+    async def _read_body(self, reader: asyncio.StreamReader, length: int) -> bytes:
+        try:
+            return await asyncio.wait_for(reader.readexactly(length), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise Refusal("408 Request Timeout", f"request body: expected {length} bytes within "
+                                                 f"{self.config.body_timeout_s:g} s, found them slower") from None
+
+    def _budget(self, length: int, expect: bool) -> "_Budget":
+        if self._buffered + length > self.config.max_buffered_bytes:
+            raise Refusal("503 Service Unavailable",
+                          f"request body: expected room in this server's {self.config.max_buffered_bytes} bytes for "
+                          f"bodies in flight, found {self._buffered} held; retry later",
+                          discard=0 if expect else length)
+        return _Budget(self, length)
+
     async def _open_upstream(self) -> tuple:
         try:
-            return await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.config.upstream_port)
+            _no_delay(writer)
+            return reader, writer
         except OSError as err:
             raise Refusal("503 Service Unavailable", f"server: expected tritonserver to accept the request, "
                                                      f"found it not answering ({err.strerror or err})") from None
 
-    async def _refuse(self, reader, writer, refusal: Refusal) -> None:
+    @staticmethod
+    async def _refuse(reader, writer, refusal: Refusal, linger: float = 10.0) -> None:
         log.info("refused a request: %s", refusal)
         _respond(writer, refusal.status, str(refusal))
-        left = min(refusal.discard, _DISCARD_BYTES)
+        left = min(refusal.discard, _DISCARD_BYTES) if linger >= 10 else 1 << 16
         try:
             await writer.drain()
             while left > 0:  # read what the client is still sending, so it gets the answer, not a reset
-                chunk = await asyncio.wait_for(reader.read(min(left, 1 << 20)), timeout=10)
+                chunk = await asyncio.wait_for(reader.read(min(left, 1 << 20)), timeout=linger)
                 if not chunk:
                     break
                 left -= len(chunk)
@@ -173,12 +244,124 @@ class HttpFront:
             pass
 
     @staticmethod
-    async def _pump(upstream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(upstream: asyncio.StreamReader, exchange: "_Exchange") -> None:
+        """Relay Triton's responses; after each complete one, its request is answered (unmarked)."""
         try:
-            while chunk := await upstream.read(1 << 16):
-                writer.write(chunk)
-                await writer.drain()
-        except (ConnectionError, OSError):
+            while True:
+                head = await upstream.readuntil(b"\r\n\r\n")
+                status, length = _response_length(head, exchange.method())
+                if length is None:  # no Content-Length (Triton always sends one): relay until it closes
+                    await exchange.send(head)
+                    while chunk := await upstream.read(1 << 16):
+                        await exchange.send(chunk)
+                    return
+                pending = head  # sent with the body's first chunk: one segment for a small answer
+                while length > 0:
+                    chunk = await upstream.read(min(length, 1 << 16))
+                    if not chunk:
+                        return
+                    length -= len(chunk)
+                    await exchange.send(pending + chunk)
+                    pending = b""
+                if pending:
+                    await exchange.send(pending)
+                if status >= 200 and exchange.answered():
+                    return
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
-            writer.close()
+            if not exchange.gone:
+                exchange.writer.close()
+
+
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY: a request or answer written in two parts must not wait for a delayed ACK (40 ms)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _response_length(head: bytes, method: bytes) -> tuple[int, int | None]:
+    """A response head's status and body length (None: until the connection closes)."""
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+        return status, 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        key = name.strip().lower()
+        if key == b"transfer-encoding":
+            return status, None
+        if key == b"content-length" and value.strip().isdigit():
+            return status, int(value.strip())
+    return status, None
+
+
+class _Budget:
+    """Holds ``length`` bytes of the front's body budget while a body is read and forwarded."""
+
+    def __init__(self, front: HttpFront, length: int) -> None:
+        self.front, self.length = front, length
+
+    async def __aenter__(self) -> None:
+        self.front._buffered += self.length
+
+    async def __aexit__(self, *exc) -> None:
+        self.front._buffered -= self.length
+
+
+class _Exchange:
+    """One client connection's requests in flight: their tokens, and what happens when it closes."""
+
+    def __init__(self, writer: asyncio.StreamWriter, marks: CancelMarks | None) -> None:
+        self.writer, self.marks = writer, marks
+        self.pending: deque[tuple[str | None, bytes]] = deque()  # (token, method) per forwarded request
+        self.gone = False
+
+    def forward(self, head: bytes) -> bytes:
+        """``head`` with a fresh token (when marks are on); the request is now pending."""
+        token = new_token() if self.marks else None
+        self.pending.append((token, head.split(b" ", 1)[0]))
+        return head if token is None else head[:-2] + f"{TOKEN_HEADER}: {token}\r\n\r\n".encode()
+
+    def method(self) -> bytes:
+        return self.pending[0][1] if self.pending else b""
+
+    async def send(self, data: bytes) -> None:
+        if self.gone:
+            return  # the client has gone: drain Triton's answer only to learn the request ended
+        self.writer.write(data)
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            self.gone = True
+
+    def answered(self) -> bool:
+        """The oldest pending request was answered; True once the client has gone and none is left."""
+        if self.pending:
+            token, _ = self.pending.popleft()
+            if token is not None and self.marks is not None:
+                self.marks.unmark(token)
+        return self.gone and not self.pending
+
+    async def client_gone(self, pump) -> None:
+        """Mark every pending request cancelled; keep reading Triton's answers (at most
+        ``MARK_MAX_AGE_S``) so each mark lives until its request ends, then remove what is left."""
+        self.gone = True
+        if pump is None:
+            return
+        tokens = [t for t, _ in self.pending if t is not None]
+        if not tokens or self.marks is None or pump.done():
+            pump.cancel()
+            return
+        for token in tokens:
+            self.marks.mark(token)
+        log.info("client gone with %d request(s) pending: marked cancelled", len(tokens))
+        try:
+            await asyncio.wait_for(pump, MARK_MAX_AGE_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - cleanup below
+            pass
+        finally:
+            for token in tokens:
+                self.marks.unmark(token)

@@ -6,7 +6,7 @@
 - The Python backend's shared-memory regions (where requests and responses pass, prompts included)
   are named ``kandinsky-shm-<pid>-...`` and narrowed to mode 0600 (:func:`secure_regions`).
 - Every temporary directory and shared-memory region is named with the launcher's PID
-  (``kandinsky-triton-<pid>-*``, ``kandinsky-repo-<pid>-*``, ``/dev/shm/kandinsky-shm-<pid>-*``);
+  (``kandinsky-triton-<pid>-*``, ``kandinsky-repo-<pid>-*``, ``kandinsky-cancel-<pid>-*``, ``kandinsky-replicas-<pid>-*``, ``/dev/shm/kandinsky-shm-<pid>-*``);
   :func:`sweep` removes those of launchers that are gone (and only the current user's), at every
   start, so what a SIGKILLed launcher left is removed by the next one.
 - :func:`check_ports_free` says which port is taken before anything starts.
@@ -30,8 +30,8 @@ from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "kandinsky-shm"
-DIR_PREFIXES = ("kandinsky-triton", "kandinsky-repo")
-_OWNED = re.compile(r"^(?:kandinsky-triton|kandinsky-repo|kandinsky-shm)-(\d+)-")
+DIR_PREFIXES = ("kandinsky-triton", "kandinsky-repo", "kandinsky-cancel", "kandinsky-replicas")
+_OWNED = re.compile(r"^(?:kandinsky-triton|kandinsky-repo|kandinsky-cancel|kandinsky-replicas|kandinsky-shm)-(\d+)-")
 _PR_SET_PDEATHSIG = 1
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.serve import hygiene
 from kandinsky_trt.runtime.serve.front import FrontConfig, HttpFront
-from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_REQUEST_BYTES
+from kandinsky_trt.runtime.serve.cancel import TOKEN_HEADER
+from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
 from kandinsky_trt.runtime.serve.watchdog import StubWatchdog
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class ServerConfig:
     exit_timeout_s: int = 10  # how long Triton waits for in-flight requests on SIGTERM
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP bodies over it: 413 from the front
     model: str = "kandinsky"  # the model the watchdog reloads when its stub dies ("" = no watchdog)
+    cancel_dir: Path | None = None  # the front marks disconnected HTTP requests here (see cancel.py)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # HTTP connections the front holds at once
 
     @property
     def http_url(self) -> str:
@@ -146,6 +149,8 @@ def server_command(install: TritonInstall, config: ServerConfig, http_port: int,
            "--exit-on-error=true", "--disable-auto-complete-config", f"--exit-timeout-secs={config.exit_timeout_s}",
            "--model-control-mode=explicit", "--load-model=*", "--strict-readiness=true",
            f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
+    if config.cancel_dir is not None:  # the front's cancel token reaches the model as a request parameter
+        cmd.append(f"--http-header-forward-pattern=^{TOKEN_HEADER}$")
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
     return cmd
@@ -196,8 +201,9 @@ class TritonServer:
                                           "--metrics-port": c.metrics_port})
         self.config = with_free_ports(c)
         try:
-            self.front = HttpFront(FrontConfig(c.host, self.config.http_port, free_port("127.0.0.1"),
-                                               c.max_request_bytes)).start()
+            self.front = HttpFront(FrontConfig(
+                c.host, self.config.http_port, free_port("127.0.0.1"), c.max_request_bytes,
+                str(c.cancel_dir) if c.cancel_dir else None, c.max_connections)).start()
             self.triton_http_url = f"127.0.0.1:{self.front.config.upstream_port}"
             self._launch()
             self._wait_ready()
@@ -242,8 +248,11 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (Triton unloads models and exits), then SIGKILL its group if it has not exited in time."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (Triton finishes in-flight requests for up to ``exit_timeout_s``, unloads models and
+        exits), then SIGKILL its group if it has not exited in time (default: exit timeout + 10 s)."""
+        if timeout_s is None:
+            timeout_s = self.config.exit_timeout_s + 10.0
         if self.watchdog is not None:
             self.watchdog.stop()
         process, self.process = self.process, None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kandinsky_trt.runtime.serve.cancel import CancelMarks, token_of
 from kandinsky_trt.runtime.serve.contract import INPUT_NAMES
 from kandinsky_trt.runtime.serve.limits import DEFAULT_MAX_REQUEST_BYTES
 
@@ -32,6 +33,7 @@ class ModelParameters:
     max_images: int = 16
     batching: bool = True
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    cancel_dir: str | None = None  # the HTTP front's cancel marks (see cancel.py)
 
     @classmethod
     def from_model_config(cls, model_config: str) -> "ModelParameters":
@@ -39,7 +41,8 @@ class ModelParameters:
         return cls(artifacts=params["artifacts"], backend=params.get("backend", "ort"),
                    device=params.get("device", "cpu"), cuda_graph=params.get("cuda_graph", "true") == "true",
                    max_images=int(params.get("max_images", 16)), batching=params.get("batching", "true") == "true",
-                   max_request_bytes=int(params.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))
+                   max_request_bytes=int(params.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)),
+                   cancel_dir=params.get("cancel_dir"))
 
 
 def load_executor(params: ModelParameters):
@@ -102,6 +105,7 @@ class TritonPythonModel:
         self.params = ModelParameters.from_model_config(args["model_config"])
         self.executor = load_executor(self.params)
         self.counter = RequestCounter(pb_utils)
+        self.marks = CancelMarks(self.params.cancel_dir) if self.params.cancel_dir else None
         log.info("kandinsky model ready: %s on %s/%s", self.params.artifacts, self.params.backend, self.params.device)
 
     def execute(self, requests: list) -> list:
@@ -115,9 +119,15 @@ class TritonPythonModel:
             if message is not None:  # gRPC has no transport bound in Triton 2.51: refuse before any work
                 refused[index], arrays = message, {}
             inputs.append(arrays)
-        gone = [request.is_cancelled for request in requests]
+        gone = [self._gone(request) for request in requests]
         results = self.executor.handle(inputs, gone)
         return [self._response(pb_utils, refused.get(i), result) for i, result in enumerate(results)]
+
+    def _gone(self, request):
+        """Triton's cancellation (gRPC) or the HTTP front's mark of this request's token."""
+        if self.marks is None:
+            return request.is_cancelled
+        return self.marks.gone(token_of(request.parameters()), request.is_cancelled)
 
     def _response(self, pb_utils, refused: str | None, result):
         if refused is not None:

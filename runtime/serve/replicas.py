@@ -18,20 +18,18 @@ that forked the child ends) kills it when the launcher is SIGKILLed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
+from kandinsky_trt.runtime.serve import hygiene
 from kandinsky_trt.runtime.serve.balancer import Balancer, BalancerConfig, BalancerError, HealthCheck, Upstream
 from kandinsky_trt.runtime.serve.hygiene import check_ports_free
 from kandinsky_trt.runtime.serve.launcher import ServerConfig, ServerError, TritonServer, free_port
@@ -239,26 +237,20 @@ class ReplicaSet:
         return "\n".join(lines)
 
 
-def _server_options(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
-    """Server flags of ``serve`` that this launcher's ServerConfig has beyond the ports (e.g. the
-    hardening work's ``--max-request-bytes``), passed on to every replica."""
-    known = {f.name for f in dataclasses.fields(ServerConfig)} - {"repository", "host", "http_port", "grpc_port",
-                                                                  "metrics_port", "startup_timeout_s"}
-    return tuple((name, getattr(args, name)) for name in sorted(known) if getattr(args, name, None) is not None)
+def serve_replicas(args: argparse.Namespace, artifacts: Path, repository: Path, server_options: dict,
+                   stop: threading.Event) -> int:
+    """The ``serve --replicas N`` command: run until ``stop`` is set or the balancer dies.
 
-
-def serve_replicas(args: argparse.Namespace, artifacts: Path, write_repo: Callable[[Path], object]) -> int:
-    """The ``serve --replicas N`` command: run until SIGINT/SIGTERM or until the balancer dies."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    # Named after this PID, as the launcher names its own (a later start removes it if we were killed).
-    workdir = Path(tempfile.mkdtemp(prefix=f"kandinsky-repo-{os.getpid()}-"))
+    ``server_options`` are ServerConfig fields beyond the address (limits, cancel marks, timeouts),
+    the same for every replica; ``repository`` is the model repository they all serve.
+    """
+    options = dict(server_options)
+    startup_timeout_s = options.pop("startup_timeout_s")
+    workdir = hygiene.make_dir("kandinsky-replicas")  # named after this PID, like the launcher's own
     try:
-        write_repo(workdir / "models")
-        config = ReplicaSetConfig(workdir / "models", args.replicas, args.host, args.http_port, args.grpc_port,
-                                  args.metrics_port, args.startup_timeout, cuda=args.device == "cuda",
-                                  server_options=_server_options(args))
+        config = ReplicaSetConfig(repository, args.replicas, args.host, args.http_port, args.grpc_port,
+                                  args.metrics_port, startup_timeout_s, cuda=args.device == "cuda",
+                                  server_options=tuple(sorted(options.items())))
         return _run(ReplicaSet(config, workdir), artifacts, stop)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -41,6 +41,7 @@ class RepoConfig:
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE  # waiting requests beyond it: refused at once
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S  # waited longer: refused without running
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the model refuses requests holding more
+    cancel_dir: str | None = None  # where the HTTP front marks requests whose client has gone
 
 
 def _check(config: RepoConfig) -> None:
@@ -62,6 +63,8 @@ def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
               ("device", config.device), ("max_images", str(config.max_images)),
               ("batching", "true" if config.batching else "false"),
               ("max_request_bytes", str(config.max_request_bytes)))
+    if config.cancel_dir is not None:
+        params += (("cancel_dir", str(config.cancel_dir)),)
     batch = config.max_batch_size or max(manifest.batches())
     return ModelConfig(
         max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,

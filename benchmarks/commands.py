@@ -21,7 +21,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         raise PipelineInputError("--artifacts: expected an artifacts directory (or --compare A.json B.json), found none")
     from kandinsky_trt.benchmarks.harness import BenchConfig, run_benchmark
+    from kandinsky_trt.runtime.cli.console import quiet_libraries
     from kandinsky_trt.runtime.cli.output_paths import check_writable_directory
+
+    quiet_libraries()
 
     check_writable_directory(args.out, "--out")
 

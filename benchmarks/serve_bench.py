@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode; medians reported")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="bench-results")
     parser.add_argument("--name", required=True, help="file stem")
     return parser
 

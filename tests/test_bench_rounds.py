@@ -95,3 +95,10 @@ def test_no_benchmark_times_its_contenders_one_after_the_other():
     sources = {p.name: p.read_text() for p in Path(pkg.__file__).parent.glob("*.py")}
     assert not [name for name, text in sources.items() if "time_calls" in text]
     assert "interleave(" in sources["harness.py"] and "interleave(" in sources["full_size_stages.py"]
+
+
+def test_bench_writes_outside_the_committed_results_by_default():
+    from kandinsky_trt.runtime.cli.main import build_parser
+
+    out = build_parser().parse_args(["bench", "--artifacts", "A"]).out
+    assert out == "bench-results" and "benchmarks" not in Path(out).parts

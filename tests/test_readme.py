@@ -104,3 +104,11 @@ def test_readme_block_runs_as_written(block, demo_run):
                           timeout=BLOCK_TIMEOUT_S)
     assert done.returncode == 0, f"README {block.id} failed ({done.returncode}):\n{block.text}\n" \
                                  f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+
+
+def test_version_hints_match_the_code():
+    """"re-export with kandinsky-trt >= X" in the README is the version the manifest reader asks for."""
+    from kandinsky_trt.runtime.contract.manifest import MIN_PRODUCER_VERSION
+
+    found = re.findall(r"kandinsky-trt (?:>=|≥) ?(\d+\.\d+\.\d+)", README.read_text(encoding="utf-8"))
+    assert found and set(found) == {MIN_PRODUCER_VERSION}, found

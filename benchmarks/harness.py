@@ -99,7 +99,9 @@ def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
         cls = {"text2img": diffusers.KandinskyCombinedPipeline, "img2img": diffusers.KandinskyImg2ImgCombinedPipeline,
                "inpaint": diffusers.KandinskyInpaintCombinedPipeline}[kind]
         parts = {**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()}}
-        return cls(**parts).to(device)
+        pipe = cls(**parts).to(device)
+        pipe.set_progress_bar_config(disable=True)  # a bar per timed call is noise (and costs time)
+        return pipe
 
     return factory
 

@@ -129,7 +129,7 @@ def test_ctrl_c_during_generate_is_one_line_exit_130_and_writes_nothing(demo, tm
     """SIGINT while the decoder runs: "interrupted", status 130, no image and no temporary file."""
     out = tmp_path / "out" / "cat.png"
     argv = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "generate", "a cat", "--artifacts",
-            str(demo / "artifacts"), "--out", str(out), "--steps", "1000", "--seed", "0"]
+            str(demo / "artifacts"), "--out", str(out), "--steps", "500", "--seed", "0"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = ""
     try:

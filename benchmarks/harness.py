@@ -92,6 +92,10 @@ def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
     """diffusers' own combined pipelines, assembled from the checkpoints the artifacts came from."""
     import diffusers
 
+    from kandinsky_trt.runtime.cli.console import quiet_libraries
+
+    quiet_libraries()  # from the command line: no loading bars (a no-op for a library user)
+
     def factory(kind: str):
         prior = diffusers.KandinskyPriorPipeline.from_pretrained(manifest.checkpoints["prior"])
         decoder_dir = manifest.checkpoints["inpaint" if kind == "inpaint" else "decoder"]

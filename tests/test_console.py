@@ -25,6 +25,8 @@ logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchv
 dl.get_logger("diffusers.models.modeling_utils").warning("install accelerate")
 logging.getLogger("kandinsky_trt.export.artifacts").info("[1/8] prior")
 logging.getLogger("kandinsky_trt.export.artifacts").debug("exported prior -> staging")
+if dl.is_progress_bar_enabled():  # diffusers' "Loading pipeline components" bars
+    print("Loading pipeline components bar", file=sys.stderr)
 """
 
 
@@ -40,7 +42,7 @@ def test_only_our_progress_without_verbose():
 
 
 @pytest.mark.parametrize("chatter", ["Replaced initializer", "is not 0", "torchvision", "accelerate",
-                                     "exported prior -> staging"])
+                                     "exported prior -> staging", "Loading pipeline components"])
 def test_verbose_shows_everything(chatter, verbose_stderr):
     assert any(chatter in line for line in verbose_stderr)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 OWN_LOGGER = "kandinsky_trt"
@@ -53,6 +54,9 @@ def quiet_libraries() -> None:
         return
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    diffusers_logging = sys.modules.get("diffusers.utils.logging")
+    if diffusers_logging is not None:  # its "Loading pipeline components" bars heed no environment switch
+        diffusers_logging.disable_progress_bar()
 
 
 def is_verbose() -> bool:

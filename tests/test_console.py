@@ -8,6 +8,7 @@ a fresh interpreter (logging is process-wide), on the loggers the libraries real
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -31,8 +32,12 @@ if dl.is_progress_bar_enabled():  # diffusers' "Loading pipeline components" bar
 
 
 def _stderr(verbose: bool) -> list[str]:
+    from kandinsky_trt.runtime.cli.console import QUIET_ENVIRONMENT
+
+    # A new user's environment: without the switches an in-process ``main`` of another test has set here.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
     done = subprocess.run([sys.executable, "-c", PROGRAM, "1" if verbose else "0"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done.stderr.strip().splitlines()
 

@@ -64,3 +64,19 @@ def test_library_use_keeps_its_own_logging():
             "print(logging.getLogger('torch').level, logging.getLogger('onnx_ir').level)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["0", "0"]
+
+
+def test_a_tiny_dynamo_export_prints_its_progress_only(tiny_checkpoint, tmp_path):
+    """The issue's reproduction: ``kandinsky-trt export`` of a tiny network with the default (dynamo)
+    exporter printed hundreds of optimizer lines per graph; now its progress and parity only."""
+    from kandinsky_trt.runtime.cli.console import QUIET_ENVIRONMENT
+
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}
+    argv = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "export", "--prior", str(tiny_checkpoint.prior),
+            "--decoder", str(tiny_checkpoint.decoder), "--out", str(tmp_path / "a"), "--height", "64", "--width", "64",
+            "--networks", "prior", "--verify"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = done.stderr.strip().splitlines()
+    assert err[0] == "[1/1] prior" and any("parity: prior" in line for line in err) and len(err) <= 6, err
+    assert not [line for line in done.stdout.splitlines() if "[torch.onnx]" in line]

@@ -21,7 +21,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         raise PipelineInputError("--artifacts: expected an artifacts directory (or --compare A.json B.json), found none")
     from kandinsky_trt.benchmarks.harness import BenchConfig, run_benchmark
+    from kandinsky_trt.runtime.cli.console import quiet_libraries
     from kandinsky_trt.runtime.cli.output_paths import check_writable_directory
+
+    quiet_libraries()
 
     check_writable_directory(args.out, "--out")
 
@@ -46,12 +49,15 @@ def add_commands(sub) -> None:
     p.add_argument("--stages", nargs="*", help="networks to time (default: all; give none to skip stages)")
     p.add_argument("--pipelines", nargs="*", default=[], choices=("text2img", "img2img", "inpaint"),
                    help="end-to-end runs (ours vs diffusers)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default 5)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="timed rounds per measurement, the backends taking turns in each (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--steps", type=int, default=10, help="decoder steps end to end (default 10)")
     p.add_argument("--prior-steps", type=int, default=5, help="prior steps end to end (default 5)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--out", default="benchmarks/results", help="where the JSON/Markdown/PNG go")
+    p.add_argument("--out", default="bench-results",
+                   help="where the JSON/Markdown/PNG go (default ./bench-results; the repository's "
+                        "benchmarks/results/ holds only the committed figures)")
     p.add_argument("--name", help="file stem (default: device, profile and date)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two result files instead")
     p.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare (default 5%%)")

@@ -42,7 +42,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--segment-mb", type=float, default=512)
     parser.add_argument("--rss-limit-gb", type=float, default=13.5)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="bench-results")
     return parser.parse_args()
 
 

@@ -164,7 +164,7 @@ def _write(result: dict, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="bench-results")
     parser.add_argument("--work", default="/tmp/kandinsky-full-size-profiles")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)

@@ -1,9 +1,11 @@
 """The timing harness behind ``kandinsky-trt bench``: backends side by side, in one run.
 
 Per stage (each network of the manifest, step graphs included) every backend runs the same inputs:
-``warmup`` untimed calls, then ``repeat`` timed ones; medians, spread and peak host RSS go into a
-result file (``report.py``). End to end, our pipelines on each runtime backend run against
-diffusers' own pipelines (the ``torch`` baseline) with the same prompts and step counts.
+``warmup`` untimed calls each, then ``repeat`` rounds in which the backends take turns (torch, ort,
+torch, ort, ...: ``rounds.py``), so a change of machine load hits them alike; medians, spread, the
+ratio of every round and peak host RSS go into a result file (``report.py``). End to end, our
+pipelines on each runtime backend run against diffusers' own pipelines (the ``torch`` baseline) with
+the same prompts and step counts, in alternating rounds too.
 
 The physical lower bound (``flops.py``) is attached to a stage only when the device is a GPU with a
 known spec; on a CPU the bounds for a reference GPU are stored beside the figures, not as fractions.
@@ -12,15 +14,14 @@ known spec; on a CPU the bounds for a reference GPU are stored beside the figure
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from kandinsky_trt.benchmarks.environment import peak_host_rss_mb, reset_peak_host_rss
 from kandinsky_trt.benchmarks.report import BenchResult, StageMeasurement, new_result, stage_result, with_baseline_ratios
+from kandinsky_trt.benchmarks.rounds import interleave
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.backends.registry import check_backend
@@ -46,28 +47,20 @@ class BenchConfig:
     reference_gpu: str = "H100 SXM"
 
 
-def time_calls(call: Callable[[], object], repeat: int, warmup: int) -> tuple[list[float], float]:
-    """Wall-clock milliseconds of ``repeat`` calls after ``warmup``; and the peak host RSS (MB)."""
-    for _ in range(warmup):
-        call()
-    reset_peak_host_rss()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples, peak_host_rss_mb()
+def _measured(stage: str, calls: dict[str, Callable[[], object]], config: BenchConfig):
+    """Time ``calls`` (backend -> call) in alternating rounds; one measurement per backend."""
+    timed = interleave(calls, config.repeat, config.warmup)
+    for backend, t in timed.items():
+        log.info("%-20s %-5s median %.2f ms", stage, backend, float(np.median(t.samples_ms)))
+        yield StageMeasurement(stage, backend, t.samples_ms, t.peak_host_rss_mb)
 
 
 def _stage_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
     names = config.stages or tuple(manifest.networks)
     for name in names:
         feeds = sample_inputs(manifest.network(name).resolved())
-        for backend, comp in components.items():
-            session = comp.session(name)
-            samples, rss = time_calls(lambda: session.run(feeds), config.repeat, config.warmup)
-            log.info("%-20s %-5s median %.2f ms", name, backend, float(np.median(samples)))
-            yield StageMeasurement(name, backend, tuple(samples), rss)
+        sessions = {backend: comp.session(name) for backend, comp in components.items()}
+        yield from _measured(name, {b: (lambda s=s: s.run(feeds)) for b, s in sessions.items()}, config)
 
 
 def _pipeline_call(kind: str, pipe_factory: Callable[[str], Callable], config: BenchConfig, size: tuple[int, int]):
@@ -99,6 +92,10 @@ def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
     """diffusers' own combined pipelines, assembled from the checkpoints the artifacts came from."""
     import diffusers
 
+    from kandinsky_trt.runtime.cli.console import quiet_libraries
+
+    quiet_libraries()  # from the command line: no loading bars (a no-op for a library user)
+
     def factory(kind: str):
         prior = diffusers.KandinskyPriorPipeline.from_pretrained(manifest.checkpoints["prior"])
         decoder_dir = manifest.checkpoints["inpaint" if kind == "inpaint" else "decoder"]
@@ -106,7 +103,9 @@ def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
         cls = {"text2img": diffusers.KandinskyCombinedPipeline, "img2img": diffusers.KandinskyImg2ImgCombinedPipeline,
                "inpaint": diffusers.KandinskyInpaintCombinedPipeline}[kind]
         parts = {**decoder.components, **{f"prior_{k}": v for k, v in prior.components.items()}}
-        return cls(**parts).to(device)
+        pipe = cls(**parts).to(device)
+        pipe.set_progress_bar_config(disable=True)  # a bar per timed call is noise (and costs time)
+        return pipe
 
     return factory
 
@@ -114,11 +113,10 @@ def _diffusers(manifest: mf.Manifest, device: str) -> Callable[[str], Callable]:
 def _pipeline_measurements(config: BenchConfig, manifest: mf.Manifest, components: dict[str, Components]):
     size = (manifest.profile.height, manifest.profile.width)
     for kind in config.pipelines:
-        for backend in config.backends:
-            factory = _diffusers(manifest, config.device) if backend == "torch" else _ours(components[backend])
-            samples, rss = time_calls(_pipeline_call(kind, factory, config, size), config.repeat, config.warmup)
-            log.info("e2e %-16s %-5s median %.1f ms", kind, backend, float(np.median(samples)))
-            yield StageMeasurement(f"e2e:{kind}", backend, tuple(samples), rss)
+        factories = {b: _diffusers(manifest, config.device) if b == "torch" else _ours(components[b])
+                     for b in config.backends}
+        calls = {b: _pipeline_call(kind, factory, config, size) for b, factory in factories.items()}
+        yield from _measured(f"e2e:{kind}", calls, config)
 
 
 def reference_bounds(names, profile, precision: str, gpu_name: str = "H100 SXM") -> dict:
@@ -171,7 +169,7 @@ def run_benchmark(config: BenchConfig) -> BenchResult:
     finally:
         for comp in components.values():
             comp.close()
-    rows = with_baseline_ratios([stage_result(m) for m in stages])
+    rows = with_baseline_ratios([stage_result(m) for m in stages], interleaved=True)
     result = new_result(manifest.profile.to_dict(), manifest.precision, rows, device_name=config.device)
     names = [n for n in dict.fromkeys(s.stage for s in rows) if n in manifest.networks]
     full_size = manifest.model_dims == KANDINSKY_2_1_DIMS  # tiny checkpoints have no meaningful floor

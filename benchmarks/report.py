@@ -81,7 +81,9 @@ class StageMeasurement:
 @dataclass(frozen=True)
 class StageResult:
     """One row of a result file. ``ratio_to_baseline`` = baseline median / this median (>1:
-    faster than torch); ``fraction_of_bound`` = lower bound / median (1.0 = at the physical floor)."""
+    faster than torch); ``round_ratios``: the same ratio in each round, when the baseline and this
+    row were timed in alternation (``rounds.py``; samples in round order); ``fraction_of_bound`` =
+    lower bound / median (1.0 = at the physical floor)."""
 
     stage: str
     backend: str
@@ -94,13 +96,17 @@ class StageResult:
     ratio_to_baseline: float | None = None
     lower_bound_ms: float | None = None
     fraction_of_bound: float | None = None
+    round_ratios: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "samples_ms": list(self.samples_ms)}
+        ratios = None if self.round_ratios is None else list(self.round_ratios)
+        return {**asdict(self), "samples_ms": list(self.samples_ms), "round_ratios": ratios}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StageResult":
-        return cls(**{**data, "samples_ms": tuple(data["samples_ms"])})
+        ratios = data.get("round_ratios")  # absent from files written before the rounds were interleaved
+        return cls(**{**data, "samples_ms": tuple(data["samples_ms"]),
+                      "round_ratios": None if ratios is None else tuple(ratios)})
 
 
 def stage_result(m: StageMeasurement) -> StageResult:
@@ -115,14 +121,18 @@ def stage_result(m: StageMeasurement) -> StageResult:
     )
 
 
-def with_baseline_ratios(stages, baseline: str = BASELINE_BACKEND) -> tuple[StageResult, ...]:
-    """Fill ``ratio_to_baseline`` of every row whose stage also ran on ``baseline``."""
-    base = {s.stage: s.median_ms for s in stages if s.backend == baseline}
-    return tuple(
-        replace(s, ratio_to_baseline=base[s.stage] / s.median_ms)
-        if s.stage in base and s.median_ms > 0 else s
-        for s in stages
-    )
+def with_baseline_ratios(stages, baseline: str = BASELINE_BACKEND, interleaved: bool = False) -> tuple[StageResult, ...]:
+    """Fill ``ratio_to_baseline`` of every row whose stage also ran on ``baseline``; with
+    ``interleaved`` (samples taken in alternating rounds) also ``round_ratios``, round by round."""
+    base = {s.stage: s for s in stages if s.backend == baseline}
+
+    def ratios(s: StageResult) -> dict:
+        b = base[s.stage]
+        per_round = interleaved and len(b.samples_ms) == len(s.samples_ms) and min(s.samples_ms) > 0
+        return {"ratio_to_baseline": b.median_ms / s.median_ms,
+                "round_ratios": tuple(x / y for x, y in zip(b.samples_ms, s.samples_ms)) if per_round else None}
+
+    return tuple(replace(s, **ratios(s)) if s.stage in base and s.median_ms > 0 else s for s in stages)
 
 
 @dataclass(frozen=True)
@@ -205,20 +215,26 @@ def render_markdown(result: BenchResult) -> str:
         f"- versions: {versions}",
         f"- run: {result.created_utc or 'unknown'}; baseline for the speed-up: `{BASELINE_BACKEND}`",
         "",
-        "| stage | backend | median ms | p10–p90 ms | n | vs torch | lower bound ms | % of bound "
+        "| stage | backend | median ms | min–max ms | n | vs torch | per round | lower bound ms | % of bound "
         "| peak host MB | peak device MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in result.stages:
         lines.append(
-            f"| {s.stage} | {s.backend} | {s.median_ms:.3f} | {s.p10_ms:.3f}–{s.p90_ms:.3f} | "
-            f"{len(s.samples_ms)} | {_fmt(s.ratio_to_baseline, '.2f', '×')} | {_fmt(s.lower_bound_ms, '.3f')} | "
+            f"| {s.stage} | {s.backend} | {s.median_ms:.3f} | {min(s.samples_ms):.3f}–{max(s.samples_ms):.3f} | "
+            f"{len(s.samples_ms)} | {_fmt(s.ratio_to_baseline, '.2f', '×')} | {_ratio_range(s.round_ratios)} | "
+            f"{_fmt(s.lower_bound_ms, '.3f')} | "
             f"{_fmt(None if s.fraction_of_bound is None else 100 * s.fraction_of_bound, '.1f', ' %')} | "
             f"{_fmt(s.peak_host_rss_mb, '.0f')} | {_fmt(s.peak_device_mb, '.0f')} |"
         )
-    lines += ["", "% of bound = lower bound / median: the share of the physical floor reached "
-              "(fp16 dense tensor peak and DRAM bandwidth, see benchmarks/flops.py)."]
+    lines += ["", "vs torch = torch median / this median; per round = the lowest and highest of that ratio "
+              "over the rounds, in which the backends took turns. % of bound = lower bound / median: the share "
+              "of the physical floor reached (fp16 dense tensor peak and DRAM bandwidth, see benchmarks/flops.py)."]
     return "\n".join(lines + _reference_bound_lines(result.device)) + "\n"
+
+
+def _ratio_range(ratios) -> str:
+    return "—" if not ratios else f"{min(ratios):.2f}–{max(ratios):.2f}×"
 
 
 def _reference_bound_lines(device: dict) -> list[str]:

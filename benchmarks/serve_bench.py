@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> dict:
         "in_process": api, "batching_on": on, "batching_off": off,
         "overhead_ratio_c1": on[str(levels[0])]["p50_ms"] / api["p50_ms"],
         "batching_throughput_ratio": {c: on[c]["requests_per_s"] / off[c]["requests_per_s"] for c in on},
+        "batching_throughput_ratio_per_round": {  # the modes took turns in each round: the ratio's spread
+            str(c): [r["batching_on"][str(c)]["requests_per_s"] / r["batching_off"][str(c)]["requests_per_s"]
+                     for r in rounds] for c in levels},
         "peak_rss_mb_client_process": peak_host_rss_mb(),
     }
 
@@ -176,8 +179,14 @@ def markdown(r: dict) -> str:
         off = r["batching_off"][c]
         lines.append(f"| {c} | {_rate(on['requests_per_s'])} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
                      f"{_rate(off['requests_per_s'])} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
-                     f"{r['batching_throughput_ratio'][c]:.2f}x |")
+                     f"{r['batching_throughput_ratio'][c]:.2f}x{_round_range(r, c)} |")
     return "\n".join(lines) + "\n"
+
+
+def _round_range(r: dict, level: str) -> str:
+    """`` (rounds a–b)``: the on/off ratio's lowest and highest round, where the file has them."""
+    ratios = r.get("batching_throughput_ratio_per_round", {}).get(level)
+    return f" (rounds {min(ratios):.2f}–{max(ratios):.2f})" if ratios and len(ratios) > 1 else ""
 
 
 def _rate(requests_per_s: float) -> str:
@@ -232,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every mode; medians reported")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="bench-results")
     parser.add_argument("--name", required=True, help="file stem")
     return parser
 

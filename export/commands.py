@@ -11,10 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from kandinsky_trt.runtime.cli.console import quiet_libraries
+
 
 def _cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
 
+    quiet_libraries()
     result = write_tiny_checkpoint(Path(args.out), seed=args.seed)
     print(f"tiny Kandinsky 2.1 checkpoint written: {result.prior}, {result.decoder}, {result.inpaint}")
     return 0
@@ -45,6 +48,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 
+    quiet_libraries()
     dirs = CheckpointDirs(Path(args.prior), Path(args.decoder), Path(args.inpaint) if args.inpaint else None)
     config = ExportConfig(
         checkpoints=dirs, out_dir=Path(args.out), profiles=_profiles(args), precision=args.precision,
@@ -64,15 +68,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kandinsky_trt.export.demo import run_demo
 
+    quiet_libraries()
     result = run_demo(Path(args.out))
+    print("ONNX graphs vs torch modules:")
+    for parity in result.export.parity:
+        print("  " + parity.line())
     print(f"kandinsky-trt vs diffusers, same checkpoint, prompt and draws: max |difference| {result.max_diff:.2e}, "
           f"mean {result.mean_diff:.2e} (images in [0, 1])")
     art = result.artifacts
-    print(f"try: kandinsky-trt generate \"a cat\" --artifacts {art} --out cat.png  "
+    print(f"try: {_program()} generate \"a cat\" --artifacts {art} --out cat.png  "
           f"(--image {result.image} --strength 0.5 for img2img; add --mask {result.mask} to inpaint)")
     print(f"files: checkpoint {result.checkpoint.decoder.parent}/  artifacts {art}/  image {result.image}  "
           f"comparison {result.comparison}  mask {result.mask}")
     return 0 if result.export.passed else 1
+
+
+def _program() -> str:
+    """How the user ran us (``.venv/bin/kandinsky-trt`` after the quick start), for lines to copy."""
+    import os
+    import shlex
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    return shlex.quote(argv0) if os.path.basename(argv0) == "kandinsky-trt" else "kandinsky-trt"
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -120,6 +137,7 @@ def _cmd_debug_precision(args: argparse.Namespace) -> int:
     from kandinsky_trt.export.precision_debug import DebugConfig, debug_precision
     from kandinsky_trt.export.precision_report import fix_option, format_report, write_report
 
+    quiet_libraries()
     config = DebugConfig(
         fp16_artifacts=Path(args.artifacts), reference=Path(args.reference),
         networks=tuple(args.networks) if args.networks else None, seed=args.seed, top_k=args.top,

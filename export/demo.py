@@ -51,16 +51,15 @@ def run_demo(out: Path, say: Callable[[str], None] = print) -> DemoResult:
     dirs = CheckpointDirs(ckpt.prior, ckpt.decoder, ckpt.inpaint)
     config = ExportConfig(dirs, out / "artifacts", (Profile(1, SIZE, SIZE, True),), precision="fp32",
                           exporter="legacy", verify=True)  # legacy: 5x faster than dynamo on tiny models
-    report = export_artifacts(config)
-    for parity in report.parity:
-        say("    " + parity.line())
+    report = export_artifacts(config)  # logs each network's progress and parity line as it goes
     say("3/4 generating with kandinsky-trt on CPU (ONNX Runtime); random weights draw coloured noise")
     prior_latents, prior_noise, latents = _draws(report.manifest_path.parent)
     ours = _ours(out / "artifacts", prior_latents, prior_noise, latents)
     say("4/4 generating the same image with diffusers (torch) for comparison")
     reference = _diffusers(ckpt)
     diff = np.abs(ours.astype(np.float64) - reference)
-    image = _save(Image.fromarray(_to_uint8(ours)).resize((PANEL, PANEL), Image.NEAREST), out / "demo.png")
+    # At the artifacts' own size, so that img2img / inpaint (also served) take it as it is.
+    image = _save(Image.fromarray(_to_uint8(ours)), out / "demo.png")
     comparison = _save(comparison_picture(reference, ours), out / "demo_comparison.png")
     mask = _save(_demo_mask(), out / "mask.png")
     return DemoResult(ckpt, out / "artifacts", image, comparison, mask, float(diff.max()), float(diff.mean()), report)

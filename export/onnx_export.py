@@ -148,7 +148,7 @@ def _torch_export(wrapper: torch.nn.Module, args: tuple, path: Path, request: Ex
         if request.exporter == "dynamo":
             shapes = _dynamic_shapes(request.graph, request.dim_values)
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET["dynamo"],
-                                        dynamic_shapes=shapes, **names)
+                                        dynamic_shapes=shapes, verbose=log.isEnabledFor(logging.DEBUG), **names)
             program.save(str(path), external_data=True)
         else:
             torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=OPSET["legacy"],
@@ -212,5 +212,5 @@ def export_network(model: torch.nn.Module, request: ExportRequest) -> list[Path]
         final = [request.out_dir / f.name for f in files]
         for src, dst in reversed(list(zip(files, final))):
             src.replace(dst)
-    log.info("exported %s (%s) -> %s", name, request.policy.precision, final[0])
+    log.debug("exported %s (%s) -> %s", name, request.policy.precision, final[0])  # a staging folder
     return final

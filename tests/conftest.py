@@ -11,6 +11,11 @@ The ``gpu`` and ``tensorrt`` markers skip their tests where a CUDA device or Ten
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +52,44 @@ def pytest_collection_modifyitems(config, items):
         reason = missing() if marked else None
         for item in marked if reason else ():
             item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))
+
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_COMMAND = ".venv/bin/kandinsky-trt demo"  # the quick start's second line, as README.md writes it
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """``kandinsky-trt demo`` run once per session as a new user runs it: ``cwd`` is a fresh working
+    folder whose ``.venv`` is this interpreter's environment (so README lines that start with
+    ``.venv/bin/`` work there), ``out`` the ``kandinsky-demo`` folder it wrote."""
+
+    cwd: Path
+    out: Path
+    returncode: int
+    stdout: list[str]
+    stderr: list[str]
+
+
+def user_environment(cwd: Path) -> dict:
+    """The environment of a shell after the quick start: the venv is *not* on PATH, so a bare
+    ``kandinsky-trt`` or ``python`` fails as it does for a new user."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep)
+            if p and Path(p).resolve() != Path(venv_bin).resolve()]
+    return {**os.environ, "PATH": os.pathsep.join(path), "PWD": str(cwd), "VIRTUAL_ENV": ""}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The quick start's demo, once per session (tests/test_cli_demo.py and tests/test_readme.py)."""
+    cwd = tmp_path_factory.mktemp("newcomer")
+    (cwd / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    shutil.copytree(REPO / "benchmarks" / "results", cwd / "benchmarks" / "results")  # committed result files
+    done = subprocess.run(DEMO_COMMAND.split(), cwd=cwd, env=user_environment(cwd), capture_output=True,
+                          text=True, timeout=1800)
+    return DemoRun(cwd, cwd / "kandinsky-demo", done.returncode, done.stdout.strip().splitlines(),
+                   done.stderr.strip().splitlines())
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ without torch, and nothing here imports an upper layer.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -63,16 +62,15 @@ def _generate(args: argparse.Namespace) -> int:
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
         common["height"], common["width"] = _size(args, components)
         steps = img2img_steps(args.steps, args.strength) if image is not None and mask is None else args.steps
-        bar = callback = cli_checks.Progress(steps * args.num_images, "decoder")
-        if mask is not None:
-            pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
-            out = pipe(args.prompt, image, mask, callback=callback, **common)
-        elif image is not None:
-            pipe = cp.KandinskyImg2ImgCombinedPipeline(components=components)
-            out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
-        else:
-            out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
-        bar.close()
+        with cli_checks.Progress(steps * args.num_images, "decoder") as callback:
+            if mask is not None:
+                pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
+                out = pipe(args.prompt, image, mask, callback=callback, **common)
+            elif image is not None:
+                pipe = cp.KandinskyImg2ImgCombinedPipeline(components=components)
+                out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
+            else:
+                out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
     for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
@@ -107,11 +105,10 @@ def _interpolate(args: argparse.Namespace) -> int:
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
                                 num_inference_steps=args.prior_steps, generator=args.seed)
-        bar = callback = cli_checks.Progress(args.steps, "decoder")
-        out = KandinskyPipeline(components=components)(
-            "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
-            num_inference_steps=args.steps, generator=args.seed, callback=callback)
-        bar.close()
+        with cli_checks.Progress(args.steps, "decoder") as callback:
+            out = KandinskyPipeline(components=components)(
+                "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
+                num_inference_steps=args.steps, generator=args.seed, callback=callback)
     for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
@@ -168,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kandinsky-trt",
         description="Kandinsky 2.1 on ONNX Runtime / TensorRT. Start with `kandinsky-trt demo`.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the third-party libraries' own messages (hidden otherwise)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
         entry.load()(sub)  # argparse only: each package imports its heavy modules inside its handlers
@@ -179,14 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from kandinsky_trt.runtime.cli import console
     from kandinsky_trt.runtime.contract.errors import USER_ERRORS
+
+    console.configure(args.verbose)
 
     try:
         return args.func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing half-written is left
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -318,3 +318,26 @@ def test_response_length_rules():
     assert _response_length(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"HEAD") == (200, 0)
     assert _response_length(b"HTTP/1.1 204 No Content\r\n\r\n", b"GET") == (204, 0)
     assert _response_length(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"GET") == (200, None)
+
+
+def test_front_refuses_infer_with_503_while_the_model_reloads():
+    """While the stub watchdog reloads the model, infer requests get 503 with the watchdog's reason
+    (a balancer retries them on another replica) instead of Triton's "unknown model" 400; health
+    requests still reach Triton, which answers them truthfully; once the model is back, infer flows."""
+    upstream = _Upstream()
+    upstream.release.set()
+    front = _front(upstream.port)
+    try:
+        front.set_unavailable("model 'kandinsky': expected ready, found it reloading; retry")
+        body = b'{"inputs": []}'
+        infer = b"POST /v2/models/kandinsky/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        refused = _read_all(_send(front.port, infer))
+        assert refused.startswith(b"HTTP/1.1 503") and b"found it reloading; retry" in refused
+        health = _read_all(_send(front.port, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        assert health.startswith(b"HTTP/1.1 200") and len(upstream.heads) == 1
+        front.set_unavailable(None)
+        served = _read_all(_send(front.port, infer.replace(b"Host: x", b"Host: x\r\nConnection: close")))
+        assert served.startswith(b"HTTP/1.1 200") and upstream.heads[-1].startswith("POST /v2/models/kandinsky/infer")
+    finally:
+        front.stop()
+        upstream.close()

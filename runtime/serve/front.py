@@ -112,7 +112,14 @@ class HttpFront:
         self._server = None
         self.port = config.port
         self._open = 0  # connections being served (the event loop's thread only)
+        # Set (by the stub watchdog's thread) while the model reloads: infer requests get 503 with
+        # this reason instead of Triton's "unknown model" 400, so a balancer retries them elsewhere.
+        self.unavailable: str | None = None
         self._buffered = 0  # request-body bytes held
+
+    def set_unavailable(self, reason: str | None) -> None:
+        """``reason`` (one line) refuses infer requests with 503 until called again with None."""
+        self.unavailable = reason
 
     def start(self) -> "HttpFront":
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -167,6 +174,8 @@ class HttpFront:
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError):
                     return  # the client closed (or stayed idle / too slow): nothing more to read
                 forward, length, expect = _parse_head(head, self.config.max_request_bytes)
+                if self.unavailable and b"/infer" in head.split(b"\r\n", 1)[0]:
+                    raise Refusal("503 Service Unavailable", self.unavailable, discard=0 if expect else length)
                 if expect:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 async with self._budget(length, expect):

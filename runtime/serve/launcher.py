@@ -209,7 +209,9 @@ class TritonServer:
             self._wait_ready()
             if self.config.model:
                 self.watchdog = StubWatchdog(self.process.pid, self.triton_http_url, self.config.model,
-                                             self.shm_prefix, self.config.startup_timeout_s).start()
+                                             self.shm_prefix, self.config.startup_timeout_s)
+                self.watchdog.notify = self.front.set_unavailable
+                self.watchdog.start()
         except BaseException:
             self.stop()
             raise

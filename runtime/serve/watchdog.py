@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from kandinsky_trt.runtime.serve.hygiene import secure_regions
 
@@ -67,6 +68,9 @@ class StubWatchdog:
         self.server_pid, self.http_url, self.model = server_pid, http_url, model
         self.shm_prefix, self.load_timeout_s = shm_prefix, load_timeout_s
         self.reloads = 0
+        # Told a one-line reason while the model is not loaded, None once it is (the HTTP front's
+        # ``set_unavailable``: infer requests then get 503, which a balancer retries elsewhere).
+        self.notify: Callable[[str | None], None] = lambda reason: None
         self._stop = threading.Event()
         self._stubs = stubs_of(server_pid)
         self._thread = threading.Thread(target=self._run, name="kandinsky-stub-watchdog", daemon=True)
@@ -102,6 +106,8 @@ class StubWatchdog:
         started = time.monotonic()
         loading = threading.Event()
         threading.Thread(target=self._secure_while, args=(loading,), daemon=True).start()
+        self.notify(f"model {self.model!r}: expected ready, found it reloading after its model process died; "
+                    f"retry")
         try:
             _post(f"{base}/unload", 60.0)
             _post(f"{base}/load", self.load_timeout_s)
@@ -113,6 +119,7 @@ class StubWatchdog:
             loading.set()
             secure_regions(self.shm_prefix)
         self.reloads += 1
+        self.notify(None)
         self._stubs = stubs_of(self.server_pid)
         log.warning("model %r reloaded in %.1f s; watching stub(s) %s", self.model, time.monotonic() - started,
                     sorted(self._stubs))

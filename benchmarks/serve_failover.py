@@ -48,6 +48,9 @@ class FailoverConfig:
     startup_timeout_s: float = 240.0
     phase_timeout_s: float = 60.0  # per wait: out of rotation, back in rotation
     stub_out_timeout_s: float = 20.0  # a dead stub must take its replica out "within seconds"
+    # Checks faster than a tiny model's restart (~1-2 s on an idle 2-core VM), so the balancer is
+    # seen taking the dead replica out; the default (1 s) would miss a restart that quick.
+    health_interval_s: float = 0.25
 
 
 def _children(pid: int) -> list[int]:
@@ -76,11 +79,11 @@ def alive(pid: int) -> bool:
 
 
 def port_free(port: int) -> bool:
-    from kandinsky_trt.runtime.serve.replicas import BalancerError, check_ports_free
+    from kandinsky_trt.runtime.serve.hygiene import check_ports_free
 
     try:
         check_ports_free("127.0.0.1", {"port": port})
-    except BalancerError:
+    except OSError:
         return False
     return True
 
@@ -94,6 +97,7 @@ class ServeProcess:
         self.ports = {name: free_port() for name in ("http", "grpc", "metrics")}
         cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--replicas", str(config.replicas),
                "--artifacts", str(config.artifacts), "--startup-timeout", str(config.startup_timeout_s),
+               "--health-interval", str(config.health_interval_s),
                *(a for name, port in self.ports.items() for a in (f"--{name}-port", str(port)))]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -319,7 +323,7 @@ def _result(config: FailoverConfig, serve: ServeProcess, outcomes: list[Outcome]
     return {
         "benchmark": "serve-replicas-failover", "machine": MachineInfo.collect().__dict__,
         "versions": collect_versions(), "config": {**asdict(config), "artifacts": str(config.artifacts)},
-        "balancer": "HAProxy " + _haproxy_version(), "health_check": _health_check(), "code": _code(),
+        "balancer": "HAProxy " + _haproxy_version(), "health_check": _health_check(config), "code": _code(),
         "requests_sent": len(outcomes), "requests_failed": len(failed),
         "requests_not_equal_to_python_api": sum(1 for o in outcomes if o.ok and not o.equal),
         "retried": sum(p["retried"] for p in phases), "failures": [o.error for o in failed][:10],
@@ -345,10 +349,15 @@ def _haproxy_version() -> str:
     return out.split("version ", 1)[1].split()[0] if "version " in out else "?"
 
 
-def _health_check() -> dict:
+def health_check(config: FailoverConfig):
+    """The balancer's readiness check as ``serve --health-interval`` configures it for this run."""
     from kandinsky_trt.runtime.serve.balancer import HealthCheck
 
-    check = HealthCheck()
+    return HealthCheck(interval_s=config.health_interval_s)
+
+
+def _health_check(config: FailoverConfig) -> dict:
+    check = health_check(config)
     return {**asdict(check), "out_within_s": check.out_within_s, "back_within_s": check.back_within_s}
 
 

@@ -258,7 +258,7 @@ def test_abandoned_http_requests_stop_at_a_step_and_count_as_cancelled(server, s
 def test_a_request_queued_past_its_timeout_is_refused_without_running(server, size):
     """HTTP does not report a client that disconnects (Triton 2.51); a queue timeout bounds the wait."""
     height, width = size
-    long = {**task_fields("text2img", 7, height, width), "num_inference_steps": 400}
+    long = {**task_fields("text2img", 7, height, width), "num_inference_steps": 1000}  # > 3 s on an idle VM
     before = _counter(server)
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: _timed(lambda: _raw_infer(server, "grpc", long, client_timeout=3.0)))

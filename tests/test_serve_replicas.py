@@ -19,12 +19,13 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kandinsky_trt.benchmarks.serve_failover import (PROMPT, FailoverConfig, ServeProcess, _cmdline, alive,
-                                                     reference_images, render_markdown, run, write)
+                                                     health_check, reference_images, render_markdown, run, write)
 from kandinsky_trt.runtime.serve.balancer import BalancerConfig, HealthCheck, Upstream, find_haproxy, render
 from kandinsky_trt.runtime.serve.watchdog import POLL_S
 
@@ -34,7 +35,7 @@ pytest.importorskip("tritonclient.grpc", reason="needs the serve extra (tritoncl
 if not shutil.which("haproxy") and not shutil.which("/usr/sbin/haproxy"):
     pytest.skip("needs HAProxy (apt-get install haproxy; .ci/run installs it)", allow_module_level=True)
 
-CHECK = HealthCheck()
+CHECK = health_check(FailoverConfig(Path(".")))  # the check the failover runs use
 POLL_SLACK_S = 1.0  # the stats socket is polled every 50 ms on a loaded 2-core machine
 WATCHDOG_POLL_S = POLL_S  # how often the launcher's watchdog looks at the stubs
 

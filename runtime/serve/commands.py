@@ -162,6 +162,16 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 60:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected seconds in [0.1, 60], found {text!r}")
+    return value
+
+
 def add_commands(sub) -> None:
     """Add ``triton-repo``, ``serve`` and ``client`` to the ``kandinsky-trt`` sub-parsers."""
     p = sub.add_parser("triton-repo", help="write a Triton model repository (model 'kandinsky') for artifacts")
@@ -179,6 +189,9 @@ def add_commands(sub) -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     p.add_argument("--replicas", type=_positive_int, help="N tritonservers (one per GPU with --device cuda) behind "
                    "HAProxy on the ports above, health-checked and restarted when they die")
+    p.add_argument("--health-interval", type=_interval, default=1.0,
+                   help="with --replicas: seconds between HAProxy's readiness checks of each replica; one is out "
+                        "of rotation after 2 failed checks, back after 2 good ones (default 1)")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                    help=f"HTTP connections held at once; more get 503 (default {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--exit-timeout", type=int, default=10,

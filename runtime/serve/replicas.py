@@ -250,6 +250,7 @@ def serve_replicas(args: argparse.Namespace, artifacts: Path, repository: Path, 
     try:
         config = ReplicaSetConfig(repository, args.replicas, args.host, args.http_port, args.grpc_port,
                                   args.metrics_port, startup_timeout_s, cuda=args.device == "cuda",
+                                  check=HealthCheck(interval_s=args.health_interval),
                                   server_options=tuple(sorted(options.items())))
         return _run(ReplicaSet(config, workdir), artifacts, stop)
     finally:

@@ -161,6 +161,7 @@ def test_client_errors_are_400_and_invalid_argument(server, size, protocol):
              ({**good, "task": "paint"}, r"task: expected one of .*found 'paint'"),
              (bad_utf8, r"prompt: expected UTF-8 text, found bytes that are not UTF-8"),
              ({**good, "num_inference_steps": -3}, r"num_inference_steps: expected an integer >= 1, found -3"),
+             ({**good, "num_inference_steps": 1000}, r"num_inference_steps=1000 .*expected distinct decreasing"),
              ({**good, "height": height * 2}, r"height/width: expected a size these artifacts hold"),
              ({**good, "num_images": 10_000}, r"num_images: expected at most 16"),
              ({**good, "guidance_scale": float("nan")}, r"guidance_scale")]
@@ -258,14 +259,16 @@ def test_abandoned_http_requests_stop_at_a_step_and_count_as_cancelled(server, s
 def test_a_request_queued_past_its_timeout_is_refused_without_running(server, size):
     """HTTP does not report a client that disconnects (Triton 2.51); a queue timeout bounds the wait."""
     height, width = size
-    long = {**task_fields("text2img", 7, height, width), "num_inference_steps": 1000}  # > 3 s on an idle VM
+    long = {**task_fields("text2img", 7, height, width), "num_inference_steps": 999}  # > 3 s on an idle VM
     before = _counter(server)
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: _timed(lambda: _raw_infer(server, "grpc", long, client_timeout=3.0)))
         time.sleep(1.0)  # the long one is in the model now; the next request queues behind it
         waited, result = _timed(lambda: _raw_infer(server, "http", task_fields("prior", 8, height, width),
                                                    timeout=300_000))
-        busy.result(timeout=60)
+        busy_s, busy_result = busy.result(timeout=60)
+    # the busy request held the model until its client's deadline cancelled it
+    assert isinstance(busy_result, InferenceServerException) and busy_s >= 2.5, (busy_s, busy_result)
     assert isinstance(result, InferenceServerException) and "timeout" in result.message().lower(), result
     after = _counter(server)
     assert after["success"] == before["success"]  # the queued request never ran

@@ -22,7 +22,7 @@ import numpy as np
 
 from kandinsky_trt.runtime.contract import noise_schedules as ns
 from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, K
-from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
+from kandinsky_trt.runtime.contract.errors import KandinskyTrtError, PipelineInputError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ SCHEDULER_NAMES = MappingProxyType(
 
 class SchedulerConfigError(KandinskyTrtError, ValueError):
     """A scheduler config, step count or table that is malformed."""
+
+
+class StepCountError(SchedulerConfigError, PipelineInputError):
+    """A step count this scheduler config cannot space (the request's fault, not the config's)."""
 
 
 class UnsupportedSchedulerOption(SchedulerConfigError, NotImplementedError):
@@ -265,7 +269,7 @@ def _timesteps(name: str, cfg: Mapping, n: int) -> np.ndarray:
         timesteps = ns.spaced_timesteps(cfg, n)
     train = cfg["num_train_timesteps"]
     if timesteps.size == 0 or timesteps.min() < 0 or timesteps.max() >= train or np.any(np.diff(timesteps) >= 0):
-        raise SchedulerConfigError(
+        raise StepCountError(
             f"num_inference_steps={n} with {name} spacing {cfg.get('timestep_spacing', 'karlo')!r} and "
             f"steps_offset={cfg.get('steps_offset', 0)}: expected distinct decreasing timesteps in "
             f"[0, {train}), found {_preview(timesteps)}"

@@ -11,6 +11,7 @@ The ``gpu`` and ``tensorrt`` markers skip their tests where a CUDA device or Ten
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -96,11 +97,33 @@ def demo_run(tmp_path_factory) -> DemoRun:
                    done.stderr.strip().splitlines())
 
 
+def shared(tmp_path_factory, label: str, make):
+    """``make(folder)``'s result, made once per test run even with pytest-xdist's workers: the first
+    worker that needs ``label`` makes it in the run's shared temporary folder (under a file lock),
+    the others wait for it and reuse it. ``make``'s result is pickled beside the folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above every worker's own
+    folder = root / "shared" / label
+    result = folder.with_name(f"{label}.pickle")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if result.is_file():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        value = make(folder)
+        result.write_bytes(pickle.dumps(value))
+    return value
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from kandinsky_trt.export.checkpoints import write_tiny_checkpoint
 
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", seed=0)
+    return shared(tmp_path_factory, "tiny", lambda folder: write_tiny_checkpoint(folder / "checkpoint", seed=0))
 
 
 def _export(tmp_path_factory, checkpoint, precision: str, batch: int, height: int, width: int,
@@ -117,9 +140,11 @@ def _export_profiles(tmp_path_factory, checkpoint, precision: str, profiles: tup
     from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 
     dirs = CheckpointDirs(checkpoint.prior, checkpoint.decoder, checkpoint.inpaint)
-    out = tmp_path_factory.mktemp(label)
-    report = export_artifacts(ExportConfig(dirs, out, profiles, precision, exporter=exporter, verify=True))
-    return out, report
+
+    def export(out: Path):
+        return out, export_artifacts(ExportConfig(dirs, out, profiles, precision, exporter=exporter, verify=True))
+
+    return shared(tmp_path_factory, f"{label}_{exporter}", export)
 
 
 @pytest.fixture(scope="session")

@@ -321,9 +321,9 @@ def test_response_length_rules():
 
 
 def test_front_refuses_infer_with_503_while_the_model_reloads():
-    """While the stub watchdog reloads the model, infer requests get 503 with the watchdog's reason
-    (a balancer retries them on another replica) instead of Triton's "unknown model" 400; health
-    requests still reach Triton, which answers them truthfully; once the model is back, infer flows."""
+    """While the stub watchdog reloads the model, infer and readiness requests get 503 with the
+    watchdog's reason (a balancer retries them on another replica; Triton would say "unknown model",
+    400); liveness still reaches Triton; once the model is back, requests flow again."""
     upstream = _Upstream()
     upstream.release.set()
     front = _front(upstream.port)
@@ -333,8 +333,11 @@ def test_front_refuses_infer_with_503_while_the_model_reloads():
         infer = b"POST /v2/models/kandinsky/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         refused = _read_all(_send(front.port, infer))
         assert refused.startswith(b"HTTP/1.1 503") and b"found it reloading; retry" in refused
-        health = _read_all(_send(front.port, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
-        assert health.startswith(b"HTTP/1.1 200") and len(upstream.heads) == 1
+        for path in (b"/v2/health/ready", b"/v2/models/kandinsky/ready"):
+            ready = _read_all(_send(front.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path))
+            assert ready.startswith(b"HTTP/1.1 503"), ready
+        live = _read_all(_send(front.port, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        assert live.startswith(b"HTTP/1.1 200") and len(upstream.heads) == 1  # liveness still reaches Triton
         front.set_unavailable(None)
         served = _read_all(_send(front.port, infer.replace(b"Host: x", b"Host: x\r\nConnection: close")))
         assert served.startswith(b"HTTP/1.1 200") and upstream.heads[-1].startswith("POST /v2/models/kandinsky/infer")

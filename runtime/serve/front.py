@@ -102,6 +102,14 @@ def _parse_head(head: bytes, limit: int) -> tuple[bytes, int, bool]:
     return b"\r\n".join(kept) + b"\r\n\r\n", length, expect
 
 
+def _needs_the_model(head: bytes) -> bool:
+    """Infer and readiness requests: while the model reloads the front answers them 503 itself, so
+    readiness seen through the front turns true only once the front forwards infer again."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+    return path.endswith(b"/infer") or path.endswith(b"/ready")
+
+
 class HttpFront:
     """Runs the proxy on its own event-loop thread; ``start()`` binds (or raises), ``stop()`` ends it."""
 
@@ -112,8 +120,9 @@ class HttpFront:
         self._server = None
         self.port = config.port
         self._open = 0  # connections being served (the event loop's thread only)
-        # Set (by the stub watchdog's thread) while the model reloads: infer requests get 503 with
-        # this reason instead of Triton's "unknown model" 400, so a balancer retries them elsewhere.
+        # Set (by the stub watchdog's thread) while the model reloads: infer and readiness requests
+        # get 503 with this reason (not Triton's "unknown model" 400), so a balancer retries them
+        # elsewhere, and ready turns true only when infer is forwarded again.
         self.unavailable: str | None = None
         self._buffered = 0  # request-body bytes held
 
@@ -174,7 +183,7 @@ class HttpFront:
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError):
                     return  # the client closed (or stayed idle / too slow): nothing more to read
                 forward, length, expect = _parse_head(head, self.config.max_request_bytes)
-                if self.unavailable and b"/infer" in head.split(b"\r\n", 1)[0]:
+                if self.unavailable and _needs_the_model(head):
                     raise Refusal("503 Service Unavailable", self.unavailable, discard=0 if expect else length)
                 if expect:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,15 @@ class CliServer:
                 os.killpg(triton, signal.SIGKILL)  # tritonserver leads its own group (stubs included)
             except ProcessLookupError:
                 pass
+
+
+@contextmanager
+def running_server(artifacts: Path, *extra: str):
+    """A module's ``serve`` process: ready on entry; on exit stopped, and it must have exited 0."""
+    cli = CliServer(artifacts, *extra)
+    try:
+        cli.wait_ready()
+        yield cli
+    finally:
+        cli.stop()
+    assert cli.process.returncode == 0, "".join(cli.lines)

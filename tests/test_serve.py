@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import CliServer, assert_same, python_api, task_fields
+from serve_helpers import assert_same, python_api, running_server, task_fields
 
 from kandinsky_trt.runtime.serve.client import ClientError, Target, infer, item_arrays, make_client
 from kandinsky_trt.runtime.serve.contract import INPUTS
@@ -32,13 +32,8 @@ QUEUE_DELAY_US = 500_000  # long enough that two requests sent together share a 
 
 @pytest.fixture(scope="module")
 def server(artifacts_fp32_b2_wide):
-    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-delay-us", str(QUEUE_DELAY_US))
-    try:
-        cli.wait_ready()
+    with running_server(artifacts_fp32_b2_wide[0], "--max-queue-delay-us", str(QUEUE_DELAY_US)) as cli:
         yield cli
-    finally:
-        cli.stop()
-    assert cli.process.returncode == 0, "".join(cli.lines)
     assert "stopped" in "".join(cli.lines)
 
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import CliServer, task_fields
+from serve_helpers import running_server, task_fields
 
 from kandinsky_trt.runtime.serve.client import Target, build_inputs, item_arrays, make_client
 from kandinsky_trt.runtime.serve.launcher import is_ready
@@ -37,13 +37,9 @@ NOT_READY_WITHIN_S = 3.0  # the watchdog polls every 0.5 s; the unload is immedi
 
 @pytest.fixture(scope="module")
 def server(artifacts_fp32_b2_wide):
-    cli = CliServer(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE), "--max-connections", str(CONNECTIONS))
-    try:
-        cli.wait_ready()
+    with running_server(artifacts_fp32_b2_wide[0], "--max-queue-size", str(QUEUE),
+                        "--max-connections", str(CONNECTIONS)) as cli:
         yield cli
-    finally:
-        cli.stop()
-    assert cli.process.returncode == 0, "".join(cli.lines)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
-"""The host strategy of the denoising loop: numpy arrays through ``NetworkSession.run``.
+"""The host storage of the loop of slots: numpy arrays through ``NetworkSession.run``.
 
 What every backend without device buffers runs (``ort`` on the CPU, ``torch``), and the reference
-the device strategies are tested against. The loop itself (checks, identity-row start, stepping,
-callback) is :class:`~kandinsky_trt.runtime.loops.template.DenoiseLoop`'s; here only the feeds are built.
+the device storage is tested against. The loop itself (admission, per-row steps, retirement) is
+:class:`~kandinsky_trt.runtime.loops.slots.SlotLoop`'s; here only the arrays live.
 """
 
 from __future__ import annotations
@@ -10,43 +10,42 @@ from __future__ import annotations
 import numpy as np
 
 from kandinsky_trt.runtime.backends.base import NetworkSession
-from kandinsky_trt.runtime.loops.template import Chunk, DenoiseLoop
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
+from kandinsky_trt.runtime.contract.spec import ResolvedTensor
+from kandinsky_trt.runtime.loops.slots import SlotStorage
 
 
-class HostLoop(DenoiseLoop):
-    """:class:`DenoiseLoop` on two host-level sessions of one backend (it does not close them)."""
+class HostStorage(SlotStorage):
+    """One host array per network and step-graph input, on two sessions of one backend (not closed here)."""
 
     def __init__(self, spec: LoopSpec, network: NetworkSession, step: NetworkSession) -> None:
         super().__init__(spec, network.network, step.network)
-        self.network, self.step = network, step
-        self._fixed: dict[str, np.ndarray] = {}
-        self._conditioning: dict[str, np.ndarray] = {}
-        self._state: dict[str, np.ndarray] = {}
+        self.network, self.step_session = network, step
+        linked = {name for name, _ in spec.links}
+        self._inputs = {t.name: np.zeros(t.shape, np.dtype(t.dtype)) for t in network.network.inputs}
+        self._step_inputs = {t.name: np.zeros(t.shape, np.dtype(t.dtype))
+                             for t in step.network.inputs if t.name not in linked}
 
-    def _start(self, chunk: Chunk) -> None:
-        io = self.spec.io
-        self._fixed, self._conditioning = dict(chunk.start), chunk.conditioning
-        # The loop starts from x0_prev = 0 and the input latents, whatever the identity row wrote.
-        self._state = {io.latents: chunk.start[io.latents], io.x0_prev: chunk.start[io.x0_prev],
-                       io.model_input: self.step.run(self._fixed)[io.model_input]}
+    def _buffers(self, name: str) -> dict[str, np.ndarray]:
+        return self._inputs if name in self._inputs else self._step_inputs
 
-    def _step(self, chunk: Chunk, index: int) -> None:
-        spec, io, state = self.spec, self.spec.io, self._state
-        feeds = {spec.sample_input: state[io.model_input], **chunk.network_row(index), **self._conditioning}
-        output = self.network.run(feeds)[spec.output]
-        step_feeds = {**self._fixed, **chunk.step_row(index), io.model_output: output,
-                      io.latents: state[io.latents], io.x0_prev: state[io.x0_prev]}
-        result = self.step.run(step_feeds)
+    def write(self, tensor: ResolvedTensor, rows: np.ndarray, values: np.ndarray) -> None:
+        buffers = self._buffers(tensor.name)
+        array = buffers[tensor.name]
+        if not array.flags.writeable:  # a session's output carried here: copy once before writing rows
+            array = buffers[tensor.name] = array.copy()
+        array[rows] = values
+
+    def step(self) -> None:
+        spec, io = self.spec, self.spec.io
+        output = self.network.run(self._inputs)[spec.output]
+        result = self.step_session.run({**self._step_inputs, io.model_output: output})
         for written, read in spec.carried:
-            state[read] = result[written]
-        state[io.model_input] = result[io.model_input]
+            self._step_inputs[read] = result[written]
+        self._inputs[spec.sample_input] = result[io.model_input]
 
-    def _latents(self) -> np.ndarray:
-        return self._state[self.spec.io.latents]
+    def read_latents(self) -> np.ndarray:
+        return np.array(self._step_inputs[self.spec.io.latents], copy=True)
 
-    def _end(self) -> None:
-        self._fixed, self._conditioning = {}, {}
-
-    def _release(self) -> None:
-        self._state = {}
+    def close(self) -> None:
+        self._inputs, self._step_inputs = {}, {}

@@ -8,8 +8,8 @@
   binding, TensorRT): ``allocate(tensor)`` a buffer, ``bind(network, buffers)`` one buffer to every
   input and output once (at one profile), and ``BoundNetwork.enqueue(stream)`` runs on them. The
   device loops are built on this level only.
-* ``loop(spec, profile, cuda_graph=...)``: the backend's strategy of the one denoising loop
-  (:mod:`kandinsky_trt.runtime.loops.template`); the default is the host loop over ``load``.
+* Loops are built by the loops layer (:func:`kandinsky_trt.runtime.loops.factory.make_loop`), never
+  here: a backend never imports a loop.
 
 Standard library + numpy at import (the loop modules are imported when a loop is made).
 """
@@ -17,17 +17,12 @@ Standard library + numpy at import (the loop modules are imported when a loop is
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
-from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
-
-if TYPE_CHECKING:
-    from kandinsky_trt.runtime.loops.template import DenoiseLoop
-
 
 class BackendError(KandinskyTrtError, RuntimeError):
     """A backend could not load or run a network (missing files, mismatched artifacts, ...)."""
@@ -62,16 +57,6 @@ class Backend(abc.ABC):
     def load(self, network: str, profile: int = 0) -> NetworkSession:
         """Load ``network`` (a name from the manifest) at manifest profile ``profile`` and check it
         against the manifest; the weights are loaded once per network, whatever the profile."""
-
-    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True) -> "DenoiseLoop":
-        """The denoising loop of ``spec`` at ``profile`` on this backend; here the host loop
-        (``cuda_graph`` unused).
-
-        The caller closes it; closing a loop never closes the backend.
-        """
-        from kandinsky_trt.runtime.loops.host import HostLoop
-
-        return HostLoop(spec, self.load(spec.network, profile), self.load(spec.step, profile))
 
     def close(self) -> None:
         """Free every session this backend created; idempotent."""

@@ -128,15 +128,15 @@ class OrtBackend(Backend):
         log.debug("loaded %s with %s", network, session.get_providers())
         return session
 
-    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
-        """The host loop on the CPU; on CUDA the bound loop, over sessions of its own.
+    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
+        """None on the CPU (the loop of slots on host arrays); on CUDA the bound loop, over sessions of its own.
 
         CUDA graphs are a session option, and captured graphs must keep their buffers: the CUDA loop
         gets its own :class:`~kandinsky_trt.runtime.backends.ort_cuda.OrtCudaBackend` (closed with
         the loop) rather than this backend's sessions.
         """
         if self.options.device != "cuda":
-            return super().loop(spec, profile, cuda_graph)
+            return None
         from kandinsky_trt.runtime.loops.ort_bound import bound_loop
 
         return bound_loop(self.manifest, spec, profile, "cuda", cuda_graph)

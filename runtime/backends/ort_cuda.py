@@ -256,7 +256,7 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
         (see :meth:`DeviceSession.bind`)."""
         return self.device_session(network).bind(self.load(network, profile).network, buffers)
 
-    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
+    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
         """The bound loop at ``profile`` on this backend's sessions; ``cuda_graph=False`` runs its
         bindings eagerly."""
         from kandinsky_trt.runtime.loops.ort_bound import OrtBoundLoop

@@ -363,7 +363,7 @@ class TrtBackend(DeviceBackend):
         self._bindings.append(binding)
         return binding
 
-    def loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
+    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
         """The TensorRT loop (:class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`) at ``profile``
         on this backend: its own contexts and buffers, its own CUDA graph."""
         from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop

@@ -39,16 +39,8 @@ from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, ResolvedNetwork, ResolvedTensor
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
-# x_next = x, nothing else: used once per chunk to build the first network input through the step graph.
-_IDENTITY = dict.fromkeys(COEFFICIENT_COLUMNS, 0.0) | {"v": 1.0, "clip_min": -1.0, "clip_max": 1.0}
-IDENTITY_ROW = np.array([_IDENTITY[c] for c in COEFFICIENT_COLUMNS], dtype=np.float32)
-
-StepCallback = Callable[[int, int, np.ndarray], None]
-StopCheck = Callable[[], bool]
-
-
-class LoopStopped(Exception):
-    """``should_stop()`` was true at a step boundary: the loop stopped there (its state released)."""
+from kandinsky_trt.runtime.loops.slots import (IDENTITY_ROW, LoopRow, LoopStopped, StepCallback, StopCheck,  # noqa: F401
+                                               guided)
 
 
 @dataclass(frozen=True)
@@ -60,11 +52,6 @@ class LoopInputs:
     step_extras: dict[str, np.ndarray]  # e.g. ``conditioning`` of the inpaint step graph
     noise: np.ndarray | None  # (stochastic steps, *latents.shape)
     guidance_scale: float
-
-
-def guided(guidance_scale: float) -> bool:
-    """diffusers' rule (``do_classifier_free_guidance = guidance_scale > 1.0``), for the prior and decoders."""
-    return guidance_scale > 1.0
 
 
 def conditional_only(inputs: LoopInputs) -> LoopInputs:
@@ -82,6 +69,19 @@ def conditional_only(inputs: LoopInputs) -> LoopInputs:
             raise ValueError(f"conditioning {name}: expected {2 * rows} rows ([uncond; cond]), found {len(array)}")
         conditioning[name] = np.concatenate([array[rows:], array[rows:]])
     return replace(inputs, conditioning=conditioning, guidance_scale=1.0)
+
+
+def chunk_rows(inputs: LoopInputs, table: SchedulerTable) -> list[LoopRow]:
+    """A chunk's rows as the loop of slots takes them: row ``j`` gets network rows ``j, B + j, ...``
+    of each conditioning array, its latents, its noise rows and the chunk's table and guidance."""
+    batch = len(inputs.latents)
+
+    def per_row(arrays: Mapping[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
+        return {name: np.asarray(array)[j::batch] for name, array in arrays.items()}
+
+    noise = None if inputs.noise is None else np.asarray(inputs.noise)
+    return [LoopRow(np.asarray(inputs.latents)[j], per_row(inputs.conditioning, j), table, inputs.guidance_scale,
+                    None if noise is None else noise[:, j], per_row(inputs.step_extras, j)) for j in range(batch)]
 
 
 @dataclass(frozen=True)

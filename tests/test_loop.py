@@ -1,8 +1,9 @@
-"""The loop template (``runtime/loops/template.py``) through its host strategy, on the tiny fp32 artifacts.
+"""The loop of slots (``runtime/loops/slots.py``) through its host storage, on the tiny fp32 artifacts.
 
-What every strategy inherits: the linked-tensor check at construction, the input checks before
-anything runs, the identity-row start, one callback per step, refusal once closed. The device
-strategies are compared with this host loop in ``test_ort_cuda.py`` and ``test_trt_loop.py``.
+What every storage inherits: the linked-tensor check at construction, the row checks before a row
+takes a slot, one network and one step-graph run per step (no identity-row run), one callback per
+step with diffusers' (i, t, latents), refusal once closed. The device storage is compared with the
+host storage in ``test_ort_cuda.py`` and ``test_trt_loop.py``; rows mixed in one batch in ``test_slots.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import pytest
 
 from kandinsky_trt.runtime.backends.base import BackendError
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.loops.host import HostLoop
-from kandinsky_trt.runtime.loops.template import LoopInputs
-from kandinsky_trt.runtime.contract.manifest import load_manifest
 from kandinsky_trt.runtime.contract.loop_specs import UNET_LOOP, LoopSpec
+from kandinsky_trt.runtime.contract.manifest import load_manifest
+from kandinsky_trt.runtime.contract.schedulers import scheduler_table
+from kandinsky_trt.runtime.loops.host import HostStorage
+from kandinsky_trt.runtime.loops.slots import LoopRow, SlotLoop
 
 
 class _Counting:
@@ -35,44 +37,60 @@ def backend(artifacts_fp32):
         yield b
 
 
-def _inputs(backend, table, seed: int = 0) -> LoopInputs:
+def _table(steps: int = 3):
+    return scheduler_table({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                            "variance_type": "learned_range", "clip_sample": True}, steps)
+
+
+def _row(backend, table, seed: int = 0) -> LoopRow:
     rng = np.random.default_rng(seed)
     net, step = backend.load("unet").network, backend.load("unet_step").network
-    conditioning = {t.name: rng.standard_normal(t.shape).astype(np.float32)
+    conditioning = {t.name: rng.standard_normal((2, *t.shape[1:])).astype(np.float32)
                     for t in net.inputs if t.name not in UNET_LOOP.network_fed}
-    latents = rng.standard_normal(step.tensor("latents").shape).astype(np.float32)
+    latents = rng.standard_normal(step.tensor("latents").shape[1:]).astype(np.float32)
     noise = rng.standard_normal((int(table.stochastic.sum()), *latents.shape)).astype(np.float32)
-    return LoopInputs(latents, conditioning, {}, noise, 4.0)
+    return LoopRow(latents, conditioning, table, 4.0, noise)
 
 
 def test_linked_tensors_must_fit(backend):
     wrong = LoopSpec("unet", "unet_inpaint_step", "sample", "noise_pred")
     with pytest.raises(BackendError, match=r"unet_inpaint_step.model_input: expected float32\[2, 4, 8, 8\] like "
                                            r"unet.sample, found float32\[2, 9, 8, 8\]"):
-        HostLoop(wrong, backend.load("unet"), backend.load("unet_inpaint_step"))
+        HostStorage(wrong, backend.load("unet"), backend.load("unet_inpaint_step"))
 
 
-def test_bad_inputs_are_refused_before_anything_runs(backend):
-    from kandinsky_trt.runtime.contract.schedulers import scheduler_table
-
-    table = scheduler_table({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-                             "variance_type": "learned_range", "clip_sample": True}, 3)
+def test_bad_rows_are_refused_before_anything_runs(backend):
+    table = _table()
     network, step = _Counting(backend.load("unet")), _Counting(backend.load("unet_step"))
-    loop, good = HostLoop(UNET_LOOP, network, step), _inputs(backend, table)
-    bad = {r"inputs.step_extras: expected \[\], found \['conditioning'\]":
-           LoopInputs(good.latents, good.conditioning, {"conditioning": good.latents}, good.noise, 4.0),
-           r"inputs.conditioning\['image_embeds'\]: expected float32\[2, 32\], found float64\[2, 32\]":
-           LoopInputs(good.latents, dict(good.conditioning, image_embeds=np.zeros((2, 32))), {}, good.noise, 4.0),
-           r"inputs.noise: expected rows of shape \[1, 4, 8, 8\], found \[4, 8, 8\]":
-           LoopInputs(good.latents, good.conditioning, {}, good.noise[:, 0], 4.0)}
-    for message, inputs in bad.items():
+    loop, good = SlotLoop(UNET_LOOP, HostStorage(UNET_LOOP, network, step)), _row(backend, table)
+    bad = {r"row conditioning: expected \['encoder_hidden_states', 'image_embeds', 'text_embeds'\], "
+           r"found \['conditioning', 'encoder_hidden_states', 'image_embeds', 'text_embeds'\]":
+           LoopRow(good.latents, good.conditioning, table, 4.0, good.noise, {"conditioning": good.latents}),
+           r"conditioning\['image_embeds'\]: expected float32\[2, 32\], found float64\[2, 32\]":
+           LoopRow(good.latents, dict(good.conditioning, image_embeds=np.zeros((2, 32))), table, 4.0, good.noise),
+           r"noise: expected float32\[2, 4, 8, 8\], found float32\[2, 8, 8\]":
+           LoopRow(good.latents, good.conditioning, table, 4.0, good.noise[0]),
+           r"noise: expected 2 rows \(one per stochastic step\), found 0":
+           LoopRow(good.latents, good.conditioning, table, 4.0, None)}
+    for message, row in bad.items():
         with pytest.raises(BackendError, match=message):
-            loop(table, inputs)
+            loop.run([row])
+        assert loop.free == [0]
     assert network.runs == step.runs == 0
     seen = []
-    loop(table, good, lambda i, t, x: seen.append((i, t)))
-    assert seen == [(i, int(t)) for i, t in enumerate(table.timesteps)]
-    assert (network.runs, step.runs) == (3, 4)  # the identity-row start is one step-graph run
+    loop.run([good], lambda i, t, x: seen.append((i, t, x.shape)))
+    assert seen == [(i, int(t), (1, 4, 8, 8)) for i, t in enumerate(table.timesteps)]
+    assert (network.runs, step.runs) == (3, 3)  # one of each per step: the first input is written at admission
     loop.close()
-    with pytest.raises(BackendError, match=r"HostLoop\(unet\): expected an open loop, found it closed"):
-        loop(table, good)
+    with pytest.raises(BackendError, match=r"SlotLoop\(unet\): expected an open loop, found it closed"):
+        loop.run([good])
+
+
+def test_a_stop_between_steps_frees_every_slot(backend):
+    from kandinsky_trt.runtime.loops.slots import LoopStopped
+
+    loop = SlotLoop(UNET_LOOP, HostStorage(UNET_LOOP, backend.load("unet"), backend.load("unet_step")))
+    calls = []
+    with pytest.raises(LoopStopped, match="stopped after step 2 of 3"):
+        loop.run([_row(backend, _table())], should_stop=lambda: calls.append(1) or len(calls) == 2)
+    assert loop.free == [0] and not loop.storage.read_latents().any()

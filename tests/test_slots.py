@@ -159,7 +159,7 @@ def test_admission_is_refused_with_a_readable_error(components, rows):
             loop.admit(rows[2])
         bad = LoopRow(rows[0].latents[:, :4], rows[0].conditioning, rows[0].table, 4.0)
         loop.release(0)
-        with pytest.raises(BackendError, match=r"latents: expected shape \[4, 8, 8\], found \[4, 4, 8\]"):
+        with pytest.raises(BackendError, match=r"latents: expected float32\[4, 8, 8\], found float32\[4, 4, 8\]"):
             loop.admit(bad)
         missing = LoopRow(rows[0].latents, {}, rows[0].table, 4.0)
         with pytest.raises(BackendError, match="row conditioning: expected"):

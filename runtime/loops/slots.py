@@ -101,6 +101,7 @@ class SlotStorage(abc.ABC):
     """
 
     def __init__(self, spec: LoopSpec, network: ResolvedNetwork, step: ResolvedNetwork) -> None:
+        check_linked(spec, network, step)
         self.spec, self.network_io, self.step_io = spec, network, step
 
     @abc.abstractmethod
@@ -118,6 +119,16 @@ class SlotStorage(abc.ABC):
 
     def close(self) -> None:
         """Free the buffers and bindings; idempotent."""
+
+
+def check_linked(spec: LoopSpec, network: ResolvedNetwork, step: ResolvedNetwork) -> None:
+    """The step graph's model_output / model_input must fit the network's output / sample input."""
+    for step_name, net_name in spec.links:
+        ours, theirs = step.tensor(step_name), network.tensor(net_name)
+        if (ours.shape, ours.dtype) != (theirs.shape, theirs.dtype):
+            raise BackendError(
+                f"{spec.step}.{step_name}: expected {theirs.dtype}{list(theirs.shape)} like "
+                f"{spec.network}.{net_name}, found {ours.dtype}{list(ours.shape)}")
 
 
 def _rows_of(tensor: ResolvedTensor, batch: int) -> int:
@@ -189,7 +200,7 @@ class SlotLoop:
     def _checked(self, row: LoopRow) -> LoopRow:
         """``row`` with exact float32 arrays of the loop's shapes; guidance <= 1 runs the conditional
         prediction alone (both groups get the cond rows, the scale becomes 1), as diffusers does."""
-        latents = _exact(row.latents, self.latent_shape, "latents")
+        latents = _exact(row.latents, self.latent_shape, "latents", cast=True)
         given = {**row.conditioning, **row.step_extras}
         if sorted(given) != sorted(self._fixed):
             raise BackendError(f"row conditioning: expected {sorted(self._fixed)}, found {sorted(given)}")
@@ -207,7 +218,7 @@ class SlotLoop:
             if row.noise is None or len(row.noise) < stochastic:
                 have = 0 if row.noise is None else len(row.noise)
                 raise BackendError(f"noise: expected {stochastic} rows (one per stochastic step), found {have}")
-            noise = _exact(row.noise[:stochastic], (stochastic, *self.latent_shape), "noise")
+            noise = _exact(row.noise[:stochastic], (stochastic, *self.latent_shape), "noise", cast=True)
         conditioning = {n: inputs[n] for n in row.conditioning}
         extras = {n: inputs[n] for n in row.step_extras}
         return replace(row, latents=latents, conditioning=conditioning, step_extras=extras, noise=noise,
@@ -343,9 +354,12 @@ class SlotLoop:
         self.close()
 
 
-def _exact(array, shape: tuple, what: str, dtype: str = "float32") -> np.ndarray:
-    """``array`` as a contiguous array of exactly ``dtype`` and ``shape``."""
+def _exact(array, shape: tuple, what: str, dtype: str = "float32", cast: bool = False) -> np.ndarray:
+    """``array`` as a contiguous array of exactly ``dtype`` and ``shape``; ``cast``: any real dtype is
+    cast to ``dtype`` first (the latents and noise, as draws come), else it must be ``dtype`` already."""
     array = np.asarray(array)
-    if array.shape != tuple(shape):
-        raise BackendError(f"{what}: expected shape {list(shape)}, found {list(array.shape)}")
-    return np.ascontiguousarray(array, dtype=np.dtype(dtype))
+    if cast and array.dtype.kind in "fiu":
+        array = array.astype(dtype, copy=False)
+    if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise BackendError(f"{what}: expected {dtype}{list(shape)}, found {array.dtype}{list(array.shape)}")
+    return np.ascontiguousarray(array)

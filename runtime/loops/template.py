@@ -40,7 +40,7 @@ from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, ResolvedNet
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 from kandinsky_trt.runtime.loops.slots import (IDENTITY_ROW, LoopRow, LoopStopped, StepCallback, StopCheck,  # noqa: F401
-                                               guided)
+                                               check_linked, guided)
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,6 @@ def check_group(network: ResolvedNetwork, arrays: Mapping[str, Any], fed: tuple[
     if sorted(arrays) != expected:
         raise BackendError(f"{what}: expected {expected}, found {sorted(arrays)}")
     return {n: checked(network.tensor(n), arrays[n], f"{what}[{n!r}]") for n in expected}
-
-
-def check_linked(spec: LoopSpec, network: ResolvedNetwork, step: ResolvedNetwork) -> None:
-    """The step graph's model_output / model_input must fit the network's output / sample input."""
-    for step_name, net_name in spec.links:
-        ours, theirs = step.tensor(step_name), network.tensor(net_name)
-        if (ours.shape, ours.dtype) != (theirs.shape, theirs.dtype):
-            raise BackendError(
-                f"{spec.step}.{step_name}: expected {theirs.dtype}{list(theirs.shape)} like "
-                f"{spec.network}.{net_name}, found {ours.dtype}{list(ours.shape)}")
 
 
 class DenoiseLoop(abc.ABC):

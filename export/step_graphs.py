@@ -1,8 +1,9 @@
 """The step graphs ``prior_step``, ``unet_step``, ``unet_inpaint_step``: guidance + scheduler update as ONNX.
 
 Each denoising step runs the network, then one of these tiny elementwise float32 graphs (DESIGN §4). The
-scheduler enters only through the per-step ``coefficients`` row (``spec.COEFFICIENT_COLUMNS``), so one
-graph serves every supported scheduler and step count; the numpy reference with the same operation
+scheduler enters only through the per-step ``coefficients`` rows (``spec.COEFFICIENT_COLUMNS``), one per
+latents row (``(B, K)``), with one ``guidance_scale`` per row (``(B, 1)``), so one graph serves every
+supported scheduler and step count, and the rows of one call may each be at their own step; the numpy reference with the same operation
 order is :func:`kandinsky_trt.runtime.contract.schedulers.apply_step`. Inputs and outputs come from the resolved
 spec (``spec.STEP_NETWORKS``), never restated here. Built with ``onnx.helper`` (no torch needed).
 """
@@ -57,6 +58,29 @@ def _value_info(tensor) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(tensor.name, DTYPE_TABLE[tensor.dtype].onnx, list(tensor.shape))
 
 
+def _per_row(g: _GraphBuilder, spec: ResolvedNetwork, name: str) -> str:
+    """Input ``name`` ``(B, n)`` as ``(B, n, 1, 1)`` when the latents have rank 4, else as it is."""
+    rank = len(spec.tensor("latents").shape)
+    if rank == 2:
+        return name
+    if not any(init.name == "per_row_shape" for init in g.initializers):
+        g.const("per_row_shape", [0, -1] + [1] * (rank - 2))
+    return g.op("Reshape", [name, "per_row_shape"], f"{name}_per_row")
+
+
+def _per_row_columns(g: _GraphBuilder, spec: ResolvedNetwork) -> None:
+    """``c_<column>``: one value per latents row, shaped to broadcast against them.
+
+    ``coefficients`` ``(B, K)`` is split on axis 1 into ``(B, 1)`` columns, as ``guidance_scale`` ``(B, 1)``
+    is (:func:`_guidance`): they broadcast as they are against rank-2 latents (the prior's ``(B, E)``);
+    against rank-4 latents (``(B, C, h, w)``) they are reshaped to ``(B, ..., 1, 1)`` first. Row b's value
+    meets only row b's elements, so each row computes exactly what a one-row call with its scalars does.
+    """
+    coefficients = _per_row(g, spec, "coefficients")
+    columns = [f"c_{c}" for c in COEFFICIENT_COLUMNS]
+    g.op("Split", [coefficients], columns, axis=1, num_outputs=len(columns))
+
+
 def _guidance(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> tuple[str, str | None]:
     """eps (guided latent channels) and var (cond half of the extra channels, or None) from model_output."""
     channels = spec.tensor("latents").shape[1]
@@ -74,7 +98,7 @@ def _guidance(g: _GraphBuilder, spec: ResolvedNetwork, cfg: bool) -> tuple[str, 
         g.op("Split", ["model_output"], ["out_uncond", "out_cond"], axis=0, num_outputs=2)
         uncond, cond = latent_part("out_uncond", "eps_uncond"), latent_part("out_cond", "eps_cond")
         g.op("Sub", [cond, uncond], "eps_delta")
-        g.op("Mul", ["guidance_scale", "eps_delta"], "eps_scaled")
+        g.op("Mul", [_per_row(g, spec, "guidance_scale"), "eps_delta"], "eps_scaled")
         eps = g.op("Add", [uncond, "eps_scaled"], "eps")
         var_src = "out_cond"
     else:
@@ -138,8 +162,7 @@ def build_step_graph(name: str, cfg: bool, dims: ModelDims = KANDINSKY_2_1_DIMS)
         raise SpecError(f"name: expected one of {sorted(STEP_NETWORKS)}, found {name!r}")
     spec = resolve_graph(name, dims)
     g = _GraphBuilder()
-    columns = [f"c_{c}" for c in COEFFICIENT_COLUMNS]  # one (1,) tensor per column, broadcast below
-    g.op("Split", ["coefficients"], columns, axis=0, num_outputs=len(columns))
+    _per_row_columns(g, spec)
     eps, var = _guidance(g, spec, cfg)
     _update(g, eps, _std(g, var))
     _model_input(g, spec, cfg)

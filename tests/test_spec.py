@@ -44,7 +44,7 @@ def test_unet_resolves_to_real_shapes():
     unet = resolve("unet", Profile(batch=1, height=768, width=768))
     assert [(t.name, t.dtype, t.shape) for t in unet.inputs] == [
         ("sample", "float32", (2, 4, 96, 96)),
-        ("timestep", "float32", (1,)),
+        ("timestep", "float32", (2,)),  # per row: [uncond; cond] of the one image
         ("encoder_hidden_states", "float32", (2, 77, 1024)),
         ("text_embeds", "float32", (2, 768)),
         ("image_embeds", "float32", (2, 768)),
@@ -60,8 +60,23 @@ def test_inpaint_and_step_graphs_follow_the_same_dims():
     assert step.tensor("model_output").shape == (4, 8, 8, 16)
     assert step.tensor("conditioning").shape == (4, 5, 8, 16)
     assert step.tensor("model_input").shape == (4, 9, 8, 16)
-    assert step.tensor("coefficients").shape == (len(spec.COEFFICIENT_COLUMNS),)
+    assert step.tensor("coefficients").shape == (2, len(spec.COEFFICIENT_COLUMNS))
+    assert step.tensor("guidance_scale").shape == (2, 1)
     assert resolve("prior_step", profile, dims).tensor("model_input").shape == (4, 32)
+
+
+def test_every_per_step_value_is_per_row():
+    """The per-row contract: the loop networks' timestep has one value per network row (B2), the step
+    graphs' coefficients and guidance one row per latents row (B), with and without guidance."""
+    for profile in (Profile(batch=3, height=64, width=64), Profile(batch=3, height=64, width=64, cfg=False)):
+        b2 = 6 if profile.cfg else 3
+        for name in ("prior", "unet", "unet_inpaint"):
+            assert resolve(name, profile).tensor("timestep").shape == (b2,)
+        for name in spec.STEP_NETWORKS:
+            step = resolve(name, profile)
+            assert step.tensor("coefficients").shape == (3, spec.K)
+            assert step.tensor("guidance_scale").shape == (3, 1)
+            assert step.tensor("noise").shape[0] == 3
 
 
 def test_every_network_resolves_and_has_a_source():

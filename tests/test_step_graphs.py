@@ -29,7 +29,7 @@ from kandinsky_trt.runtime.contract.spec import (  # noqa: E402
 DIMS = ModelDims(clip_dim=32, text_dim=32, image_size=32)
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 COL = {name: i for i, name in enumerate(COEFFICIENT_COLUMNS)}
-ELEMENTWISE_OPS = {"Split", "Slice", "Sub", "Mul", "Add", "Max", "Min", "Exp", "Concat", "Identity"}
+ELEMENTWISE_OPS = {"Split", "Slice", "Sub", "Mul", "Add", "Max", "Min", "Exp", "Concat", "Identity", "Reshape"}
 DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
         "set_alpha_to_one": False, "steps_offset": 1}  # fmt: skip
 DDPM_LEARNED = {**DDIM, "_class_name": "DDPMScheduler", "variance_type": "learned_range", "clip_sample": True,
@@ -57,7 +57,7 @@ def _feeds(spec, rng) -> dict[str, np.ndarray]:
     if spec.tensor("model_output").shape[1] > spec.tensor("latents").shape[1]:  # learned variance in [-1, 1]
         out = feeds["model_output"]
         out[:, 4:] = np.tanh(out[:, 4:])
-    feeds["guidance_scale"] = np.array([4.0], np.float32)
+    feeds["guidance_scale"] = np.full(spec.tensor("guidance_scale").shape, 4.0, np.float32)
     return feeds
 
 
@@ -70,7 +70,7 @@ def test_step_graph_matches_apply_step(name, cfg, batch):
     session = _session(build_step_graph(name, cfg, DIMS))  # one symbolic graph serves every batch and size
     rng = np.random.default_rng(batch + 2 * cfg)
     for row in _rows(prior=name == "prior_step"):
-        feeds = {**_feeds(spec, rng), "coefficients": row}
+        feeds = {**_feeds(spec, rng), "coefficients": np.tile(row, (batch, 1))}
         got = dict(zip(spec.output_names, session.run(None, feeds)))
         x_next, x0 = S.apply_step(
             row, feeds["latents"], feeds["model_output"], feeds["noise"], 4.0, feeds["x0_prev"], cfg
@@ -116,11 +116,62 @@ def test_dpm_history_through_the_graph():
     for row in table.coefficients:
         out = rng.standard_normal(spec.tensor("model_output").shape).astype(np.float32)
         zeros = np.zeros_like(x_graph)
-        feeds = {"latents": x_graph, "model_output": out, "coefficients": row, "noise": zeros,
-                 "guidance_scale": np.array([4.0], np.float32), "x0_prev": h_graph}  # fmt: skip
+        feeds = {"latents": x_graph, "model_output": out, "coefficients": row[None], "noise": zeros,
+                 "guidance_scale": np.array([[4.0]], np.float32), "x0_prev": h_graph}  # fmt: skip
         x_graph, h_graph, _ = session.run(None, feeds)
         x_ref, h_ref = S.apply_step(row, x_ref, out, None, 4.0, h_ref, True)
     np.testing.assert_allclose(x_graph, x_ref, **TOL)
+
+
+def _one_row(feeds: dict, b: int, batch: int, cfg: bool) -> dict:
+    """Row b of a B-row step-graph feed as a one-row feed ([uncond_b; cond_b] for the B2 tensors)."""
+    one = {}
+    for name, array in feeds.items():
+        if name in ("model_output", "conditioning"):
+            one[name] = array[[b, batch + b]] if cfg else array[[b]]
+        else:
+            one[name] = array[[b]]
+    return one
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("name", sorted(STEP_NETWORKS))
+def test_rows_at_different_steps_equal_one_row_runs(name, cfg):
+    """The per-row contract: one call whose rows are at different steps of different schedulers, with
+    different guidance (1.0 among them), equals row by row and bit for bit one-row calls of the same
+    graph, and the per-row numpy reference (the same operation order) within the graph's tolerance."""
+    prior = name == "prior_step"
+    rows = _rows(prior)  # every scheduler's first / middle / last rows and the synthetic one
+    batch = len(rows)
+    spec, one = resolve(name, Profile(batch, 64, 128, cfg), DIMS), resolve(name, Profile(1, 64, 128, cfg), DIMS)
+    session = _session(build_step_graph(name, cfg, DIMS))
+    feeds = _feeds(spec, np.random.default_rng(7))
+    feeds["coefficients"] = np.stack(rows)
+    feeds["guidance_scale"] = np.array([[1.0], [4.0], [7.5], [0.5]] * batch, np.float32)[:batch]
+    got = dict(zip(spec.output_names, session.run(None, feeds)))
+    x_next, x0 = S.apply_step(feeds["coefficients"], feeds["latents"], feeds["model_output"], feeds["noise"],
+                              feeds["guidance_scale"], feeds["x0_prev"], cfg)
+    np.testing.assert_allclose(got["latents_next"], x_next, **TOL)
+    np.testing.assert_array_equal(got["x0"], x0)
+    for b in range(batch):
+        single = _one_row(feeds, b, batch, cfg)
+        alone = dict(zip(one.output_names, session.run(None, single)))
+        np.testing.assert_array_equal(got["latents_next"][b], alone["latents_next"][0])
+        np.testing.assert_array_equal(got["x0"][b], alone["x0"][0])
+        halves = [b, batch + b] if cfg else [b]
+        np.testing.assert_array_equal(got["model_input"][halves], alone["model_input"])
+        ref_next, ref_x0 = S.apply_step(single["coefficients"][0], single["latents"], single["model_output"],
+                                        single["noise"], float(single["guidance_scale"][0, 0]), single["x0_prev"], cfg)
+        np.testing.assert_array_equal(x_next[b], ref_next[0])  # the per-row reference = the one-row reference
+        np.testing.assert_array_equal(x0[b], ref_x0[0])
+
+
+def test_apply_step_refuses_rows_of_another_shape():
+    x, out = np.zeros((2, 32), np.float32), np.zeros((4, 32), np.float32)
+    with pytest.raises(S.SchedulerConfigError, match=r"row: expected shape \(12,\) or \(2, 12\), found \(3, 12\)"):
+        S.apply_step(np.zeros((3, 12)), x, out, None, 4.0, None, True)
+    with pytest.raises(S.SchedulerConfigError, match=r"guidance_scale: expected shape \(1,\) or \(2, 1\), found \(3,\)"):
+        S.apply_step(np.zeros(12), x, out, None, np.ones(3), None, True)
 
 
 def test_write_step_graph_is_atomic(tmp_path):

@@ -298,25 +298,39 @@ def scheduler_table(config: Mapping, num_inference_steps: int) -> SchedulerTable
     return SchedulerTable(name, timesteps, rows.astype(np.float32), stochastic, 1.0, n, dict(config))
 
 
+def _per_row(values, name: str, rows: int, width: int, rank: int) -> np.ndarray:
+    """``values`` (one ``(width,)`` row for every latents row, or ``(rows, width)``) as ``(rows, width, 1...)``."""
+    array = np.asarray(values, np.float32)
+    if array.shape == (width,) or (width == 1 and array.ndim == 0):
+        array = np.broadcast_to(array.reshape(width), (rows, width))
+    elif width == 1 and array.shape == (rows,):
+        array = array.reshape(rows, 1)
+    if array.shape != (rows, width):
+        raise SchedulerConfigError(f"{name}: expected shape ({width},) or ({rows}, {width}), found {array.shape}")
+    return array.reshape((rows, width) + (1,) * (rank - 2))
+
+
 def apply_step(row, latents, model_output, noise, guidance_scale, x0_prev, cfg: bool):  # noqa: PLR0913
     """Numpy reference of a step graph (guidance + update), float32 in the graph's operation order.
 
-    The arguments mirror the step graph's inputs one for one (``spec.STEP_NETWORKS``). With ``cfg`` the
-    model output is [uncond; cond] along the batch and eps = u + g*(c - u) on the latent channels; extra
-    channels (the UNet's learned variance) are taken from the cond half. Without variance channels (the
-    prior) the ``learned`` term is absent, so such a row must have ``learned`` = 0. ``noise`` / ``x0_prev``
-    may be None (zeros). Returns (latents_next, x0).
+    The arguments mirror the step graph's inputs one for one (``spec.STEP_NETWORKS``), per row: ``row``
+    is the coefficient rows ``(B, K)`` (one per latents row) or one ``(K,)`` row for every latents row,
+    ``guidance_scale`` is ``(B, 1)`` / ``(B,)`` or one number. With ``cfg`` the model output is [uncond;
+    cond] along the batch and eps = u + g*(c - u) on the latent channels, row b with row b's scale;
+    extra channels (the UNet's learned variance) are taken from the cond half. Without variance
+    channels (the prior) the ``learned`` term is absent, so such rows must have ``learned`` = 0.
+    ``noise`` / ``x0_prev`` may be None (zeros). Row b's result is what a one-row call with row b's
+    values gives, bit for bit. Returns (latents_next, x0).
     """
-    row = np.asarray(row, np.float32)
-    if row.shape != (K,):
-        raise SchedulerConfigError(f"row: expected shape ({K},), found {row.shape}")
-    c = dict(zip(COEFFICIENT_COLUMNS, row))
     x = np.asarray(latents, np.float32)
+    rows = _per_row(row, "row", x.shape[0], K, x.ndim)
+    c = {name: rows[:, i:i + 1] for i, name in enumerate(COEFFICIENT_COLUMNS)}
     out = np.asarray(model_output, np.float32)
     channels = x.shape[1]
     if cfg:
+        g = _per_row(guidance_scale, "guidance_scale", x.shape[0], 1, x.ndim)
         uncond, cond = np.split(out, 2, axis=0)
-        eps = uncond[:, :channels] + np.float32(guidance_scale) * (cond[:, :channels] - uncond[:, :channels])
+        eps = uncond[:, :channels] + g * (cond[:, :channels] - uncond[:, :channels])
         var = cond[:, channels:]
     else:
         eps, var = out[:, :channels], out[:, channels:]
@@ -325,7 +339,7 @@ def apply_step(row, latents, model_output, noise, guidance_scale, x0_prev, cfg: 
         frac = (var + np.float32(1.0)) * np.float32(0.5)
         log_var = c["log_var_min"] + frac * (c["log_var_max"] - c["log_var_min"])
         std = c["s"] + c["learned"] * np.exp(np.float32(0.5) * log_var)
-    elif c["learned"] != 0:
+    elif np.any(c["learned"] != 0):
         raise SchedulerConfigError("row: a learned-variance row needs variance channels in model_output, found none")
     else:
         std = c["s"]

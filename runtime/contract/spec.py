@@ -15,6 +15,13 @@ Symbolic dims:
     ``E``   CLIP embedding width (768 real), ``X`` XLM-R hidden width (1024 real),
     ``S``   CLIP vision input size (224 real)
 
+Every per-step value is per row (the per-row contract): a loop network's ``timestep`` is ``(B2,)``
+(row ``j`` and row ``j + B`` are one request's [uncond, cond] pair, so they carry the same value), a step
+graph's ``coefficients`` are ``(B, K)`` (row ``b`` is the scheduler-table row that latents row ``b`` is at)
+and its ``guidance_scale`` is ``(B, 1)`` (row ``b`` guides the [uncond; cond] halves' row ``b``), its
+``noise`` ``(B, *latent)``. So the rows of one network call may be at different steps of different
+schedulers with different guidance; a lockstep batch repeats one row ``B`` times.
+
 Every float input and output is float32 at both precisions: fp16 artifacts compute in fp16 inside
 the graph and cast at the boundary, so the loops accumulate latents in fp32 and a host never has
 to convert buffers.
@@ -162,7 +169,7 @@ def _t(name: str, dtype: str, *dims: str | int) -> TensorSpec:
 F32, I64, BOOL = "float32", "int64", "bool"
 
 _UNET_CONDITIONING = (
-    _t("timestep", F32, 1),
+    _t("timestep", F32, "B2"),
     _t("encoder_hidden_states", F32, "B2", "L", "X"),
     _t("text_embeds", F32, "B2", "E"),
     _t("image_embeds", F32, "B2", "E"),
@@ -180,7 +187,7 @@ NETWORKS: dict[str, NetworkSpec] = {
             "prior",
             inputs=(
                 _t("hidden_states", F32, "B2", "E"),
-                _t("timestep", F32, 1),
+                _t("timestep", F32, "B2"),
                 _t("proj_embedding", F32, "B2", "E"),
                 _t("encoder_hidden_states", F32, "B2", "L", "E"),
                 _t("attention_mask", BOOL, "B2", "L"),
@@ -235,8 +242,8 @@ K = len(COEFFICIENT_COLUMNS)
 class StepTensors:
     """The tensor names every step graph shares (guidance + scheduler update, DESIGN §4).
 
-    Inputs: ``latents``, ``model_output`` (the network's output), ``coefficients`` (one table row),
-    ``noise``, ``guidance_scale``, ``x0_prev``; outputs: ``latents_next``, ``x0`` and ``model_input``
+    Inputs: ``latents``, ``model_output`` (the network's output), ``coefficients`` (one table row per
+    latents row, ``(B, K)``), ``noise``, ``guidance_scale`` (one per row, ``(B, 1)``), ``x0_prev``; outputs: ``latents_next``, ``x0`` and ``model_input``
     (the next network input).
     """
 
@@ -261,9 +268,9 @@ def _step_spec(name: str, latent: tuple, output: tuple, model_input: tuple, extr
         inputs=(
             _t(STEP.latents, F32, "B", *latent),
             _t(STEP.model_output, F32, "B2", *output),
-            _t(STEP.coefficients, F32, K),
+            _t(STEP.coefficients, F32, "B", K),
             _t(STEP.noise, F32, "B", *latent),
-            _t(STEP.guidance_scale, F32, 1),
+            _t(STEP.guidance_scale, F32, "B", 1),
             _t(STEP.x0_prev, F32, "B", *latent),
         )
         + extra,

@@ -1,8 +1,9 @@
 """Parity of an exported graph (ONNX Runtime, CPU) against the fp32 torch module.
 
 The inputs differ from the ones traced at export — other prompt lengths (the text encoders pool
-with the mask; an exporter can fold a mask path into a constant), timesteps 999 / 500 / 1, and
-distinct uncond / cond halves — so a graph that only reproduces its tracing inputs fails.
+with the mask; an exporter can fold a mask path into a constant), timesteps 999 and 500 on every row
+and rows at different timesteps 1 / 999 / 500 (``timestep`` is per row, ``(B2,)``), and distinct
+uncond / cond halves — so a graph that only reproduces its tracing inputs fails.
 
 Error metric per output: ``max|onnx - torch| / max|torch|`` (relative to the output's scale),
 the worst over outputs and input sets.
@@ -60,12 +61,16 @@ def tolerance(network: str, precision: str) -> float:
 
 
 def verification_inputs(network: ResolvedNetwork) -> list[dict[str, np.ndarray]]:
-    """Three input sets unlike the tracing inputs (seed 0, timestep 500)."""
+    """Three input sets unlike the tracing inputs (seed 0, timestep 500): timestep 999, then 500 on
+    every row, then rows at different timesteps (1, 999, 500, 1, ...): ``timestep`` is per row
+    (``(B2,)``), so a graph that took one row's value for all rows fails."""
     sets = []
     for seed, t in enumerate(TIMESTEPS, start=1):
         feeds = sample_inputs(network, seed=seed)
         if "timestep" in feeds:
-            feeds["timestep"] = np.full_like(feeds["timestep"], t)
+            shape = feeds["timestep"].shape
+            per_row = np.resize(np.array((TIMESTEPS[-1], *TIMESTEPS[:-1]), np.float32), shape)
+            feeds["timestep"] = per_row if t == TIMESTEPS[-1] else np.full(shape, t, np.float32)
         sets.append(feeds)
     return sets
 

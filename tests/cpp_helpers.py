@@ -58,15 +58,15 @@ def _network(name: str, inputs: list[dict], outputs: list[dict]) -> dict:
 
 def manifest_dict() -> dict:
     """The manifest (without its `files` records, which `write_artifacts` adds)."""
-    step_inputs = [_tensor("latents", LATENTS), _tensor("model_output", OUTPUT), _tensor("coefficients", [12]),
-                   _tensor("noise", LATENTS), _tensor("guidance_scale", [1]), _tensor("x0_prev", LATENTS)]
+    step_inputs = [_tensor("latents", LATENTS), _tensor("model_output", OUTPUT), _tensor("coefficients", [1, 12]),
+                   _tensor("noise", LATENTS), _tensor("guidance_scale", [1, 1]), _tensor("x0_prev", LATENTS)]
     step_outputs = [_tensor("latents_next", LATENTS), _tensor("x0", LATENTS), _tensor("model_input", [2, 4, 8, 8])]
     table = {"kind": "DDIMScheduler", "num_inference_steps": 2, "init_noise_sigma": 1.0, "columns": COLUMNS,
              "timesteps": [500, 0], "stochastic": [False, False], "coefficients": [list(row) for row in ROWS]}
     return {
-        "schema_version": 3, "precision": "fp32",
+        "schema_version": 4, "precision": "fp32",
         "profiles": [{"batch": 1, "height": 64, "width": 64, "cfg": True}],
-        "networks": [_network("unet", [_tensor("sample", [2, 4, 8, 8]), _tensor("timestep", [1])],
+        "networks": [_network("unet", [_tensor("sample", [2, 4, 8, 8]), _tensor("timestep", [2])],
                               [_tensor("noise_pred", OUTPUT)]),
                      _network("unet_step", step_inputs, step_outputs)],
         "constants": [{"name": "zero_image_embeds", "file": "zero.f32.bin", "dtype": "float32", "shape": [1, 32],
@@ -107,7 +107,7 @@ def write_recording(out: Path, seed: int = 0) -> Path:
     x = rng.standard_normal(LATENTS).astype(np.float32)
     outputs = rng.standard_normal([len(ROWS)] + OUTPUT).astype(np.float32)
     noise = np.zeros([len(ROWS)] + LATENTS, np.float32)
-    arrays = {"latents": x, "model_outputs": outputs, "noise": noise}
+    arrays = {"latents": x, "x0_prev": np.zeros(LATENTS, np.float32), "model_outputs": outputs, "noise": noise}
     expected, expected_x0, x0 = [], [], np.zeros(LATENTS, np.float32)
     for i, row in enumerate(ROWS):
         x, x0 = _step(row, x, x0, outputs[i], noise[i])
@@ -118,6 +118,7 @@ def write_recording(out: Path, seed: int = 0) -> Path:
     for name, array in arrays.items():
         np.ascontiguousarray(array, "<f4").tofile(out / f"{name}.f32")
     (out / "recording.json").write_text(json.dumps(dict(
-        network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=2,
-        guidance_scale=GUIDANCE, files={name: f"{name}.f32" for name in arrays})))
+        network="unet", step_graph="unet_step", steps=len(ROWS),
+        rows=[dict(scheduler="decoder", num_inference_steps=2, start=0, guidance_scale=GUIDANCE)],
+        files={name: f"{name}.f32" for name in arrays})))
     return out

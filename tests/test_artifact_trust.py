@@ -296,10 +296,11 @@ def test_malformed_or_absurd_values_are_one_line_manifest_errors(art, case):
     (b"[1, 2]", r"expected a JSON object, found list"),
     (b'{"schema_version": NaN}', r"found unreadable content \(a finite JSON number, found NaN\)"),
     (b"[" * 100000 + b"]" * 100000, r"found unreadable content"),  # nesting beyond the parser's recursion
-    (b'{"schema_version": 1}', r"schema_version: expected 3, found 1 \(written by an older kandinsky-trt; "
-                               r"re-export with kandinsky-trt >= 0\.3\.0\)"),
-    (b'{"schema_version": 2, "profile": {}}', r"schema_version: expected 3, found 2 \(written by an older "
-                                               r"kandinsky-trt; re-export with kandinsky-trt >= 0\.3\.0\)"),
+    (b'{"schema_version": 1}', r"schema_version: expected 4, found 1 \(the artifacts predate per-row "
+                               r"timesteps and coefficients; re-run `kandinsky-trt export`\)"),
+    (b'{"schema_version": 2, "profile": {}}', r"schema_version: expected 4, found 2 \(the artifacts predate"),
+    (b'{"schema_version": 3, "profiles": []}', r"schema_version: expected 4, found 3 \(the artifacts predate "
+                                               r"per-row timesteps and coefficients; re-run `kandinsky-trt export`\)"),
 ])
 def test_unreadable_manifests_are_one_line_errors(art, content, match):
     path = art / "manifest.json"

@@ -25,6 +25,7 @@ from kandinsky_trt.runtime import KandinskyInpaintPipeline
 from kandinsky_trt.runtime import KandinskyPipeline
 
 from kandinsky_trt.runtime import KandinskyPriorPipeline
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, apply_step
 from kandinsky_trt.runtime.pipelines.components import Components
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
@@ -73,22 +74,33 @@ class _Recording:
         components.backend.load = recording_load
 
     def write(self, out: Path, record: dict, output_name: str) -> Path:
-        """recording.json + raw float32 files in the layout runtime/cpp/main.cpp reads."""
+        """recording.json + raw float32 files in the layout runtime/cpp/main.cpp reads. ``record``: network,
+        step_graph, scheduler, num_inference_steps, guidance_scale of the lockstep chunk: every latents
+        row gets that table from its first row, with that guidance."""
         network, step_graph = record["network"], record["step_graph"]
         steps = self.calls[step_graph][1:]  # the first step-graph run is the identity row that makes the first input
         arrays = {
             "latents": self.calls[step_graph][0][0]["latents"],
+            "x0_prev": steps[0][0]["x0_prev"],
             "model_outputs": np.stack([outputs[output_name] for _, outputs in self.calls[network]]),
             "noise": np.stack([feeds["noise"] for feeds, _ in steps]),
             "expected": np.stack([outputs["latents_next"] for _, outputs in steps]),
             "expected_x0": np.stack([outputs["x0"] for _, outputs in steps]),
         }
-        out.mkdir(parents=True, exist_ok=True)
-        for name, array in arrays.items():
-            np.ascontiguousarray(array, "<f4").tofile(out / f"{name}.f32")
-        files = {name: f"{name}.f32" for name in arrays}
-        (out / "recording.json").write_text(json.dumps({**record, "files": files}))
-        return out
+        row = dict(scheduler=record["scheduler"], num_inference_steps=record["num_inference_steps"], start=0,
+                   guidance_scale=record["guidance_scale"])
+        rows = [row] * len(arrays["latents"])
+        return write_recording(out, dict(network=network, step_graph=step_graph, steps=len(steps), rows=rows), arrays)
+
+
+def write_recording(out: Path, record: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """recording.json (``record`` + the file names) and one raw little-endian float32 file per array."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        np.ascontiguousarray(array, "<f4").tofile(out / f"{name}.f32")
+    files = {name: f"{name}.f32" for name in arrays}
+    (out / "recording.json").write_text(json.dumps({**record, "files": files}))
+    return out
 
 
 def _replay(host_program: Path, artifacts: Path, recording: Path, *options: str) -> subprocess.CompletedProcess:
@@ -156,9 +168,11 @@ def test_cpp_host_detects_a_wrong_replay(host_program, artifacts_fp32, tmp_path)
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 3, found 99"),
-    (lambda m: m.update(schema_version=2), "manifest.schema_version: expected 3, found 2 (written by an older "
-                                           "kandinsky-trt; re-export with kandinsky-trt >= 0.3.0)"),
+    (lambda m: m.update(schema_version=99), "manifest.schema_version: expected 4, found 99"),
+    (lambda m: m.update(schema_version=3), "manifest.schema_version: expected 4, found 3 (the artifacts predate "
+                                           "per-row timesteps and coefficients; re-run `kandinsky-trt export`)"),
+    (lambda m: m.update(schema_version=2), "manifest.schema_version: expected 4, found 2 (the artifacts predate "
+                                           "per-row timesteps and coefficients; re-run `kandinsky-trt export`)"),
     (lambda m: m["constants"][0].update(file="../outside.bin"),
      "expected a file name inside the artifacts directory, found '../outside.bin'"),
     (lambda m: m["constants"][0].update(file="/etc/passwd"),
@@ -176,8 +190,8 @@ def test_cpp_host_contract_errors_are_one_line(edit, message, host_program, arti
     recording = tmp_path / "rec"
     recording.mkdir()
     (recording / "recording.json").write_text(json.dumps(dict(
-        network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=50, guidance_scale=4.0,
-        files={})))
+        network="unet", step_graph="unet_step", steps=50, files={},
+        rows=[dict(scheduler="decoder", num_inference_steps=50, start=0, guidance_scale=4.0)])))
     done = _replay(host_program, artifacts, recording)
     assert done.returncode == 2
     assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
@@ -208,8 +222,8 @@ def test_cpp_host_names_a_missing_table(host_program, artifacts_fp32, tmp_path):
     recording = tmp_path / "rec"
     recording.mkdir()
     (recording / "recording.json").write_text(json.dumps(dict(
-        network="unet", step_graph="unet_step", scheduler="decoder", num_inference_steps=7, guidance_scale=4.0,
-        files={})))
+        network="unet", step_graph="unet_step", steps=7, files={},
+        rows=[dict(scheduler="decoder", num_inference_steps=7, start=0, guidance_scale=4.0)])))
     done = _replay(host_program, artifacts_fp32[0], recording)
     assert done.returncode == 2
     assert "schedulers.decoder.tables: expected a table for 7 steps, found tables for 100 50" in done.stderr
@@ -225,3 +239,66 @@ def test_cpp_host_refuses_a_flipped_byte(host_program, artifacts_fp32, tmp_path)
     constant.write_bytes(bytes(data))
     done = _replay(host_program, artifacts, tmp_path)
     assert done.returncode == 2 and "does not match the sha256 in the manifest" in done.stderr, done.stderr
+
+
+# (scheduler table, its step count, position of the first replayed step, guidance) per latents row
+ROWS_AT_DIFFERENT_STEPS = (
+    ("decoder", 50, 10, 1.0),  # DDIM, guidance 1
+    ("decoder_ddpm", 100, 40, 5.0),  # DDPM: learned variance, noise on its stochastic steps
+)
+
+
+def _rows_at_different_steps(artifacts: Path, steps: int, seed: int = 0) -> tuple[dict, dict]:
+    """Runs the exported unet_step (ONNX Runtime) for ``steps`` calls whose rows follow
+    ROWS_AT_DIFFERENT_STEPS, from random latents and a non-zero x0; returns (record, arrays)."""
+    ort = pytest.importorskip("onnxruntime")
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    entry = next(n for n in manifest["networks"] if n["name"] == "unet_step")
+    shapes = {t["name"]: t["shape"] for t in entry["profiles"][0]["inputs"]}
+    session = ort.InferenceSession(str(artifacts / entry["onnx"]), providers=["CPUExecutionProvider"])
+    tables = [SchedulerTable.from_manifest(manifest["schedulers"][name]["tables"][str(n)])
+              for name, n, _, _ in ROWS_AT_DIFFERENT_STEPS]
+    starts = [start for _, _, start, _ in ROWS_AT_DIFFERENT_STEPS]
+    guidance = np.array([[g] for *_, g in ROWS_AT_DIFFERENT_STEPS], np.float32)
+    rng = np.random.default_rng(seed)
+    x, x0 = (rng.standard_normal(shapes["latents"]).astype(np.float32) for _ in range(2))
+    arrays = {"latents": x, "x0_prev": x0, "model_outputs": [], "noise": [], "expected": [], "expected_x0": []}
+    for i in range(steps):
+        out = rng.standard_normal(shapes["model_output"]).astype(np.float32)
+        out[:, 4:] = np.tanh(out[:, 4:])  # learned variance in [-1, 1]
+        noise = np.zeros(shapes["noise"], np.float32)
+        for b, (table, start) in enumerate(zip(tables, starts)):
+            if table.stochastic[start + i]:
+                noise[b] = rng.standard_normal(noise.shape[1:])
+        coefficients = np.stack([table.coefficients[start + i] for table, start in zip(tables, starts)])
+        feeds = dict(latents=x, model_output=out, coefficients=coefficients, noise=noise, guidance_scale=guidance,
+                     x0_prev=x0)
+        reference = apply_step(coefficients, x, out, noise, guidance, x0, cfg=True)  # the numpy reference
+        x, x0 = session.run(["latents_next", "x0"], feeds)
+        np.testing.assert_allclose(x, reference[0], rtol=1e-6, atol=1e-6)
+        for name, array in (("model_outputs", out), ("noise", noise), ("expected", x), ("expected_x0", x0)):
+            arrays[name].append(array)
+    rows = [dict(scheduler=name, num_inference_steps=n, start=start, guidance_scale=g)
+            for name, n, start, g in ROWS_AT_DIFFERENT_STEPS]
+    record = dict(network="unet", step_graph="unet_step", steps=steps, rows=rows)
+    return record, {k: np.stack(v) if isinstance(v, list) else v for k, v in arrays.items()}
+
+
+def test_cpp_host_replays_rows_at_different_steps(host_program, artifacts_fp32_b2_wide, tmp_path):
+    """The per-row contract in the C++ host: every step-graph call has its two rows at different steps
+    of different tables (DDIM from row 10 at guidance 1, DDPM from row 40 at guidance 5, with noise and
+    learned variance) and starts from a non-zero x0. The exported step graph (ONNX Runtime) makes the
+    expected latents, checked against apply_step; the host replays each row from its own table to
+    1e-6, and fails when the rows' positions or guidance scales are swapped."""
+    artifacts = artifacts_fp32_b2_wide[0]
+    record, arrays = _rows_at_different_steps(artifacts, steps=6)
+    done = _replay(host_program, artifacts, write_recording(tmp_path / "rec", record, arrays))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("replayed 6 steps of unet_step"), done.stdout
+    assert done.stdout.strip().endswith("ok"), done.stdout
+    for name, swap in (("starts", "start"), ("guidance", "guidance_scale")):
+        rows = [dict(row) for row in record["rows"]]
+        rows[0][swap], rows[1][swap] = rows[1][swap], rows[0][swap]  # positions stay in range: 40 + 6 <= 50
+        wrong = write_recording(tmp_path / f"wrong-{name}", {**record, "rows": rows}, arrays)
+        done = _replay(host_program, artifacts, wrong)
+        assert done.returncode == 1 and done.stdout.strip().endswith("FAIL"), (name, done.stdout + done.stderr)

@@ -101,6 +101,17 @@ def test_model_output_must_match_the_latents(case, latents, output):
     assert_refused(case.run(edit), "unet_step.inputs.model_output: expected")
 
 
+@pytest.mark.parametrize("name, shape, fragment", [
+    ("coefficients", [12], "unet_step.inputs.coefficients: expected float32[1,12] (one row per latents row), "
+                           "found float32[12]"),  # what schema 3 had
+    ("coefficients", [2, 12], "found float32[2,12]"),
+    ("guidance_scale", [1], "unet_step.inputs.guidance_scale: expected float32[1,1] (one row per latents row), "
+                            "found float32[1]"),
+])
+def test_per_row_step_inputs_are_checked(case, name, shape, fragment):
+    assert_refused(case.run(lambda m: _step_input(m, name).update(shape=shape)), fragment)
+
+
 @pytest.mark.parametrize("where", ["precision", "files", "root"])
 def test_deep_nesting_is_refused_before_parsing(case, where):
     deep = "[" * 100000 + "]" * 100000
@@ -112,13 +123,13 @@ def test_deep_nesting_is_refused_before_parsing(case, where):
 def test_deep_nesting_inside_strings_is_not_nesting(case):
     """Brackets inside strings do not count (a precision string full of '[')."""
     assert_refused(case.run(lambda m: m.update(precision="[" * 100000, schema_version=2)),
-                   "manifest.schema_version: expected 3, found 2")
+                   "manifest.schema_version: expected 4, found 2")
 
 
-@pytest.mark.parametrize("value", ["3.5", "3.999", "3e0", "3.0", '"3"', "true", "null", "[3]",
+@pytest.mark.parametrize("value", ["4.5", "3.999", "4e0", "4.0", '"4"', "true", "null", "[4]",
                                    "18446744073709551615", "1e400"])
-def test_schema_version_must_be_the_integer_3(case, value):
-    text = json.dumps(case.manifest).replace('"schema_version": 3', f'"schema_version": {value}')
+def test_schema_version_must_be_the_integer_4(case, value):
+    text = json.dumps(case.manifest).replace('"schema_version": 4', f'"schema_version": {value}')
     done = case.run(text=text)
     if value == "1e400":  # nlohmann refuses numbers beyond double at parse time
         assert_refused(done, "manifest: expected JSON, found a parse error")
@@ -265,9 +276,21 @@ def test_a_non_finite_constant_is_refused(case):
 
 
 @pytest.mark.parametrize("edit, fragment", [
-    (lambda r: r.update(num_inference_steps=2.5), "recording.num_inference_steps: expected an integer"),
-    (lambda r: r.update(guidance_scale=1e300), "recording.guidance_scale: expected a finite float32"),
-    (lambda r: r.update(guidance_scale="4"), "recording.guidance_scale: expected a finite float32"),
+    (lambda r: r["rows"][0].update(num_inference_steps=2.5), "recording.rows[0].num_inference_steps: expected an integer"),
+    (lambda r: r["rows"][0].update(guidance_scale=1e300), "recording.rows[0].guidance_scale: expected a finite float32"),
+    (lambda r: r["rows"][0].update(guidance_scale="4"), "recording.rows[0].guidance_scale: expected a finite float32"),
+    (lambda r: r["rows"][0].update(start=-1), "recording.rows[0].start: expected an integer in [0, 100000]"),
+    (lambda r: r["rows"][0].update(start=1), "recording.rows[0].start: expected start + steps <= 2 (the rows of "
+                                             "table decoder 2), found 1 + 2"),
+    (lambda r: r["rows"][0].update(start=2 ** 63 - 1), "recording.rows[0].start: expected an integer in [0, 100000]"),
+    (lambda r: r.update(steps=0), "recording.steps: expected an integer in [1, 100000]"),
+    (lambda r: r.update(steps=2 ** 62 + 1), "recording.steps: expected an integer in [1, 100000]"),
+    (lambda r: r.update(rows=[]), "recording.rows: expected 1 to 65536 rows, found 0"),
+    (lambda r: r.update(rows=r["rows"] * 2), "recording.rows: expected 1 rows (one per latents row of unet_step), "
+                                             "found 2"),
+    (lambda r: r.update(rows=[1]), "recording.rows[0]: expected an object"),
+    (lambda r: r["rows"][0].pop("scheduler"), "recording.rows[0].scheduler: expected the field, found none"),
+    (lambda r: r["rows"][0].update(scheduler="prior"), "schedulers.prior"),
     (lambda r: r.update(step_graph=["unet_step"]), "recording.step_graph: expected a string"),
     (lambda r: r["files"].update(noise="../artifacts/unet.onnx"), "recording.files.noise: expected a file name inside"),
     (lambda r: r["files"].update(noise="latents.f32"), "recording.files.noise: expected 2048 bytes of float32, found 1024"),

@@ -78,11 +78,26 @@ def test_profile_rules_are_enforced_at_load(tmp_path, change, message):
         _reload(tmp_path, data)
 
 
+HINT = r"\(the artifacts predate per-row timesteps and coefficients; re-run `kandinsky-trt export`\)"
+
+
 def test_an_older_schema_is_refused_never_misread(tmp_path):
     data = _manifest(tmp_path, PROFILES[:1]).to_dict()
     data |= {"schema_version": 2, "profile": data.pop("profiles")[0]}  # what 0.2.x wrote
-    with pytest.raises(mf.ManifestError, match=r"schema_version: expected 3, found 2 \(written by an older "
-                                               r"kandinsky-trt; re-export with kandinsky-trt >= 0\.3\.0\)"):
+    with pytest.raises(mf.ManifestError, match=r"schema_version: expected 4, found 2 " + HINT):
+        _reload(tmp_path, data)
+
+
+def test_a_schema_3_manifest_is_refused_with_the_reexport_hint(tmp_path):
+    """Schema 3 (0.3.x): the same layout, but a (1,) timestep and (K,) coefficient row per call. Its
+    graphs cannot take per-row feeds, so it is refused in one line, never read as schema 4."""
+    data = _manifest(tmp_path).to_dict()
+    for network in data["networks"]:  # what 0.3.x wrote for the loop networks and step graphs
+        for tensor in network["inputs"]:
+            if tensor["name"] in ("timestep", "guidance_scale"):
+                tensor["shape"] = [1]
+    data["schema_version"] = 3
+    with pytest.raises(mf.ManifestError, match=r"^schema_version: expected 4, found 3 " + HINT + "$"):
         _reload(tmp_path, data)
 
 
@@ -100,7 +115,7 @@ def test_missing_and_corrupt_manifests_are_named(tmp_path):
     with pytest.raises(mf.ManifestError, match="expected a JSON manifest, found unreadable"):
         mf.load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
-    with pytest.raises(mf.ManifestError, match="schema_version: expected 3, found 99"):
+    with pytest.raises(mf.ManifestError, match="schema_version: expected 4, found 99"):
         mf.load_manifest(tmp_path)
 
 

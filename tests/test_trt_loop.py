@@ -67,7 +67,7 @@ def _fake_step(latents, model_output, coefficients, noise, guidance_scale, x0_pr
     """What the step graph computes (export/step_graphs.py), with apply_step's float32 maths.
 
     The parameters are the step graph's input names (the fake engine calls it with keywords)."""
-    x_next, x0 = apply_step(coefficients, latents, model_output, noise, guidance_scale[0], x0_prev, cfg=True)
+    x_next, x0 = apply_step(coefficients, latents, model_output, noise, guidance_scale, x0_prev, cfg=True)
     model_input = np.concatenate([x_next, x_next], axis=0)
     if conditioning is not None:
         model_input = np.concatenate([model_input, conditioning], axis=1)

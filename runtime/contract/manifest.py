@@ -4,7 +4,7 @@ Written by export (and updated by the engine build), read by every backend and b
 Schema lives beside this module (``manifest.schema.json``) and is enforced at every load, with range
 limits and file rules (:mod:`~kandinsky_trt.runtime.contract.manifest_checks`), before anything is allocated.
 
-Layout (schema version 3)::
+Layout (schema version 4)::
 
     schema_version, producer{...}, precision, profiles[{batch,height,width,cfg}], model_dims{...},
     checkpoints{prior|decoder|inpaint: path},
@@ -21,8 +21,10 @@ Layout (schema version 3)::
 
 One ONNX graph per network serves every profile (its profile dims are symbolic), so weights are
 stored once. Every file name is relative to the manifest's directory and must stay inside it.
-Schema 1 (before kandinsky-trt 0.2.0) recorded no hashes of external data or tokenizers, schema 2
-(0.2.x) one profile: both refused.
+Schema 4 is the per-row contract (``spec``): the loop networks' ``timestep`` is ``(B2,)`` and the step
+graphs take ``coefficients`` ``(B, K)`` and ``guidance_scale`` ``(B, 1)``. Older schemas are refused
+with the re-export hint: schema 3 (0.3.x) had one ``(1,)`` timestep and one ``(K,)`` coefficient row
+per call, schema 2 (0.2.x) one profile, schema 1 (before 0.2.0) no hashes of external data or tokenizers.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, ResolvedNetw
 __all__ = ["SCHEMA_VERSION", "MANIFEST_NAME", "SCHEMA_PATH", "ManifestError", "NetworkEntry", "ConstantEntry",
            "Manifest", "load_manifest", "sha256_file", "write_bytes_atomic", "FileRecord", "IntegrityError"]
 
-SCHEMA_VERSION = 3
-# The first release writing schema 3 (several profiles, one graph per network).
-MIN_PRODUCER_VERSION = "0.3.0"
+SCHEMA_VERSION = 4
+# What an artifacts set older than the per-row contract needs (also runtime/cpp/manifest.cpp, README).
+REEXPORT_HINT = "the artifacts predate per-row timesteps and coefficients; re-run `kandinsky-trt export`"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # the largest real manifest is ~1 MB (coefficient tables)
 
@@ -280,8 +282,7 @@ def _check_version(version: object) -> None:
     if version == SCHEMA_VERSION:
         return
     if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
-        raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version} (written by an older "
-                            f"kandinsky-trt; re-export with kandinsky-trt >= {MIN_PRODUCER_VERSION})")
+        raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version} ({REEXPORT_HINT})")
     raise ManifestError(f"schema_version: expected {SCHEMA_VERSION}, found {version!r} (a newer or foreign "
                         f"manifest; re-export with this kandinsky-trt)")
 

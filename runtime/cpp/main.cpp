@@ -7,8 +7,10 @@
 // 2. verifies every file the manifest names (inside the directory, sha256 where recorded);
 // 3. lists the bindings of the loop's network and step graph, by name, dtype and shape;
 // 4. loads every constant (byte size against its shape, sha256);
-// 5. loads the scheduler's coefficient table and replays the step update over the model outputs
-//    the Python loop recorded (RECORDING/recording.json), comparing every step's latents with it:
+// 5. loads the scheduler coefficient table of every latents row (the per-row contract: each row names its
+//    table, its position in it and its guidance scale, so rows may be at different steps) and replays
+//    the step update over the model outputs the Python loop recorded (RECORDING/recording.json),
+//    comparing every step's latents with it:
 //    per step (each from the Python loop's previous latents and x0: this decides) and free-running
 //    (reported: float32 exp differs from ONNX Runtime's in the last ulp, which DDPM's learned
 //    variance carries from step to step).
@@ -21,8 +23,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <new>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "manifest.hpp"
 #include "recording.hpp"
@@ -85,7 +90,7 @@ std::vector<float> slice(const std::vector<float>& all, size_t i, size_t n) {
 }
 
 struct Recorded {
-  std::vector<float> start, outputs, noise, expected, expected_x0;
+  std::vector<float> start, start_x0, outputs, noise, expected, expected_x0;
 };
 
 // The recorded float32 files, each a regular file in the recording directory of exactly the size the
@@ -98,24 +103,65 @@ Recorded read_recorded(const ktrt::Directory& dir, const ktrt::Recording& rec, s
     return file.read_f32(count);
   };
   const auto latent = static_cast<int64_t>(shapes.latent_count()), steps = static_cast<int64_t>(n);
-  return {read("latents", latent, 1), read("model_outputs", static_cast<int64_t>(shapes.output_count()), steps),
+  return {read("latents", latent, 1), read("x0_prev", latent, 1),
+          read("model_outputs", static_cast<int64_t>(shapes.output_count()), steps),
           read("noise", latent, steps), read("expected", latent, steps), read("expected_x0", latent, steps)};
 }
+
+// Where each latents row reads its coefficients: its table (read once however many rows use it), its
+// position at the first recorded step and its guidance scale. Checked before any file is read.
+class RowTables {
+ public:
+  RowTables(const ktrt::Manifest& m, const ktrt::Recording& rec, size_t batch) : rec_(rec) {
+    if (rec.rows.size() != batch)
+      throw ContractError("recording.rows: expected " + std::to_string(batch) + " rows (one per latents row of " +
+                          rec.step_graph + "), found " + std::to_string(rec.rows.size()));
+    for (size_t b = 0; b < batch; ++b) {
+      const auto& row = rec.rows[b];
+      const auto key = std::make_pair(row.scheduler, row.steps);
+      if (tables_.find(key) == tables_.end()) tables_.emplace(key, m.table(row.scheduler, row.steps));
+      const auto& table = tables_.at(key);
+      // start and steps are in [0, kMaxSteps]: their sum cannot overflow.
+      if (row.start + rec.steps > static_cast<int64_t>(table.rows.size()))
+        throw ContractError("recording.rows[" + std::to_string(b) + "].start: expected start + steps <= " +
+                            std::to_string(table.rows.size()) + " (the rows of table " + row.scheduler + " " +
+                            std::to_string(row.steps) + "), found " + std::to_string(row.start) + " + " +
+                            std::to_string(rec.steps));
+      row_tables_.push_back(&table);
+    }
+  }
+
+  // Replay step i: row b's coefficient row start_b + i and its guidance scale.
+  ktrt::StepRows at(size_t i) const {
+    ktrt::StepRows rows;
+    for (size_t b = 0; b < row_tables_.size(); ++b) {
+      rows.coefficients.push_back(row_tables_[b]->rows[static_cast<size_t>(rec_.rows[b].start) + i]);
+      rows.guidance.push_back(rec_.rows[b].guidance_scale);
+    }
+    return rows;
+  }
+
+ private:
+  const ktrt::Recording& rec_;
+  std::map<std::pair<std::string, int64_t>, ktrt::SchedulerTable> tables_;
+  std::vector<const ktrt::SchedulerTable*> row_tables_;  // into tables_ (std::map nodes do not move)
+};
 
 Replay replay(const ktrt::Manifest& m, const ktrt::Directory& dir, const ktrt::Recording& rec) {
   const auto& step_graph = m.network(rec.step_graph);
   const auto shapes = ktrt::StepShapes::of(step_graph, m.profile.cfg);
-  const auto table = m.table(rec.scheduler, rec.steps);
-  const size_t n = table.rows.size(), latent = shapes.latent_count(), output = shapes.output_count();
+  const RowTables tables(m, rec, shapes.batch);
+  const size_t n = static_cast<size_t>(rec.steps), latent = shapes.latent_count(), output = shapes.output_count();
   const Recorded r = read_recorded(dir, rec, n, shapes);
-  ktrt::StepState free{r.start, std::vector<float>(latent, 0.0f)};
+  ktrt::StepState free{r.start, r.start_x0};
   Replay result{n, 0.0, 0.0};
   for (size_t i = 0; i < n; ++i) {
     const std::vector<float> out = slice(r.outputs, i, output), eta = slice(r.noise, i, latent);
-    ktrt::StepState forced = i == 0 ? ktrt::StepState{r.start, std::vector<float>(latent, 0.0f)}
+    const ktrt::StepRows rows = tables.at(i);
+    ktrt::StepState forced = i == 0 ? ktrt::StepState{r.start, r.start_x0}
                                     : ktrt::StepState{slice(r.expected, i - 1, latent), slice(r.expected_x0, i - 1, latent)};
-    ktrt::step_update(table.rows[i], shapes, rec.guidance_scale, out, eta, forced);
-    ktrt::step_update(table.rows[i], shapes, rec.guidance_scale, out, eta, free);
+    ktrt::step_update(rows, shapes, out, eta, forced);
+    ktrt::step_update(rows, shapes, out, eta, free);
     result.per_step = max_keep_nan(result.per_step, relative(forced.latents, &r.expected[i * latent], latent));
     result.free_running = max_keep_nan(result.free_running, relative(free.latents, &r.expected[i * latent], latent));
   }

@@ -5,10 +5,11 @@
 namespace ktrt {
 namespace {
 
-// The manifest schema version this host understands (runtime/contract/manifest.py SCHEMA_VERSION) and
-// the first kandinsky-trt writing it (MIN_PRODUCER_VERSION).
-constexpr int64_t kSchemaVersion = 3;
-constexpr const char* kMinProducer = "0.3.0";
+// The manifest schema version this host understands (runtime/contract/manifest.py SCHEMA_VERSION: 4, the
+// per-row contract) and what an older set needs (REEXPORT_HINT there).
+constexpr int64_t kSchemaVersion = 4;
+constexpr const char* kReexportHint =
+    "the artifacts predate per-row timesteps and coefficients; re-run `kandinsky-trt export`";
 
 std::string at(const std::string& where, size_t i) { return where + "[" + std::to_string(i) + "]"; }
 
@@ -131,8 +132,7 @@ void check_schema_version(const Json& root) {
   const std::string found = "manifest.schema_version: expected " + std::to_string(kSchemaVersion) + ", found " +
                             std::to_string(version);
   if (version < kSchemaVersion)  // never read an older layout as this one
-    throw ContractError(found + " (written by an older kandinsky-trt; re-export with kandinsky-trt >= " +
-                        kMinProducer + ")");
+    throw ContractError(found + " (" + kReexportHint + ")");
   if (version != kSchemaVersion) throw ContractError(found + " (re-export, or use a host built for that schema)");
 }
 

@@ -14,6 +14,21 @@ float learned_std(const Row& c, float var) {
   return c[S] + c[LEARNED] * std::exp(0.5f * log_var);
 }
 
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? "," : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+// A per-row input the graph lists must be (batch, width): schema 4 has one row per latents row.
+void check_per_row(const Network& step_graph, const std::string& name, int64_t batch, int64_t width) {
+  const std::vector<int64_t> expected{batch, width};
+  for (const auto& t : step_graph.inputs)
+    if (t.name == name && (t.dtype != "float32" || t.shape != expected))
+      throw ContractError(step_graph.name + ".inputs." + name + ": expected float32" + dims_text(expected) +
+                          " (one row per latents row), found " + t.dtype + dims_text(t.shape));
+}
+
 }  // namespace
 
 StepShapes StepShapes::of(const Network& step_graph, bool cfg) {
@@ -33,6 +48,8 @@ StepShapes StepShapes::of(const Network& step_graph, bool cfg) {
   if (!same)
     throw ContractError(where + ": expected (" + std::to_string(rows) + ", " + std::to_string(channels) + " or " +
                         std::to_string(2 * channels) + ", the latents' other dims), found another shape");
+  check_per_row(step_graph, "coefficients", latents.shape[0], static_cast<int64_t>(kColumns.size()));
+  check_per_row(step_graph, "guidance_scale", latents.shape[0], 1);
   StepShapes s;
   s.batch = static_cast<size_t>(latents.shape[0]);
   s.channels = static_cast<size_t>(channels);
@@ -44,16 +61,22 @@ StepShapes StepShapes::of(const Network& step_graph, bool cfg) {
   return s;
 }
 
-void step_update(const Row& c, const StepShapes& s, float g, const std::vector<float>& model_output,
+void step_update(const StepRows& rows, const StepShapes& s, const std::vector<float>& model_output,
                  const std::vector<float>& noise, StepState& state) {
   if (model_output.size() != s.outputs || noise.size() != s.latents || state.latents.size() != s.latents ||
       state.x0_prev.size() != s.latents)
     throw ContractError("step_update: expected buffers of " + std::to_string(s.outputs) + " model outputs and " +
                         std::to_string(s.latents) + " latents, found buffers of other sizes");
+  if (rows.coefficients.size() != s.batch || rows.guidance.size() != s.batch)
+    throw ContractError("step_update: expected " + std::to_string(s.batch) + " coefficient rows and guidance scales "
+                        "(one per latents row), found " + std::to_string(rows.coefficients.size()) + " and " +
+                        std::to_string(rows.guidance.size()));
   const bool has_var = s.out_channels == 2 * s.channels;
   const std::vector<float>& out = model_output;
   std::vector<float> next(state.latents.size()), x0(state.latents.size());
   for (size_t b = 0; b < s.batch; ++b) {
+    const Row& c = rows.coefficients[b];
+    const float g = rows.guidance[b];
     const size_t cond_row = s.cfg ? s.batch + b : b;  // model_output is [uncond; cond] with guidance
     for (size_t ch = 0; ch < s.channels; ++ch) {
       for (size_t p = 0; p < s.plane; ++p) {

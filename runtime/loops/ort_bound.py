@@ -7,14 +7,14 @@ is allocated once and bound once through the backend's device level
 
 * the network reads its sample input (S), ``timestep`` (T) and its conditioning and writes its
   output (O);
-* the step graph reads O, the coefficient row (C), the noise row (N) and the guidance scale, and
+* the step graph reads O, the coefficient rows (C), the noise row (N) and the guidance scales, and
   writes ``model_input`` straight into S (another session's input, so aliasing is allowed);
 * one session cannot read and write the same buffer, so the step graph has two bindings that
   ping-pong the carried state (``spec.carried``): A reads (L0, X0) and writes (L1, X1), B reads
   (L1, X1) and writes (L0, X0), where L is ``latents`` / ``latents_next`` and X is ``x0_prev`` /
   ``x0``. Each binding has its own graph id, so each is captured once and replayed.
 
-Per step the host copies the timestep (1,) and the coefficient row (K,) into their buffers, plus
+Per step the host copies the timestep row (B2,) and the coefficient rows (B, K) into their buffers, plus
 the noise row when the step is stochastic (zeros once when a deterministic step follows a noisy
 one), then runs the network and the step graph. Nothing is copied back until the end (or for a
 ``callback``, which gets the latents of each step and so costs one device-to-host copy per step).

@@ -3,7 +3,7 @@
 One chunk runs ``spec.network`` then ``spec.step`` once per row of a :class:`SchedulerTable`. The
 step graph does classifier-free guidance and the scheduler update and writes the next network
 input (the [uncond, cond] duplicate, plus the inpaint conditioning), so no loop holds model maths;
-the first network input comes from the same graph run with :data:`IDENTITY_ROW`.
+the first network input comes from the same graph run with :data:`IDENTITY_ROW` on every row.
 
 :class:`DenoiseLoop` owns what every way of running the loop shares:
 
@@ -11,7 +11,8 @@ the first network input comes from the same graph run with :data:`IDENTITY_ROW`.
   conditioning and step extras are exactly the inputs the loop does not feed, with the spec's
   dtype and shape; the latents' shape; one noise row per stochastic step;
 * the chunk's host arrays (:class:`Chunk`): the identity-row start feeds of the step graph and
-  the per-step rows (timestep ``(n, 1)``, coefficients ``(n, K)``, and noise ``(n, *latent)`` —
+  the per-step rows on the per-row contract, in lockstep (timestep ``(n, B2)``, coefficients ``(n, B, K)``:
+  the table's row for every batch row; the guidance ``(B, 1)``; and noise ``(n, *latent)`` —
   ``inputs.noise[k]`` on the k-th stochastic step, zeros elsewhere — when any step is stochastic);
 * the stepping: ``_start``, then ``_step(i)`` per row with ``callback(i, t, latents)`` after each
   (diffusers' contract), then ``_latents()``; ``_abort`` on an error, ``_end`` always; ``close``;
@@ -90,8 +91,8 @@ class Chunk:
 
     conditioning: dict[str, np.ndarray]  # network inputs the loop does not feed
     start: dict[str, np.ndarray]  # every step-graph input of the identity-row run (extras included)
-    network_rows: dict[str, np.ndarray]  # per-step rows of network inputs: timestep (n, 1)
-    step_rows: dict[str, np.ndarray]  # per-step rows of step inputs: coefficients (n, K) [, noise]
+    network_rows: dict[str, np.ndarray]  # per-step rows of network inputs: timestep (n, B2)
+    step_rows: dict[str, np.ndarray]  # per-step rows of step inputs: coefficients (n, B, K) [, noise]
     timesteps: np.ndarray  # (n,) the table's timesteps, for the callback
     stochastic: np.ndarray  # (n,) bool
 
@@ -171,14 +172,20 @@ class DenoiseLoop(abc.ABC):
         extras = check_group(step, inputs.step_extras, spec.step_fed, "inputs.step_extras")
         zeros = np.zeros(step.tensor(io.latents).shape, np.float32)
         latents = checked(step.tensor(io.latents), np.asarray(inputs.latents).astype(np.float32), "inputs.latents")
-        start = {**extras, io.latents: latents, io.x0_prev: zeros, io.noise: zeros, io.coefficients: IDENTITY_ROW,
-                 io.guidance_scale: np.array([inputs.guidance_scale], np.float32),
+        # Lockstep on the per-row contract: every batch row gets the chunk's table row and guidance.
+        batch = step.tensor(io.coefficients).shape[0]
+        identity = np.tile(IDENTITY_ROW, (batch, 1))
+        start = {**extras, io.latents: latents, io.x0_prev: zeros, io.noise: zeros, io.coefficients: identity,
+                 io.guidance_scale: np.full(step.tensor(io.guidance_scale).shape, inputs.guidance_scale, np.float32),
                  io.model_output: np.zeros(step.tensor(io.model_output).shape, np.float32)}
         n = len(table)
-        step_rows = {io.coefficients: np.ascontiguousarray(table.coefficients, np.float32)}
+        coefficients = np.repeat(np.asarray(table.coefficients, np.float32)[:, None, :], batch, axis=1)
+        step_rows = {io.coefficients: np.ascontiguousarray(coefficients)}
         if table.stochastic.any():
             step_rows[io.noise] = self._noise_rows(table, inputs)
-        network_rows = {spec.timestep: table.timesteps.astype(np.float32).reshape(n, 1)}
+        width = self.network_io.tensor(spec.timestep).shape[0]
+        timesteps = np.repeat(table.timesteps.astype(np.float32).reshape(n, 1), width, axis=1)
+        network_rows = {spec.timestep: np.ascontiguousarray(timesteps)}
         return Chunk(conditioning, start, network_rows, step_rows, table.timesteps, table.stochastic)
 
     def _noise_rows(self, table: SchedulerTable, inputs: LoopInputs) -> np.ndarray:

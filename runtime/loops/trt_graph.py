@@ -8,9 +8,9 @@ The loop (checks, identity-row start, stepping, callback, download) is
   loop is built. The pairs of ``spec.links`` are one buffer: the step graph's ``model_input``
   output *is* the network's sample input, and the network's output *is* the step graph's
   ``model_output`` (different engines, so reading and writing them is not aliasing);
-* per chunk the conditioning, the step extras, the guidance scale and the initial latents are
-  uploaded once, and so is the whole table (the chunk's rows): coefficient rows (n, K), timesteps
-  (n, 1) and, when a step is stochastic, the noise rows (n, *latent). A fully deterministic table
+* per chunk the conditioning, the step extras, the guidance scales (B, 1) and the initial latents are
+  uploaded once, and so is the whole table (the chunk's rows): coefficient rows (n, B, K), timesteps
+  (n, B2) and, when a step is stochastic, the noise rows (n, *latent). A fully deterministic table
   uploads no noise rows: the noise buffer is zeroed once and nothing writes it;
 * per step (:class:`~kandinsky_trt.runtime.cuda.graphs.CapturedLoop`): ``RowCopy`` device-to-device
   copies of the step's rows into the bound inputs, then a ``StepChain`` — network enqueue, step graph

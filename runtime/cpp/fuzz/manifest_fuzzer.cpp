@@ -23,7 +23,8 @@ void step(const ktrt::Network& network, bool cfg) {
     ktrt::StepState state{std::vector<float>(shapes.latent_count(), 0.5f), std::vector<float>(shapes.latent_count())};
     ktrt::Row row{};
     row.fill(1.0f);
-    ktrt::step_update(row, shapes, 4.0f, std::vector<float>(shapes.output_count(), 0.25f),
+    const ktrt::StepRows rows{std::vector<ktrt::Row>(shapes.batch, row), std::vector<float>(shapes.batch, 4.0f)};
+    ktrt::step_update(rows, shapes, std::vector<float>(shapes.output_count(), 0.25f),
                       std::vector<float>(shapes.latent_count()), state);
   } catch (const ktrt::ContractError&) {
   }
@@ -63,7 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   try {
     const auto rec = ktrt::Recording::parse(text);
-    for (const char* key : {"latents", "model_outputs", "noise", "expected", "expected_x0"}) try {
+    for (const char* key : {"latents", "x0_prev", "model_outputs", "noise", "expected", "expected_x0"}) try {
         (void)rec.file(key);
       } catch (const ktrt::ContractError&) {
       }

@@ -1,10 +1,11 @@
-"""kandinsky_trt.runtime.loops: the denoising loop, written once, and its three strategies.
+"""kandinsky_trt.runtime.loops: the loop of slots and the two storages it runs on.
 
-``template`` owns the checks, the identity-row start, the stepping, the callback and the download
-for any :class:`~kandinsky_trt.runtime.contract.loop_specs.LoopSpec`; ``host`` runs it on numpy arrays
-through ``NetworkSession.run`` (every backend), ``ort_bound`` on ONNX Runtime IO bindings with its
-CUDA graphs, ``trt_graph`` on TensorRT bindings with one CUDA graph per step. A backend returns its
-strategy from ``backend.loop(spec, profile, cuda_graph=...)``, one per (spec, profile).
+``slots`` holds the loop (admit a row into a free slot, step every slot at its own table position,
+retire finished rows; the per-row contract); ``host`` is its storage on numpy arrays through
+``NetworkSession.run`` (every backend), ``device`` its storage on buffers bound once through the
+``DeviceBackend`` interface (ONNX Runtime IO binding with its CUDA graphs, TensorRT with captured
+graphs: one strategy for both). ``factory.make_loop`` picks the storage, one loop per (spec,
+profile); ``template`` keeps the pipelines' chunk type and its split into rows.
 
 May import ``contract``, ``cuda`` and the backend interface (``backends.base``); never pipelines.
 """

@@ -35,7 +35,7 @@ def runtime_modules() -> list[str]:
 def test_the_walk_finds_every_layer_and_the_modules_that_once_escaped_a_hand_list():
     modules = runtime_modules()
     assert {m.split(".")[2] for m in modules if m.count(".") >= 2} >= set(MAY_IMPORT)
-    assert "kandinsky_trt.runtime.loops.ort_bound" in modules and len(modules) > 50
+    assert "kandinsky_trt.runtime.loops.device" in modules and len(modules) > 50
 
 
 IMPORTS_OF = (

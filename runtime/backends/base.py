@@ -6,8 +6,11 @@
   returns host numpy arrays by spec tensor name, so pipelines never know which backend runs underneath.
 * Device level, the backends with device buffers (:class:`DeviceBackend`: ONNX Runtime with IO
   binding, TensorRT): ``allocate(tensor)`` a buffer, ``bind(network, buffers)`` one buffer to every
-  input and output once (at one profile), and ``BoundNetwork.enqueue(stream)`` runs on them. The
-  device loops are built on this level only.
+  input and output once (at one profile), and ``BoundNetwork.enqueue(stream)`` runs on them;
+  ``write_rows`` copies host rows into row offsets of a buffer (its address never changes, so a
+  captured CUDA graph stays valid), ``runner`` enqueues bound networks in order with the backend's
+  CUDA graphs, ``read`` is the download and its one sync, ``free`` frees buffers once queued work
+  is done. The device storage of the loop of slots (``runtime/loops/device.py``) uses this level only.
 * Loops are built by the loops layer (:func:`kandinsky_trt.runtime.loops.factory.make_loop`), never
   here: a backend never imports a loop.
 
@@ -17,7 +20,7 @@ Standard library + numpy at import (the loop modules are imported when a loop is
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -83,16 +86,57 @@ class BoundNetwork(abc.ABC):
         """Release the binding (not the buffers: their owner frees them); idempotent."""
 
 
+class StepRunner(abc.ABC):
+    """Runs a fixed sequence of bound networks, in order, each time :meth:`run` is called.
+
+    Where the backend has CUDA graphs and they are enabled, the runner captures the sequence (or
+    each binding, ONNX Runtime's way) and replays it; the buffers are bound once, so a replay reads
+    whatever was written into them since.
+    """
+
+    @abc.abstractmethod
+    def run(self) -> None:
+        """Enqueue one run of the sequence after every earlier write; never waits for it to finish
+        where the backend queues work (TensorRT), never syncs for a replay."""
+
+    def close(self) -> None:
+        """Drop captured graphs; idempotent."""
+
+
 class DeviceBackend(Backend):
     """A backend with device buffers: the device level of the interface (see the module docstring)."""
 
     @abc.abstractmethod
     def allocate(self, tensor: ResolvedTensor) -> Any:
-        """A new, uninitialised buffer for ``tensor`` on this backend's device; the caller frees it."""
+        """A new, uninitialised buffer for ``tensor`` on this backend's device; the caller frees it
+        (:meth:`free`)."""
 
     @abc.abstractmethod
     def bind(self, network: str, buffers: Mapping[str, Any], profile: int = 0) -> BoundNetwork:
         """Bind ``buffers`` (one per input and output of ``network`` at ``profile``, by name) once."""
+
+    @abc.abstractmethod
+    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
+        """Copy ``values`` (whole rows of ``tensor``) into ``buffer`` from row ``first_row`` on, ordered
+        after every run enqueued before and before every run enqueued after; the buffer's address
+        never changes. The backend keeps ``values`` alive until the copy is done."""
+
+    @abc.abstractmethod
+    def read(self, buffer: Any, tensor: ResolvedTensor) -> np.ndarray:
+        """A host copy of ``buffer`` (``tensor``'s shape and dtype) after all work enqueued before:
+        the download and its one synchronisation."""
+
+    @abc.abstractmethod
+    def runner(self, bindings: Sequence[BoundNetwork], cuda_graph: bool = True) -> StepRunner:
+        """A :class:`StepRunner` of ``bindings`` (made by :meth:`bind`), replaying CUDA graphs where
+        the backend has them and ``cuda_graph`` is true (False: the same bindings eagerly)."""
+
+    def free(self, buffers: Iterable[Any]) -> None:
+        """Free ``buffers`` (from :meth:`allocate`) once the work enqueued on them is done."""
+        for buffer in buffers:
+            close = getattr(buffer, "close", None)
+            if close is not None:
+                close()
 
 
 def check_buffer_names(network: ResolvedNetwork, buffers: Mapping[str, Any]) -> None:

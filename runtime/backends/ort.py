@@ -17,7 +17,6 @@ from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
-from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,16 @@ def _expected_io(entry: mf.NetworkEntry) -> list[str]:
 
 
 class OrtSession(NetworkSession):
-    """One network at one profile; the sessions of every profile share one ``InferenceSession``."""
+    """One network at one profile; the sessions of every profile share one ``InferenceSession``.
 
-    def __init__(self, network: ResolvedNetwork, session) -> None:
+    ``run_options`` (an ``onnxruntime.RunOptions`` or None) go with every host-level run: a session
+    created with CUDA graphs runs its host-level calls with ``gpu_graph_id=-1`` (never captured).
+    """
+
+    def __init__(self, network: ResolvedNetwork, session, run_options=None) -> None:
         super().__init__(network)
         self._session = session
+        self._run_options = run_options
 
     @property
     def inference_session(self):
@@ -59,7 +63,7 @@ class OrtSession(NetworkSession):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.network, feeds)
-        outputs = self._session.run(self.network.output_names, dict(feeds))
+        outputs = self._session.run(self.network.output_names, dict(feeds), self._run_options)
         return dict(zip(self.network.output_names, outputs))
 
     def close(self) -> None:
@@ -80,7 +84,8 @@ class OrtBackend(Backend):
         self._inference: dict[str, object] = {}  # network -> its InferenceSession
         self._sessions: dict[tuple[str, int], OrtSession] = {}
 
-    def _providers(self) -> list:
+    def _providers(self, network: str) -> list:
+        """The execution providers of ``network``'s session (the same for every network here)."""
         import onnxruntime as ort
 
         if self.options.device == "cpu":
@@ -96,7 +101,7 @@ class OrtBackend(Backend):
         key = (network, profile)
         if key not in self._sessions:
             resolved = self.manifest.network(network).resolved(profile)
-            self._sessions[key] = OrtSession(resolved, self._inference_session(network))
+            self._sessions[key] = OrtSession(resolved, self._inference_session(network), self._run_options(network))
         return self._sessions[key]
 
     def _inference_session(self, network: str):
@@ -118,7 +123,7 @@ class OrtBackend(Backend):
         if self.options.intra_op_threads:
             options.intra_op_num_threads = self.options.intra_op_threads
         try:
-            session = ort.InferenceSession(str(path), options, providers=self._providers())
+            session = ort.InferenceSession(str(path), options, providers=self._providers(network))
         except Exception as err:  # ONNX Runtime raises its own untyped errors for corrupt files
             raise BackendError(f"{network}: ONNX Runtime cannot load {path}: {err}") from None
         expected, found = _expected_io(entry), _session_io(session)
@@ -128,18 +133,9 @@ class OrtBackend(Backend):
         log.debug("loaded %s with %s", network, session.get_providers())
         return session
 
-    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
-        """None on the CPU (the loop of slots on host arrays); on CUDA the bound loop, over sessions of its own.
-
-        CUDA graphs are a session option, and captured graphs must keep their buffers: the CUDA loop
-        gets its own :class:`~kandinsky_trt.runtime.backends.ort_cuda.OrtCudaBackend` (closed with
-        the loop) rather than this backend's sessions.
-        """
-        if self.options.device != "cuda":
-            return None
-        from kandinsky_trt.runtime.loops.ort_bound import bound_loop
-
-        return bound_loop(self.manifest, spec, profile, "cuda", cuda_graph)
+    def _run_options(self, network: str):
+        """The run options of ``network``'s host-level runs (None: ONNX Runtime's defaults)."""
+        return None
 
     def close(self) -> None:
         for session in self._sessions.values():
@@ -149,5 +145,11 @@ class OrtBackend(Backend):
 
 
 def create(manifest: mf.Manifest, device: str = "cpu") -> OrtBackend:
-    """The registry's factory (``backends/registry.py``)."""
+    """The registry's factory (``backends/registry.py``): host arrays on the CPU; on CUDA the device
+    backend (:class:`~kandinsky_trt.runtime.backends.ort_cuda.OrtCudaBackend`), whose one session per
+    network serves host-level runs and the bound loops alike."""
+    if device == "cuda":
+        from kandinsky_trt.runtime.backends.ort_cuda import OrtCudaBackend  # it imports this module
+
+        return OrtCudaBackend(manifest, "cuda")
     return OrtBackend(manifest, OrtOptions(device=device))

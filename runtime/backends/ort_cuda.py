@@ -5,7 +5,15 @@ input and output of a network is an ``OrtValue`` allocated once, from the resolv
 manifest entry, on the session's device, and bound by name to an ``IOBinding`` once. A call then
 only runs the binding; the caller updates inputs in place (:func:`upload`) between calls. This is
 the device level of the backend interface (``allocate`` / ``bind`` -> :class:`BoundRun`, whose
-``enqueue`` runs the binding); :meth:`OrtCudaBackend.loop` is the bound denoising loop on it.
+``enqueue`` runs the binding; ``write_rows``, ``read``, ``runner``): the loops layer builds the
+device storage of the loop of slots on it (``runtime/loops/device.py``).
+
+One ``InferenceSession`` per network serves everything in the process: host-level ``run`` (the
+stage networks, and any network called outside a loop) and every binding of every loop at every
+profile. Only the loop networks (``contract.loop_specs.LOOPS``: networks and step graphs) are
+created with ``enable_cuda_graph``; their host-level runs carry ``gpu_graph_id=-1`` so they are
+never captured. Stage networks get no CUDA-graph option (a graph with a node on the CPU cannot be
+created with it, and they never run bound).
 
 With the CUDA execution provider and ``CudaGraphOptions(enabled=True)`` the session is created
 with the provider option ``enable_cuda_graph="1"`` and every binding gets its own ``gpu_graph_id``
@@ -33,8 +41,15 @@ ONNX Runtime's CUDA graphs this module relies on (CUDA EP documentation, "Using 
 ``update_inplace`` copies host to device with a plain ``cudaMemcpy`` on the legacy default stream,
 which does not order against ONNX Runtime's own stream; :meth:`BoundRun.synchronize_inputs`
 (``IOBinding.synchronize_inputs``: a device synchronisation by the session's CUDA EP) must follow
-uploads before the next run. ONNX Runtime's ``Run`` itself returns after its stream finished
-(its default; a graph replay synchronises as well).
+uploads before the next run (the runner does it once per step when something was written). ONNX
+Runtime's ``Run`` itself returns after its stream finished (its default; a graph replay
+synchronises as well), so on ONNX Runtime a step costs those two waits whatever the loop does;
+the zero-sync step is TensorRT's (one stream, ``execute_async_v3``).
+
+ONNX Runtime's Python API copies whole ``OrtValue``s only (``update_inplace``), so
+:meth:`OrtCudaBackend.write_rows` of part of a buffer reads the buffer back, changes the rows and
+writes it whole (same address): one download per partial write, which the loop makes at admission
+only; per-step rows (timestep, coefficients, guidance, noise) are whole buffers.
 
 The same classes work on the CPU execution provider (``device="cpu"``: buffers in host memory, no
 graphs), which is how the binding logic is tested without a GPU. onnxruntime is imported lazily.
@@ -43,17 +58,18 @@ graphs), which is how the binding logic is tested without a GPU. onnxruntime is 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend, check_buffer_names
+from kandinsky_trt.runtime.backends.base import (BackendError, BoundNetwork, DeviceBackend, StepRunner,
+                                                 check_buffer_names)
 from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
-from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
+from kandinsky_trt.runtime.contract.loop_specs import LOOPS
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +77,8 @@ GRAPH_ID_KEY = "gpu_graph_id"  # kOrtRunOptionsConfigCudaGraphAnnotation
 FIRST_GRAPH_ID = 1  # 0 is ONNX Runtime's default id
 NO_GRAPH_ID = -1  # this run neither captures nor replays: the same binding, eagerly
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# The networks that run bound in a loop: only their sessions are created with CUDA graphs.
+LOOP_NETWORKS = frozenset(name for spec in LOOPS.values() for name in (spec.network, spec.step))
 
 
 @dataclass(frozen=True)
@@ -215,11 +233,30 @@ class DeviceSession:
         self._session = None
 
 
+class OrtStepRunner(StepRunner):
+    """Runs bindings in order, each under its own graph id (ONNX Runtime captures per id) or eagerly."""
+
+    def __init__(self, backend: "OrtCudaBackend", bindings: Sequence[BoundRun], cuda_graph: bool) -> None:
+        self.backend, self.bindings, self.cuda_graph = backend, tuple(bindings), cuda_graph
+
+    def run(self) -> None:
+        if self.backend.uploads_pending:  # update_inplace is not ordered with ONNX Runtime's stream
+            self.bindings[0].synchronize_inputs()
+            self.backend.uploads_pending = False
+        for binding in self.bindings:
+            binding.enqueue(graph=self.cuda_graph)
+
+    @property
+    def graph_ids(self) -> tuple[int | None, ...]:
+        return tuple(b.graph_id for b in self.bindings)
+
+
 class OrtCudaBackend(OrtBackend, DeviceBackend):
     """Sessions over the ONNX graphs of one artifacts directory, with bound device buffers.
 
     Loading (file, sha256 and I/O checks against the manifest) is :class:`OrtBackend`'s; only the
-    execution providers differ. ``device="cpu"`` gives the same bindings on the CPU EP (tests).
+    execution providers differ. One session per network serves host-level runs and every binding.
+    ``device="cpu"`` gives the same bindings on the CPU EP (tests).
     """
 
     name = "ort-cuda"
@@ -228,13 +265,28 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
         super().__init__(manifest, OrtOptions(device=device))
         self.graphs = graphs
         self._device_sessions: dict[str, DeviceSession] = {}
-        self._providers()  # fail now, with the message naming onnxruntime-gpu, not at the first load
+        self.uploads_pending = False  # an update_inplace since the last run (see OrtStepRunner)
+        self._providers("unet")  # fail now, with the message naming onnxruntime-gpu, not at the first load
 
-    def _providers(self) -> list:
-        return provider_config(self.options.device, self.graphs)
+    def _graphs_of(self, network: str) -> CudaGraphOptions:
+        """CUDA graphs for the loop networks only (see the module docstring)."""
+        return self.graphs if network in LOOP_NETWORKS else replace(self.graphs, enabled=False)
+
+    def _providers(self, network: str) -> list:
+        return provider_config(self.options.device, self._graphs_of(network))
+
+    def _run_options(self, network: str):
+        """Host-level runs of a session with CUDA graphs: ``gpu_graph_id=-1``, never captured."""
+        if self.options.device != "cuda" or not self._graphs_of(network).enabled:
+            return None
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.add_run_config_entry(GRAPH_ID_KEY, str(NO_GRAPH_ID))
+        return options
 
     def device_session(self, network: str) -> DeviceSession:
-        """Load ``network`` and wrap it for bound runs; one wrapper per network, so graph ids stay unique."""
+        """``network``'s one session wrapped for bound runs; one wrapper per network, so graph ids stay unique."""
         if network not in self._device_sessions:
             session = self.load(network)
             providers = session.inference_session.get_providers()
@@ -244,7 +296,7 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
                     f"{network}: expected a session on the {CUDA_PROVIDER}, found {providers} (the CUDA EP "
                     "did not load: check that its CUDA and cuDNN libraries match the onnxruntime-gpu build)")
             self._device_sessions[network] = DeviceSession(
-                network, session.inference_session, self.options.device, self.graphs)
+                network, session.inference_session, self.options.device, self._graphs_of(network))
         return self._device_sessions[network]
 
     def allocate(self, tensor: ResolvedTensor):
@@ -256,15 +308,34 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
         (see :meth:`DeviceSession.bind`)."""
         return self.device_session(network).bind(self.load(network, profile).network, buffers)
 
-    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
-        """The bound loop at ``profile`` on this backend's sessions; ``cuda_graph=False`` runs its
-        bindings eagerly."""
-        from kandinsky_trt.runtime.loops.ort_bound import OrtBoundLoop
+    def write_rows(self, buffer, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
+        """``update_inplace`` of the whole buffer; part of it: read back, change the rows, write whole."""
+        values = np.asarray(values)
+        if first_row == 0 and values.shape == tensor.shape:
+            upload(buffer, values, tensor.name)
+        else:
+            whole = np.array(buffer.numpy(), copy=True)
+            if not 0 <= first_row <= first_row + len(values) <= len(whole):
+                raise BackendError(f"{tensor.name}: rows expected within [0, {len(whole)}), found "
+                                   f"[{first_row}, {first_row + len(values)})")
+            whole[first_row:first_row + len(values)] = values
+            upload(buffer, whole, tensor.name)
+        self.uploads_pending = True
 
-        return OrtBoundLoop(self, spec, profile, replay_graphs=cuda_graph)
+    def read(self, buffer, tensor: ResolvedTensor) -> np.ndarray:
+        """A host copy (``OrtValue.numpy`` copies from the device; on the CPU EP it is a view, hence
+        the copy). ``Run`` returned after its stream finished, so the values are final."""
+        return np.array(buffer.numpy(), copy=True)
+
+    def runner(self, bindings: Sequence[BoundNetwork], cuda_graph: bool = True) -> OrtStepRunner:
+        return OrtStepRunner(self, bindings, cuda_graph)
+
+    def free(self, buffers: Iterable[Any]) -> None:
+        """``OrtValue``s are freed when the last reference goes (the bindings hold theirs until closed)."""
 
     def close(self) -> None:
         for session in self._device_sessions.values():
             session.close()
         self._device_sessions.clear()
         super().close()
+

@@ -38,17 +38,16 @@ import logging
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
-from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, point_at
+from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend
+from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, TrtStepRunner, point_at
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
-from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +255,14 @@ class TrtBackend(DeviceBackend):
     Args:
         artifacts: the artifacts directory (or an already loaded :class:`Manifest`).
         stream: the stream every network runs on; by default the backend creates and owns one.
+        cuda_ops: the CUDA operations the step runners capture and launch with (default
+            :mod:`kandinsky_trt.runtime.cuda.runtime_api`; tests pass a simulated layer).
     """
 
     name = "trt"
 
-    def __init__(self, artifacts: str | os.PathLike | Manifest, stream: cuda.Stream | None = None) -> None:
+    def __init__(self, artifacts: str | os.PathLike | Manifest, stream: cuda.Stream | None = None,
+                 cuda_ops: Any = None) -> None:
         self.manifest = artifacts if isinstance(artifacts, Manifest) else load_manifest(artifacts)
         self.trt = import_tensorrt()
         self.device = cuda.device_info()
@@ -273,6 +275,8 @@ class TrtBackend(DeviceBackend):
         self._bindings: list[TrtBinding] = []
         self._arena: cuda.DeviceBuffer | None = None
         self.generation = 0  # bumped when the arena moves: captured graphs must be re-captured
+        self.cuda_ops = cuda_ops or cuda
+        self._pending: list[np.ndarray] = []  # sources of queued host-to-device copies, kept until a sync
         self._closed = False
 
     def trt_errors(self) -> str:
@@ -363,12 +367,35 @@ class TrtBackend(DeviceBackend):
         self._bindings.append(binding)
         return binding
 
-    def device_loop(self, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True):
-        """The TensorRT loop (:class:`~kandinsky_trt.runtime.loops.trt_graph.TrtGraphLoop`) at ``profile``
-        on this backend: its own contexts and buffers, its own CUDA graph."""
-        from kandinsky_trt.runtime.loops.trt_graph import TrtGraphLoop
+    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
+        """``cudaMemcpyAsync`` of ``values`` into ``buffer`` at row ``first_row``, on the stream; the
+        host array is kept until the next sync (:meth:`read`, :meth:`free`)."""
+        values = np.ascontiguousarray(values, np.dtype(tensor.dtype))
+        row = tensor.nbytes // max(tensor.shape[0], 1) if tensor.shape else tensor.nbytes
+        buffer.copy_from_host(values, self.stream, offset=first_row * row)
+        self._pending.append(values)
 
-        return TrtGraphLoop(self, spec, cuda_graph=cuda_graph, profile=profile)
+    def read(self, buffer: Any, tensor: ResolvedTensor) -> np.ndarray:
+        """The device-to-host copy enqueued after everything before it, then the one stream sync."""
+        out = buffer.copy_to_host(np.empty(tensor.shape, np.dtype(tensor.dtype)), self.stream)
+        self.stream.synchronize()
+        self._pending.clear()
+        return out
+
+    def runner(self, bindings: Sequence[BoundNetwork], cuda_graph: bool = True) -> TrtStepRunner:
+        return TrtStepRunner(self, bindings, cuda_graph)
+
+    def free(self, buffers: Iterable[Any]) -> None:
+        """Wait for the stream (queued work may still use them), then ``cudaFree``; a failing sync is
+        logged, not raised (the caller's error or close must go on)."""
+        if getattr(self.stream, "handle", None) is not None:
+            try:
+                self.stream.synchronize()
+            except Exception as err:  # noqa: BLE001
+                log.warning("TrtBackend: stream sync before freeing failed: %s", err)
+        self._pending.clear()
+        for buffer in buffers:
+            buffer.close()
 
     def close(self) -> None:
         if self._closed:

@@ -8,12 +8,14 @@ run against a real TensorRT where this was written (no GPU there); tests use a s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, NetworkSession, check_buffer_names, check_feeds
+from kandinsky_trt.runtime.backends.base import (BackendError, BoundNetwork, NetworkSession, StepRunner,
+                                                 check_buffer_names, check_feeds)
+from kandinsky_trt.runtime.cuda.graphs import CapturedLoop, LoopConfig, StepChain
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 
 if TYPE_CHECKING:
@@ -116,3 +118,24 @@ class TrtBinding(BoundNetwork):
 def point_at(context: Any, arena: cuda.DeviceBuffer | None) -> None:
     ptr, size = (arena.ptr, arena.nbytes) if arena is not None else (0, 0)
     context.set_device_memory(ptr, size)
+
+
+class TrtStepRunner(StepRunner):
+    """Bindings enqueued in order on the backend's stream, as one captured CUDA graph.
+
+    :class:`~kandinsky_trt.runtime.cuda.graphs.CapturedLoop`: the first run is eager (TensorRT's
+    warm-up after its addresses are set, and that step's real work), the second captures and
+    launches, later runs launch; a moved activation arena (the backend's ``generation``) forces a
+    re-capture. ``cuda_graph=False`` enqueues eagerly every time. Nothing here synchronises.
+    """
+
+    def __init__(self, backend: "TrtBackend", bindings: Sequence[TrtBinding], cuda_graph: bool) -> None:
+        chain = StepChain(tuple(b.enqueue for b in bindings), cuda=backend.cuda_ops)
+        self.steps = CapturedLoop(LoopConfig(chain, watch=(backend,), enabled=cuda_graph), backend.stream,
+                                  cuda=backend.cuda_ops)
+
+    def run(self) -> None:
+        self.steps.step(0)
+
+    def close(self) -> None:
+        self.steps.close()

@@ -160,16 +160,19 @@ class DeviceBuffer:
         if nbytes > self.nbytes:
             raise ValueError(f"{what}: expected at most {self.nbytes} bytes (the buffer size), found {nbytes}")
 
-    def copy_from_host(self, array: np.ndarray, stream: Stream | None = None) -> None:
-        """Copy a host array in. With a stream the copy is asynchronous: keep ``array`` alive until sync."""
+    def copy_from_host(self, array: np.ndarray, stream: Stream | None = None, offset: int = 0) -> None:
+        """Copy a host array in, ``offset`` bytes into the buffer (rows of a bound buffer: its address
+        never changes). With a stream the copy is asynchronous: keep ``array`` alive until sync."""
         array = np.ascontiguousarray(array)
-        self._check_size(array.nbytes, "copy_from_host")
+        if offset < 0:
+            raise ValueError(f"offset: expected >= 0, found {offset}")
+        self._check_size(offset + array.nbytes, "copy_from_host")
         rt = cudart()
         kind = _kind("cudaMemcpyHostToDevice")
         if stream is None:
-            check(rt.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes, kind), "cudaMemcpy(H2D)")
+            check(rt.cudaMemcpy(self.ptr + offset, array.ctypes.data, array.nbytes, kind), "cudaMemcpy(H2D)")
         else:
-            check(rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes, kind, stream.handle),
+            check(rt.cudaMemcpyAsync(self.ptr + offset, array.ctypes.data, array.nbytes, kind, stream.handle),
                   "cudaMemcpyAsync(H2D)")
 
     def copy_to_host(self, out: np.ndarray, stream: Stream | None = None) -> np.ndarray:

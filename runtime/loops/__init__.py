@@ -1,15 +1,11 @@
-"""kandinsky_trt.runtime.loops: the loop of slots — every batch row at its own step.
+"""kandinsky_trt.runtime.loops: the loop of slots and the two storages it runs on.
 
-``slots`` holds the loop once (:class:`~kandinsky_trt.runtime.loops.slots.SlotLoop`): a profile's
-``B`` rows are slots; a request row (:class:`~kandinsky_trt.runtime.loops.slots.LoopRow`: latents,
-conditioning rows, its own scheduler table, guidance scale and noise rows) is admitted into a free
-slot at any step boundary, every occupied slot advances one step of its own table per network call
-(the per-row contract: ``timestep (B2,)``, ``coefficients (B, K)``, ``guidance_scale (B, 1)``), and
-finished rows are retired. The pipelines' chunked call is the same loop with every row admitted at
-once. Where the buffers live is a storage's business: ``host`` (numpy arrays through
-``NetworkSession.run``, every backend) or the device storage (buffers bound once on a
-``DeviceBackend``). ``factory.make_loop`` picks it, so backends never import loops.
-``template`` keeps the chunk inputs the pipelines build (``LoopInputs``, ``chunk_rows``).
+``slots`` holds the loop (admit a row into a free slot, step every slot at its own table position,
+retire finished rows; the per-row contract); ``host`` is its storage on numpy arrays through
+``NetworkSession.run`` (every backend), ``device`` its storage on buffers bound once through the
+``DeviceBackend`` interface (ONNX Runtime IO binding with its CUDA graphs, TensorRT with captured
+graphs: one strategy for both). ``factory.make_loop`` picks the storage, one loop per (spec,
+profile); ``template`` keeps the pipelines' chunk type and its split into rows.
 
 May import ``contract``, ``cuda`` and the backend interface (``backends.base``); never pipelines.
 """

@@ -25,9 +25,7 @@ from kandinsky_trt.runtime.backends.base import BackendError, NetworkSession
 from kandinsky_trt.runtime.backends.registry import check_backend, make_backend
 from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
 from kandinsky_trt.runtime.loops.factory import make_loop
-from kandinsky_trt.runtime.loops.slots import SlotLoop
-from kandinsky_trt.runtime.loops.template import (LoopInputs, LoopStopped, StepCallback, StopCheck, chunk_rows,
-                                                  conditional_only, guided)
+from kandinsky_trt.runtime.loops.template import LoopInputs, LoopStopped, StepCallback, StopCheck, chunk_rows
 from kandinsky_trt.runtime.pipelines.once import OnceCache
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, Profile
@@ -116,12 +114,7 @@ class Components:
         key = (spec, profile)
         loop = self._loops.get(key, build)
         with self._serial(), self._loop_locks.get(key, threading.Lock):
-            if isinstance(loop, SlotLoop):
-                latents = loop.run(chunk_rows(inputs, table), callback, self.should_stop)
-            else:  # a device loop of the lockstep kind
-                if self.manifest.cfg and not guided(inputs.guidance_scale):
-                    inputs = conditional_only(inputs)
-                latents = loop(table, inputs, callback, self.should_stop)
+            latents = loop.run(chunk_rows(inputs, table), callback, self.should_stop)
         return require_finite(latents, f"{spec.network} loop (final latents)")
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

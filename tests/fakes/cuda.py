@@ -56,8 +56,10 @@ def fake_buffer_class(memory: FakeMemory):
         def __init__(self, nbytes: int) -> None:
             self.nbytes, self.ptr = nbytes, memory.alloc(nbytes)
 
-        def copy_from_host(self, array, stream=None):
-            memory.view(self.ptr, array.nbytes)[:] = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
+        def copy_from_host(self, array, stream=None, offset=0):
+            assert offset + array.nbytes <= self.nbytes, "copy_from_host past the end of the buffer"
+            memory.view(self.ptr + offset, array.nbytes)[:] = np.frombuffer(np.ascontiguousarray(array).tobytes(),
+                                                                            np.uint8)
 
         def copy_to_host(self, out, stream=None):
             out.view(np.uint8).reshape(-1)[:] = memory.view(self.ptr, out.nbytes)

@@ -6,7 +6,7 @@ The layers, bottom to top (each package's docstring says what it owns and may im
 - ``processing``: image and text pre/post-processing;
 - ``cuda``: the checked CUDA runtime wrapper and step-graph replay;
 - ``backends``: the backend interface and ONNX Runtime / TensorRT behind it;
-- ``loops``: the one denoising loop and its per-backend strategies;
+- ``loops``: the loop of slots and its two storages (host arrays, bound device buffers);
 - ``pipelines``: ``Components`` and the diffusers-shaped pipelines;
 - ``cli`` and ``serve``: the command line and Triton Inference Server;
 - ``cpp``: the C++ host contract program (not Python).

@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "contract": set(),
     "processing": {"contract"},
     "cuda": {"contract"},
-    "backends": {"contract", "cuda", "loops"},
+    "backends": {"contract", "cuda"},  # never loops: the loops layer builds loops on the backend interface
     "loops": {"contract", "cuda", "backends"},
     "pipelines": {"contract", "processing", "backends", "loops", "cuda"},
     "cli": {"contract", "processing", "backends", "loops", "cuda", "pipelines", "serve"},

@@ -12,9 +12,11 @@ Two levels of use:
 
 * :class:`NetworkSession` contract (``run(feeds)`` with host numpy arrays: copy in, enqueue, copy
   out, one stream sync) — what pipelines and tests call;
-* device level for the loops: :meth:`TrtBackend.bind` device buffers once (a :class:`TrtBinding`,
-  with an execution context of its own), :meth:`TrtBinding.enqueue` on a stream without syncing
-  (capturable by :mod:`kandinsky_trt.runtime.cuda.graphs`).
+* device level (the device storage of the loops): :meth:`TrtBackend.bind` device buffers once (a
+  :class:`TrtBinding`, a context of its own) and enqueue on the stream without syncing;
+  ``write_rows`` is a ``cudaMemcpyAsync`` at a row offset, ``runner`` a
+  :class:`~kandinsky_trt.runtime.backends.trt_network.TrtStepRunner` (one captured CUDA graph),
+  ``read`` the download and the one stream sync.
 
 The networks of one backend run one after another on its stream, so they share one activation
 arena: contexts use ``USER_MANAGED`` memory and get one buffer sized to the largest
@@ -368,8 +370,7 @@ class TrtBackend(DeviceBackend):
         return binding
 
     def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
-        """``cudaMemcpyAsync`` of ``values`` into ``buffer`` at row ``first_row``, on the stream; the
-        host array is kept until the next sync (:meth:`read`, :meth:`free`)."""
+        """Asynchronous copy at row ``first_row`` on the stream; ``values`` kept until the next sync."""
         values = np.ascontiguousarray(values, np.dtype(tensor.dtype))
         row = tensor.nbytes // max(tensor.shape[0], 1) if tensor.shape else tensor.nbytes
         buffer.copy_from_host(values, self.stream, offset=first_row * row)
@@ -386,8 +387,7 @@ class TrtBackend(DeviceBackend):
         return TrtStepRunner(self, bindings, cuda_graph)
 
     def free(self, buffers: Iterable[Any]) -> None:
-        """Wait for the stream (queued work may still use them), then ``cudaFree``; a failing sync is
-        logged, not raised (the caller's error or close must go on)."""
+        """Stream sync (queued work may use them; a failure is logged: close must go on), then ``cudaFree``."""
         if getattr(self.stream, "handle", None) is not None:
             try:
                 self.stream.synchronize()

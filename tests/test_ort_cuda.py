@@ -188,7 +188,7 @@ def test_bad_rows_are_refused_before_anything_runs(components, device):
     with make_loop(device, UNET) as loop:
         with pytest.raises(BackendError, match=r"row conditioning: expected \['encoder_hidden_states'"):
             loop.admit(type(good)(good.latents, {}, table, 4.0, good.noise))
-        with pytest.raises(BackendError, match=r"latents: expected shape \[4, 8, 8\], found \[2, 4, 8, 8\]"):
+        with pytest.raises(BackendError, match=r"latents: expected float32\[4, 8, 8\], found float32\[2, 4, 8, 8\]"):
             loop.admit(type(good)(np.stack([good.latents] * 2), good.conditioning, table, 4.0, good.noise))
         with pytest.raises(BackendError, match="noise: expected 2 rows"):
             loop.admit(type(good)(good.latents, good.conditioning, table, 4.0, None))

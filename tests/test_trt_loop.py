@@ -325,7 +325,7 @@ def test_bad_rows_are_refused_before_anything_is_enqueued(env):
         with pytest.raises(BackendError, match=r"row conditioning: expected \['encoder_hidden_states', "
                                                r"'image_embeds', 'text_embeds'\], found"):
             loop.admit(LoopRow(good.latents, missing, table, 4.0, good.noise))
-        with pytest.raises(BackendError, match=r"latents: expected shape \[4, 8, 8\], found \[2, 8, 8\]"):
+        with pytest.raises(BackendError, match=r"latents: expected float32\[4, 8, 8\], found float32\[2, 8, 8\]"):
             loop.admit(LoopRow(good.latents[:2], good.conditioning, table, 4.0, good.noise))
         assert [c.executions for c in env.engines["unet_step"].contexts] == executions and loop.free == [0, 1]
         np.testing.assert_array_equal(loop.run([good])[0], loop.run([good])[0])

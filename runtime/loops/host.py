@@ -32,6 +32,9 @@ class HostStorage(SlotStorage):
     def write(self, tensor: ResolvedTensor, rows: np.ndarray, values: np.ndarray) -> None:
         buffers = self._buffers(tensor.name)
         array = buffers[tensor.name]
+        if len(rows) == len(array) and values.shape == array.shape and values.dtype == array.dtype:
+            buffers[tensor.name] = np.array(values, copy=True)  # every row: a plain copy, never an alias
+            return
         if not array.flags.writeable:  # a session's output carried here: copy once before writing rows
             array = buffers[tensor.name] = array.copy()
         array[rows] = values

@@ -238,7 +238,10 @@ class Worker:
     def setup(self, checkpoint: str, kind: str, out: str) -> dict:
         from kandinsky_trt.runtime.pipelines.components import Components
 
-        export_s = _export(Path(checkpoint), kind, Path(out))
+        start = time.perf_counter()  # in a child: the exporter's memory (GBs at full size) is not kept here
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", self.tree, "--export", checkpoint,
+                        kind, out], check=True, stdout=sys.stderr)
+        export_s = time.perf_counter() - start
         if self.components is not None:
             self.components.close()
         self.components = Components(out)
@@ -393,6 +396,7 @@ def _commit(tree: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--export", nargs=3, help=argparse.SUPPRESS)  # CHECKPOINT KIND OUT, with --worker
     parser.add_argument("--before-tree", type=Path, help=f"a checkout of {BEFORE_COMMIT} (git worktree add --detach)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "loop-step-ratio")
     parser.add_argument("--sets", nargs="+", choices=("tiny", "full"), default=["tiny", "full"])
@@ -401,6 +405,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds of every case (default: the case's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    if args.worker and args.export:
+        _use_tree(args.worker)
+        return print(f"exported in {_export(Path(args.export[0]), args.export[1], Path(args.export[2])):.1f} s")
     if args.worker:
         return worker_main(args.worker, args.threads)
     if args.before_tree is None:

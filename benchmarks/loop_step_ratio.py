@@ -124,9 +124,10 @@ def render_markdown(result: dict) -> str:
              "per-round ratio median (IQR; min–max) | steps × rounds | ≤ 1.03 |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     lines += [_row(s) for s in result["cases"]]
-    lines += ["", "ms/step = one `Components.denoise(UNET_LOOP, …)` call over the steps, divided by the "
+    lines += ["", f"ms/step = one `Components.denoise(UNET_LOOP, …)` call over the steps, divided by the "
               "steps. The two contenders ran in their own processes on their own code and exports, taking "
-              "turns in ABBA order each round; per-round ratio = after / before of the same round.",
+              f"turns in ABBA order each round (a pause of {result.get('pause_s', 0)} s before each call); per-round "
+              "ratio = after / before of the same round.",
               f"Final latents identical before/after: {result['latents_identical']}."]
     return "\n".join(lines) + "\n"
 
@@ -382,7 +383,11 @@ def _time_case(case: Case, workers: dict, warmup: int) -> tuple[dict, bool]:
     return summary, identical
 
 
+PAUSE_S = 0.3  # before each timed call: the other worker's ONNX Runtime threads stop spinning first
+
+
 def _timed(worker: Contender, request: dict, hashes: set) -> float:
+    time.sleep(PAUSE_S)
     answer = worker.ask("time", **request)
     hashes.add(answer["sha256"])
     return answer["ms"]
@@ -419,7 +424,7 @@ def main() -> None:
     m = MachineInfo.collect()
     result.update({
         "machine": f"{m.hostname}: {m.cpu_model}, {m.cores} cores, {m.ram_gb} GB RAM (shared VM)",
-        "versions": collect_versions(), "threads": args.threads, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": collect_versions(), "threads": args.threads, "pause_s": PAUSE_S, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "before": {"commit": _commit(args.before_tree), "tree": str(args.before_tree)},
         "after": {"commit": _commit(Path(__file__).resolve().parents[1])},
         "sizes": "; ".join(f"{k}: " + ", ".join(f"b{b} {h}x{w} px" for b, h, w in v) + " (cfg, fp32)"

@@ -12,7 +12,10 @@ the same number of intra-op threads, and times ``Components.denoise(UNET_LOOP, t
 ``steps`` steps of the same table on the same inputs. The coordinator alternates the workers round
 by round in ABBA order (A B, B A, A B, ...), so load drift on a shared machine hits both alike, and
 reports per-step medians, IQRs, min-max and the after/before ratio with the spread of the ratios of
-each round. The final latents of both are compared (same work: their SHA-256 must agree).
+each round; a pause before each timed call lets the other worker's ONNX Runtime threads stop
+spinning (without it the second contender of a round was the slower one). The final latents of
+both are compared (same work: their SHA-256 must agree). A run takes ~12 min on 2 loaded cores,
+~10 GB of RAM (two full-size sessions at once) and ~14 GB under ``--work``.
 
 Cases: the tiny UNet (``write_tiny_checkpoint``) at 64x64 with a batch-1 and a batch-2 profile, and
 the full-size UNet (real Kandinsky 2.1 config, random weights, ``export/full_size.py``) at 64x64 batch
@@ -28,9 +31,11 @@ tests/test_loop_step_ratio.py.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,6 +184,7 @@ def _use_tree(tree: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # run as a script: not the tree
     shim = tempfile.mkdtemp(prefix="kandinsky-shim-")
+    atexit.register(shutil.rmtree, shim, True)
     os.symlink(os.path.abspath(tree), os.path.join(shim, "kandinsky_trt"))
     sys.path.insert(0, shim)
     import kandinsky_trt.runtime
@@ -321,8 +327,6 @@ def prepare_checkpoints(work: Path, kinds) -> dict[str, Path]:
 
 
 def _full_size_unet_checkpoint(tiny: Path, out: Path) -> None:
-    import shutil
-
     import torch
 
     from kandinsky_trt.export.full_size import build_full_size_model, full_size_configs

@@ -16,7 +16,8 @@ Symbolic dims:
     ``S``   CLIP vision input size (224 real)
 
 Every per-step value is per row (the per-row contract): a loop network's ``timestep`` is ``(B2,)``
-(row ``j`` and row ``j + B`` are one request's [uncond, cond] pair, so they carry the same value), a step
+(with guidance, row ``j`` and row ``j + B`` are one request's [uncond, cond] pair and carry the same
+value), a step
 graph's ``coefficients`` are ``(B, K)`` (row ``b`` is the scheduler-table row that latents row ``b`` is at)
 and its ``guidance_scale`` is ``(B, 1)`` (row ``b`` guides the [uncond; cond] halves' row ``b``), its
 ``noise`` ``(B, *latent)``. So the rows of one network call may be at different steps of different

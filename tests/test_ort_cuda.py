@@ -85,7 +85,7 @@ def _compare(c, names: LoopSpec, table, seeds=(0,)) -> float:
 
 
 def test_prior_loop_matches_the_host_loop(components):
-    table = components.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
+    table = components.loaded.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
     assert table.stochastic.any() and not table.stochastic.all()
     assert _compare(components, PRIOR, table, seeds=(0, 1)) <= EXACT
 
@@ -97,14 +97,14 @@ def test_unet_ddpm_loop_with_noise_matches_the_host_loop(components):
 
 
 def test_unet_dpmpp_history_ping_pong_matches_the_host_loop(components):
-    table = components.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
+    table = components.loaded.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
     assert np.any(table.coefficients[:, list(table.to_manifest()["columns"]).index("r")] != 0)  # reads x0_prev
     assert _compare(components, UNET, table) <= EXACT
 
 
 def test_single_step_and_ddim(components):
-    assert _compare(components, UNET, components.scheduler("decoder", 1)) <= EXACT
-    assert _compare(components, UNET, components.scheduler("decoder", 2)) <= EXACT
+    assert _compare(components, UNET, components.loaded.scheduler("decoder", 1)) <= EXACT
+    assert _compare(components, UNET, components.loaded.scheduler("decoder", 2)) <= EXACT
 
 
 def test_buffers_bound_once_and_linked(components):
@@ -117,7 +117,7 @@ def test_buffers_bound_once_and_linked(components):
         assert (a["latents"], a["latents_next"], a["x0_prev"], a["x0"]) == (latents[0], latents[1], x0[0], x0[1])
         assert (b["latents"], b["latents_next"], b["x0_prev"], b["x0"]) == (latents[1], latents[0], x0[1], x0[0])
         pointers = {name: v.data_ptr() for name, v in loop.network_buffers.items()}
-        table = components.scheduler("decoder", 2)
+        table = components.loaded.scheduler("decoder", 2)
         inputs = _inputs(components, UNET, table, 3)
         loop(table, inputs)
         loop(table, inputs)
@@ -183,7 +183,7 @@ def test_backends_return_their_loop(components, monkeypatch):
     """``backend.loop``: the host loop on the CPU, the bound loop for ORT on CUDA; one loop per spec."""
     from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
 
-    table = components.scheduler("decoder", 2)
+    table = components.loaded.scheduler("decoder", 2)
     inputs = _inputs(components, UNET, table, 0)
     first = components.denoise(UNET, table, inputs)
     np.testing.assert_array_equal(components.denoise(UNET, table, inputs), first)
@@ -302,7 +302,7 @@ def test_cuda_graph_replay_equals_eager(components, names):
     """Replay of the captured graphs == the same bindings run eagerly (same session, same kernels);
     a session without graphs and the CPU loop agree within kernel-choice / TF32 rounding
     (tolerances not measured here: no GPU where this was written)."""
-    table = scheduler_table(DDPM_CONFIG, 6) if names is UNET else components.scheduler("prior", 6)
+    table = scheduler_table(DDPM_CONFIG, 6) if names is UNET else components.loaded.scheduler("prior", 6)
     first, replay, eager, other, cpu = _graph_vs_eager(components, names, table, 0)
     assert np.abs(replay - eager).max() <= 1e-6 and np.abs(first - eager).max() <= 1e-6
     scale = max(1.0, float(np.abs(cpu).max()))

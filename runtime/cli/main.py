@@ -45,7 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.cli import checks as cli_checks
     from kandinsky_trt.runtime.pipelines import inputs
     from kandinsky_trt.runtime.pipelines import combined as cp
-    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+    from kandinsky_trt.runtime.pipelines.components import Components
     from kandinsky_trt.runtime.pipelines.decoder import img2img_steps
     from kandinsky_trt.runtime.cli.output_paths import save_images
 
@@ -109,7 +110,8 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 def _interpolate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.cli import checks as cli_checks
     from kandinsky_trt.runtime.pipelines import inputs
-    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+    from kandinsky_trt.runtime.pipelines.components import Components
     from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
     from kandinsky_trt.runtime.cli.output_paths import save_images
     from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline

@@ -23,7 +23,7 @@ import numpy as np
 
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.contract.errors import require_finite
+from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite  # noqa: F401 (re-exported)
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.contract.spec import Profile
@@ -33,7 +33,7 @@ from kandinsky_trt.runtime.pipelines.loaded import LoadedArtifacts
 from kandinsky_trt.runtime.pipelines.once import OnceCache
 
 log = logging.getLogger(__name__)
-__all__ = ["Components", "split_rows"]
+__all__ = ["Components", "PipelineInputError", "split_rows"]
 
 
 def split_rows(rows: int, batches: list[int]) -> list[tuple[slice, int]]:

@@ -91,7 +91,8 @@ def prior_request(loaded: LoadedArtifacts, prompts: args.Prompts, settings: Prio
     guidance_scale = args.check_guidance(settings.guidance_scale, names.guidance_scale, loaded.profile)
     cond, uncond = _prior_texts(prompts)
     shape = (len(cond), loaded.embedding_width)
-    noise_shape = (prior_stochastic_steps(loaded, steps), *shape)
+    with args.renamed({"num_inference_steps": names.num_inference_steps}):  # the scheduler table's name for it
+        noise_shape = (prior_stochastic_steps(loaded, steps), *shape)
     return PriorRequest(cond, uncond, prompts.negatives is not None, steps, guidance_scale, rng,
                         args.check_array(settings.latents, shape, names.latents),
                         args.check_array(settings.step_noise, noise_shape, names.step_noise))

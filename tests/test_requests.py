@@ -34,7 +34,7 @@ def test_components_split_loaded_from_run(components):
     assert components.manifest is components.loaded.manifest and components.backend is components.loaded.backend
     assert components.session("text_encoder") is components.loaded.session("text_encoder")
     assert components.loaded.scheduler("decoder", 3) is components.loaded.scheduler("decoder", 3)  # cached
-    for run_side in ("run", "denoise", "chunks", "close"):
+    for run_side in ("run", "denoise", "chunks", "should_stop"):
         assert not hasattr(components.loaded, run_side), run_side
 
 

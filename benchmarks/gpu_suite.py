@@ -171,7 +171,7 @@ def replay_vs_eager(config: argparse.Namespace, artifacts: Path, backend: str) -
     with Components(artifacts, backend, config.device, cuda_graph=True) as graphs, \
             Components(artifacts, backend, config.device, cuda_graph=False) as eager:
         for which, spec in (("prior", PRIOR_LOOP), ("decoder", UNET_LOOP)):
-            table = eager.scheduler(which, config.check_steps)
+            table = eager.loaded.scheduler(which, config.check_steps)
             inputs = _loop_inputs(eager.manifest, spec, table)
             first, replay = (graphs.denoise(spec, table, inputs) for _ in range(2))
             reference = eager.denoise(spec, table, inputs)

@@ -260,7 +260,8 @@ class Worker:
         from kandinsky_trt.runtime.contract.loop_specs import UNET_LOOP
 
         c = self.components
-        table = c.scheduler("decoder", steps)
+        # The lockstep tree's Components holds the tables itself; today's keeps them in ``loaded``.
+        table = getattr(c, "loaded", c).scheduler("decoder", steps)
         key = (batch, steps, guidance)
         if key not in self.inputs:
             self.inputs[key] = _inputs(c.manifest, table, batch, guidance)

@@ -185,7 +185,7 @@ def test_a_reshuffled_tokenizer_is_caught(art):
     vocab["model"]["vocab"][a], vocab["model"]["vocab"][b] = ib, ia  # two tokens swap ids
     path.write_text(json.dumps(vocab))
     with Components(art) as c, pytest.raises(BackendError, match=r"tokenizer prior: .*does not match the manifest"):
-        c.prior_tokenizer
+        c.loaded.prior_tokenizer
 
 
 def test_a_truncated_constant_is_caught(art):
@@ -194,7 +194,7 @@ def test_a_truncated_constant_is_caught(art):
     path.write_bytes(path.read_bytes()[:-4])
     with Components(art) as c, pytest.raises(BackendError, match=rf"constant {data['constants'][0]['name']}: "
                                                                    r".*expected 128 bytes.*found 124 bytes"):
-        c.constant(data["constants"][0]["name"])
+        c.loaded.constant(data["constants"][0]["name"])
 
 
 def test_a_constant_whose_size_does_not_fit_its_shape_is_a_manifest_error(art):
@@ -211,8 +211,8 @@ def test_each_file_is_hashed_once_per_process(art, monkeypatch):
     for _ in range(3):  # three Components on one directory, as a server with several pipelines
         with Components(art) as c:
             c.session("unet")
-            c.constant("clip_mean")
-            c.prior_tokenizer
+            c.loaded.constant("clip_mean")
+            c.loaded.prior_tokenizer
     assert len(calls) == 3 and len(set(calls)) == 3
 
 

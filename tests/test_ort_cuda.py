@@ -100,7 +100,7 @@ def _compare(c, device, names: LoopSpec, table, seeds=(0,), guidance: float = 4.
 
 
 def test_prior_loop_equals_the_host_storage(components, device):
-    table = components.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
+    table = components.loaded.scheduler("prior", 4)  # UnCLIP: stochastic except the last row
     assert table.stochastic.any() and not table.stochastic.all()
     _compare(components, device, PRIOR, table, seeds=(0, 1))
     _compare(components, device, PRIOR, table, guidance=1.0)  # unguided: the cond rows in both halves
@@ -113,14 +113,14 @@ def test_unet_ddpm_loop_with_noise_equals_the_host_storage(components, device):
 
 
 def test_unet_dpmpp_history_ping_pong_equals_the_host_storage(components, device):
-    table = components.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
+    table = components.loaded.scheduler("decoder", 5, "dpmpp2m")  # odd count: ends on the other state side
     assert np.any(table.coefficients[:, list(table.to_manifest()["columns"]).index("r")] != 0)  # reads x0_prev
     _compare(components, device, UNET, table)
 
 
 def test_single_step_and_ddim(components, device):
-    _compare(components, device, UNET, components.scheduler("decoder", 1))
-    _compare(components, device, UNET, components.scheduler("decoder", 2))
+    _compare(components, device, UNET, components.loaded.scheduler("decoder", 1))
+    _compare(components, device, UNET, components.loaded.scheduler("decoder", 2))
 
 
 def test_buffers_bound_once_linked_and_ping_ponged(components, device):
@@ -134,7 +134,7 @@ def test_buffers_bound_once_linked_and_ping_ponged(components, device):
         assert (b["latents"], b["latents_next"], b["x0_prev"], b["x0"]) == (latents[1], latents[0], x0[1], x0[0])
         buffers = [*storage.network_buffers.values(), *storage.step_buffers.values(), *latents, *x0]
         pointers, bindings = [v.data_ptr() for v in buffers], storage.bindings
-        table = components.scheduler("decoder", 3)
+        table = components.loaded.scheduler("decoder", 3)
         for seed in (3, 4):
             loop.run(chunk_rows(_inputs(components, UNET, table, seed), table))
         assert [v.data_ptr() for v in buffers] == pointers and storage.bindings is bindings  # never rebound
@@ -377,7 +377,7 @@ def test_cuda_graph_replay_equals_eager(components, names):
     """Replay of the captured graphs == the same bindings run eagerly (same session, same kernels);
     the CPU host storage agrees within kernel-choice / TF32 rounding (tolerance not measured here:
     no GPU where this was written)."""
-    table = scheduler_table(DDPM_CONFIG, 6) if names is UNET else components.scheduler("prior", 6)
+    table = scheduler_table(DDPM_CONFIG, 6) if names is UNET else components.loaded.scheduler("prior", 6)
     inputs = _inputs(components, names, table, 0)
     with OrtCudaBackend(components.manifest, "cuda") as backend:
         with make_loop(backend, names, cuda_graph=True) as graphed, make_loop(backend, names, cuda_graph=False) as plain:

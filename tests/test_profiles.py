@@ -62,7 +62,7 @@ def test_one_session_per_network_serves_every_profile(artifacts_fp32_multi, monk
     monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, *a, **k: created.append(path) or real(path, *a, **k))
     with Components(artifacts_fp32_multi[0]) as c:
         pipe = KandinskyCombinedPipeline(components=c)
-        for height, width in c.sizes:
+        for height, width in c.loaded.sizes:
             for n in (1, 2, 3):  # batch 1, batch 2, batch 2 + batch 1
                 pipe("a cat", height=height, width=width, num_images_per_prompt=n, generator=0, **SMALL)
         assert len(c._loops.values()) == 2 + 4  # prior loops per batch, UNet loops per (batch, size)

@@ -176,3 +176,54 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["client", "a cat", "--url", f"127.0.0.1:{free_port()}", "--timeout", "5"]) == 2
     err = capsys.readouterr().err
     assert "no answer, the connection failed" in err and err.count("\n") == 1
+
+
+def _defaults(function) -> dict:
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _settings_defaults(cls) -> dict:
+    from dataclasses import MISSING, fields
+
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def test_served_defaults_are_the_pipelines_defaults():
+    """A field a request leaves out takes the settings dataclasses' default (serve/calls.py); those are
+    the public signatures' defaults, so an item without a field runs as a Python call without that argument."""
+    from kandinsky_trt.runtime import (KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline,
+                                       KandinskyInpaintCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline)
+    from kandinsky_trt.runtime.pipelines import requests as rq
+    from kandinsky_trt.runtime.serve.calls import IMAGES_PER_PROMPT
+
+    prior, decoder = _settings_defaults(rq.PriorSettings), _settings_defaults(rq.DecoderSettings)
+    combined_prior = {"num_inference_steps": "prior_num_inference_steps", "guidance_scale": "prior_guidance_scale"}
+    for pipeline in (KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline):
+        signature = _defaults(pipeline.__call__)
+        assert signature["num_images_per_prompt"] == IMAGES_PER_PROMPT
+        for name in ("num_inference_steps", "guidance_scale", "output_type", "callback_steps", "scheduler"):
+            assert signature[name] == decoder[name], (pipeline.__name__, name)
+        for name, public in combined_prior.items():
+            assert signature[public] == prior[name], (pipeline.__name__, public)
+    assert _defaults(KandinskyImg2ImgCombinedPipeline.__call__)["strength"] == rq.DEFAULT_STRENGTH
+    for name in ("num_inference_steps", "guidance_scale"):
+        assert _defaults(KandinskyPriorPipeline.__call__)[name] == prior[name]
+        assert _defaults(KandinskyPipeline.__call__)[name] == decoder[name]
+    interpolate = _defaults(KandinskyPriorPipeline.interpolate)
+    for name, value in _settings_defaults(rq.InterpolateSettings).items():
+        assert interpolate[name] == value, name
+
+
+def test_calls_build_typed_requests_without_name_tables():
+    """serve/calls.py, serve/batching.py and the CLI build the requests directly: no signature
+    introspection, no argument-name tables, no ``dict(locals())`` anywhere on the way to the pipelines."""
+    root = Path(__file__).resolve().parents[1] / "runtime"
+    paths = [root / "serve" / "calls.py", root / "serve" / "batching.py", root / "cli" / "main.py",
+             *sorted((root / "pipelines").glob("*.py"))]
+    for path in paths:
+        text = path.read_text()
+        for banned in ("inspect", "locals()", "_COMBINED_ARGS", "_PRIOR_ARGS", "_KEY_ARGS", "call: dict"):
+            assert banned not in text, (path.name, banned)

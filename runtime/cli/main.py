@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 
 def _open_image(path: str | None, name: str):
@@ -26,7 +27,7 @@ def _size(args: argparse.Namespace, components) -> tuple[int, int]:
     """--height/--width, or the artifacts' size when neither is given; refused before any network runs."""
     from kandinsky_trt.runtime.pipelines.inputs import check_size
 
-    height, width = check_size(args.height, args.width, components.sizes, components.latent_scale)
+    height, width = check_size(args.height, args.width, components.loaded.sizes, components.loaded.latent_scale)
     if args.height is None and args.width is None:
         print(f"size: width {width}, height {height} (the artifacts' size; --width/--height for another)", file=sys.stderr)
     return height, width
@@ -44,36 +45,58 @@ def _generate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.cli import checks as cli_checks
     from kandinsky_trt.runtime.pipelines import inputs
     from kandinsky_trt.runtime.pipelines import combined as cp
-    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+    from kandinsky_trt.runtime.pipelines.components import Components
     from kandinsky_trt.runtime.pipelines.decoder import img2img_steps
     from kandinsky_trt.runtime.cli.output_paths import save_images
 
-    n = inputs.check_prompts(args.prompt, args.negative_prompt, args.num_images).per_prompt
-    targets = cli_checks.run_args(args, n)
+    prompts = inputs.check_prompts(args.prompt, args.negative_prompt, args.num_images)
+    targets = cli_checks.run_args(args, prompts.per_prompt)
     if args.mask is not None and args.image is None:
         raise PipelineInputError("--mask: expected --image as well (the image to inpaint), found only --mask")
     if args.image is not None and args.mask is None:
         inputs.check_strength(args.strength, args.steps)
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
-    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
-                  prior_guidance_scale=args.prior_guidance, prior_num_inference_steps=args.prior_steps,
-                  generator=args.seed, scheduler=args.scheduler)
+    task = "inpaint" if mask is not None else "img2img" if image is not None else "text2img"
+    pipeline = {"text2img": cp.KandinskyCombinedPipeline, "img2img": cp.KandinskyImg2ImgCombinedPipeline,
+                "inpaint": cp.KandinskyInpaintCombinedPipeline}[task]
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
-        common["height"], common["width"] = _size(args, components)
-        steps = img2img_steps(args.steps, args.strength) if image is not None and mask is None else args.steps
+        size = _size(args, components)
+        steps = img2img_steps(args.steps, args.strength) if task == "img2img" else args.steps
         with cli_checks.Progress(steps * args.num_images, "decoder") as callback:
-            if mask is not None:
-                pipe = cp.KandinskyInpaintCombinedPipeline(components=components)
-                out = pipe(args.prompt, image, mask, callback=callback, **common)
-            elif image is not None:
-                pipe = cp.KandinskyImg2ImgCombinedPipeline(components=components)
-                out = pipe(args.prompt, image, strength=args.strength, callback=callback, **common)
-            else:
-                out = cp.KandinskyCombinedPipeline(components=components)(args.prompt, callback=callback, **common)
+            request = _combined_request(args, components.loaded, prompts, _GenerateInputs(size, image, mask, callback))
+            out = pipeline(components=components).run(request)
     for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0
+
+
+@dataclass(frozen=True)
+class _GenerateInputs:
+    """What ``generate`` adds to its flags: the size, the opened image and mask, the progress callback."""
+
+    size: tuple[int, int]
+    image: object
+    mask: object
+    callback: object
+
+
+def _combined_request(args: argparse.Namespace, loaded, prompts, given: _GenerateInputs):
+    """``generate``'s flags as the combined pipelines' request (their defaults are the flags' defaults)."""
+    from kandinsky_trt.runtime.pipelines import inputs
+    from kandinsky_trt.runtime.pipelines import requests as rq
+
+    rng = inputs.rng(args.seed)
+    if given.mask is not None:
+        own = rq.InpaintInputs(rq.images_per_row(given.image, prompts), rq.images_per_row(given.mask, prompts))
+    elif given.image is not None:
+        own = rq.Img2ImgInputs(rq.images_per_row(given.image, prompts), args.strength)
+    else:
+        own = rq.Text2ImgInputs()
+    decoder = rq.DecoderSettings(num_inference_steps=args.steps, guidance_scale=args.guidance, height=given.size[0],
+                                 width=given.size[1], callback=given.callback, scheduler=args.scheduler, inputs=own)
+    prior = rq.PriorSettings(num_inference_steps=args.prior_steps, guidance_scale=args.prior_guidance)
+    return rq.combined_request(loaded, prompts, prior, decoder, rng)
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
@@ -87,10 +110,12 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 def _interpolate(args: argparse.Namespace) -> int:
     from kandinsky_trt.runtime.cli import checks as cli_checks
     from kandinsky_trt.runtime.pipelines import inputs
-    from kandinsky_trt.runtime.pipelines.components import Components, PipelineInputError
+    from kandinsky_trt.runtime.contract.errors import PipelineInputError
+    from kandinsky_trt.runtime.pipelines.components import Components
     from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
     from kandinsky_trt.runtime.cli.output_paths import save_images
     from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
+    from kandinsky_trt.runtime.pipelines import requests as rq
 
     targets = cli_checks.run_args(args, 1)
     texts = [(text, cli_checks.weight(w, "--text", text)) for text, w in args.text or []]
@@ -101,14 +126,17 @@ def _interpolate(args: argparse.Namespace) -> int:
     if not conditions:
         raise PipelineInputError("--text/--image: expected at least one condition with a weight, found none")
     with Components(args.artifacts, args.backend, args.device, not args.no_cuda_graph) as components:
+        loaded = components.loaded
         height, width = _size(args, components)
-        prior = KandinskyPriorPipeline(components=components)
-        mix = prior.interpolate([c for c, _ in conditions], [w for _, w in conditions],
-                                num_inference_steps=args.prior_steps, generator=args.seed)
+        mix_request = rq.interpolate_request(loaded, [c for c, _ in conditions], [w for _, w in conditions],
+                                             rq.InterpolateSettings(num_inference_steps=args.prior_steps),
+                                             inputs.rng(args.seed))
+        mix = KandinskyPriorPipeline(components=components).run_interpolate(mix_request)
         with cli_checks.Progress(args.steps, "decoder") as callback:
-            out = KandinskyPipeline(components=components)(
-                "", mix.image_embeds, mix.negative_image_embeds, height=height, width=width,
-                num_inference_steps=args.steps, generator=args.seed, callback=callback)
+            settings = rq.DecoderSettings(num_inference_steps=args.steps, height=height, width=width, callback=callback)
+            request = rq.decoder_request(loaded, inputs.check_prompts("", None, 1), settings, inputs.rng(args.seed))
+            request = rq.with_embeddings(loaded, request, mix.image_embeds, mix.negative_image_embeds)
+            out = KandinskyPipeline(components=components).run(request)
     for path in save_images(out.images, targets):
         print(f"wrote {path}")
     return 0

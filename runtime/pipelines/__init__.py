@@ -1,8 +1,25 @@
 """kandinsky_trt.runtime.pipelines: the diffusers-shaped pipelines on loaded artifacts.
 
-Owns :class:`~kandinsky_trt.runtime.pipelines.components.Components` (one artifacts directory,
-every network loaded once), the argument validators shared by every entry point (``inputs``), the
-prior, decoder (text2img, img2img, inpaint) and combined pipelines, and a build-once cache.
+What is loaded and what runs are two classes:
+
+- :class:`~.loaded.LoadedArtifacts` (``loaded``): one artifacts directory, loaded once and cached —
+  the manifest, the backend and its network sessions, the tokenizers, the constants, the scheduler
+  tables; it runs nothing;
+- :class:`~.components.Components`: holds one ``LoadedArtifacts`` (``components.loaded``) and runs
+  the work of a request on it — a stage network (``run``), one chunk of a denoising loop
+  (``denoise``), rows split into the profiles' batches (``chunks``), the profile of given shapes.
+  It is the public handle (``Components(artifacts)``, ``with Components(...) as c``, the pipelines'
+  ``components=``); the pipelines built on one instance share every loaded network.
+
+A call takes one typed request per stage (``requests``): a caller's arguments, as given, go into a
+settings dataclass (``PriorSettings``, ``DecoderSettings`` with the decoder's own ``Text2ImgInputs``
+/ ``Img2ImgInputs`` / ``InpaintInputs``, ``InterpolateSettings``), a builder checks them once into a
+frozen request (``PriorRequest``, ``DecoderRequest`` — the image embeddings attached last by
+``with_embeddings`` —, ``CombinedRequest`` = a prior and a decoder request sharing one generator,
+``InterpolateRequest``), and the pipeline's ``run`` runs it. Each diffusers-shaped ``__call__``
+(the prior, the decoders, the combined pipelines) builds its request from its own named arguments;
+the CLI and the server build the same requests directly. ``inputs`` holds the argument validators
+shared by every builder (errors name the public argument), ``once`` the build-once cache.
 
 May import ``contract``, ``processing``, ``backends`` and ``loops``; never ``cli`` or ``serve``,
 which are built on it.

@@ -7,6 +7,10 @@ Fixed diffusers bugs (README "Divergences from diffusers"):
 - a bare PIL image works with several images per prompt (diffusers checks ``prompt`` instead of
   ``image`` and fails).
 As in diffusers, ``latents`` seeds the prior; ``decoder_latents`` / ``noise`` seed the decoder.
+
+A ``__call__`` checks its arguments into a :class:`~.requests.CombinedRequest`
+(``requests.combined_request``: the decoder's half first, so no network runs before every argument
+is checked) and runs it (``run``: the prior, then the decoder on its embeddings).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import os
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import (
-    KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
+    ImagePipelineOutput, KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
 from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
+from kandinsky_trt.runtime.pipelines.requests import (CombinedRequest, DecoderSettings, Img2ImgInputs, InpaintInputs,
+                                                      PriorSettings, Text2ImgInputs, combined_request,
+                                                      images_per_row, with_embeddings)
 
-
-# The prior's arguments as the combined pipelines name them (error messages use these).
-_PRIOR_NAMES = {"guidance_scale": "prior_guidance_scale", "num_inference_steps": "prior_num_inference_steps",
-                "step_noise": "prior_step_noise"}
+__all__ = ["KandinskyCombinedPipeline", "KandinskyImg2ImgCombinedPipeline", "KandinskyInpaintCombinedPipeline"]
 
 
 class _Combined:
@@ -34,27 +38,14 @@ class _Combined:
         self.prior_pipe = KandinskyPriorPipeline(components=self.components)
         self.decoder_pipe = self.decoder_class(components=self.components)
 
-    def _call(self, call: dict):
-        """Check the decoder's arguments (no network runs), run the prior, then the decoder.
+    def run(self, request: CombinedRequest) -> ImagePipelineOutput | tuple:
+        """Run the prior, then the decoder on the prior's embeddings (one per decoder row)."""
+        out = self.prior_pipe.run(request.prior)
+        decoder = with_embeddings(self.components.loaded, request.decoder, out.image_embeds, out.negative_image_embeds)
+        return self.decoder_pipe.run(decoder)
 
-        The decoder gets the prompts repeated per image (one image each) and one entry of its own
-        inputs (images, masks) per row; one generator serves both halves, so the draws come in
-        diffusers' order: prior latents and noise, then the decoder's.
-        """
-        prompts = args.check_prompts(call["prompt"], call["negative_prompt"], call["num_images_per_prompt"])
-        call = call | {"generator": args.rng(call["generator"])}
-        with args.renamed({"latents": "decoder_latents"}):
-            decoder = self.decoder_pipe.request(prompts.one_per_row(), call, **self._decoder_inputs(call, prompts))
-        with args.renamed(_PRIOR_NAMES):
-            prior = self.prior_pipe.request(prompts, call["prior_num_inference_steps"], call["generator"],
-                                            call["latents"], call["prior_guidance_scale"], call["prior_step_noise"])
-        out = self.prior_pipe.run(prior)
-        return self.decoder_pipe.run(decoder, out.image_embeds, out.negative_image_embeds)
-
-    @staticmethod
-    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
-        """The decoder's own arguments, one per row."""
-        return {"latents": call["decoder_latents"]}
+    def _call(self, prompts: args.Prompts, rng, prior: PriorSettings, decoder: DecoderSettings):
+        return self.run(combined_request(self.components.loaded, prompts, prior, decoder, rng))
 
 
 class KandinskyCombinedPipeline(_Combined):
@@ -66,15 +57,15 @@ class KandinskyCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        return self._call(dict(locals()))
-
-
-def _images_per_row(image, prompts: args.Prompts) -> list:
-    """One image per decoder row: a bare image or a list of one or one per prompt, repeated per image."""
-    images = image if isinstance(image, (list, tuple)) else [image]
-    if len(images) == 1:
-        images = images * len(prompts.texts)
-    return args.repeat_rows(images, prompts.per_prompt)
+        prompts = args.check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        rng = args.rng(generator)
+        decoder = DecoderSettings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            output_type=output_type, callback=callback, callback_steps=callback_steps, return_dict=return_dict,
+            scheduler=scheduler, inputs=Text2ImgInputs(decoder_latents, latents_name="decoder_latents"))
+        prior = PriorSettings(num_inference_steps=prior_num_inference_steps, guidance_scale=prior_guidance_scale,
+                              latents=latents, step_noise=prior_step_noise)
+        return self._call(prompts, rng, prior, decoder)
 
 
 class KandinskyImg2ImgCombinedPipeline(_Combined):
@@ -88,11 +79,15 @@ class KandinskyImg2ImgCombinedPipeline(_Combined):
                  prior_num_inference_steps: int = 25, generator: args.Generator = None, latents=None,
                  output_type: str = "pil", callback=None, callback_steps: int = 1, return_dict: bool = True,
                  scheduler: str | None = None, prior_step_noise=None, noise=None):
-        return self._call(dict(locals()))
-
-    @staticmethod
-    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
-        return {"image": _images_per_row(call["image"], prompts), "strength": call["strength"], "noise": call["noise"]}
+        prompts = args.check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        rng = args.rng(generator)
+        decoder = DecoderSettings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            output_type=output_type, callback=callback, callback_steps=callback_steps, return_dict=return_dict,
+            scheduler=scheduler, inputs=Img2ImgInputs(images_per_row(image, prompts), strength, noise))
+        prior = PriorSettings(num_inference_steps=prior_num_inference_steps, guidance_scale=prior_guidance_scale,
+                              latents=latents, step_noise=prior_step_noise)
+        return self._call(prompts, rng, prior, decoder)
 
 
 class KandinskyInpaintCombinedPipeline(_Combined):
@@ -106,9 +101,14 @@ class KandinskyInpaintCombinedPipeline(_Combined):
                  generator: args.Generator = None, latents=None, output_type: str = "pil", callback=None,
                  callback_steps: int = 1, return_dict: bool = True, scheduler: str | None = None,
                  prior_step_noise=None, decoder_latents=None):
-        return self._call(dict(locals()))
-
-    @staticmethod
-    def _decoder_inputs(call: dict, prompts: args.Prompts) -> dict:
-        return {"image": _images_per_row(call["image"], prompts),
-                "mask_image": _images_per_row(call["mask_image"], prompts), "latents": call["decoder_latents"]}
+        prompts = args.check_prompts(prompt, negative_prompt, num_images_per_prompt)
+        rng = args.rng(generator)
+        inputs = InpaintInputs(images_per_row(image, prompts), images_per_row(mask_image, prompts), decoder_latents,
+                               latents_name="decoder_latents")
+        decoder = DecoderSettings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            output_type=output_type, callback=callback, callback_steps=callback_steps, return_dict=return_dict,
+            scheduler=scheduler, inputs=inputs)
+        prior = PriorSettings(num_inference_steps=prior_num_inference_steps, guidance_scale=prior_guidance_scale,
+                              latents=latents, step_noise=prior_step_noise)
+        return self._call(prompts, rng, prior, decoder)

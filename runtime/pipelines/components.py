@@ -1,10 +1,12 @@
-"""What one artifacts directory provides, loaded once and shared by every pipeline built on it.
+"""What runs a request on loaded artifacts: :class:`Components`.
 
-``Components`` owns the backend (and so every loaded network), the tokenizers, the constants and
-the scheduler tables; the combined pipelines hand the same instance to their prior and decoder
-halves, so nothing is loaded twice. Everything is loaded on first use through a :class:`OnceCache`,
-so one instance serves many threads with exactly one session per network; the device loops (which
-own bound buffers) run one call at a time.
+``Components`` holds one :class:`~kandinsky_trt.runtime.pipelines.loaded.LoadedArtifacts` (``loaded``:
+the manifest, the backend and its sessions, tokenizers, constants, scheduler tables, loaded once) and
+does the work of a request on it: :meth:`run` a stage network, :meth:`denoise` one chunk of a loop,
+split rows into the profiles' batches (:meth:`chunks`) and pick the profile of given shapes. The
+combined pipelines hand the same instance to their prior and decoder halves, so nothing is loaded
+twice; one instance serves many threads, and the device loops (which own bound buffers) run one
+call at a time.
 
 Profiles: the artifacts may hold several (batch, size) profiles. A pipeline asks :meth:`Components.chunks`
 how to split its rows into the batches the profiles of its size hold; :meth:`run` and :meth:`denoise`
@@ -16,27 +18,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from contextlib import nullcontext
 
 import numpy as np
 
+from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.backends.base import BackendError, NetworkSession
-from kandinsky_trt.runtime.backends.registry import check_backend, make_backend
-from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite
+from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite  # noqa: F401 (re-exported)
+from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
+from kandinsky_trt.runtime.contract.spec import Profile
 from kandinsky_trt.runtime.loops.factory import make_loop
 from kandinsky_trt.runtime.loops.template import LoopInputs, LoopStopped, StepCallback, StopCheck, chunk_rows
+from kandinsky_trt.runtime.pipelines.loaded import LoadedArtifacts
 from kandinsky_trt.runtime.pipelines.once import OnceCache
-from kandinsky_trt.runtime.contract.schedulers import SchedulerTable, fast_solver_config, scheduler_table
-from kandinsky_trt.runtime.contract.spec import LATENT_CHANNELS, Profile
-from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
-from kandinsky_trt.runtime.processing.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
-
-# CLI / API scheduler names -> which manifest config they use.
-DECODER_SCHEDULERS = ("ddim", "ddpm", "dpmpp2m")
-__all__ = ["Components", "split_rows"]
+__all__ = ["Components", "PipelineInputError", "split_rows"]
 
 
 def split_rows(rows: int, batches: list[int]) -> list[tuple[slice, int]]:
@@ -65,29 +62,37 @@ def split_rows(rows: int, batches: list[int]) -> list[tuple[slice, int]]:
 
 
 class Components:
-    """The loaded contents of one artifacts directory.
+    """Runs requests on the loaded contents of one artifacts directory.
 
     Args:
         artifacts: directory holding ``manifest.json`` (from ``kandinsky-trt export``).
         backend: ``"ort"`` (ONNX Runtime), ``"torch"`` (the original modules) or ``"trt"``.
         device: ``"cpu"`` or ``"cuda"``.
+        cuda_graph: on CUDA, replay the denoising loops as CUDA graphs (False: the same bindings eagerly).
     """
 
     def __init__(self, artifacts: str | os.PathLike, backend: str = "ort", device: str = "cpu",
                  cuda_graph: bool = True) -> None:
-        check_backend(backend)
-        self.manifest = mf.load_manifest(artifacts)
-        self.backend = make_backend(backend, self.manifest, device)
+        self.loaded = LoadedArtifacts(artifacts, backend, device)
         self.device, self.cuda_graph = device, cuda_graph
-        self._cache = OnceCache()  # sessions, tokenizers, constants, scheduler tables
         self._loops = OnceCache()  # (LoopSpec, profile) -> the backend's loop (it holds one call's state)
         self._loop_locks = OnceCache()  # (LoopSpec, profile) -> the lock its calls run under
-        # TensorRT engines share one activation arena (sized on load): they must load and run one
-        # after another, so one lock serialises all TensorRT work of this instance.
-        self._trt_lock = threading.RLock() if backend == "trt" else None
         # Checked before each denoising loop and after each step (e.g. serving: the calling thread's
         # clients have all gone); true stops the loop with LoopStopped. None: never checked.
         self.should_stop: StopCheck | None = None
+
+    @property
+    def manifest(self) -> mf.Manifest:
+        return self.loaded.manifest
+
+    @property
+    def backend(self) -> Backend:
+        return self.loaded.backend
+
+    @property
+    def profile(self) -> Profile:
+        """The default profile (its size serves requests without one; ``cfg`` is every profile's)."""
+        return self.loaded.profile
 
     def denoise(self, spec: LoopSpec, table: SchedulerTable, inputs: LoopInputs,
                 callback: StepCallback | None = None) -> np.ndarray:
@@ -127,24 +132,9 @@ class Components:
             require_finite(array, f"{network}.{name}")
         return outputs
 
-    @property
-    def profile(self) -> Profile:
-        """The default profile (its size serves requests without one; ``cfg`` is every profile's)."""
-        return self.manifest.profile
-
-    @property
-    def latent_scale(self) -> int:
-        """The checkpoint's MoVQ scale factor ``f`` (8 for Kandinsky 2.1): latents are ``H/f x W/f``."""
-        return self.manifest.model_dims.latent_scale
-
-    def latent_shape(self, rows: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """Decoder latents of ``rows`` images of a size :func:`~.inputs.check_size` returned."""
-        return rows, LATENT_CHANNELS, height // self.latent_scale, width // self.latent_scale
-
-    @property
-    def sizes(self) -> list[tuple[int, int]]:
-        """The (height, width) sizes the artifacts hold, the default first."""
-        return self.manifest.sizes()
+    def session(self, network: str, profile: int = 0) -> NetworkSession:
+        """The loaded network at manifest profile ``profile`` (loaded once: ``LoadedArtifacts.session``)."""
+        return self.loaded.session(network, profile)
 
     def chunks(self, rows: int, size: tuple[int, int] | None = None) -> list[tuple[slice, int]]:
         """``rows`` split into network calls of the batches the profiles of ``size`` hold (None: of any
@@ -161,93 +151,14 @@ class Components:
         raise BackendError(f"{network}: expected inputs of the shapes of one of the profiles "
                            f"{[p.name for p in self.manifest.profiles]}, found {shapes}")
 
-    def session(self, network: str, profile: int = 0) -> NetworkSession:
-        """The loaded network at manifest profile ``profile``; created once per ``Components``
-        whatever the concurrency (the backend shares one set of weights between profiles)."""
-        def build() -> NetworkSession:
-            with self._serial():
-                return self.backend.load(network, profile)
-
-        return self._cache.get(("session", network, profile), build)
-
     def _serial(self):
-        return self._trt_lock if self._trt_lock is not None else nullcontext()
-
-    def has(self, network: str) -> bool:
-        return network in self.manifest.networks
-
-    @property
-    def prior_tokenizer(self) -> TextTokenizer:
-        return self._tokenizer("prior")
-
-    @property
-    def decoder_tokenizer(self) -> TextTokenizer:
-        return self._tokenizer("decoder")
-
-    def _tokenizer(self, which: str) -> TextTokenizer:
-        return self._cache.get(("tokenizer", which), lambda: self._load_tokenizer(which))
-
-    def _load_tokenizer(self, which: str) -> TextTokenizer:
-        entry = self.manifest.tokenizers.get(which)
-        if entry is None:
-            raise BackendError(f"tokenizers.{which}: expected a tokenizer in {self.manifest.directory / mf.MANIFEST_NAME}, "
-                               f"found none (artifacts without text encoding?)")
-        try:  # a reshuffled vocabulary would change every image silently
-            self.manifest.verified_path(entry["file"], f"tokenizer {which}")
-        except mf.IntegrityError as err:
-            raise BackendError(str(err)) from None
-        return TextTokenizer.from_manifest_entry(entry, self.manifest.directory)
-
-    def constant(self, name: str) -> np.ndarray:
-        """A manifest constant, read (and hash-checked) once; the array is read-only."""
-        return self._cache.get(("constant", name), lambda: self._load_constant(name))
-
-    def _load_constant(self, name: str) -> np.ndarray:
-        entry = self.manifest.constants.get(name)
-        if entry is None:
-            raise BackendError(f"constant: expected {name!r} in the manifest, found {sorted(self.manifest.constants)}")
-        try:  # the manifest's load checked that the recorded size is the shape's
-            path = self.manifest.verified_path(entry.file, f"constant {name}")
-        except mf.IntegrityError as err:
-            raise BackendError(str(err)) from None
-        array = np.fromfile(path, dtype="<" + np.dtype(entry.dtype).str[1:]).reshape(entry.shape)
-        array.flags.writeable = False  # shared by every caller and thread
-        return array
-
-    def scheduler(self, which: str, num_inference_steps: int, name: str | None = None) -> SchedulerTable:
-        """The coefficient table of the prior's or decoder's scheduler at ``num_inference_steps``.
-
-        The manifest's precomputed tables are used when they exist; other step counts are computed
-        from the shipped config (numpy only).
-        """
-        key, config = self._scheduler_config(which, name)
-
-        def build() -> SchedulerTable:
-            stored = self.manifest.schedulers.get(key, {}).get("tables", {}).get(str(num_inference_steps))
-            return SchedulerTable.from_manifest(stored) if stored is not None else scheduler_table(config, num_inference_steps)
-
-        return self._cache.get(("table", key, num_inference_steps), build)
-
-    def _scheduler_config(self, which: str, name: str | None) -> tuple[str, dict]:
-        schedulers = self.manifest.schedulers
-        if which == "prior":
-            return "prior", schedulers["prior"]["config"]
-        name = name or "ddim"
-        if name not in DECODER_SCHEDULERS:
-            raise PipelineInputError(f"scheduler: expected one of {DECODER_SCHEDULERS}, found {name!r}")
-        if name == "ddpm":
-            if "decoder_ddpm" not in schedulers:
-                raise PipelineInputError("scheduler: 'ddpm' needs a decoder checkpoint with ddpm_scheduler/, found none")
-            return "decoder_ddpm", schedulers["decoder_ddpm"]["config"]
-        config = schedulers["decoder"]["config"]
-        return ("decoder_dpmpp2m", fast_solver_config(config)) if name == "dpmpp2m" else ("decoder", config)
+        return self.loaded.serial()
 
     def close(self) -> None:
         for loop in self._loops.values():  # before the backend: they free buffers on its stream
             loop.close()
         self._loops.clear()
-        self._cache.clear()
-        self.backend.close()
+        self.loaded.close()
 
     def __enter__(self) -> "Components":
         return self

@@ -57,16 +57,15 @@ def as_prompt_list(prompt, name: str = "prompt") -> list[str]:
     return [_check_text(p, name if len(prompts) == 1 else f"{name}[{i}]") for i, p in enumerate(prompts)]
 
 
-def negative_prompts(negative_prompt, count: int) -> list[str] | None:
+def negative_prompts(negative_prompt, count: int, name: str = "negative_prompt") -> list[str] | None:
     """``None`` stays None; a str applies to every prompt; a list must match the prompt count."""
     if negative_prompt is None:
         return None
     if isinstance(negative_prompt, str):
-        return [_check_text(negative_prompt, "negative_prompt")] * count
-    negatives = as_prompt_list(negative_prompt, "negative_prompt")
+        return [_check_text(negative_prompt, name)] * count
+    negatives = as_prompt_list(negative_prompt, name)
     if len(negatives) != count:
-        raise PipelineInputError(
-            f"negative_prompt: expected {count} prompts (one per prompt), found {len(negatives)}")
+        raise PipelineInputError(f"{name}: expected {count} prompts (one per prompt), found {len(negatives)}")
     return negatives
 
 

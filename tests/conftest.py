@@ -113,7 +113,8 @@ LONG_FILES_FIRST = (
 )
 
 
-def _long_files_first(items: list) -> None:
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def pytest_long_files_first(config, items):  # a second implementation of that hook
     """Reorder ``items`` (stable, whole files kept together) by ``LONG_FILES_FIRST``."""
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
@@ -121,11 +122,9 @@ def _long_files_first(items: list) -> None:
 
 @pytest.hookimpl(trylast=True)  # after ``-m`` / ``-k`` deselected what will not run
 def pytest_collection_modifyitems(config, items):
-    """Long files first (``LONG_FILES_FIRST``). Skip ``gpu`` / ``tensorrt`` tests where their
-    requirement is missing (the markers' promise in pyproject.toml). Each check runs once, and only
-    when a selected test carries its marker: a selection without such tests never imports
-    cuda-python or TensorRT."""
-    _long_files_first(items)
+    """Skip ``gpu`` / ``tensorrt`` tests where their requirement is missing (the markers' promise in
+    pyproject.toml). Each check runs once, and only when a selected test carries its marker: a
+    selection without such tests never imports cuda-python or TensorRT."""
     for marker, missing in MARKER_REQUIREMENTS.items():
         marked = [item for item in items if item.get_closest_marker(marker)]
         reason = missing() if marked else None

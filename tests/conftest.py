@@ -24,6 +24,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _threads_per_worker() -> int | None:
+    """Cores per pytest-xdist worker (None outside a worker: the libraries' defaults stay)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers else None
+
+
+# Each worker computes on its share of the cores. With torch's and ONNX Runtime's default (a thread
+# per core) two workers on CI's two cores run four busy threads that spin waiting for each other:
+# tests/test_pipelines.py -k fp32, two copies at once on the shared 2-core VM, took 127 s of CPU
+# each by default, 38 s with one torch thread and 32 s with one ONNX Runtime thread as well. Set
+# here, before anything imports torch (OpenMP reads it once); subprocesses inherit it. Outputs stay
+# bit-identical (tests/test_golden_outputs.py).
+if _threads_per_worker():
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
+
+
+def _limit_onnxruntime_threads(threads: int) -> None:
+    """ONNX Runtime's sessions in this process use ``threads`` intra-op threads unless the caller
+    sets its own (``OrtOptions.intra_op_threads``): ONNX Runtime reads no environment variable."""
+    import onnxruntime as ort
+
+    class SessionOptions(ort.SessionOptions):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.intra_op_num_threads = threads
+
+    ort.SessionOptions = SessionOptions
+
+
+def pytest_configure(config):
+    if _threads_per_worker():
+        _limit_onnxruntime_threads(_threads_per_worker())
+
+
 def _missing_cuda_device() -> str | None:
     from kandinsky_trt.runtime.cuda import runtime_api as cuda
 
@@ -41,6 +75,49 @@ def _missing_tensorrt() -> str | None:
 
 
 MARKER_REQUIREMENTS = {"gpu": _missing_cuda_device, "tensorrt": _missing_tensorrt}
+
+
+# The files that take longest (exports, C++ builds, the fuzz pass, the demo, servers), run first
+# in this order; the others follow in collection order. With ``--dist loadfile`` and
+# ``--no-loadscope-reorder`` (pyproject.toml) the workers take files in this order, so the dynamo
+# fp16 export (the longest, needed by five files) starts at once on one worker (the golden outputs
+# need it first) while the other runs long files that need no shared fp16 export, and the short
+# files are left to even out the end. Keep the files that wait for ``artifacts_fp16`` /
+# ``artifacts_fp16_b2_wide`` / ``artifacts_fp32_multi`` (the golden file's exports) after the
+# independent ones, or a worker idles on their lock.
+LONG_FILES_FIRST = (
+    "test_golden_outputs.py",  # exports fp16 (dynamo, ~2.5 min), fp16 batch 2 and fp32 multi-profile
+    "test_cpp_fuzz.py",  # clang build + the 45 s fuzz pass
+    "test_export_batches.py",  # its own dynamo export
+    "test_movq_scale.py",  # its own two-level checkpoint and export
+    "test_export_transactions.py",  # its own exports, one killed
+    "test_cli_demo.py",  # the demo (shared with test_readme.py, whichever runs first makes it)
+    "test_readme.py",
+    "test_cpp_hostile.py",  # ASan build
+    "test_console.py",  # a dynamo export
+    "test_pipelines.py",  # from here: files that need the golden file's exports
+    "test_precision_debug.py",
+    "test_export.py",
+    "test_pipeline_batches.py",
+    "test_cpp_host.py",
+    "test_cli_success.py",
+    "test_gpu_suite_dry_run.py",
+    "test_serve_replicas.py",
+    "test_serve.py",
+    "test_serve_edge.py",
+    "test_serve_lifetime.py",
+    "test_checkpoints.py",
+    "test_bad_inputs_arguments.py",
+    "test_artifact_trust.py",
+    "test_deploy.py",
+)
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems")
+def pytest_long_files_first(config, items):  # a second implementation of that hook
+    """Reorder ``items`` (stable, whole files kept together) by ``LONG_FILES_FIRST``."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.hookimpl(trylast=True)  # after ``-m`` / ``-k`` deselected what will not run
@@ -86,8 +163,13 @@ CLONE_FOLDERS = ("benchmarks", "deploy", "docs", "engine", "export", "runtime")
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> DemoRun:
-    """The quick start's demo, once per session (tests/test_cli_demo.py and tests/test_readme.py)."""
-    cwd = tmp_path_factory.mktemp("newcomer")
+    """The quick start's demo, once per test run (tests/test_cli_demo.py and tests/test_readme.py,
+    on whichever workers they run: ``shared``). Its tests only read what it wrote; the README's
+    blocks write their own files beside ``kandinsky-demo``."""
+    return shared(tmp_path_factory, "newcomer", _run_demo)
+
+
+def _run_demo(cwd: Path) -> DemoRun:
     (cwd / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     for folder in CLONE_FOLDERS:  # what a clone has beside the venv, read by the README's blocks
         (cwd / folder).symlink_to(REPO / folder, target_is_directory=True)

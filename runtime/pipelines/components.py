@@ -98,11 +98,11 @@ class Components:
                 callback: StepCallback | None = None) -> np.ndarray:
         """Run one chunk of the loop ``spec`` and return its final latents.
 
-        The backend supplies the loop (``backend.loop``): the host loop for ``torch`` and ``ort`` on
-        the CPU, the bound loop for ``ort`` on CUDA (``cuda_graph=False``: the same bindings eagerly),
-        the TensorRT loop for ``trt``; one per (spec, profile), the profile whose latents have the
-        shape of ``inputs.latents``, kept until :meth:`close`. A loop holds one call's state (host
-        arrays or bound device buffers), so its calls run one at a time.
+        The loop is a loop of slots (``make_loop``): on host arrays for ``torch`` and ``ort`` on the
+        CPU, on bound device buffers for ``ort`` on CUDA and ``trt`` (``cuda_graph=False``: the same
+        bindings eagerly); one per (spec, profile), the profile whose latents have the shape of
+        ``inputs.latents``, kept until :meth:`close`. Every row of the chunk is admitted at once and
+        run to its table's end. A loop holds its slots' state, so its calls run one at a time.
         ``guidance_scale <= 1`` runs the conditional prediction alone, as diffusers does (for every
         strategy, prior and decoders alike). The final latents are checked once for NaN/Inf.
         :attr:`should_stop`, when set, is checked before the loop and after each step (the loop's

@@ -78,9 +78,11 @@ class _Recording:
         step_graph, scheduler, num_inference_steps, guidance_scale of the lockstep chunk: every latents
         row gets that table from its first row, with that guidance."""
         network, step_graph = record["network"], record["step_graph"]
-        steps = self.calls[step_graph][1:]  # the first step-graph run is the identity row that makes the first input
+        # The loop of slots writes the first network input itself (no identity-row run of the step
+        # graph), so every step-graph run is a step and the first one reads the initial latents.
+        steps = self.calls[step_graph]
         arrays = {
-            "latents": self.calls[step_graph][0][0]["latents"],
+            "latents": steps[0][0]["latents"],
             "x0_prev": steps[0][0]["x0_prev"],
             "model_outputs": np.stack([outputs[output_name] for _, outputs in self.calls[network]]),
             "noise": np.stack([feeds["noise"] for feeds, _ in steps]),

@@ -9,6 +9,7 @@ from PIL import Image
 
 from kandinsky_trt.runtime import (
     KandinskyImg2ImgCombinedPipeline, KandinskyInpaintCombinedPipeline, KandinskyPipeline, KandinskyPriorPipeline)
+from kandinsky_trt.runtime.pipelines.requests import prior_stochastic_steps
 from pipeline_helpers import check_close, embeds, generator, max_diff, torch_draws
 from test_pipelines import tolerance
 
@@ -94,7 +95,7 @@ def test_inpaint_combined_runs_with_several_images(artifacts_fp32):
     prompts, n, steps = ["a hat", "a crown"], 2, 2
     rng = np.random.default_rng(21)
     rows = len(prompts) * n
-    stochastic = pipe.prior_pipe._stochastic(steps)
+    stochastic = prior_stochastic_steps(pipe.prior_pipe.components.loaded, steps)
     latents, dec_latents = rng.standard_normal((rows, E), np.float32), rng.standard_normal((rows, 4, 8, 8), np.float32)
     prior_noise = rng.standard_normal((stochastic, rows, E), np.float32)
     kwargs = dict(num_inference_steps=2, prior_num_inference_steps=steps, height=64, width=64, output_type="np")

@@ -145,9 +145,10 @@ def sweep(cost: RooflineCost, config: SimConfig) -> dict:
     at_p99 = []
     for target in config.p99_targets_s:
         rates_at = {name: sustainable_rate(points, target) for name, points in results.items()}
-        step, request = rates_at["step-level"], rates_at["request-level"]
-        ratio = step / request if step and request else None
-        at_p99.append({"p99_target_s": target, "sustainable_rate_per_s": rates_at, "step_over_request": ratio})
+        request = rates_at["request-level"]
+        ratio = lambda name: rates_at[name] / request if rates_at[name] and request else None  # noqa: E731
+        at_p99.append({"p99_target_s": target, "sustainable_rate_per_s": rates_at, "step_over_request":
+                       ratio("step-level"), "hypothetical_over_request": ratio(HYPOTHETICAL)})
     loaded = {name: [{"rate_per_s": p["rate_per_s"], "p50_10_over_idle": (p["by_decoder_steps"].get("10", {}).get("p50_s")
                                                                           or math.nan) / idle}
                      for p in points] for name, points in results.items()}
@@ -210,13 +211,13 @@ def render_markdown(result: dict) -> str:
                          p["occupancy"].get(DECODER)]
                 lines.append(f"| {policy} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
         lines += ["", "Sustainable rate at equal p99 (highest simulated rate meeting the p99, req/s):", "",
-                  "| p99 target s | " + " | ".join(sc["policies"]) + " | step / request-level |",
-                  "|" + "---|" * (len(sc["policies"]) + 2)]
+                  "| p99 target s | " + " | ".join(sc["policies"]) + " | step / request-level | hypothetical / "
+                  "request-level |", "|" + "---|" * (len(sc["policies"]) + 3)]
         for row in sc["at_equal_p99"]:
-            rates = [row["sustainable_rate_per_s"][p] for p in sc["policies"]]
-            ratio = row["step_over_request"]
-            lines.append(f"| {row['p99_target_s']} | " + " | ".join("-" if r is None else f"{r:.2f}" for r in rates)
-                         + f" | {'-' if ratio is None else f'{ratio:.2f}'} |")
+            cells = [row["sustainable_rate_per_s"][p] for p in sc["policies"]]
+            cells += [row["step_over_request"], row["hypothetical_over_request"]]
+            lines.append(f"| {row['p99_target_s']} | " + " | ".join("-" if r is None else f"{r:.2f}" for r in cells)
+                         + " |")
         lines += ["", f"Goals (in this model): {sc['goals']['text']}", ""]
     return "\n".join(lines) + "\n"
 

@@ -61,6 +61,7 @@ class Scheduler:
         self._inbox: list[Job] = []
         self._cancels: set[str] = set()
         self._jobs: dict[str, Job] = {}  # accepted and not ended, in arrival order
+        self._timed: dict[str, Job] = {}  # those of them with a deadline (checked at every boundary)
         self._queues: dict[tuple[str, Hashable], list[Job]] = {}  # (stage, pool) -> FCFS queue
         self._slots: dict[tuple[str, Hashable], list[Job]] = {}  # loop (stage, pool) -> jobs in its slots
         self._waiting = 0
@@ -138,17 +139,18 @@ class Scheduler:
             arrived, self._inbox = self._inbox, []
         for job in arrived:
             self._jobs[job.request.request_id] = job
+            if job.deadline is not None:
+                self._timed[job.request.request_id] = job
             self._enqueue(job, ENCODE)
 
     def _drop_leavers(self) -> None:
         with self._lock:
             cancels, self._cancels = self._cancels, set()
+        for request_id in sorted(cancels & self._jobs.keys(), key=lambda r: self._jobs[r].seq):
+            self._leave(self._jobs[request_id], CANCELLED)
         now = self.clock.now()
-        for job in list(self._jobs.values()):
-            if job.request.request_id in cancels:
-                self._leave(job, CANCELLED)
-            elif job.deadline is not None and now >= job.deadline:
-                self._leave(job, TIMED_OUT)
+        for job in [j for j in self._timed.values() if now >= j.deadline]:
+            self._leave(job, TIMED_OUT)
 
     def _run_entry(self) -> bool:
         pool = self._oldest_pool(ENCODE)
@@ -259,6 +261,7 @@ class Scheduler:
 
     def _end(self, job: Job, status: str, error: str | None = None) -> None:
         del self._jobs[job.request.request_id]
+        self._timed.pop(job.request.request_id, None)
         counter = {DONE: "completed", CANCELLED: "cancelled", TIMED_OUT: "timed_out", FAILED: "failed"}[status]
         setattr(self.metrics, counter, getattr(self.metrics, counter) + 1)
         self.metrics.record_queue_time(job.queue_s)

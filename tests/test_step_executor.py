@@ -37,7 +37,10 @@ def components(artifacts_fp32_b2_wide):
         yield c
 
 
-def test_each_scheduled_image_equals_the_pipeline_alone(components):
+def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch):
+    calls = []
+    run = components.run
+    monkeypatch.setattr(components, "run", lambda network, feeds: calls.append(network) or run(network, feeds))
     executor = ComponentsExecutor(components)
     clock = SimulatedClock()  # the order of rounds is what matters; no time is measured
     finished = []
@@ -49,6 +52,11 @@ def test_each_scheduled_image_equals_the_pipeline_alone(components):
     scheduler.submit(scheduled("img"))
     scheduler.run_until_idle()
     executor.close()
+    monkeypatch.undo()
+    # merged one-shot calls: short and img share one text-encoder call (batch 2 holds both)
+    entry = [e[3] for e in scheduler.trace if e[1] == "admit" and e[2] == "encode"]
+    assert entry == ["long", "short", "img"] and calls.count("text_encoder") == calls.count("prior_text_encoder") == 2
+    assert calls.count("movq_decoder") == scheduler.metrics.stages["decode"].calls
     assert {f.request.request_id: f.status for f in finished} == dict.fromkeys(CALLS, "done")
     assert [f.request.request_id for f in finished][0] == "short"  # admitted later, done first
     admitted = [e[3] for e in scheduler.trace if e[1] == "admit" and e[2] == DECODER]

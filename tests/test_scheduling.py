@@ -225,3 +225,33 @@ def test_an_executor_failure_ends_the_requests_it_touched_and_the_rest_go_on():
     assert status["a"][0] == status["b"][0] == "failed" and "planted" in status["a"][1]
     assert status["c"] == ("done", None)
     assert scheduler.metrics.failed == 2
+
+
+def test_submit_and_cancel_from_other_threads_while_the_worker_runs():
+    import threading
+
+    scheduler, _, _, finished = make(slots=4, queue_limit=1000)
+    stop = threading.Event()
+
+    def worker():
+        while not stop.is_set() or scheduler.has_work:
+            scheduler.run_round()
+
+    def client(k):
+        for i in range(50):
+            scheduler.submit(req(f"c{k}-{i}", decoder_steps=1 + i % 4))
+            if i % 10 == 0:
+                scheduler.cancel(f"c{k}-{i}")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    stop.set()
+    thread.join(timeout=30)
+    m = scheduler.metrics
+    assert len(finished) == m.submitted == 200 and m.completed + m.cancelled == 200
+    assert m.queue_depth == 0 and not scheduler.has_work

@@ -37,12 +37,8 @@ def components(artifacts_fp32_b2_wide):
         yield c
 
 
-def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch):
-    calls = []
-    run = components.run
-    monkeypatch.setattr(components, "run", lambda network, feeds: calls.append(network) or run(network, feeds))
-    executor = ComponentsExecutor(components)
-    clock = SimulatedClock()  # the order of rounds is what matters; no time is measured
+def drive(executor, clock) -> tuple[Scheduler, list]:
+    """long first; short and img three rounds later (the order of rounds is what matters, not time)."""
     finished = []
     scheduler = Scheduler(executor, clock, on_finish=finished.append)
     scheduler.submit(scheduled("long"))
@@ -51,6 +47,15 @@ def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch)
     scheduler.submit(scheduled("short"))
     scheduler.submit(scheduled("img"))
     scheduler.run_until_idle()
+    return scheduler, finished
+
+
+def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch):
+    calls = []
+    run = components.run
+    monkeypatch.setattr(components, "run", lambda network, feeds: calls.append(network) or run(network, feeds))
+    executor = ComponentsExecutor(components)
+    scheduler, finished = drive(executor, SimulatedClock())
     executor.close()
     monkeypatch.undo()
     # merged one-shot calls: short and img share one text-encoder call (batch 2 holds both)
@@ -68,3 +73,18 @@ def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch)
     for request_id, (task, kw) in CALLS.items():
         alone = pipelines[task](**kw, **SIZE, output_type="np").images
         assert np.array_equal(results[request_id], alone), request_id
+
+
+def test_the_simulated_executor_admits_and_retires_as_the_real_one(components):
+    """The simulator's slot bookkeeping (steps left per row) against the loops of slots themselves."""
+    from kandinsky_trt.benchmarks.sched_sim import ConstantCost, SimulatedExecutor
+
+    def order(scheduler):
+        return [e[1:] for e in scheduler.trace if e[1] in ("admit", "retire", "done")]
+
+    executor = ComponentsExecutor(components)
+    real, _ = drive(executor, SimulatedClock())
+    executor.close()
+    clock = SimulatedClock()
+    simulated, _ = drive(SimulatedExecutor(clock, ConstantCost(), slots=2), clock)
+    assert order(simulated) == order(real) and len(order(real)) == 3 * 9

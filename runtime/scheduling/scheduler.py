@@ -116,8 +116,7 @@ class Scheduler:
 
     def run_round(self) -> bool:
         """One step boundary of every pool (see the module docstring); False when there was nothing to run."""
-        self._take_inbox()
-        self._drop_leavers()
+        self._drop_leavers(self._take_inbox())
         did = self._run_entry()
         for stage in (s for s in STAGES if s in LOOP_STAGES):
             for pool in self._pools(stage):
@@ -134,18 +133,20 @@ class Scheduler:
             if not self.has_work or not self.run_round():
                 return
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self) -> set[str]:
+        """The new requests into the entry queue; returns the cancellations asked meanwhile (taken in
+        the same locked moment, so a cancel never refers to a request still in the inbox)."""
         with self._lock:
             arrived, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
         for job in arrived:
             self._jobs[job.request.request_id] = job
             if job.deadline is not None:
                 self._timed[job.request.request_id] = job
             self._enqueue(job, ENCODE)
+        return cancels
 
-    def _drop_leavers(self) -> None:
-        with self._lock:
-            cancels, self._cancels = self._cancels, set()
+    def _drop_leavers(self, cancels: set[str]) -> None:
         for request_id in sorted(cancels & self._jobs.keys(), key=lambda r: self._jobs[r].seq):
             self._leave(self._jobs[request_id], CANCELLED)
         now = self.clock.now()

@@ -27,7 +27,7 @@ from typing import Hashable, Sequence
 
 from kandinsky_trt.runtime.scheduling.clock import SimulatedClock
 from kandinsky_trt.runtime.scheduling.scheduler import Scheduler
-from kandinsky_trt.runtime.scheduling.work import DECODE, DECODER, ENCODE, PRIOR, Finished, QueueFull, Request
+from kandinsky_trt.runtime.scheduling.work import DECODE, DECODER, PRIOR, Finished, QueueFull, Request
 
 LOOP_NETWORK = {PRIOR: "prior", DECODER: "unet"}
 
@@ -106,6 +106,9 @@ class ConstantCost:
     step: float = 1.0
     call: float = 0.5
 
+    def fit(self, rows: int) -> int:
+        return rows
+
     def call_s(self, stage, requests) -> float:
         return self.call
 
@@ -149,7 +152,7 @@ class SimulatedExecutor:
     def step(self, stage: str, pool: Hashable) -> list[str]:
         rows = self._left[pool]
         occupied = sum(r for _, r in rows.values())
-        batch = self.slots if self.loop_batch == "slots" else self.cost.fit(occupied) if hasattr(self.cost, "fit") else occupied
+        batch = self.slots if self.loop_batch == "slots" else self.cost.fit(occupied)
         self.clock.advance(self.cost.step_s(stage, pool, batch))
         for entry in rows.values():
             entry[0] -= 1

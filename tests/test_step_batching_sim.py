@@ -11,7 +11,7 @@ from kandinsky_trt.benchmarks import step_batching_sim as script
 from kandinsky_trt.benchmarks.gpu_specs import H200_SXM
 from kandinsky_trt.benchmarks.sched_sim import (ConstantCost, NetworkFloor, RooflineCost, SimulatedExecutor, Workload,
                                                 simulate, steps_run)
-from kandinsky_trt.runtime.scheduling.admission import RequestLevel, StepLevel
+from kandinsky_trt.runtime.scheduling.admission import StepLevel
 from kandinsky_trt.runtime.scheduling.clock import SimulatedClock
 from kandinsky_trt.runtime.scheduling.work import DECODER, Request
 

@@ -38,7 +38,7 @@ from kandinsky_trt.runtime.pipelines.combined import KandinskyCombinedPipeline, 
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.requests import CombinedRequest
 from kandinsky_trt.runtime.processing.images import postprocess
-from kandinsky_trt.runtime.scheduling.work import DECODE, DECODER, ENCODE, PRIOR, Request
+from kandinsky_trt.runtime.scheduling.work import ENCODE, PRIOR, Request
 
 PIPELINES = {"text2img": KandinskyCombinedPipeline, "img2img": KandinskyImg2ImgCombinedPipeline}
 

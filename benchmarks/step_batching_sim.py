@@ -183,6 +183,10 @@ MODEL_NOTES = [
     "request-level groups, no batching and one-shot calls run at the smallest of batches 1, 2, 4, 8 holding them.",
     "Activation traffic, the step graph's elementwise work, host-device copies of results and Python overhead "
     "beyond the per-call overhead are not modelled; one GPU runs one call at a time.",
+    "Request-level groups requests with equal task, step counts, guidance and strength (everyone's guidance is 4 "
+    "here, which favours it). Latencies count from arrival to the decoded image; p99 is over all measured requests.",
+    "Sustainable rates are read off the simulated rate grid (steps of 10% of the no-batching saturation rate), so "
+    "the ratios between policies are coarse; each point is one seeded run, not an average.",
     "'step-level, N slots' is the loop of slots built at a smaller profile batch (fewer slots, cheaper steps). "
     "The 'hypothetical' policy steps at the smallest profile batch holding the occupied slots; the loop of "
     "slots does not do this (it would need compacted slots and one bound buffer set per profile).",

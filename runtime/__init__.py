@@ -8,6 +8,8 @@ The layers, bottom to top (each package's docstring says what it owns and may im
 - ``backends``: the backend interface and ONNX Runtime / TensorRT behind it;
 - ``loops``: the loop of slots and its two storages (host arrays, bound device buffers);
 - ``pipelines``: ``Components`` and the diffusers-shaped pipelines;
+- ``scheduling``: the step-level scheduler (requests through stages and slots; standard library
+  only, it sees the hardware through an executor protocol);
 - ``cli`` and ``serve``: the command line and Triton Inference Server;
 - ``cpp``: the C++ host contract program (not Python).
 

@@ -23,8 +23,10 @@ MAY_IMPORT = {
     "backends": {"contract", "cuda"},  # never loops: the loops layer builds loops on the backend interface
     "loops": {"contract", "cuda", "backends"},
     "pipelines": {"contract", "processing", "backends", "loops", "cuda"},
-    "cli": {"contract", "processing", "backends", "loops", "cuda", "pipelines", "serve"},
-    "serve": {"contract", "processing", "backends", "loops", "cuda", "pipelines", "cli"},
+    # the step scheduler knows requests, stages and slots by name only: executors bring the networks
+    "scheduling": {"contract"},
+    "cli": {"contract", "processing", "backends", "loops", "cuda", "pipelines", "serve", "scheduling"},
+    "serve": {"contract", "processing", "backends", "loops", "cuda", "pipelines", "cli", "scheduling"},
 }
 
 
@@ -86,6 +88,12 @@ def test_each_runtime_layer_imports_only_the_layers_below_it(imports):
 def test_spec_and_manifest_use_the_standard_library_only(imports):
     for module in ("kandinsky_trt.runtime.contract.spec", "kandinsky_trt.runtime.contract.manifest"):
         assert "numpy" not in imports[module], module
+
+
+def test_the_scheduler_uses_the_standard_library_only(imports):
+    scheduling = [m for m in imports if m.startswith("kandinsky_trt.runtime.scheduling")]
+    assert len(scheduling) > 5
+    assert {m: "numpy" for m in scheduling if "numpy" in imports[m]} == {}
 
 
 def test_the_walk_would_have_caught_a_torch_import(tmp_path):

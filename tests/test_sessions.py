@@ -24,6 +24,7 @@ from kandinsky_trt.runtime.backends.ort_cuda import OrtCudaBackend
 from kandinsky_trt.runtime.contract.manifest import load_manifest
 from kandinsky_trt.runtime.loops.device import DeviceStorage
 from kandinsky_trt.runtime.pipelines import components as components_module
+from kandinsky_trt.runtime.pipelines import loaded as loaded_module
 
 
 @pytest.fixture()
@@ -44,7 +45,7 @@ def counted(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(ort, "InferenceSession", CountingSession)
-    monkeypatch.setattr(components_module, "make_backend", device_backend)
+    monkeypatch.setattr(loaded_module, "make_backend", device_backend)
     original_close = components_module.Components.close
     loops, networks = [], set()
 

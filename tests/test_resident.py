@@ -75,14 +75,13 @@ def _with_plans(source, directory) -> None:
     path.write_text(json.dumps(manifest))
 
 
-@pytest.fixture()
-def trt(artifacts_fp32, tmp_path, monkeypatch):
-    """The tiny fp32 artifacts as TensorRT plans on the stand-ins; engines execute the ONNX graphs (ORT CPU)."""
-    directory = tmp_path / "artifacts"
-    _with_plans(artifacts_fp32[0], directory)
+def _stand_in(source, directory, monkeypatch):
+    """``source`` artifacts as TensorRT plans on the stand-ins; engines execute the ONNX graphs (ORT CPU).
+    Returns the host backend the engines run on (the caller closes it)."""
+    _with_plans(source, directory)
     manifest = load_manifest(directory)
     host = OrtBackend(manifest)
-    memory = FakeMemory(1 << 25)
+    memory = FakeMemory(1 << 26)
     memory.bytes[:] = 0xFF  # cudaMalloc does not zero
     layer = FakeCuda(memory)
 
@@ -95,7 +94,22 @@ def trt(artifacts_fp32, tmp_path, monkeypatch):
     install(monkeypatch, make_engine, memory)
     for name in CUDA_OPS:
         monkeypatch.setattr(cuda, name, getattr(layer, name))
-    yield directory
+    return host
+
+
+@pytest.fixture()
+def trt(artifacts_fp32, tmp_path, monkeypatch):
+    """The tiny fp32 batch-1 artifacts on the TensorRT stand-in."""
+    host = _stand_in(artifacts_fp32[0], tmp_path / "artifacts", monkeypatch)
+    yield tmp_path / "artifacts"
+    host.close()
+
+
+@pytest.fixture()
+def trt_b2(artifacts_fp32_b2_wide, tmp_path, monkeypatch):
+    """The tiny fp32 batch-2 64x128 artifacts on the TensorRT stand-in: [uncond; cond] rows interleave."""
+    host = _stand_in(artifacts_fp32_b2_wide[0], tmp_path / "artifacts", monkeypatch)
+    yield tmp_path / "artifacts"
     host.close()
 
 
@@ -176,6 +190,58 @@ def test_two_chunks_cost_one_sync_each(trt):
                            num_inference_steps=STEPS, generator=1, output_type="np").images
         run()
         assert _syncs(components, run)[0] == 2
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["guided", "unguided"])
+def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, guidance):
+    """Three prompts on batch-2 artifacts: a full chunk and a padded one, each row's conditioning at
+    rows j and B + j (device rows copied run by run); guidance <= 1 repeats the cond rows on the
+    device. Bit for bit the host path's images, one sync per chunk (prior and decoder alike)."""
+    prompts = ["a cat", "a dog", "a fox"]
+
+    def run(components):
+        pipe = KandinskyCombinedPipeline(components=components)
+        return lambda: pipe(prompts, num_inference_steps=STEPS, prior_num_inference_steps=STEPS, generator=2,
+                            guidance_scale=guidance, prior_guidance_scale=guidance, output_type="np").images
+
+    with Components(artifacts_fp32_b2_wide[0], backend="ort") as host:
+        expected = run(host)()
+    with Components(trt_b2, backend="trt") as components:
+        call = run(components)
+        call()
+        syncs, got = _syncs(components, call)
+    assert syncs == 2 + 2  # two prior chunks (their embeddings' download), two decoder chunks (the images)
+    assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
+
+
+def test_loop_into_device_rows_is_checked(trt):
+    """``SlotLoop.run(into=...)`` takes one device row per row and no callback; host loops copy nothing."""
+    from kandinsky_trt.runtime.contract.loop_specs import UNET_LOOP
+    from kandinsky_trt.runtime.loops.host import HostStorage
+    from kandinsky_trt.runtime.loops.slots import SlotLoop
+    from kandinsky_trt.runtime.loops.template import LoopInputs, chunk_rows
+
+    with Components(trt, backend="trt") as components:
+        backend, table = components.backend, components.loaded.scheduler("decoder", 2)
+        net, step = backend.load("unet").network, backend.load("unet_step").network
+        rng = np.random.default_rng(0)
+        conditioning = {t.name: rng.standard_normal(t.shape).astype(t.dtype)
+                        for t in net.inputs if t.name not in ("sample", "timestep")}
+        inputs = LoopInputs(rng.standard_normal(step.tensor("latents").shape).astype(np.float32), conditioning,
+                            {}, None, 4.0)
+        rows = chunk_rows(inputs, table)
+        with components.resident_chain() as chain:
+            into = chain.stage_input("movq_decoder", "latents", inputs.latents)
+            with SlotLoop(UNET_LOOP, HostStorage(UNET_LOOP, backend.load("unet"), backend.load("unet_step"))) as host:
+                expected = host.run(rows)
+                with pytest.raises(BackendError, match="HostStorage: expected a device storage"):
+                    host.run(rows, into=into)
+            got = chain.denoise(UNET_LOOP, table, inputs, into)
+            (loop,) = components._loops.values()
+            with pytest.raises(BackendError, match=r"into: expected 1 device rows and no callback, found 1 rows "
+                                                   r"and a callback"):
+                loop.run(rows, lambda *a: None, into=into)
+            assert got is into and chain.download(got, "latents").tobytes() == expected.tobytes()
 
 
 def test_a_step_callback_takes_the_host_path(trt):

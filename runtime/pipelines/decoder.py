@@ -119,9 +119,10 @@ class _DecoderPipeline:
                 latents_in = chain.denoise(loop, request.table, inputs, into)
                 image = chain.run("movq_decoder", {"latents": latents_in})["image"]
                 results.append(chain.download(image, "movq_decoder.image")[: rows.stop - rows.start])
+        if chain is not None:
+            return np.concatenate(results)
         # The host path decodes in the same chunks (same rows, same batches) as it denoised.
-        return np.concatenate(results) if chain is not None else self._decode_latents(np.concatenate(results),
-                                                                                      request.size)
+        return self._decode_latents(np.concatenate(results), request.size)
 
     def _chunk_inputs(self, request: DecoderRequest, chunk: "_Rows", chain: ResidentChain | None) -> LoopInputs:
         cfg = self.components.profile.cfg

@@ -14,16 +14,20 @@ text2img (``KandinskyPipeline``)            3      1
 prior (``KandinskyPriorPipeline``)          2      1
 combined (``KandinskyCombinedPipeline``)    5      2
 img2img (``KandinskyImg2ImgPipeline``)      4      2
+inpaint (``KandinskyInpaintPipeline``)      4      2
 =====================================  ======  =====
 
 The prior's remaining sync is its final embeddings' download (CLIP mean/std post-processing is host
-numpy); img2img's extra one is the MoVQ encoder's output (its start maths are host numpy).
+numpy); img2img's and inpaint's extra one is the MoVQ encoder's output (their start maths are host
+numpy). A chunk of several images costs the same (one download per chunk).
 
 ONNX Runtime's device backend (``OrtCudaBackend``) runs on its CPU execution provider, with the
 resident chain forced on (``copies_on_device``; it is off there, as its copies go through the host):
 it must equal the host path bit for bit, and its device-to-host hops (``OrtValue.numpy`` of bound
 buffers plus host-level ``InferenceSession.run`` calls: each a synchronous download on CUDA) are
-counted, which is why the chain stays off on ONNX Runtime. None of this was run on a GPU.
+counted, which is why the chain stays off on ONNX Runtime. Forced on, every golden case (all seven
+pipelines and interpolate, at four profiles) must still give the recorded host-path outputs.
+None of this was run on a GPU.
 """
 
 from __future__ import annotations
@@ -330,3 +334,38 @@ def test_stage_feeds_are_checked_and_rows_selected(artifacts_fp32):
         assert DeviceRows(None, net.tensor("image"), [2, 3, 5]).runs() == [(2, 2), (5, 1)]
         stages.close()
         stages.close()
+
+
+def test_every_golden_case_on_a_forced_chain_equals_the_recorded_outputs(artifacts_fp32_multi, monkeypatch):
+    """Every pipeline of the golden cases (prior, interpolate, the three decoders, the three combined;
+    2 sizes x 2 batches) on ``OrtCudaBackend`` (CPU EP) with the resident chain forced on: the outputs
+    recorded on the host path (tests/golden/fp32_multi), bit for bit on a CPU of the recorded class."""
+    from golden_outputs import GOLDEN, cpu_class, digest, run_cases
+
+    def chained_backend(name, manifest, device):
+        backend = OrtCudaBackend(manifest, "cpu")
+        backend.copies_on_device = True
+        return backend
+
+    monkeypatch.setattr(loaded_module, "make_backend", chained_backend)
+    chains = []
+    original = Components.resident_chain
+
+    @contextmanager
+    def counted(self):
+        with original(self) as chain:
+            chains.append(chain)
+            yield chain
+
+    monkeypatch.setattr(Components, "resident_chain", counted)
+    artifacts = artifacts_fp32_multi[0]
+    outputs = run_cases(artifacts, load_manifest(artifacts).sizes())
+    assert chains and all(chain is not None for chain in chains)
+    index = json.loads((GOLDEN / "fp32_multi.json").read_text())
+    assert sorted(outputs) == sorted(index["digests"])
+    recorded = np.load(GOLDEN / "fp32_multi.npz")
+    for case, array in sorted(outputs.items()):
+        if index["cpu_class"] == cpu_class():
+            assert digest(array) == index["digests"][case], f"{case}: the resident chain changed the result"
+        else:  # another class of CPU: ONNX Runtime's kernels may round differently (test_golden_outputs' rule)
+            assert float(np.max(np.abs(array - recorded[case]))) <= 2e-5, case

@@ -5,7 +5,8 @@ The layers, bottom to top (each package's docstring says what it owns and may im
 - ``contract``: the spec, the manifest, the scheduler tables, the exception roots;
 - ``processing``: image and text pre/post-processing;
 - ``cuda``: the checked CUDA runtime wrapper and step-graph replay;
-- ``backends``: the backend interface and ONNX Runtime / TensorRT behind it;
+- ``backends``: the backend interface and ONNX Runtime / TensorRT behind it (and stage networks
+  run on device buffers, their outputs left there);
 - ``loops``: the loop of slots and its two storages (host arrays, bound device buffers);
 - ``pipelines``: ``Components`` and the diffusers-shaped pipelines;
 - ``scheduling``: the step-level scheduler (requests through stages and slots; standard library

@@ -11,6 +11,10 @@
   captured CUDA graph stays valid), ``runner`` enqueues bound networks in order with the backend's
   CUDA graphs, ``read`` is the download and its one sync, ``free`` frees buffers once queued work
   is done. The device storage of the loop of slots (``runtime/loops/device.py``) uses this level only.
+* Device-resident values: :class:`DeviceRows` names rows of a device buffer (a stage output, a
+  loop's retired latents) without downloading them; ``write_rows`` takes one as its source (a
+  device-to-device copy ordered on the backend's stream where the backend has one), so stage
+  outputs can feed the next stage's inputs on the device (``runtime/backends/resident.py``).
 * Loops are built by the loops layer (:func:`kandinsky_trt.runtime.loops.factory.make_loop`), never
   here: a backend never imports a loop.
 
@@ -29,6 +33,47 @@ from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
 
 class BackendError(KandinskyTrtError, RuntimeError):
     """A backend could not load or run a network (missing files, mismatched artifacts, ...)."""
+
+
+class DeviceRows:
+    """Rows ``rows`` (indices into the first axis) of a device ``buffer`` holding ``tensor``: a
+    handle, nothing is copied. Indexing (a slice or an index list) selects rows of the selection,
+    as numpy does, so the loop's row bookkeeping works on device values as on host arrays.
+    """
+
+    def __init__(self, buffer: Any, tensor: ResolvedTensor, rows: Sequence[int] | None = None) -> None:
+        self.buffer, self.tensor = buffer, tensor
+        self.rows = tuple(range(tensor.shape[0])) if rows is None else tuple(int(r) for r in rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.tensor.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.tensor.dtype)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> "DeviceRows":
+        rows = np.asarray(self.rows)[key]
+        if rows.ndim != 1:
+            raise BackendError(f"{self.tensor.name}: device rows expected a slice or an index list, found {key!r}")
+        return DeviceRows(self.buffer, self.tensor, rows.tolist())
+
+    def runs(self) -> list[tuple[int, int]]:
+        """(first source row, row count) of each run of consecutive rows: one copy each."""
+        out: list[tuple[int, int]] = []
+        for row in self.rows:
+            if out and out[-1][0] + out[-1][1] == row:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((row, 1))
+        return out
+
+    def __repr__(self) -> str:
+        return f"DeviceRows({self.tensor.name}, rows={list(self.rows)})"
 
 
 class NetworkSession(abc.ABC):
@@ -106,6 +151,10 @@ class StepRunner(abc.ABC):
 class DeviceBackend(Backend):
     """A backend with device buffers: the device level of the interface (see the module docstring)."""
 
+    # Whether ``write_rows`` from :class:`DeviceRows` stays on the device (no download, no sync):
+    # where it does not, chaining stages on the device saves nothing, so pipelines keep host hops.
+    copies_on_device: bool = False
+
     @abc.abstractmethod
     def allocate(self, tensor: ResolvedTensor) -> Any:
         """A new, uninitialised buffer for ``tensor`` on this backend's device; the caller frees it
@@ -116,10 +165,12 @@ class DeviceBackend(Backend):
         """Bind ``buffers`` (one per input and output of ``network`` at ``profile``, by name) once."""
 
     @abc.abstractmethod
-    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
+    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray | DeviceRows) -> None:
         """Copy ``values`` (whole rows of ``tensor``) into ``buffer`` from row ``first_row`` on, ordered
         after every run enqueued before and before every run enqueued after; the buffer's address
-        never changes. The backend keeps ``values`` alive until the copy is done."""
+        never changes. The backend keeps ``values`` alive until the copy is done. ``values`` may be
+        :class:`DeviceRows` of this backend (rows of the same row shape and dtype): a device-to-device
+        copy where the backend's API has one (see each backend for what it costs)."""
 
     @abc.abstractmethod
     def read(self, buffer: Any, tensor: ResolvedTensor) -> np.ndarray:
@@ -137,6 +188,16 @@ class DeviceBackend(Backend):
             close = getattr(buffer, "close", None)
             if close is not None:
                 close()
+
+
+def check_device_rows(values: DeviceRows, tensor: ResolvedTensor, first_row: int) -> None:
+    """Raise unless ``values`` fit rows ``first_row..`` of ``tensor`` (row shape, dtype, row range)."""
+    if (values.shape[1:], values.dtype) != (tuple(tensor.shape[1:]), np.dtype(tensor.dtype)):
+        raise BackendError(f"{tensor.name}: expected rows of {tensor.dtype}{list(tensor.shape[1:])}, found "
+                           f"{values.dtype}{list(values.shape[1:])} ({values.tensor.name})")
+    if not 0 <= first_row <= first_row + len(values) <= tensor.shape[0]:
+        raise BackendError(f"{tensor.name}: rows expected within [0, {tensor.shape[0]}), found "
+                           f"[{first_row}, {first_row + len(values)})")
 
 
 def check_buffer_names(network: ResolvedNetwork, buffers: Mapping[str, Any]) -> None:

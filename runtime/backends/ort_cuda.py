@@ -51,6 +51,15 @@ ONNX Runtime's Python API copies whole ``OrtValue``s only (``update_inplace``), 
 writes it whole (same address): one download per partial write, which the loop makes at admission
 only; per-step rows (timestep, coefficients, guidance, noise) are whole buffers.
 
+Device-resident stage chains (``runtime/backends/resident.py``) hand stage outputs on as
+:class:`~kandinsky_trt.runtime.backends.base.DeviceRows`; here a write from them is a host hop
+(:meth:`OrtCudaBackend.write_rows`): the Python API's copies between ``OrtValue`` objects are
+``update_inplace`` (from numpy) and ``onnxruntime.copy_tensors`` (whole tensors, through the data
+transfers plugin execution providers register; on the installed 1.32 CPU EP it finds none). A chain
+would then download more often than the host path (text2img 4 downloads against 3, measured on
+the CPU EP by ``tests/test_resident.py``), so ``copies_on_device`` is False and the pipelines keep
+the host path here: one ``Run`` per stage, whose outputs come back to the host.
+
 The same classes work on the CPU execution provider (``device="cpu"``: buffers in host memory, no
 graphs), which is how the binding logic is tested without a GPU. onnxruntime is imported lazily.
 """
@@ -64,8 +73,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.backends.base import (BackendError, BoundNetwork, DeviceBackend, StepRunner,
-                                                 check_buffer_names)
+from kandinsky_trt.runtime.backends.base import (BackendError, BoundNetwork, DeviceBackend, DeviceRows, StepRunner,
+                                                 check_buffer_names, check_device_rows)
 from kandinsky_trt.runtime.backends.ort import OrtBackend, OrtOptions
 from kandinsky_trt.runtime.contract.dtypes import DTYPE_OF_ORT
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
@@ -141,6 +150,11 @@ def upload(value, array: np.ndarray, name: str) -> None:
         raise BackendError(
             f"{name}: expected {expected[1]}{list(expected[0])}, found {array.dtype}{list(array.shape)}")
     value.update_inplace(np.ascontiguousarray(array))
+
+
+def host_rows(values: DeviceRows) -> np.ndarray:
+    """A host copy of ``values``' rows (``OrtValue.numpy``: on CUDA a download, on the CPU EP a view)."""
+    return np.array(values.buffer.numpy()[list(values.rows)], copy=True)
 
 
 class BoundRun(BoundNetwork):
@@ -260,6 +274,7 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
     """
 
     name = "ort-cuda"
+    copies_on_device = False  # write_rows from DeviceRows goes through the host (see write_rows)
 
     def __init__(self, manifest: mf.Manifest, device: str = "cuda", graphs: CudaGraphOptions = CudaGraphOptions()):
         super().__init__(manifest, OrtOptions(device=device))
@@ -308,8 +323,16 @@ class OrtCudaBackend(OrtBackend, DeviceBackend):
         (see :meth:`DeviceSession.bind`)."""
         return self.device_session(network).bind(self.load(network, profile).network, buffers)
 
-    def write_rows(self, buffer, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
-        """``update_inplace`` of the whole buffer; part of it: read back, change the rows, write whole."""
+    def write_rows(self, buffer, tensor: ResolvedTensor, first_row: int, values: np.ndarray | DeviceRows) -> None:
+        """``update_inplace`` of the whole buffer; part of it: read back, change the rows, write whole.
+
+        :class:`DeviceRows` go through the host (``OrtValue.numpy``, then ``update_inplace``): ONNX
+        Runtime's Python API has no device-to-device copy between ``OrtValue``s, so on CUDA each
+        such write is one download (a synchronous copy) as well as the upload.
+        """
+        if isinstance(values, DeviceRows):
+            check_device_rows(values, tensor, first_row)
+            values = host_rows(values)
         values = np.asarray(values)
         if first_row == 0 and values.shape == tensor.shape:
             upload(buffer, values, tensor.name)

@@ -14,7 +14,8 @@ Two levels of use:
   out, one stream sync) — what pipelines and tests call;
 * device level (the device storage of the loops): :meth:`TrtBackend.bind` device buffers once (a
   :class:`TrtBinding`, a context of its own) and enqueue on the stream without syncing;
-  ``write_rows`` is a ``cudaMemcpyAsync`` at a row offset, ``runner`` a
+  ``write_rows`` is a ``cudaMemcpyAsync`` at a row offset (from the host, or device-to-device
+  from :class:`~kandinsky_trt.runtime.backends.base.DeviceRows`), ``runner`` a
   :class:`~kandinsky_trt.runtime.backends.trt_network.TrtStepRunner` (one captured CUDA graph),
   ``read`` the download and the one stream sync.
 
@@ -45,7 +46,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.base import BackendError, BoundNetwork, DeviceBackend
+from kandinsky_trt.runtime.backends.base import (BackendError, BoundNetwork, DeviceBackend, DeviceRows,
+                                                 check_device_rows)
 from kandinsky_trt.runtime.backends.trt_network import TrtBinding, TrtNetwork, TrtStepRunner, point_at
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
@@ -262,6 +264,7 @@ class TrtBackend(DeviceBackend):
     """
 
     name = "trt"
+    copies_on_device = True  # write_rows from DeviceRows: cudaMemcpyAsync device to device
 
     def __init__(self, artifacts: str | os.PathLike | Manifest, stream: cuda.Stream | None = None,
                  cuda_ops: Any = None) -> None:
@@ -369,10 +372,19 @@ class TrtBackend(DeviceBackend):
         self._bindings.append(binding)
         return binding
 
-    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray) -> None:
-        """Asynchronous copy at row ``first_row`` on the stream; ``values`` kept until the next sync."""
-        values = np.ascontiguousarray(values, np.dtype(tensor.dtype))
+    def write_rows(self, buffer: Any, tensor: ResolvedTensor, first_row: int, values: np.ndarray | DeviceRows) -> None:
+        """Asynchronous copy at row ``first_row`` on the stream; host ``values`` kept until the next
+        sync. :class:`DeviceRows`: one ``cudaMemcpyAsync`` device-to-device per run of consecutive
+        source rows, on the same stream (no sync; captured like any other copy)."""
         row = tensor.nbytes // max(tensor.shape[0], 1) if tensor.shape else tensor.nbytes
+        if isinstance(values, DeviceRows):
+            check_device_rows(values, tensor, first_row)
+            for source, count in values.runs():
+                self.cuda_ops.memcpy_d2d(buffer.ptr + first_row * row, values.buffer.ptr + source * row,
+                                         count * row, self.stream)
+                first_row += count
+            return
+        values = np.ascontiguousarray(values, np.dtype(tensor.dtype))
         buffer.copy_from_host(values, self.stream, offset=first_row * row)
         self._pending.append(values)
 

@@ -5,7 +5,9 @@ retire finished rows; the per-row contract); ``host`` is its storage on numpy ar
 ``NetworkSession.run`` (every backend), ``device`` its storage on buffers bound once through the
 ``DeviceBackend`` interface (ONNX Runtime IO binding with its CUDA graphs, TensorRT with captured
 graphs: one strategy for both). ``factory.make_loop`` picks the storage, one loop per (spec,
-profile); ``template`` keeps the pipelines' chunk type and its split into rows.
+profile); ``template`` keeps the pipelines' chunk type and its split into rows. On a device storage a row's
+conditioning may be device rows (a stage output left on the device) and finished rows may retire
+into device rows instead of being downloaded (``SlotLoop.run(into=...)``).
 
 May import ``contract``, ``cuda`` and the backend interface (``backends.base``); never pipelines.
 """

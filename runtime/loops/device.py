@@ -25,7 +25,8 @@ one stream, captured CUDA graphs). The loop itself (admission, per-row steps, re
   written on the side the next step reads), so bound addresses never change and a captured graph
   stays valid across admissions. :meth:`step` enqueues the runner of the current side and nothing
   else: no sync inside a step (on TensorRT; ONNX Runtime's ``Run`` waits for its own stream).
-  :meth:`read_latents` is the one download and its sync.
+  :meth:`read_latents` is the one download and its sync; :meth:`copy_latents` instead copies a
+  retired row into another device buffer (a device-resident chain: no download, no sync).
 
 Written to the documented ONNX Runtime IO-binding / CUDA-graph and TensorRT ``execute_async_v3``
 APIs; on this machine it runs on ONNX Runtime's CPU EP and on the TensorRT/CUDA stand-ins of
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend
+from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend, DeviceRows
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
 from kandinsky_trt.runtime.loops.slots import SlotStorage
@@ -131,9 +132,10 @@ class DeviceStorage(SlotStorage):
             return self.network_buffers[name]
         return self.step_buffers[name]
 
-    def write(self, tensor: ResolvedTensor, rows: np.ndarray, values: np.ndarray) -> None:
+    def write(self, tensor: ResolvedTensor, rows: np.ndarray, values: np.ndarray | DeviceRows) -> None:
         self._check_open()
-        buffer, rows, values = self.buffer(tensor.name), np.asarray(rows), np.asarray(values)
+        buffer, rows = self.buffer(tensor.name), np.asarray(rows)
+        values = values if isinstance(values, DeviceRows) else np.asarray(values)
         for run in row_runs(rows):
             self.backend.write_rows(buffer, tensor, int(rows[run[0]]), values[run])
 
@@ -148,6 +150,13 @@ class DeviceStorage(SlotStorage):
         self._check_open()
         latents = self.spec.io.latents
         return self.backend.read(self.state[latents][self._side], self.step_io.tensor(latents))
+
+    def copy_latents(self, slot: int, into: DeviceRows) -> None:
+        """Device-to-device copy of the slot's current latents (the side the next step reads)."""
+        self._check_open()
+        latents = self.spec.io.latents
+        source = DeviceRows(self.state[latents][self._side], self.step_io.tensor(latents), [slot])
+        self.backend.write_rows(into.buffer, into.tensor, into.rows[0], source)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kandinsky_trt.runtime.backends.base import NetworkSession
+from kandinsky_trt.runtime.backends.base import BackendError, DeviceRows, NetworkSession
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.spec import ResolvedTensor
 from kandinsky_trt.runtime.loops.slots import SlotStorage
@@ -30,6 +30,8 @@ class HostStorage(SlotStorage):
         return self._inputs if name in self._inputs else self._step_inputs
 
     def write(self, tensor: ResolvedTensor, rows: np.ndarray, values: np.ndarray) -> None:
+        if isinstance(values, DeviceRows):
+            raise BackendError(f"{tensor.name}: expected host arrays (a host loop), found {values!r}")
         buffers = self._buffers(tensor.name)
         array = buffers[tensor.name]
         if len(rows) == len(array) and values.shape == array.shape and values.dtype == array.dtype:

@@ -12,8 +12,12 @@ The operations:
 * :meth:`SlotLoop.step` every slot once: one network call and one step-graph call for the whole
   batch, each row at its own timestep (``timestep (B2,)``), coefficient row (``coefficients (B, K)``),
   guidance (``guidance_scale (B, 1)``) and noise row — the per-row contract;
-* rows whose table is done are *retired* by ``step``: their final latents are read back and the slot
-  is free for the next admission.
+* rows whose table is done are *retired* by ``step``: their final latents are read back (or, on a
+  device, copied into rows of another device buffer, :class:`DeviceRows`: no download) and the
+  slot is free for the next admission.
+
+A row's conditioning may be host arrays or :class:`~kandinsky_trt.runtime.backends.base.DeviceRows`
+(a stage output kept on the device: copied into the slot's rows on the device at admission).
 
 The networks' rows are independent, so a row's result does not depend on what the other slots hold
 or when it was admitted. An empty slot runs the identity coefficient row on zero latents at
@@ -37,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from kandinsky_trt.runtime.backends.base import BackendError
+from kandinsky_trt.runtime.backends.base import BackendError, DeviceRows
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.contract.spec import COEFFICIENT_COLUMNS, ResolvedNetwork, ResolvedTensor
@@ -69,7 +73,7 @@ class LoopRow:
     """
 
     latents: np.ndarray  # (*latent): the initial latents, already scaled / noised
-    conditioning: Mapping[str, np.ndarray]
+    conditioning: Mapping[str, np.ndarray | DeviceRows]
     table: SchedulerTable  # the steps this row runs (img2img: the schedule's tail)
     guidance_scale: float
     noise: np.ndarray | None = None  # (stochastic steps of table, *latent)
@@ -85,11 +89,12 @@ class _Slot:
 
 @dataclass(frozen=True)
 class Retired:
-    """A row whose table is done: its slot (free again) and its final latents (host)."""
+    """A row whose table is done: its slot (free again) and its final latents (host, or the device
+    rows they were copied into)."""
 
     slot: int
     row: LoopRow
-    latents: np.ndarray
+    latents: np.ndarray | DeviceRows
 
 
 class SlotStorage(abc.ABC):
@@ -116,6 +121,11 @@ class SlotStorage(abc.ABC):
     @abc.abstractmethod
     def read_latents(self) -> np.ndarray:
         """A host copy of the current latents ``(B, *latent)`` (on a device: the download and its sync)."""
+
+    def copy_latents(self, slot: int, into: DeviceRows) -> None:
+        """Copy slot ``slot``'s current latents into the one device row ``into`` (ordered, no sync)."""
+        raise BackendError(f"{type(self).__name__}: expected a device storage to copy latents on the device, "
+                           "found host arrays")
 
     def close(self) -> None:
         """Free the buffers and bindings; idempotent."""
@@ -210,7 +220,7 @@ class SlotLoop:
             inputs[name] = _exact(given[name], (groups, *tensor.shape[1:]), f"conditioning[{name!r}]", tensor.dtype)
         scale = float(row.guidance_scale)
         if self.groups == 2 and not guided(scale):
-            inputs = {n: np.stack([a[-1]] * len(a)) if n in row.conditioning else a for n, a in inputs.items()}
+            inputs = {n: _repeat_last(a) if n in row.conditioning else a for n, a in inputs.items()}
             scale = 1.0
         stochastic = int(row.table.stochastic.sum())
         noise = None
@@ -256,10 +266,12 @@ class SlotLoop:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    def step(self) -> list[Retired]:
+    def step(self, into: Mapping[int, DeviceRows] | None = None) -> list[Retired]:
         """Step every occupied slot once (one network and one step-graph call); return the rows that
-        finished, in slot order, their slots now free."""
+        finished, in slot order, their slots now free. A finished slot in ``into`` has its latents
+        copied into that device row (no download); the others are read back (one download)."""
         self._check_open()
+        into = into or {}
         self._write_step_rows()
         self.storage.step()
         done = []
@@ -269,12 +281,12 @@ class SlotLoop:
                 slot.position += 1
                 if slot.position == len(slot.row.table):
                     done.append(j)
-        if not done:
-            return []
-        latents = self.storage.read_latents()
+        latents = self.storage.read_latents() if any(j not in into for j in done) else None
         retired = []
         for j in done:
-            retired.append(Retired(j, self._slots[j].row, latents[j].copy()))
+            if j in into:  # ordered before release() zeroes the slot
+                self.storage.copy_latents(j, into[j])
+            retired.append(Retired(j, self._slots[j].row, into[j] if j in into else latents[j].copy()))
             self.release(j)
         return retired
 
@@ -305,22 +317,28 @@ class SlotLoop:
     _noisy = False  # the noise buffer holds a stochastic step's rows (zeroed before a deterministic step)
 
     def run(self, rows: Sequence[LoopRow], callback: StepCallback | None = None,
-            should_stop: StopCheck | None = None) -> np.ndarray:
+            should_stop: StopCheck | None = None, into: DeviceRows | None = None) -> np.ndarray | DeviceRows:
         """Admit ``rows`` (at most ``B``, one table for all) at once and step until they are done: the
-        chunked call of the pipelines. Returns their final latents ``(len(rows), *latent)``.
+        chunked call of the pipelines. Returns their final latents ``(len(rows), *latent)``; with
+        ``into`` (device rows, one per row) they are copied there on the device and ``into`` returned.
 
-        ``callback(i, t, latents)`` after each step gets the batch's latents (diffusers' contract);
-        ``should_stop()`` is checked after every step but the last and raises :class:`LoopStopped`.
+        ``callback(i, t, latents)`` after each step gets the batch's latents (diffusers' contract; not
+        with ``into``); ``should_stop()`` is checked after every step but the last and raises
+        :class:`LoopStopped`.
         """
         self._check_open()
         if not 0 < len(rows) <= len(self.free):
             raise BackendError(f"rows: expected 1 to {len(self.free)} rows (free slots), found {len(rows)}")
+        if into is not None and (callback is not None or len(into) != len(rows)):
+            raise BackendError(f"into: expected {len(rows)} device rows and no callback, found {len(into)} rows"
+                               f"{' and a callback' if callback is not None else ''}")
         table = rows[0].table
         slots = [self.admit(row) for row in rows]
-        results: dict[int, np.ndarray] = {}
+        targets = {} if into is None else {slot: into[[k]] for k, slot in enumerate(slots)}
+        results: dict[int, np.ndarray | DeviceRows] = {}
         try:
             for i, t in enumerate(table.timesteps):
-                for done in self.step():
+                for done in self.step(targets):
                     results[done.slot] = done.latents
                 if callback is not None:
                     latents = self.storage.read_latents()
@@ -335,7 +353,7 @@ class SlotLoop:
         missing = [s for s in slots if s not in results]
         if missing:
             raise BackendError(f"rows: expected one table for every row of a chunk, found rows still running in {missing}")
-        return np.stack([results[s] for s in slots])
+        return into if into is not None else np.stack([results[s] for s in slots])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -354,9 +372,21 @@ class SlotLoop:
         self.close()
 
 
-def _exact(array, shape: tuple, what: str, dtype: str = "float32", cast: bool = False) -> np.ndarray:
+def _repeat_last(values: np.ndarray | DeviceRows) -> np.ndarray | DeviceRows:
+    """The last group repeated in every group (guidance <= 1: the cond rows in both halves)."""
+    if isinstance(values, DeviceRows):
+        return values[[len(values) - 1] * len(values)]
+    return np.stack([values[-1]] * len(values))
+
+
+def _exact(array, shape: tuple, what: str, dtype: str = "float32", cast: bool = False) -> np.ndarray | DeviceRows:
     """``array`` as a contiguous array of exactly ``dtype`` and ``shape``; ``cast``: any real dtype is
-    cast to ``dtype`` first (the latents and noise, as draws come), else it must be ``dtype`` already."""
+    cast to ``dtype`` first (the latents and noise, as draws come), else it must be ``dtype`` already.
+    Device rows are checked, never cast or copied."""
+    if isinstance(array, DeviceRows):
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise BackendError(f"{what}: expected {dtype}{list(shape)}, found {array.dtype}{list(array.shape)}")
+        return array
     array = np.asarray(array)
     if cast and array.dtype.kind in "fiu":
         array = array.astype(dtype, copy=False)

@@ -5,7 +5,8 @@ A pipeline builds one :class:`LoopInputs` per batch-sized chunk (the chunked cal
 of slots admits (``Components.denoise``: every row of a chunk admitted at once). The loop itself,
 the per-row contract and the storages are in :mod:`~kandinsky_trt.runtime.loops.slots`,
 :mod:`~kandinsky_trt.runtime.loops.host` and :mod:`~kandinsky_trt.runtime.loops.device`; the names
-re-exported here keep the pipelines' and the server's imports. Imports: numpy and the loops layer only.
+re-exported here keep the pipelines' and the server's imports. Imports: numpy, the backend
+interface and the loops layer only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from kandinsky_trt.runtime.backends.base import DeviceRows
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.loops.slots import (IDENTITY_ROW, LoopRow, LoopStopped, StepCallback, StopCheck,  # noqa: F401
                                                guided)
@@ -25,7 +27,7 @@ class LoopInputs:
     """One batch-sized chunk: initial latents, the network's fixed inputs, the step graph's extras."""
 
     latents: np.ndarray
-    conditioning: dict[str, np.ndarray]  # network inputs other than sample / timestep
+    conditioning: dict[str, np.ndarray | DeviceRows]  # network inputs other than sample / timestep (host or device)
     step_extras: dict[str, np.ndarray]  # e.g. ``conditioning`` of the inpaint step graph
     noise: np.ndarray | None  # (stochastic steps, *latents.shape)
     guidance_scale: float
@@ -36,8 +38,9 @@ def chunk_rows(inputs: LoopInputs, table: SchedulerTable) -> list[LoopRow]:
     of each conditioning array, its latents, its noise rows and the chunk's table and guidance."""
     batch = len(inputs.latents)
 
-    def per_row(arrays: Mapping[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
-        return {name: np.asarray(array)[j::batch] for name, array in arrays.items()}
+    def per_row(arrays: Mapping[str, np.ndarray | DeviceRows], j: int) -> dict[str, np.ndarray | DeviceRows]:
+        return {name: (array if isinstance(array, DeviceRows) else np.asarray(array))[j::batch]
+                for name, array in arrays.items()}
 
     noise = None if inputs.noise is None else np.asarray(inputs.noise)
     return [LoopRow(np.asarray(inputs.latents)[j], per_row(inputs.conditioning, j), table, inputs.guidance_scale,

@@ -9,7 +9,9 @@ What is loaded and what runs are two classes:
   the work of a request on it — a stage network (``run``), one chunk of a denoising loop
   (``denoise``), rows split into the profiles' batches (``chunks``), the profile of given shapes.
   It is the public handle (``Components(artifacts)``, ``with Components(...) as c``, the pipelines'
-  ``components=``); the pipelines built on one instance share every loaded network.
+  ``components=``); the pipelines built on one instance share every loaded network. On TensorRT
+  its ``resident_chain`` (``resident``) keeps stage outputs on the device from the text encoders
+  to the MoVQ output: one download (and host sync) per chunk of images.
 
 A call takes one typed request per stage (``requests``): a caller's arguments, as given, go into a
 settings dataclass (``PriorSettings``, ``DecoderSettings`` with the decoder's own ``Text2ImgInputs``

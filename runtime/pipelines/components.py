@@ -8,6 +8,11 @@ combined pipelines hand the same instance to their prior and decoder halves, so 
 twice; one instance serves many threads, and the device loops (which own bound buffers) run one
 call at a time.
 
+Device residency: on a device backend that copies on the device (TensorRT),
+:meth:`Components.resident_chain` gives the pipelines a
+:class:`~kandinsky_trt.runtime.pipelines.resident.ResidentChain`, whose stage outputs stay on the
+device from the text encoders to the MoVQ output (one download per chunk; ``resident.py``).
+
 Profiles: the artifacts may hold several (batch, size) profiles. A pipeline asks :meth:`Components.chunks`
 how to split its rows into the batches the profiles of its size hold; :meth:`run` and :meth:`denoise`
 pick the profile from the shapes they are given, so pipelines never name a profile.
@@ -18,21 +23,27 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
-from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession
+from kandinsky_trt.runtime.backends.base import Backend, BackendError, DeviceBackend, NetworkSession
+from kandinsky_trt.runtime.backends.resident import ResidentStages
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.errors import PipelineInputError, require_finite  # noqa: F401 (re-exported)
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.contract.spec import Profile
 from kandinsky_trt.runtime.loops.factory import make_loop
+from kandinsky_trt.runtime.loops.slots import SlotLoop
 from kandinsky_trt.runtime.loops.template import LoopInputs, LoopStopped, StepCallback, StopCheck, chunk_rows
 from kandinsky_trt.runtime.pipelines.loaded import LoadedArtifacts
 from kandinsky_trt.runtime.pipelines.once import OnceCache
+from kandinsky_trt.runtime.pipelines.resident import ResidentChain
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 __all__ = ["Components", "PipelineInputError", "split_rows"]
 
 
@@ -77,6 +88,8 @@ class Components:
         self.device, self.cuda_graph = device, cuda_graph
         self._loops = OnceCache()  # (LoopSpec, profile) -> the backend's loop (it holds one call's state)
         self._loop_locks = OnceCache()  # (LoopSpec, profile) -> the lock its calls run under
+        self._resident = OnceCache()  # "stages" -> the device backend's ResidentStages (resident_chain)
+        self._chain_lock = threading.RLock()  # one resident chain at a time: stage outputs are reused
         # Checked before each denoising loop and after each step (e.g. serving: the calling thread's
         # clients have all gone); true stops the loop with LoopStopped. None: never checked.
         self.should_stop: StopCheck | None = None
@@ -108,9 +121,16 @@ class Components:
         :attr:`should_stop`, when set, is checked before the loop and after each step (the loop's
         hook: nothing is fetched for it); true raises :class:`LoopStopped`.
         """
+        latents = self.with_loop(spec, inputs.latents,
+                                 lambda loop: loop.run(chunk_rows(inputs, table), callback, self.should_stop))
+        return require_finite(latents, f"{spec.network} loop (final latents)")
+
+    def with_loop(self, spec: LoopSpec, latents: np.ndarray, run: Callable[[SlotLoop], T]) -> T:
+        """``run(loop)`` on the loop of ``spec`` at the profile of ``latents``' shape, under its lock
+        (see :meth:`denoise`); :attr:`should_stop` is checked first."""
         if self.should_stop is not None and self.should_stop():
             raise LoopStopped(f"{spec.network} loop: stopped before its first step")
-        profile = self._profile_of(spec.step, {spec.io.latents: inputs.latents})
+        profile = self.profile_of(spec.step, {spec.io.latents: latents})
 
         def build():
             with self._serial():
@@ -119,13 +139,25 @@ class Components:
         key = (spec, profile)
         loop = self._loops.get(key, build)
         with self._serial(), self._loop_locks.get(key, threading.Lock):
-            latents = loop.run(chunk_rows(inputs, table), callback, self.should_stop)
-        return require_finite(latents, f"{spec.network} loop (final latents)")
+            return run(loop)
+
+    @contextmanager
+    def resident_chain(self) -> Iterator[ResidentChain | None]:
+        """A :class:`~.resident.ResidentChain` on a device backend that copies on the device
+        (``DeviceBackend.copies_on_device``: TensorRT), held under the chain lock (a stage's output
+        buffer is reused by its next run); None elsewhere (host backends, ONNX Runtime's device
+        backend), where the pipelines run stages with :meth:`run`."""
+        if not isinstance(self.backend, DeviceBackend) or not self.backend.copies_on_device:
+            yield None
+            return
+        stages = self._resident.get("stages", lambda: ResidentStages(self.backend))
+        with self._chain_lock:
+            yield ResidentChain(self, stages)
 
     def run(self, network: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a stage network once (encoders, MoVQ) at the profile of the feeds' shapes; every output
         is checked for NaN/Inf, naming it."""
-        session = self.session(network, self._profile_of(network, feeds))
+        session = self.session(network, self.profile_of(network, feeds))
         with self._serial():
             outputs = session.run(feeds)
         for name, array in outputs.items():
@@ -141,7 +173,7 @@ class Components:
         size, for the size-independent prior): the fewest padded rows, then the fewest calls."""
         return split_rows(rows, self.manifest.batches(size))
 
-    def _profile_of(self, network: str, feeds: dict[str, np.ndarray]) -> int:
+    def profile_of(self, network: str, feeds: Mapping[str, Any]) -> int:
         """The first profile at which ``network``'s inputs named in ``feeds`` have the feeds' shapes."""
         shapes = {name: tuple(np.shape(array)) for name, array in feeds.items()}
         entry = self.manifest.network(network)
@@ -158,6 +190,9 @@ class Components:
         for loop in self._loops.values():  # before the backend: they free buffers on its stream
             loop.close()
         self._loops.clear()
+        for stages in self._resident.values():
+            stages.close()
+        self._resident.clear()
         self.loaded.close()
 
     def __enter__(self) -> "Components":

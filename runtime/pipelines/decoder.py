@@ -14,6 +14,11 @@ the size its model was trained at; static-shape artifacts serve only the sizes t
 sizes are rounded up as in diffusers (to a multiple of the MoVQ scale factor squared, 64 for
 Kandinsky 2.1) and refused, before any network runs, if the artifacts do not hold them.
 
+On TensorRT the stages chain on the device (``Components.resident_chain``): text encoder
+outputs, the loop's retired latents and the MoVQ input never leave it; one download per chunk (its
+image). img2img/inpaint's MoVQ encoding and start maths stay host numpy (one download per encoder
+chunk), as does any call with a step ``callback`` (it downloads the latents every step anyway).
+
 A ``__call__`` checks its arguments into a :class:`~.requests.DecoderRequest`
 (``requests.decoder_request``, then ``with_embeddings``: no network runs, nothing is drawn) and runs
 it (``run``, the same for the three pipelines: the request's ``image`` start says which task it is);
@@ -23,6 +28,7 @@ the combined pipelines, the CLI and the server build and run requests the same w
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,6 +39,7 @@ from kandinsky_trt.runtime.contract.schedulers import img2img_add_noise, img2img
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.resident import ResidentChain
 from kandinsky_trt.runtime.pipelines.requests import (DecoderRequest, DecoderSettings, Img2ImgInputs, Img2ImgStart,
                                                       InpaintInputs, InpaintStart, Text2ImgInputs, decoder_request,
                                                       with_embeddings)
@@ -97,20 +104,31 @@ class _DecoderPipeline:
 
     def _denoise_and_decode(self, request: DecoderRequest, latents: np.ndarray,
                             conditioning: np.ndarray | None) -> np.ndarray:
+        """Denoise each chunk, then decode it with MoVQ. On a resident chain (TensorRT; not with a step
+        callback, which downloads every step) it stays on the device: one download per chunk, its image."""
         c = self.components
         loop = INPAINT_LOOP if isinstance(request.image, InpaintStart) else UNET_LOOP
-        results = []
-        for rows, batch in c.chunks(len(request.prompts), request.size):
-            inputs = self._chunk_inputs(request, _Rows(latents, conditioning, rows, batch))
-            denoised = c.denoise(loop, request.table, inputs, request.callback)
-            results.append(denoised[: rows.stop - rows.start])
+        with c.resident_chain() if request.callback is None else nullcontext() as chain:
+            results = []
+            for rows, batch in c.chunks(len(request.prompts), request.size):
+                inputs = self._chunk_inputs(request, _Rows(latents, conditioning, rows, batch), chain)
+                if chain is None:
+                    results.append(c.denoise(loop, request.table, inputs, request.callback)[: rows.stop - rows.start])
+                    continue
+                into = chain.stage_input("movq_decoder", "latents", inputs.latents)  # retired straight into MoVQ
+                latents_in = chain.denoise(loop, request.table, inputs, into)
+                image = chain.run("movq_decoder", {"latents": latents_in})["image"]
+                results.append(chain.download(image, "movq_decoder.image")[: rows.stop - rows.start])
+        if chain is not None:
+            return np.concatenate(results)
+        # The host path decodes in the same chunks (same rows, same batches) as it denoised.
         return self._decode_latents(np.concatenate(results), request.size)
 
-    def _chunk_inputs(self, request: DecoderRequest, chunk: "_Rows") -> LoopInputs:
+    def _chunk_inputs(self, request: DecoderRequest, chunk: "_Rows", chain: ResidentChain | None) -> LoopInputs:
         cfg = self.components.profile.cfg
         pick = lambda a: args.take(a, chunk.rows, chunk.batch)  # noqa: E731
         conditioning = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
-                                  args.take_list(request.negatives, chunk.rows, chunk.batch), cfg)
+                                  args.take_list(request.negatives, chunk.rows, chunk.batch), cfg, chain)
         image = pick(request.image_embeds)
         conditioning["image_embeds"] = np.concatenate([pick(request.negative_image_embeds), image]) if cfg else image
         extras = {}
@@ -121,9 +139,11 @@ class _DecoderPipeline:
         noise = None if noise is None else args.take(noise.swapaxes(0, 1), chunk.rows, chunk.batch).swapaxes(0, 1)
         return LoopInputs(pick(chunk.latents), conditioning, extras, noise, request.guidance_scale)
 
-    def _text(self, prompts: list[str], negatives: list[str], cfg: bool) -> dict[str, np.ndarray]:
+    def _text(self, prompts: list[str], negatives: list[str], cfg: bool, chain: ResidentChain | None) -> dict:
+        """The UNet's text conditioning (host arrays, or device rows on a resident chain)."""
         ids, mask = self.components.loaded.decoder_tokenizer.encode(negatives + prompts if cfg else prompts)
-        out = self.components.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
+        run = self.components.run if chain is None else chain.run
+        out = run("text_encoder", {"input_ids": ids, "attention_mask": mask})
         # The UNet attends to all 77 tokens: diffusers discards the text mask (kandinsky_map §1.3).
         return {"encoder_hidden_states": out["last_hidden_state"], "text_embeds": out["text_embeds"]}
 

@@ -5,6 +5,10 @@ prior with classifier-free guidance, post-processing with CLIP mean/std, and the
 embedding as the negative. Random draws: ``latents`` (rows, E) then one ``step_noise`` row block per
 stochastic step, in diffusers' order; both can be passed explicitly.
 
+On TensorRT the text encoder's outputs stay on the device (``Components.resident_chain``);
+the loop's final embeddings are downloaded (one sync per chunk): their post-processing (CLIP
+mean/std) and the negative/positive split are host numpy, and no network of the artifacts does them.
+
 ``__call__`` checks its arguments into a :class:`~.requests.PriorRequest` (``requests.prior_request``:
 no network runs, nothing is drawn) and runs it (``run``); ``interpolate``, the combined pipelines, the
 CLI and the server build their requests the same way.
@@ -22,6 +26,7 @@ from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.resident import ResidentChain
 from kandinsky_trt.runtime.pipelines.requests import (InterpolateRequest, InterpolateSettings, PriorRequest,
                                                       PriorSettings, clip_pixels, interpolate_request,
                                                       prior_request, prior_stochastic_steps)
@@ -89,24 +94,27 @@ class KandinskyPriorPipeline:
         c = self.components
         table = c.loaded.scheduler("prior", request.steps)
         results = []
-        for chunk, batch in c.chunks(len(request.cond)):
-            chunk_noise = args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
-            loop = LoopInputs(
-                latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),
-                conditioning=self._encode(args.take_list(request.cond, chunk, batch),
-                                          args.take_list(request.uncond, chunk, batch)),
-                step_extras={}, noise=chunk_noise, guidance_scale=request.guidance_scale,
-            )
-            results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
+        with c.resident_chain() as chain:  # TensorRT: the text encoder's outputs stay on the device
+            for chunk, batch in c.chunks(len(request.cond)):
+                chunk_noise = args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
+                loop = LoopInputs(
+                    latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),
+                    conditioning=self._encode(args.take_list(request.cond, chunk, batch),
+                                              args.take_list(request.uncond, chunk, batch), chain),
+                    step_extras={}, noise=chunk_noise, guidance_scale=request.guidance_scale,
+                )
+                results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
         embeds = np.concatenate(results)
         return embeds * c.loaded.constant("clip_std") + c.loaded.constant("clip_mean")
 
-    def _encode(self, cond: list[str], uncond: list[str]) -> dict[str, np.ndarray]:
-        """Prior network conditioning for one chunk: [uncond, cond] rows with guidance."""
+    def _encode(self, cond: list[str], uncond: list[str], chain: ResidentChain | None) -> dict:
+        """Prior network conditioning for one chunk: [uncond, cond] rows with guidance (the encoder's
+        outputs as host arrays, or as device rows on a resident chain; the mask is the tokenizer's)."""
         profile = self.components.profile
         texts = uncond + cond if profile.cfg else cond
         ids, mask = self.components.loaded.prior_tokenizer.encode(texts)
-        encoded = self.components.run("prior_text_encoder", {"input_ids": ids})
+        run = self.components.run if chain is None else chain.run
+        encoded = run("prior_text_encoder", {"input_ids": ids})
         return {"proj_embedding": encoded["text_embeds"], "encoder_hidden_states": encoded["last_hidden_state"],
                 "attention_mask": mask.astype(bool)}
 

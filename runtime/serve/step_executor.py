@@ -19,7 +19,8 @@ pipelines' own code, so an image equals the pipeline's for the same call run alo
 Rows are independent at a fixed profile batch, so merged calls change no row's bits; an image
 equals the pipeline's alone where both run at the same profile batch (tests/test_step_executor.py).
 Not yet: inpaint, negative prompts (two prior rows), several images per prompt, merging the img2img
-MoVQ encoder calls. Not wired into the Triton model (``model.py``).
+MoVQ encoder calls, the device-resident stage chain (the stages hop through the host, as on ONNX
+Runtime). Not wired into the Triton model (``model.py``).
 """
 
 from __future__ import annotations
@@ -118,10 +119,11 @@ class ComponentsExecutor:
     def _encode(self, requests: Sequence[Request]) -> None:
         kept = [self._check_and_draw(r) for r in requests]
         prompts = [(k.request.prior.cond, k.request.prior.uncond) for k in kept]
-        prior_text = self._merged(lambda c, u: self._prior_pipe._encode(c, u), prompts, None)
+        prior_text = self._merged(lambda c, u: self._prior_pipe._encode(c, u, None), prompts, None)
         prompts = [(k.start[2].prompts, k.start[2].negatives) for k in kept]
         cfg = self.components.profile.cfg
-        decoder_text = self._merged(lambda c, u: self._decoder_pipe._text(c, u, cfg), prompts, kept[0].start[2].size)
+        size = kept[0].start[2].size
+        decoder_text = self._merged(lambda c, u: self._decoder_pipe._text(c, u, cfg, None), prompts, size)
         for k, prior_cond, text in zip(kept, prior_text, decoder_text):
             latents, noise, table, guidance = k.prior_draws
             k.prior_row = LoopRow(latents[0] * np.float32(table.init_noise_sigma), prior_cond, table, guidance,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kandinsky_trt.engine.errors import BuildConfigError, EngineBuildError
 from kandinsky_trt.engine.plan import BuildRequest, PlanBuilder, Platform
-from kandinsky_trt.runtime.backends.trt import optimization_profiles
+from kandinsky_trt.runtime.backends.trt_engine import optimization_profiles
 from kandinsky_trt.runtime.contract.manifest import Manifest, ManifestError, NetworkEntry, load_manifest, sha256_file, \
     write_bytes_atomic
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kandinsky_trt.runtime.backends.trt import TensorRTUnavailableError
+from kandinsky_trt.runtime.backends.trt_engine import TensorRTUnavailableError
 from kandinsky_trt.runtime.contract.errors import KandinskyTrtError
 
 __all__ = ["BuildConfigError", "EngineBuildError", "OnnxParseError", "TensorRTUnavailableError"]

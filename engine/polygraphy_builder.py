@@ -29,8 +29,9 @@ from typing import Any, Iterator
 from kandinsky_trt.engine.errors import EngineBuildError, OnnxParseError, TensorRTUnavailableError
 from kandinsky_trt.engine.plan import BuildRequest, BuiltPlan, Platform
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
-from kandinsky_trt.runtime.backends.trt import TensorInfo, engine_info, import_tensorrt, set_static_input_shapes
-from kandinsky_trt.runtime.backends.trt import optimization_profiles, select_profile, tensor_differences, trt_dtype_name
+from kandinsky_trt.runtime.backends.trt_engine import (TensorInfo, engine_info, import_tensorrt, optimization_profiles,
+                                                       select_profile, set_static_input_shapes, tensor_differences,
+                                                       trt_dtype_name)
 from kandinsky_trt.runtime.contract.manifest import NetworkEntry
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork
 

@@ -65,7 +65,7 @@ def _missing_cuda_device() -> str | None:
 
 
 def _missing_tensorrt() -> str | None:
-    from kandinsky_trt.runtime.backends.trt import TensorRTUnavailableError, import_tensorrt
+    from kandinsky_trt.runtime.backends.trt_engine import TensorRTUnavailableError, import_tensorrt
 
     try:
         import_tensorrt()  # the Python package and its libraries (a missing libnvinfer is an OSError there)

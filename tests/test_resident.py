@@ -48,7 +48,7 @@ from kandinsky_trt.runtime.backends.base import BackendError, DeviceRows
 from kandinsky_trt.runtime.backends.ort import OrtBackend
 from kandinsky_trt.runtime.backends.ort_cuda import OrtCudaBackend
 from kandinsky_trt.runtime.backends.resident import ResidentStages
-from kandinsky_trt.runtime.backends.trt import TensorInfo
+from kandinsky_trt.runtime.backends.trt_engine import TensorInfo
 from kandinsky_trt.runtime.contract.manifest import load_manifest
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.pipelines import loaded as loaded_module

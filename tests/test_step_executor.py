@@ -1,6 +1,7 @@
 """The step scheduler on the tiny CPU export (runtime/serve/step_executor.py): requests admitted at
 different step boundaries, sharing the loops' slots, each give the pipeline's image for the same call
-run alone, bit for bit."""
+run alone, bit for bit. Each scheduled request carries the typed request the pipeline's own
+``__call__`` builds for that call (captured before it runs)."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.scheduling.clock import SimulatedClock
 from kandinsky_trt.runtime.scheduling.scheduler import Scheduler
 from kandinsky_trt.runtime.scheduling.work import DECODER, PRIOR, Request
-from kandinsky_trt.runtime.serve.step_executor import ComponentsExecutor, StepCall
+from kandinsky_trt.runtime.serve.step_executor import ComponentsExecutor
 
 PICTURE = Image.new("RGB", (128, 64), (120, 30, 200))
 SIZE = dict(height=64, width=128)  # artifacts_fp32_b2_wide: batch 2, 64x128: two slots per loop
@@ -24,11 +25,21 @@ CALLS = {
 }
 
 
-def scheduled(request_id: str) -> Request:
+PIPELINES = {"text2img": KandinskyCombinedPipeline, "img2img": KandinskyImg2ImgCombinedPipeline}
+
+
+def built_request(components, task: str, kwargs: dict):
+    """The ``CombinedRequest`` the pipeline's ``__call__`` builds for ``kwargs`` (its ``run`` captured)."""
+    capturing = type("Capturing", (PIPELINES[task],), {"run": lambda self, request: request})
+    return capturing(components=components)(**kwargs)
+
+
+def scheduled(components, request_id: str) -> Request:
     task, kw = CALLS[request_id]
+    payload = built_request(components, task, {**kw, **SIZE, "output_type": "np"})
     return Request(request_id, task=task, prior_steps=kw["prior_num_inference_steps"],
                    decoder_steps=kw["num_inference_steps"], guidance_scale=kw.get("guidance_scale", 4.0),
-                   strength=kw.get("strength"), payload=StepCall({**kw, **SIZE, "output_type": "np"}), **SIZE)
+                   strength=kw.get("strength"), payload=payload, **SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +48,15 @@ def components(artifacts_fp32_b2_wide):
         yield c
 
 
-def drive(executor, clock) -> tuple[Scheduler, list]:
+def drive(executor, clock, components) -> tuple[Scheduler, list]:
     """long first; short and img three rounds later (the order of rounds is what matters, not time)."""
     finished = []
     scheduler = Scheduler(executor, clock, on_finish=finished.append)
-    scheduler.submit(scheduled("long"))
+    scheduler.submit(scheduled(components, "long"))
     for _ in range(3):
         scheduler.run_round()
-    scheduler.submit(scheduled("short"))
-    scheduler.submit(scheduled("img"))
+    scheduler.submit(scheduled(components, "short"))
+    scheduler.submit(scheduled(components, "img"))
     scheduler.run_until_idle()
     return scheduler, finished
 
@@ -55,7 +66,7 @@ def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch)
     run = components.run
     monkeypatch.setattr(components, "run", lambda network, feeds: calls.append(network) or run(network, feeds))
     executor = ComponentsExecutor(components)
-    scheduler, finished = drive(executor, SimulatedClock())
+    scheduler, finished = drive(executor, SimulatedClock(), components)
     executor.close()
     monkeypatch.undo()
     # merged one-shot calls: short and img share one text-encoder call (batch 2 holds both)
@@ -67,11 +78,9 @@ def test_each_scheduled_image_equals_the_pipeline_alone(components, monkeypatch)
     admitted = [e[3] for e in scheduler.trace if e[1] == "admit" and e[2] == DECODER]
     assert admitted == ["long", "short", "img"]  # img waited for a free slot (two slots)
     assert [e[3] for e in scheduler.trace if e[1] == "admit" and e[2] == PRIOR] == ["long", "short", "img"]
-    pipelines = {"text2img": KandinskyCombinedPipeline(components=components),
-                 "img2img": KandinskyImg2ImgCombinedPipeline(components=components)}
     results = executor.results
     for request_id, (task, kw) in CALLS.items():
-        alone = pipelines[task](**kw, **SIZE, output_type="np").images
+        alone = PIPELINES[task](components=components)(**kw, **SIZE, output_type="np").images
         assert np.array_equal(results[request_id], alone), request_id
 
 
@@ -83,8 +92,8 @@ def test_the_simulated_executor_admits_and_retires_as_the_real_one(components):
         return [e[1:] for e in scheduler.trace if e[1] in ("admit", "retire", "done")]
 
     executor = ComponentsExecutor(components)
-    real, _ = drive(executor, SimulatedClock())
+    real, _ = drive(executor, SimulatedClock(), components)
     executor.close()
     clock = SimulatedClock()
-    simulated, _ = drive(SimulatedExecutor(clock, ConstantCost(), slots=2), clock)
+    simulated, _ = drive(SimulatedExecutor(clock, ConstantCost(), slots=2), clock, components)
     assert order(simulated) == order(real) and len(order(real)) == 3 * 9

@@ -23,15 +23,10 @@ from fakes.tensorrt import TRT_VERSION, FakeEngine, install
 
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.backends.trt import (
-    EngineInfo,
-    EngineMismatchError,
-    TensorInfo,
-    TensorRTUnavailableError,
-    TrtBackend,
-    check_engine_against_manifest,
-    import_tensorrt,
-)
+from kandinsky_trt.runtime.backends.trt import TrtBackend
+from kandinsky_trt.runtime.backends.trt_engine import (EngineInfo, EngineMismatchError, TensorInfo,
+                                                       TensorRTUnavailableError, check_engine_against_manifest,
+                                                       import_tensorrt)
 from kandinsky_trt.runtime.contract.manifest import Manifest, NetworkEntry, load_manifest
 from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
 
@@ -136,7 +131,7 @@ def test_tensorrt_unavailable_has_install_advice(monkeypatch):
 
 
 def test_trt_logger_forwards_to_logging_and_keeps_errors(caplog):
-    from kandinsky_trt.runtime.backends.trt import make_trt_logger
+    from kandinsky_trt.runtime.backends.trt_engine import make_trt_logger
 
     trt = types.SimpleNamespace(ILogger=type("ILogger", (), {}))
     sink = logging.getLogger("test.trt")

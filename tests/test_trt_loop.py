@@ -30,7 +30,8 @@ from fakes.tensorrt import STATE, FakeEngine, install
 from test_slots import _mixed
 
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.backends.trt import TensorInfo, TrtBackend
+from kandinsky_trt.runtime.backends.trt import TrtBackend
+from kandinsky_trt.runtime.backends.trt_engine import TensorInfo
 from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
 from kandinsky_trt.runtime.contract.schedulers import apply_step, fast_solver_config, scheduler_table
 from kandinsky_trt.runtime.contract.spec import ModelDims, Profile, resolve

@@ -19,7 +19,8 @@ from fakes.tensorrt import TRT_VERSION, FakeContext, FakeEngine, install
 from manifest_helpers import complete_manifest
 
 from kandinsky_trt.runtime.backends.base import BackendError
-from kandinsky_trt.runtime.backends.trt import TrtBackend, optimization_profiles
+from kandinsky_trt.runtime.backends.trt import TrtBackend
+from kandinsky_trt.runtime.backends.trt_engine import optimization_profiles
 from kandinsky_trt.runtime.contract.manifest import Manifest
 
 PLAN = b"plan:toy"
@@ -93,7 +94,7 @@ def engines(monkeypatch):
     memory, made = FakeMemory(), []
 
     def make(name):
-        from kandinsky_trt.runtime.backends.trt import TensorInfo
+        from kandinsky_trt.runtime.backends.trt_engine import TensorInfo
 
         tensors = [TensorInfo("x", "input", "float32", (-1, 3)), TensorInfo("y", "input", "float32", (-1, 3)),
                    TensorInfo("z", "output", "float32", (-1, 3))]

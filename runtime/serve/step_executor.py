@@ -2,12 +2,12 @@
 
 :class:`ComponentsExecutor` implements :class:`kandinsky_trt.runtime.scheduling.executor.Executor`
 over one :class:`~kandinsky_trt.runtime.pipelines.components.Components`: a request's ``payload`` is
-a :class:`StepCall` (the keyword arguments of ``KandinskyCombinedPipeline`` or
-``KandinskyImg2ImgCombinedPipeline``, with an int ``generator`` seed). The stages reuse the
-pipelines' own code, so an image equals the pipeline's for the same call run alone, bit for bit:
+the typed :class:`~kandinsky_trt.runtime.pipelines.requests.CombinedRequest` of a text2img or
+img2img call (``requests.combined_request``, as the combined pipelines' ``__call__`` and the server
+build it: checked, nothing drawn yet). The stages reuse the pipelines' own code, so an image equals
+the pipeline's for the same request run alone, bit for bit:
 
-* ``encode``: each call is checked into the pipeline's ``CombinedRequest`` (the pipeline's
-  ``__call__`` itself, with ``run`` captured) and its draws made in the pipeline's order (prior
+* ``encode``: each request's draws are made in the pipeline's order (prior
   latents, prior step noise, decoder start: text2img latents or img2img's MoVQ-encoded, noised
   image); then both text encoders run once over every request's prompt (chunks of the profile
   batches, padded as the pipelines pad);
@@ -25,7 +25,7 @@ Runtime). Not wired into the Triton model (``model.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Hashable, Sequence
 
 import numpy as np
@@ -42,18 +42,6 @@ from kandinsky_trt.runtime.processing.images import postprocess
 from kandinsky_trt.runtime.scheduling.work import ENCODE, PRIOR, Request
 
 PIPELINES = {"text2img": KandinskyCombinedPipeline, "img2img": KandinskyImg2ImgCombinedPipeline}
-
-
-@dataclass(frozen=True)
-class StepCall:
-    """A request's pipeline arguments (``prompt``, ``image``, ``strength``, ...; ``generator``: an int seed)."""
-
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def _capturing(cls):
-    """``cls`` whose ``run`` returns the checked ``CombinedRequest`` instead of running it."""
-    return type(f"Capturing{cls.__name__}", (cls,), {"run": lambda self, request: request})
 
 
 @dataclass
@@ -75,9 +63,9 @@ class ComponentsExecutor:
 
     def __init__(self, components: Components) -> None:
         self.components = components
-        self._capture = {task: _capturing(cls)(components=components) for task, cls in PIPELINES.items()}
-        self._prior_pipe = self._capture["text2img"].prior_pipe  # the stage code is the same in every pipeline
-        self._decoder_pipe = self._capture["text2img"].decoder_pipe
+        self._pipes = {task: cls(components=components) for task, cls in PIPELINES.items()}
+        self._prior_pipe = self._pipes["text2img"].prior_pipe  # the stage code is the same in every pipeline
+        self._decoder_pipe = self._pipes["text2img"].decoder_pipe
         self._kept: dict[str, _Kept] = {}
         self._loops: dict[Hashable, SlotLoop] = {}
         self._slot_owner: dict[Hashable, dict[int, str]] = {}
@@ -131,13 +119,12 @@ class ComponentsExecutor:
             k.decoder_text = text
 
     def _check_and_draw(self, request: Request) -> _Kept:
-        """The call checked into the pipeline's request, and its draws in the pipeline's order: prior
-        latents, prior step noise, then the decoder's start (img2img: its MoVQ-encoded, noised image)."""
-        call = request.payload
-        if request.task not in PIPELINES or not isinstance(call, StepCall):
-            raise PipelineInputError(f"task: expected one of {sorted(PIPELINES)} with a StepCall payload, found "
-                                     f"{request.task!r} with {type(call).__name__}")
-        combined = self._capture[request.task](**call.kwargs)
+        """The request's draws in the pipeline's order: prior latents, prior step noise, then the
+        decoder's start (img2img: its MoVQ-encoded, noised image)."""
+        combined = request.payload
+        if request.task not in PIPELINES or not isinstance(combined, CombinedRequest):
+            raise PipelineInputError(f"task: expected one of {sorted(PIPELINES)} with a CombinedRequest payload, "
+                                     f"found {request.task!r} with {type(combined).__name__}")
         prior = combined.prior
         if len(prior.cond) != 1:
             raise PipelineInputError(f"prior rows: expected 1 (one prompt, no negative prompt), found {len(prior.cond)}")
@@ -147,7 +134,7 @@ class ComponentsExecutor:
         noise_shape = (int(table.stochastic.sum()), 1, loaded.embedding_width)
         noise = args.draw_or_check(prior.step_noise, noise_shape, "step_noise", prior.rng)
         self._kept[request.request_id] = kept = _Kept(combined, (latents, noise, table, prior.guidance_scale))
-        kept.start = self._decoder_start(self._capture[request.task].decoder_pipe, combined.decoder)
+        kept.start = self._decoder_start(self._pipes[request.task].decoder_pipe, combined.decoder)
         return kept
 
     def _merged(self, encode, texts: list[tuple[list[str], list[str]]], size) -> list[dict[str, np.ndarray]]:

@@ -23,7 +23,7 @@ import types
 import numpy as np
 
 from fakes.cuda import FakeCuda, FakeMemory, install_cuda
-from kandinsky_trt.runtime.backends.trt import TensorInfo
+from kandinsky_trt.runtime.backends.trt_engine import TensorInfo
 
 TRT_VERSION = "11.4.0.106"
 

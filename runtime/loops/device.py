@@ -42,20 +42,10 @@ import numpy as np
 
 from kandinsky_trt.runtime.backends.base import BackendError, DeviceBackend, DeviceRows
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
-from kandinsky_trt.runtime.contract.spec import ResolvedNetwork, ResolvedTensor
+from kandinsky_trt.runtime.contract.spec import ResolvedTensor
 from kandinsky_trt.runtime.loops.slots import SlotStorage
 
 log = logging.getLogger(__name__)
-
-
-def check_linked(spec: LoopSpec, network: ResolvedNetwork, step: ResolvedNetwork) -> None:
-    """The step graph's model_output / model_input must fit the network's output / sample input."""
-    for step_name, net_name in spec.links:
-        ours, theirs = step.tensor(step_name), network.tensor(net_name)
-        if (ours.shape, ours.dtype) != (theirs.shape, theirs.dtype):
-            raise BackendError(
-                f"{spec.step}.{step_name}: expected {theirs.dtype}{list(theirs.shape)} like "
-                f"{spec.network}.{net_name}, found {ours.dtype}{list(ours.shape)}")
 
 
 def row_runs(rows: np.ndarray) -> list[np.ndarray]:
@@ -79,8 +69,7 @@ class DeviceStorage(SlotStorage):
 
     def __init__(self, backend: DeviceBackend, spec: LoopSpec, profile: int = 0, cuda_graph: bool = True) -> None:
         network, step = backend.load(spec.network, profile).network, backend.load(spec.step, profile).network
-        check_linked(spec, network, step)
-        super().__init__(spec, network, step)
+        super().__init__(spec, network, step)  # checks the linked tensors fit
         self.backend, self.cuda_graph = backend, cuda_graph
         self._owned: list[tuple[Any, ResolvedTensor]] = []
         self.bindings: tuple = ()

@@ -10,11 +10,13 @@ refactor with ``KTRT_RECORD_GOLDEN=1``.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 GOLDEN = Path(__file__).parent / "golden"
+CLOSE = 2e-5  # max abs difference allowed on another class of CPU only
 # The CPU features that pick ONNX Runtime's kernels (MLAS): the same class of CPU gives the same bits.
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
 
@@ -97,3 +99,24 @@ def run_cases(artifacts: Path, sizes: list[tuple[int, int]]) -> dict[str, np.nda
                 prompts, _image(4, height, width), _mask(height, width), num_inference_steps=3,
                 prior_num_inference_steps=2, height=height, width=width, generator=27, output_type="np").images
     return out
+
+
+def assert_equals_recorded(name: str, outputs: dict[str, np.ndarray], what: str = "the change") -> None:
+    """``outputs`` against ``tests/golden/{name}``: the same cases, each finite float32 and, on a CPU
+    of the class they were recorded on, bit-identical; on another class (ONNX Runtime's kernels may
+    round differently) within :data:`CLOSE`. ``what`` names the path under test in the failure."""
+    index = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert sorted(outputs) == sorted(index["digests"]), "the cases differ from the recorded ones"
+    same_cpu = index["cpu_class"] == cpu_class()
+    recorded = np.load(GOLDEN / f"{name}.npz")
+    for case, array in sorted(outputs.items()):
+        assert array.dtype == np.float32 and np.isfinite(array).all(), case
+        if same_cpu:
+            if digest(array) != index["digests"][case]:
+                diff = float(np.max(np.abs(array - recorded[case]))) if array.shape == recorded[case].shape else None
+                raise AssertionError(f"{name}/{case}: {what} is not bit-identical to the recorded output "
+                                     f"(max abs diff {diff})")
+        else:
+            assert array.shape == recorded[case].shape, case
+            diff = float(np.max(np.abs(array - recorded[case])))
+            assert diff <= CLOSE, f"{name}/{case}: max abs diff {diff:.3e} > {CLOSE} (other CPU class: {cpu_class()})"

@@ -19,11 +19,10 @@ import os
 import numpy as np
 import pytest
 
-from golden_outputs import GOLDEN, cpu_class, digest, run_cases
+from golden_outputs import GOLDEN, assert_equals_recorded, cpu_class, digest, run_cases
 
 SETS = {"fp32_multi": "artifacts_fp32_multi", "fp16": "artifacts_fp16", "fp16_b2_wide": "artifacts_fp16_b2_wide"}
 RECORD = os.environ.get("KTRT_RECORD_GOLDEN") == "1"
-CLOSE = 2e-5  # max abs difference allowed on another class of CPU only
 
 
 @pytest.mark.parametrize("name", sorted(SETS))
@@ -38,17 +37,4 @@ def test_outputs_are_bit_identical_to_the_recorded_ones(name, request):
         index_file.write_text(json.dumps({"cpu_class": cpu_class(),
                                           "digests": {k: digest(v) for k, v in sorted(outputs.items())}}, indent=1))
         np.savez_compressed(arrays_file, **outputs)
-    index = json.loads(index_file.read_text())
-    assert sorted(outputs) == sorted(index["digests"]), "the cases differ from the recorded ones"
-    same_cpu = index["cpu_class"] == cpu_class()
-    recorded = np.load(arrays_file)
-    for case, array in sorted(outputs.items()):
-        assert array.dtype == np.float32 and np.isfinite(array).all(), case
-        if same_cpu:
-            if digest(array) != index["digests"][case]:
-                diff = float(np.max(np.abs(array - recorded[case]))) if array.shape == recorded[case].shape else None
-                pytest.fail(f"{name}/{case}: not bit-identical to the recorded output (max abs diff {diff})")
-        else:
-            assert array.shape == recorded[case].shape, case
-            diff = float(np.max(np.abs(array - recorded[case])))
-            assert diff <= CLOSE, f"{name}/{case}: max abs diff {diff:.3e} > {CLOSE} (other CPU class: {cpu_class()})"
+    assert_equals_recorded(name, outputs, "the output")

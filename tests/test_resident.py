@@ -340,7 +340,7 @@ def test_every_golden_case_on_a_forced_chain_equals_the_recorded_outputs(artifac
     """Every pipeline of the golden cases (prior, interpolate, the three decoders, the three combined;
     2 sizes x 2 batches) on ``OrtCudaBackend`` (CPU EP) with the resident chain forced on: the outputs
     recorded on the host path (tests/golden/fp32_multi), bit for bit on a CPU of the recorded class."""
-    from golden_outputs import GOLDEN, cpu_class, digest, run_cases
+    from golden_outputs import assert_equals_recorded, run_cases
 
     def chained_backend(name, manifest, device):
         backend = OrtCudaBackend(manifest, "cpu")
@@ -361,11 +361,4 @@ def test_every_golden_case_on_a_forced_chain_equals_the_recorded_outputs(artifac
     artifacts = artifacts_fp32_multi[0]
     outputs = run_cases(artifacts, load_manifest(artifacts).sizes())
     assert chains and all(chain is not None for chain in chains)
-    index = json.loads((GOLDEN / "fp32_multi.json").read_text())
-    assert sorted(outputs) == sorted(index["digests"])
-    recorded = np.load(GOLDEN / "fp32_multi.npz")
-    for case, array in sorted(outputs.items()):
-        if index["cpu_class"] == cpu_class():
-            assert digest(array) == index["digests"][case], f"{case}: the resident chain changed the result"
-        else:  # another class of CPU: ONNX Runtime's kernels may round differently (test_golden_outputs' rule)
-            assert float(np.max(np.abs(array - recorded[case]))) <= 2e-5, case
+    assert_equals_recorded("fp32_multi", outputs, "the resident chain")

@@ -12,13 +12,11 @@ changes no result.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-import numpy as np
 import onnxruntime as ort
 import pytest
-from golden_outputs import GOLDEN, cpu_class, digest, run_cases
+from golden_outputs import assert_equals_recorded, run_cases
 
 from kandinsky_trt.runtime.backends.ort_cuda import OrtCudaBackend
 from kandinsky_trt.runtime.contract.manifest import load_manifest
@@ -70,11 +68,4 @@ def test_every_pipeline_on_the_device_backend_creates_one_session_per_network(ar
     assert loops and all(isinstance(loop.storage, DeviceStorage) for loop in loops)
     profiles = {(loop.spec.network, loop.storage.network_io) for loop in loops}
     assert len({network for network, _ in profiles}) == 3 and len(profiles) > 3
-    index = json.loads((GOLDEN / "fp32_multi.json").read_text())
-    assert sorted(outputs) == sorted(index["digests"])
-    recorded = np.load(GOLDEN / "fp32_multi.npz")
-    for case, array in sorted(outputs.items()):
-        if index["cpu_class"] == cpu_class():
-            assert digest(array) == index["digests"][case], f"{case}: the device path changed the result"
-        else:  # another class of CPU: ONNX Runtime's kernels may round differently (test_golden_outputs' rule)
-            assert float(np.max(np.abs(array - recorded[case]))) <= 2e-5, case
+    assert_equals_recorded("fp32_multi", outputs, "the device path")

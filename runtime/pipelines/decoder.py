@@ -76,14 +76,18 @@ class _DecoderPipeline:
         if request.image_embeds is None or request.negative_image_embeds is None:
             raise PipelineInputError("image_embeds: expected embeddings attached to the request (with_embeddings), "
                                      "found none")
+        latents, conditioning, request = self._draw(request)
+        images = postprocess(self._denoise_and_decode(request, latents, conditioning), request.output_type)
+        return ImagePipelineOutput(images) if request.return_dict else (images,)
+
+    def _draw(self, request: DecoderRequest) -> tuple[np.ndarray, np.ndarray | None, DecoderRequest]:
+        """:meth:`_start`, then the step noise unless given (diffusers' order); the request with it."""
         latents, conditioning = self._start(request)
         table, step_noise = request.table, request.step_noise
         if step_noise is None and table.stochastic.any():
             step_noise = request.rng.standard_normal((int(table.stochastic.sum()), *request.latent_shape),
                                                      dtype=np.float32)
-        request = replace(request, step_noise=step_noise)
-        images = postprocess(self._denoise_and_decode(request, latents, conditioning), request.output_type)
-        return ImagePipelineOutput(images) if request.return_dict else (images,)
+        return latents, conditioning, replace(request, step_noise=step_noise)
 
     def _start(self, request: DecoderRequest) -> tuple[np.ndarray, np.ndarray | None]:
         """The loop's initial latents (drawn unless given; img2img: the noised image latents) and

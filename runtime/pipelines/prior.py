@@ -26,6 +26,7 @@ from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.loaded import LoadedArtifacts
 from kandinsky_trt.runtime.pipelines.resident import ResidentChain
 from kandinsky_trt.runtime.pipelines.requests import (InterpolateRequest, InterpolateSettings, PriorRequest,
                                                       PriorSettings, clip_pixels, interpolate_request,
@@ -49,6 +50,12 @@ def _output(out: KandinskyPriorPipelineOutput, output_type: str, return_dict: bo
 
         out = KandinskyPriorPipelineOutput(torch.from_numpy(out.image_embeds), torch.from_numpy(out.negative_image_embeds))
     return out if return_dict else out.to_tuple()
+
+
+def image_embeds_of(loaded: LoadedArtifacts, latents: np.ndarray) -> np.ndarray:
+    """The prior loop's final latents ``(rows, E)`` as CLIP image embeddings: times the CLIP std,
+    plus the mean (diffusers' ``post_process_latents``)."""
+    return latents * loaded.constant("clip_std") + loaded.constant("clip_mean")
 
 
 class KandinskyPriorPipeline:
@@ -79,15 +86,20 @@ class KandinskyPriorPipeline:
     def run(self, request: PriorRequest) -> KandinskyPriorPipelineOutput:
         """Draw what was not given (latents, then step noise: diffusers' order), sample, split the rows."""
         loaded = self.components.loaded
-        shape = (len(request.cond), loaded.embedding_width)
-        latents = args.draw_or_check(request.latents, shape, "latents", request.rng)
-        noise_shape = (prior_stochastic_steps(loaded, request.steps), *shape)
-        step_noise = args.draw_or_check(request.step_noise, noise_shape, "step_noise", request.rng)
-        embeds = self._sample(request, latents, step_noise)
+        embeds = self._sample(request, *self._draw(request))
         if request.sample_negatives:
             return KandinskyPriorPipelineOutput(*np.split(embeds, 2))
         zero = loaded.constant("zero_image_embeds")
         return KandinskyPriorPipelineOutput(embeds, np.repeat(zero, len(embeds), axis=0))
+
+    def _draw(self, request: PriorRequest) -> tuple[np.ndarray, np.ndarray]:
+        """The request's latents ``(rows, E)`` and step noise ``(stochastic steps, rows, E)``, each
+        checked if given, else drawn (latents first: diffusers' order)."""
+        loaded = self.components.loaded
+        shape = (len(request.cond), loaded.embedding_width)
+        latents = args.draw_or_check(request.latents, shape, "latents", request.rng)
+        noise_shape = (prior_stochastic_steps(loaded, request.steps), *shape)
+        return latents, args.draw_or_check(request.step_noise, noise_shape, "step_noise", request.rng)
 
     def _sample(self, request: PriorRequest, latents: np.ndarray, step_noise: np.ndarray) -> np.ndarray:
         """Run the prior loop on the request's rows; returns post-processed embeddings (rows, E)."""
@@ -105,7 +117,7 @@ class KandinskyPriorPipeline:
                 )
                 results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
         embeds = np.concatenate(results)
-        return embeds * c.loaded.constant("clip_std") + c.loaded.constant("clip_mean")
+        return image_embeds_of(c.loaded, embeds)
 
     def _encode(self, cond: list[str], uncond: list[str], chain: ResidentChain | None) -> dict:
         """Prior network conditioning for one chunk: [uncond, cond] rows with guidance (the encoder's

@@ -25,7 +25,7 @@ Runtime). Not wired into the Triton model (``model.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
 import numpy as np
@@ -37,6 +37,7 @@ from kandinsky_trt.runtime.loops.slots import LoopRow, SlotLoop
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.combined import KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline
 from kandinsky_trt.runtime.pipelines.components import Components
+from kandinsky_trt.runtime.pipelines.prior import image_embeds_of
 from kandinsky_trt.runtime.pipelines.requests import CombinedRequest
 from kandinsky_trt.runtime.processing.images import postprocess
 from kandinsky_trt.runtime.scheduling.work import ENCODE, PRIOR, Request
@@ -128,13 +129,12 @@ class ComponentsExecutor:
         prior = combined.prior
         if len(prior.cond) != 1:
             raise PipelineInputError(f"prior rows: expected 1 (one prompt, no negative prompt), found {len(prior.cond)}")
-        loaded = self.components.loaded
-        table = loaded.scheduler("prior", prior.steps)
-        latents = args.draw_or_check(prior.latents, (1, loaded.embedding_width), "latents", prior.rng)
-        noise_shape = (int(table.stochastic.sum()), 1, loaded.embedding_width)
-        noise = args.draw_or_check(prior.step_noise, noise_shape, "step_noise", prior.rng)
+        table = self.components.loaded.scheduler("prior", prior.steps)
+        latents, noise = self._prior_pipe._draw(prior)
         self._kept[request.request_id] = kept = _Kept(combined, (latents, noise, table, prior.guidance_scale))
-        kept.start = self._decoder_start(self._pipes[request.task].decoder_pipe, combined.decoder)
+        # the decoder's start latents, inpaint conditioning and step noise: drawn after the prior's, as
+        # the pipeline draws them
+        kept.start = self._pipes[request.task].decoder_pipe._draw(combined.decoder)
         return kept
 
     def _merged(self, encode, texts: list[tuple[list[str], list[str]]], size) -> list[dict[str, np.ndarray]]:
@@ -147,15 +147,6 @@ class ComponentsExecutor:
             conditioning = encode(cond, uncond)
             rows += [{n: a[j::batch] for n, a in conditioning.items()} for j in range(chunk.stop - chunk.start)]
         return rows
-
-    @staticmethod
-    def _decoder_start(pipe, decoder) -> tuple:
-        """The decoder's start latents (drawn now: after the prior's draws, as the pipeline draws them)."""
-        latents, conditioning = pipe._start(decoder)
-        if decoder.step_noise is None and decoder.table.stochastic.any():
-            shape = (int(decoder.table.stochastic.sum()), *decoder.latent_shape)
-            decoder = replace(decoder, step_noise=decoder.rng.standard_normal(shape, dtype=np.float32))
-        return latents, conditioning, decoder
 
     def _decode(self, requests: Sequence[Request], size: tuple[int, int]) -> None:
         kept = [self._kept[r.request_id] for r in requests]
@@ -186,9 +177,8 @@ class ComponentsExecutor:
         for retired in self._loop(stage, pool).step():
             request_id = self._slot_owner[pool].pop(retired.slot)
             latents = retired.latents
-            if stage == PRIOR:  # the prior's post-processing (``_sample``)
-                loaded = self.components.loaded
-                latents = (latents[None] * loaded.constant("clip_std") + loaded.constant("clip_mean"))[0]
+            if stage == PRIOR:
+                latents = image_embeds_of(self.components.loaded, latents[None])[0]
             self._kept[request_id].latents = latents
             done.append(request_id)
         return done

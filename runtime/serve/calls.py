@@ -28,7 +28,7 @@ from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
 from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
 from kandinsky_trt.runtime.pipelines.requests import (
-    DecoderInputs, DecoderSettings, Img2ImgInputs, InpaintInputs, InterpolateSettings, PriorSettings,
+    CombinedRequest, DecoderInputs, DecoderSettings, Img2ImgInputs, InpaintInputs, InterpolateSettings, PriorSettings,
     Text2ImgInputs, combined_request, decoder_request, images_per_row, interpolate_request, prior_request,
     with_embeddings)
 from kandinsky_trt.runtime.processing.images import image_from_array, mask_from_array
@@ -131,14 +131,20 @@ def run_prior(pipelines: Pipelines, items: list[Item], rng: np.random.Generator,
             for e, ne in zip(np.split(out.image_embeds, len(items)), np.split(out.negative_image_embeds, len(items)))]
 
 
-def run_combined(pipelines: Pipelines, items: list[Item], rng: np.random.Generator,
-                 draws: Draws = Draws()) -> list[dict[str, np.ndarray]]:
-    """text2img, img2img, inpaint: the combined pipeline's request for the items; each item's images."""
+def combined_request_of(pipelines: Pipelines, items: list[Item], rng: np.random.Generator,
+                        draws: Draws = Draws()) -> CombinedRequest:
+    """text2img, img2img, inpaint: the combined pipeline's request for the items (checked, nothing drawn)."""
     first, loaded = items[0], pipelines.components.loaded
     prompts = _prompts(items)
     decoder = decoder_settings(first, pipelines.components.profile, _decoder_inputs(items, prompts, draws.decoder))
-    request = combined_request(loaded, prompts, prior_settings(first, draws), decoder, rng)
-    images = pipelines.combined[first.task].run(request).images
+    return combined_request(loaded, prompts, prior_settings(first, draws), decoder, rng)
+
+
+def run_combined(pipelines: Pipelines, items: list[Item], rng: np.random.Generator,
+                 draws: Draws = Draws()) -> list[dict[str, np.ndarray]]:
+    """text2img, img2img, inpaint: the combined pipeline's request for the items; each item's images."""
+    request = combined_request_of(pipelines, items, rng, draws)
+    images = pipelines.combined[items[0].task].run(request).images
     per_item = len(images) // len(items)
     return [image_outputs(images[i * per_item:(i + 1) * per_item]) for i in range(len(items))]
 

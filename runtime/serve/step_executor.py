@@ -119,16 +119,24 @@ class ComponentsExecutor:
                                   noise[:, 0])
             k.decoder_text = text
 
+    @staticmethod
+    def refusal(task: str, combined: object) -> str | None:
+        """Why these stages cannot run ``combined`` (the server then runs it as one pipeline call), or None."""
+        if task not in PIPELINES or not isinstance(combined, CombinedRequest):
+            return (f"task: expected one of {sorted(PIPELINES)} with a CombinedRequest payload, "
+                    f"found {task!r} with {type(combined).__name__}")
+        if len(combined.prior.cond) != 1:
+            return f"prior rows: expected 1 (one prompt, no negative prompt), found {len(combined.prior.cond)}"
+        return None
+
     def _check_and_draw(self, request: Request) -> _Kept:
         """The request's draws in the pipeline's order: prior latents, prior step noise, then the
         decoder's start (img2img: its MoVQ-encoded, noised image)."""
         combined = request.payload
-        if request.task not in PIPELINES or not isinstance(combined, CombinedRequest):
-            raise PipelineInputError(f"task: expected one of {sorted(PIPELINES)} with a CombinedRequest payload, "
-                                     f"found {request.task!r} with {type(combined).__name__}")
+        reason = self.refusal(request.task, combined)
+        if reason is not None:
+            raise PipelineInputError(reason)
         prior = combined.prior
-        if len(prior.cond) != 1:
-            raise PipelineInputError(f"prior rows: expected 1 (one prompt, no negative prompt), found {len(prior.cond)}")
         table = self.components.loaded.scheduler("prior", prior.steps)
         latents, noise = self._prior_pipe._draw(prior)
         self._kept[request.request_id] = kept = _Kept(combined, (latents, noise, table, prior.guidance_scale))

@@ -57,6 +57,9 @@ def python_api(components, fields: dict) -> dict[str, np.ndarray]:
         return {"image_embeds": out.image_embeds[None], "negative_image_embeds": out.negative_image_embeds[None]}
     common = dict(height=f["height"], width=f["width"], num_inference_steps=f["num_inference_steps"],
                   generator=f["seed"])
+    sent = {"guidance_scale": "guidance_scale", "negative_prompt": "negative_prompt",
+            "num_images": "num_images_per_prompt"}
+    common.update({kwarg: f[name] for name, kwarg in sent.items() if name in f and f["task"] != "interpolate"})
     if f["task"] == "interpolate":
         prior = KandinskyPriorPipeline(components=components)
         mix = prior.interpolate([f["prompt"], Image.fromarray(f["image"])], [0.5, 0.5],

@@ -99,10 +99,30 @@ class Scheduler:
                 self._cancels.add(request_id)
             return held
 
+    def withdraw(self, request_id: str) -> bool:
+        """Take back a request not yet taken from the inbox, at once and with no ``on_finish`` (its
+        submitter is the one withdrawing it, e.g. a sibling item was refused); False if it was taken
+        already (then :meth:`cancel` it)."""
+        with self._lock:
+            waiting = [j for j in self._inbox if j.request.request_id == request_id]
+            if waiting:
+                self._inbox.remove(waiting[0])
+                self.metrics.submitted -= 1
+                self.trace.append((self.clock.now(), "withdraw", None, request_id))
+            return bool(waiting)
+
     @property
     def has_work(self) -> bool:
         with self._lock:
             return bool(self._jobs or self._inbox)
+
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Per loop stage: (rows in slots now, slots of the pools used so far). Worker thread only."""
+        out = {stage: (0, 0) for stage in STAGES if stage in LOOP_STAGES}
+        for (stage, pool), running in self._slots.items():
+            rows, slots = out[stage]
+            out[stage] = (rows + sum(j.rows for j in running), slots + self.executor.capacity(stage, pool))
+        return out
 
     def _check_fits(self, request: Request) -> None:
         for stage in STAGES:

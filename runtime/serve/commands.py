@@ -29,7 +29,8 @@ def _repo_config(args: argparse.Namespace, artifacts: Path, out: Path):
                       max_batch_size=args.max_batch_size, max_images=args.max_images,
                       batching=not args.no_batching, max_queue_size=args.max_queue_size,
                       queue_timeout_s=args.queue_timeout,
-                      max_request_bytes=args.max_request_bytes)
+                      max_request_bytes=args.max_request_bytes, scheduling=args.scheduling,
+                      request_timeout_s=args.request_timeout)
 
 
 def _cmd_triton_repo(args: argparse.Namespace) -> int:
@@ -151,6 +152,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
                    help=f"seconds a request may wait for the model before it is refused unrun (default "
                         f"{DEFAULT_QUEUE_TIMEOUT_S:.0f}; a client may ask for less)")
+    p.add_argument("--scheduling", choices=("request", "step"), default="request",
+                   help="request: a batch runs to its end (default); step: requests join and leave the running "
+                        "batch at every denoising step (the queue bound is --max-queue-size)")
+    p.add_argument("--request-timeout", type=float,
+                   help="step scheduling: seconds after which a request leaves at the next step, when it sends no "
+                        "KServe timeout of its own (default: none)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest HTTP request body (413 above; default {DEFAULT_MAX_REQUEST_BYTES}); the model "
                         "refuses larger gRPC requests")

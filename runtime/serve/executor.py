@@ -31,16 +31,23 @@ DEFAULT_MAX_IMAGES = 16
 CLIENT_ERRORS = (RequestError, PipelineInputError)  # the request's fault: 400 / INVALID_ARGUMENT
 
 
+class Unavailable(Exception):
+    """The server cannot take or finish this request now (queue full, timed out, shutting down): 503."""
+
+
 @dataclass(frozen=True)
 class Response:
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
-    kind: str = "success"  # "client" (bad request), "server" (our failure), "cancelled", or "success"
+    # "client" (bad request), "server" (our failure), "cancelled", "unavailable" (retry later) or "success"
+    kind: str = "success"
 
 
-def _error_response(err: BaseException, prefix: str = "") -> Response:
+def error_response(err: BaseException, prefix: str = "") -> Response:
     if isinstance(err, RequestCancelled):
         return Response(error=str(err), kind="cancelled")
+    if isinstance(err, Unavailable):
+        return Response(error=prefix + str(err), kind="unavailable")
     if isinstance(err, KandinskyTrtError):
         return Response(error=prefix + str(err), kind="client" if isinstance(err, CLIENT_ERRORS) else "server")
     log.error("internal error while serving a request", exc_info=err)
@@ -68,16 +75,16 @@ class Executor:
         decoded: list[list[Item] | Response] = []
         for inputs, gone in zip(requests, cancelled):
             try:
-                decoded.append(_error_response(RequestCancelled()) if gone() else
+                decoded.append(error_response(RequestCancelled()) if gone() else
                                decode_request(inputs, self.config.max_images))
             except RequestError as err:
-                decoded.append(_error_response(err))
+                decoded.append(error_response(err))
         flat = [(r, item) for r, items in enumerate(decoded) if isinstance(items, list) for item in items]
         results = self._run_items(flat, cancelled)
         per_request: dict[int, list] = defaultdict(list)
         for (r, _), result in zip(flat, results):
             per_request[r].append(result)
-        return [d if isinstance(d, Response) else _assemble(per_request[r]) for r, d in enumerate(decoded)]
+        return [d if isinstance(d, Response) else assemble(per_request[r]) for r, d in enumerate(decoded)]
 
     def _run_items(self, flat: list[tuple[int, Item]], cancelled: list) -> list[dict | BaseException]:
         groups: dict[object, list[int]] = defaultdict(list)
@@ -116,11 +123,11 @@ class Executor:
             return err
 
 
-def _assemble(results: list[dict | BaseException]) -> Response:
+def assemble(results: list[dict | BaseException]) -> Response:
     """One request's items -> outputs stacked on the batch dim, or the first item's error."""
     for index, result in enumerate(results):
         if isinstance(result, BaseException):
-            return _error_response(result, f"item {index}: " if len(results) > 1 else "")
+            return error_response(result, f"item {index}: " if len(results) > 1 else "")
     names = set(results[0])
     shapes = {name: {r[name].shape for r in results} for name in names}
     if any(set(r) != names for r in results) or any(len(s) > 1 for s in shapes.values()):

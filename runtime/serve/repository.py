@@ -21,6 +21,8 @@ from kandinsky_trt.runtime.serve.contract import MODEL_NAME, ModelConfig, config
 from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_MAX_REQUEST_BYTES,
                                                  DEFAULT_QUEUE_TIMEOUT_S)
 
+SCHEDULING = ("request", "step")
+STEP_TRITON_QUEUE_FACTOR = 2  # step scheduling: Triton's queue bound over the scheduler's (see with_queue_policy)
 MODEL_PY = (
     '"""Triton Python-backend entry point, written by `kandinsky-trt triton-repo`."""\n'
     "from kandinsky_trt.runtime.serve.model import TritonPythonModel  # noqa: F401\n"
@@ -42,6 +44,8 @@ class RepoConfig:
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S  # waited longer: refused without running
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the model refuses requests holding more
     cancel_dir: str | None = None  # where the HTTP front marks requests whose client has gone
+    scheduling: str = "request"  # "step": requests join and leave the running batch at every step
+    request_timeout_s: float | None = None  # step scheduling: the deadline of a request that sends none
 
 
 def _check(config: RepoConfig) -> None:
@@ -53,6 +57,13 @@ def _check(config: RepoConfig) -> None:
         raise PipelineInputError(f"queue_timeout_s: expected a number of seconds > 0, found {config.queue_timeout_s}")
     if config.max_queue_delay_us < 0:
         raise PipelineInputError(f"max_queue_delay_us: expected >= 0, found {config.max_queue_delay_us}")
+    if config.scheduling not in SCHEDULING:
+        raise PipelineInputError(f"scheduling: expected one of {SCHEDULING}, found {config.scheduling!r}")
+    if config.scheduling == "step" and not config.batching:
+        raise PipelineInputError("scheduling: expected request-level scheduling with batching off, found step "
+                                 "scheduling (it batches at every step; leave batching on)")
+    if config.request_timeout_s is not None and not config.request_timeout_s > 0:
+        raise PipelineInputError(f"request_timeout_s: expected a number of seconds > 0, found {config.request_timeout_s}")
     if config.max_batch_size is not None and config.max_batch_size < 1:
         raise PipelineInputError(f"max_batch_size: expected an integer >= 1, found {config.max_batch_size}")
 
@@ -65,6 +76,10 @@ def model_config(config: RepoConfig, manifest: mf.Manifest) -> ModelConfig:
               ("max_request_bytes", str(config.max_request_bytes)))
     if config.cancel_dir is not None:
         params += (("cancel_dir", str(config.cancel_dir)),)
+    if config.scheduling == "step":
+        params += (("scheduling", "step"), ("max_queue_size", str(config.max_queue_size)))
+        if config.request_timeout_s is not None:
+            params += (("request_timeout_s", repr(float(config.request_timeout_s))),)
     batch = config.max_batch_size or max(manifest.batches())
     return ModelConfig(
         max_batch_size=batch if config.batching else 1, embed_dim=manifest.model_dims.clip_dim,
@@ -76,8 +91,14 @@ def with_queue_policy(pbtxt: str, config: RepoConfig) -> str:
     """The dynamic batcher's queue bounded: beyond ``max_queue_size`` waiting requests Triton refuses
     at once; a request still queued after ``queue_timeout_s`` (or the shorter timeout its client
     sends, the KServe ``timeout`` parameter in us) is refused without running, so an abandoned
-    request does not wait for its turn to compute."""
-    policy = (f"  default_queue_policy {{\n    max_queue_size: {config.max_queue_size}\n    timeout_action: REJECT\n"
+    request does not wait for its turn to compute.
+
+    With step scheduling the requests wait in the model's scheduler (bounded by ``max_queue_size``,
+    refused with "queue full"); Triton's queue only holds them until ``execute`` hands them over,
+    which returns at once, so its bound is set twice as large: the scheduler's is the one clients meet,
+    and a burst faster than ``execute`` still meets a bound."""
+    size = config.max_queue_size * (STEP_TRITON_QUEUE_FACTOR if config.scheduling == "step" else 1)
+    policy = (f"  default_queue_policy {{\n    max_queue_size: {size}\n    timeout_action: REJECT\n"
               f"    default_timeout_microseconds: {round(config.queue_timeout_s * 1e6)}\n"
               f"    allow_timeout_override: true\n  }}\n")
     head, marker, tail = pbtxt.partition("dynamic_batching {\n")

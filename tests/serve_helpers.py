@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +78,27 @@ def python_api(components, fields: dict) -> dict[str, np.ndarray]:
             images = KandinskyInpaintCombinedPipeline(components=components)(
                 f["prompt"], f["image"], f["mask"] / 255.0, **common).images
     return {"images": np.stack([np.asarray(i) for i in images])[None]}
+
+
+def metric_values(server, family: str) -> dict[tuple, float]:
+    """One metric family on the server's /metrics: label values (sorted by label name) -> value."""
+    text = urllib.request.urlopen(server.config.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name == family or line.startswith(family + " "):
+            labels = dict(pair.split("=", 1) for pair in rest.split("}")[0].split(",") if "=" in pair)
+            key = tuple(v.strip('"') for _, v in sorted(labels.items()))
+            values[key] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def request_counts(server) -> dict[str, float]:
+    """``kandinsky_requests_total`` by outcome (0 for an outcome not yet counted)."""
+    counts = {"success": 0.0, "error": 0.0, "cancelled": 0.0, "refused": 0.0}
+    for (outcome,), value in metric_values(server, "kandinsky_requests_total").items():
+        counts[outcome] += value
+    return counts
 
 
 def assert_same(served: dict, expected: dict) -> None:

@@ -11,13 +11,12 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import assert_same, python_api, running_server, task_fields
+from serve_helpers import assert_same, python_api, request_counts, running_server, task_fields
 
 from kandinsky_trt.runtime.serve.client import ClientError, Target, infer, item_arrays, make_client
 from kandinsky_trt.runtime.serve.contract import INPUTS
@@ -154,24 +153,14 @@ def test_four_clients_eight_mixed_requests_each(server, components):
     assert sum(len(run) for run in runs) == 32
 
 
-def _counter(server) -> dict[str, float]:
-    text = urllib.request.urlopen(server.config.metrics_url, timeout=10).read().decode()
-    counts = {"success": 0.0, "error": 0.0, "cancelled": 0.0}
-    for line in text.splitlines():
-        if line.startswith("kandinsky_requests_total{"):
-            outcome = line.split('outcome="')[1].split('"')[0]
-            counts[outcome] += float(line.rsplit(" ", 1)[1])
-    return counts
-
-
 def test_metrics_count_successes_and_failures(server, components):
-    before = _counter(server)
+    before = request_counts(server)
     good = _fields(components, "prior", 31)
     infer(_target(server, "http"), item_arrays(good))
     infer(_target(server, "grpc"), item_arrays(good))
     with pytest.raises(ClientError):
         infer(_target(server, "http"), item_arrays({**good, "prior_steps": 0}))
-    after = _counter(server)
+    after = request_counts(server)
     assert after["success"] - before["success"] == 2 and after["error"] - before["error"] == 1
 
 

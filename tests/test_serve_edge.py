@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import running_server, task_fields
+from serve_helpers import request_counts, running_server, task_fields
 
 from kandinsky_trt.runtime.serve.client import Target, build_inputs, item_arrays, make_client
 from kandinsky_trt.runtime.serve.launcher import is_ready
@@ -170,15 +170,6 @@ def test_client_errors_are_400_and_invalid_argument(server, size, protocol):
     assert is_ready(server.config)
 
 
-def _counter(server) -> dict[str, float]:
-    text = urllib.request.urlopen(server.config.metrics_url, timeout=10).read().decode()
-    counts = {"success": 0.0, "error": 0.0, "cancelled": 0.0}
-    for line in text.splitlines():
-        if line.startswith("kandinsky_requests_total{"):
-            counts[line.split('outcome="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
-    return counts
-
-
 def _timed(call) -> tuple[float, object]:
     started = time.monotonic()
     try:
@@ -195,7 +186,7 @@ def test_abandoned_grpc_requests_stop_at_a_step_and_count_as_cancelled(server, s
     long = {**task_fields("text2img", 5, height, width), "num_inference_steps": 400}
     full_s, result = _timed(lambda: _raw_infer(server, "grpc", long))
     assert not isinstance(result, Exception), result
-    before = _counter(server)
+    before = request_counts(server)
     with ThreadPoolExecutor(3) as pool:
         gone = list(pool.map(lambda _: _timed(lambda: _raw_infer(server, "grpc", long, client_timeout=0.5)),
                              range(3)))
@@ -204,9 +195,9 @@ def test_abandoned_grpc_requests_stop_at_a_step_and_count_as_cancelled(server, s
     next_s, result = _timed(lambda: _raw_infer(server, "grpc", task_fields("prior", 6, height, width)))
     assert not isinstance(result, Exception), result
     deadline = time.monotonic() + 10
-    while _counter(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() < deadline:
+    while request_counts(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
-    cancelled = _counter(server)["cancelled"] - before["cancelled"]
+    cancelled = request_counts(server)["cancelled"] - before["cancelled"]
     print(f"\nfull run {full_s:.2f} s; next request after 3 abandoned ones: {next_s:.2f} s; "
           f"counted cancelled: {cancelled:.0f}")
     assert next_s < full_s / 2, (full_s, next_s)
@@ -235,16 +226,16 @@ def test_abandoned_http_requests_stop_at_a_step_and_count_as_cancelled(server, s
     long = {**task_fields("text2img", 11, height, width), "num_inference_steps": 400}
     full_s, result = _timed(lambda: _raw_infer(server, "http", long))
     assert not isinstance(result, Exception), result
-    before = _counter(server)
+    before = request_counts(server)
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda _: _http_give_up(server, long, 0.5), range(3)))
     gave_up = time.monotonic()
-    while _counter(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() - gave_up < 30:
+    while request_counts(server)["cancelled"] - before["cancelled"] < 1 and time.monotonic() - gave_up < 30:
         time.sleep(0.05)
     stopped_s = time.monotonic() - gave_up
     next_s, result = _timed(lambda: _raw_infer(server, "http", task_fields("prior", 12, height, width)))
     assert not isinstance(result, Exception), result
-    cancelled = _counter(server)["cancelled"] - before["cancelled"]
+    cancelled = request_counts(server)["cancelled"] - before["cancelled"]
     print(f"\nHTTP: full run {full_s:.2f} s; 3 clients gave up after 0.5 s: first counted cancelled "
           f"{stopped_s:.2f} s after they closed; next request {next_s:.2f} s; counted cancelled: {cancelled:.0f}")
     assert cancelled >= 1 and stopped_s < full_s / 2, (full_s, stopped_s)
@@ -256,7 +247,7 @@ def test_a_request_queued_past_its_timeout_is_refused_without_running(server, si
     """HTTP does not report a client that disconnects (Triton 2.51); a queue timeout bounds the wait."""
     height, width = size
     long = {**task_fields("text2img", 7, height, width), "num_inference_steps": 999}  # > 3 s on an idle VM
-    before = _counter(server)
+    before = request_counts(server)
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: _timed(lambda: _raw_infer(server, "grpc", long, client_timeout=3.0)))
         time.sleep(1.0)  # the long one is in the model now; the next request queues behind it
@@ -266,7 +257,7 @@ def test_a_request_queued_past_its_timeout_is_refused_without_running(server, si
     # the busy request held the model until its client's deadline cancelled it
     assert isinstance(busy_result, InferenceServerException) and busy_s >= 2.5, (busy_s, busy_result)
     assert isinstance(result, InferenceServerException) and "timeout" in result.message().lower(), result
-    after = _counter(server)
+    after = request_counts(server)
     assert after["success"] == before["success"]  # the queued request never ran
     print(f"\nqueued request with a 0.3 s timeout refused after {waited:.2f} s (the model was busy)")
     assert waited < 10

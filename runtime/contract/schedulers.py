@@ -245,11 +245,11 @@ class SchedulerTable:
 def _check_steps(name: str, cfg: Mapping, num_inference_steps: object) -> int:
     n = num_inference_steps
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise SchedulerConfigError(f"num_inference_steps: expected an integer >= 1, found {n!r}")
+        raise StepCountError(f"num_inference_steps: expected an integer >= 1, found {n!r}")
     if name == "UnCLIPScheduler" and n < 2:
-        raise SchedulerConfigError(f"num_inference_steps: UnCLIPScheduler expects an integer >= 2, found {n}")
+        raise StepCountError(f"num_inference_steps: UnCLIPScheduler expects an integer >= 2, found {n}")
     if n > cfg["num_train_timesteps"]:
-        raise SchedulerConfigError(
+        raise StepCountError(
             f"num_inference_steps: expected at most num_train_timesteps={cfg['num_train_timesteps']}, found {n}"
         )
     return int(n)

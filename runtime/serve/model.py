@@ -75,7 +75,9 @@ def load_step_service(params: ModelParameters, pb_utils):
     from kandinsky_trt.runtime.serve.stepped import StepService
 
     metrics = TritonStepMetrics(pb_utils)
-    publish = lambda s: metrics.publish(s.scheduler.metrics.snapshot(), s.scheduler.occupancy())  # noqa: E731
+    def publish(service, idle: bool) -> None:  # throttled while busy; at once when the work runs out
+        metrics.publish(service.scheduler.metrics.snapshot(), service.scheduler.occupancy(), force=idle)
+
     service = StepService(load_components(params), params.max_images, params.max_queue_size,
                           params.request_timeout_s, on_round=publish)
     service.metrics = metrics  # kept alive with the service (the families must outlive their metrics)

@@ -22,7 +22,7 @@ from kandinsky_trt.runtime.serve.limits import (DEFAULT_MAX_QUEUE_SIZE, DEFAULT_
                                                  DEFAULT_QUEUE_TIMEOUT_S)
 
 SCHEDULING = ("request", "step")
-STEP_TRITON_QUEUE_FACTOR = 2  # step scheduling: Triton's queue bound over the scheduler's (see with_queue_policy)
+STEP_TRITON_QUEUE_FACTOR = 4  # step scheduling: Triton's queue bound over the scheduler's (see with_queue_policy)
 MODEL_PY = (
     '"""Triton Python-backend entry point, written by `kandinsky-trt triton-repo`."""\n'
     "from kandinsky_trt.runtime.serve.model import TritonPythonModel  # noqa: F401\n"
@@ -95,7 +95,7 @@ def with_queue_policy(pbtxt: str, config: RepoConfig) -> str:
 
     With step scheduling the requests wait in the model's scheduler (bounded by ``max_queue_size``,
     refused with "queue full"); Triton's queue only holds them until ``execute`` hands them over,
-    which returns at once, so its bound is set twice as large: the scheduler's is the one clients meet,
+    which returns at once, so its bound is set four times as large: the scheduler's is the one clients meet,
     and a burst faster than ``execute`` still meets a bound."""
     size = config.max_queue_size * (STEP_TRITON_QUEUE_FACTOR if config.scheduling == "step" else 1)
     policy = (f"  default_queue_policy {{\n    max_queue_size: {size}\n    timeout_action: REJECT\n"

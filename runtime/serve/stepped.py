@@ -69,14 +69,14 @@ class StepService:
     """Serves model requests on ``components`` through the step scheduler (see the module docstring)."""
 
     def __init__(self, components: Components, max_images: int, queue_limit: int,
-                 request_timeout_s: float | None = None, on_round: Callable[["StepService"], None] | None = None,
+                 request_timeout_s: float | None = None, on_round: Callable[["StepService", bool], None] | None = None,
                  start: bool = True) -> None:
         """``start=False``: no worker thread; the caller turns the worker by :meth:`run_once` (tests)."""
         self.pipelines = Pipelines(components)
         self.executor = ComponentsExecutor(components)
         self.scheduler = Scheduler(self.executor, queue_limit=queue_limit, on_finish=self._finished)
         self.max_images, self.queue_limit, self.request_timeout_s = max_images, queue_limit, request_timeout_s
-        self.on_round = on_round  # e.g. publish the metrics (on the worker thread)
+        self.on_round = on_round  # (service, idle) after every turn: e.g. publish the metrics (worker thread)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -198,7 +198,7 @@ class StepService:
             log.exception("step scheduler round failed; answering every held request and resetting")
             self._fail_all(err)
         if self.on_round is not None:
-            self.on_round(self)
+            self.on_round(self, not self.scheduler.has_work)
         return True
 
     def _poll_gone(self) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
-from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
+from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP, LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import img2img_add_noise, img2img_timesteps
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
@@ -47,6 +47,11 @@ from kandinsky_trt.runtime.processing.images import postprocess
 
 __all__ = ["ImagePipelineOutput", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline", "KandinskyPipeline",
            "DecoderRequest", "img2img_steps"]
+
+
+def loop_spec_of(request: DecoderRequest) -> LoopSpec:
+    """The loop a decoder request runs: the inpaint UNet's for an inpainting start, else the UNet's."""
+    return INPAINT_LOOP if isinstance(request.image, InpaintStart) else UNET_LOOP
 
 
 @dataclass
@@ -111,7 +116,7 @@ class _DecoderPipeline:
         """Denoise each chunk, then decode it with MoVQ. On a resident chain (TensorRT; not with a step
         callback, which downloads every step) it stays on the device: one download per chunk, its image."""
         c = self.components
-        loop = INPAINT_LOOP if isinstance(request.image, InpaintStart) else UNET_LOOP
+        loop = loop_spec_of(request)
         with c.resident_chain() if request.callback is None else nullcontext() as chain:
             results = []
             for rows, batch in c.chunks(len(request.prompts), request.size):
@@ -129,10 +134,17 @@ class _DecoderPipeline:
         return self._decode_latents(np.concatenate(results), request.size)
 
     def _chunk_inputs(self, request: DecoderRequest, chunk: "_Rows", chain: ResidentChain | None) -> LoopInputs:
+        text = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
+                          args.take_list(request.negatives, chunk.rows, chunk.batch), self.components.profile.cfg,
+                          chain)
+        return self._loop_inputs(request, chunk, text)
+
+    def _loop_inputs(self, request: DecoderRequest, chunk: "_Rows", text: dict) -> LoopInputs:
+        """A chunk's loop inputs around its text conditioning ``text`` (:meth:`_text` of its rows):
+        the image embeddings, inpainting's conditioning, the start latents and step noise of its rows."""
         cfg = self.components.profile.cfg
         pick = lambda a: args.take(a, chunk.rows, chunk.batch)  # noqa: E731
-        conditioning = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
-                                  args.take_list(request.negatives, chunk.rows, chunk.batch), cfg, chain)
+        conditioning = dict(text)
         image = pick(request.image_embeds)
         conditioning["image_embeds"] = np.concatenate([pick(request.negative_image_embeds), image]) if cfg else image
         extras = {}

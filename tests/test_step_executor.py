@@ -217,3 +217,37 @@ def test_what_the_stages_cannot_run_is_refused_before_it_is_queued(components):
     assert executor.refusal("text2img", watched) == ("callback: expected none (a step callback needs the "
                                                      "pipeline's own loop), found one")
     executor.close()
+
+
+@pytest.fixture(scope="module")
+def multi(artifacts_fp32_multi):
+    with Components(artifacts_fp32_multi[0]) as c:
+        yield c
+
+
+def test_each_size_has_its_own_pools_on_artifacts_of_several_profiles(multi):
+    """Batches 1 and 2 at 64x64 and 64x128: two slots per pool; two-row requests run at batch 2 alone
+    too, so their images are bit for bit the pipeline's."""
+    calls = {
+        "wide": ("text2img", dict(prompt="a fox", num_images_per_prompt=2, num_inference_steps=3,
+                                  height=64, width=128)),
+        "square-inp": ("inpaint", dict(prompt="a cat", image=PICTURE, mask_image=MASK, num_images_per_prompt=2,
+                                       num_inference_steps=2, height=64, width=64)),
+        "square-img": ("img2img", dict(prompt="a hut", image=PICTURE, num_images_per_prompt=2, strength=0.6,
+                                       num_inference_steps=4, height=64, width=64)),
+    }
+    executor = ComponentsExecutor(multi)
+    scheduler = Scheduler(executor, SimulatedClock())
+    requests = []
+    for seed, (request_id, (task, kw)) in enumerate(calls.items()):
+        kw.update(prior_num_inference_steps=2, generator=seed)  # the pipeline alone below gets the same
+        requests.append(scheduled_request(request_id, task, built_request(multi, task, {**kw, "output_type": "np"})))
+        scheduler.submit(requests[-1])
+    scheduler.run_until_idle()
+    executor.close()
+    assert [executor.pool(DECODER, r) for r in requests] == [
+        ("decoder", 64, 128), ("decoder", "inpaint", 64, 64), ("decoder", 64, 64)]
+    assert [executor.capacity(DECODER, executor.pool(DECODER, r)) for r in requests] == [2, 2, 2]
+    for request_id, (task, kw) in calls.items():
+        alone = PIPELINES[task](components=multi)(**kw, output_type="np").images
+        assert np.array_equal(executor.results[request_id], alone), request_id

@@ -90,8 +90,9 @@ class RooflineCost:
         rows = self.fit(sum(r.rows for r in requests))
         if stage == DECODE:
             return self.network_s("movq_decoder", rows)
+        prior_rows = self.fit(sum(r.rows_at(PRIOR) for r in requests))  # with a negative prompt, 2 per image
         images = sum(r.rows for r in requests if r.task != "text2img")
-        return (self.network_s("text_encoder", rows) + self.network_s("prior_text_encoder", rows)
+        return (self.network_s("text_encoder", rows) + self.network_s("prior_text_encoder", prior_rows)
                 + self.network_s("movq_encoder", self.fit(images) if images else 0))
 
     def step_s(self, stage: str, pool: Hashable, rows: int) -> float:
@@ -147,7 +148,7 @@ class SimulatedExecutor:
         self.clock.advance(self.cost.call_s(stage, requests))
 
     def admit(self, stage: str, pool: Hashable, request: Request) -> None:
-        self._left.setdefault(pool, {})[request.request_id] = [steps_run(request, stage), request.rows]
+        self._left.setdefault(pool, {})[request.request_id] = [steps_run(request, stage), request.rows_at(stage)]
 
     def step(self, stage: str, pool: Hashable) -> list[str]:
         rows = self._left[pool]

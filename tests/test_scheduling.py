@@ -90,6 +90,26 @@ def test_requests_that_can_never_fit_or_repeat_an_id_are_refused():
         Request("x", task="upscale")
 
 
+def test_prior_rows_and_decoder_rows_are_counted_apart():
+    """A negative prompt: the prior samples two rows per image (``prior_rows``), the decoder one."""
+    negative = Request("n", rows=2, prior_rows=4)
+    assert negative.rows_at("encode") == negative.rows_at("prior") == 4 and negative.rows_at(DECODER) == 2
+    assert Request("n", rows=2).rows_at("prior") == 2
+    scheduler, executor, _, _ = make(slots=2)
+    scheduler.submit(req("neg", decoder_steps=6, prior_rows=2))
+    scheduler.submit(req("a", decoder_steps=6))
+    scheduler.submit(req("b", decoder_steps=6))
+    scheduler.run_until_idle()
+    steps = {stage: [ids for kind, s, ids in executor.log if kind == "step" and s == stage]
+             for stage in ("prior", DECODER)}
+    assert steps["prior"] == [("neg",), ("neg",), ("a", "b"), ("a", "b")]  # neg held both prior slots
+    assert ("neg", "a") in steps[DECODER] and max(map(len, steps[DECODER])) == 2  # and one decoder slot
+    with pytest.raises(RequestTooLarge, match=r"rows: expected at most 2 \(the prior pool \('prior',\)\), found 3"):
+        scheduler.submit(req("big", prior_rows=3))
+    with pytest.raises(SchedulingError, match="prior_rows: expected an integer >= 1, found 0"):
+        req("none", prior_rows=0)
+
+
 def test_cancel_frees_the_slot_at_the_next_step_boundary():
     scheduler, executor, _, finished = make(slots=1)
     scheduler.submit(req("a", decoder_steps=100))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
-from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
+from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP, LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import img2img_add_noise, img2img_timesteps
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
@@ -47,6 +47,11 @@ from kandinsky_trt.runtime.processing.images import postprocess
 
 __all__ = ["ImagePipelineOutput", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline", "KandinskyPipeline",
            "DecoderRequest", "img2img_steps"]
+
+
+def loop_spec_of(request: DecoderRequest) -> LoopSpec:
+    """The loop a decoder request runs: the inpaint UNet's for an inpainting start, else the UNet's."""
+    return INPAINT_LOOP if isinstance(request.image, InpaintStart) else UNET_LOOP
 
 
 @dataclass
@@ -80,27 +85,31 @@ class _DecoderPipeline:
         images = postprocess(self._denoise_and_decode(request, latents, conditioning), request.output_type)
         return ImagePipelineOutput(images) if request.return_dict else (images,)
 
-    def _draw(self, request: DecoderRequest) -> tuple[np.ndarray, np.ndarray | None, DecoderRequest]:
+    def _draw(self, request: DecoderRequest,
+              encoded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, DecoderRequest]:
         """:meth:`_start`, then the step noise unless given (diffusers' order); the request with it."""
-        latents, conditioning = self._start(request)
+        latents, conditioning = self._start(request, encoded)
         table, step_noise = request.table, request.step_noise
         if step_noise is None and table.stochastic.any():
             step_noise = request.rng.standard_normal((int(table.stochastic.sum()), *request.latent_shape),
                                                      dtype=np.float32)
         return latents, conditioning, replace(request, step_noise=step_noise)
 
-    def _start(self, request: DecoderRequest) -> tuple[np.ndarray, np.ndarray | None]:
+    def _start(self, request: DecoderRequest,
+               encoded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The loop's initial latents (drawn unless given; img2img: the noised image latents) and
-        inpainting's conditioning (masked image latents + mask, per row; None otherwise)."""
+        inpainting's conditioning (masked image latents + mask, per row; None otherwise). ``encoded``:
+        the image's MoVQ latents when already encoded (:meth:`_movq_encode`; the step executor merges
+        several requests' encoder calls), else they are encoded here."""
         start = request.image
         if isinstance(start, Img2ImgStart):
-            encoded = self._encode_images(start.pixels, request.count)
+            encoded = self._encode_images(start.pixels, request.count, encoded)
             noise = args.draw_or_check(start.noise, request.latent_shape, "noise", request.rng)
             latents = np.repeat(encoded, request.per_prompt, axis=0) * np.float32(request.table.init_noise_sigma)
             return img2img_add_noise(latents, noise, start.strength, start.train_timesteps), None
         conditioning = None
         if isinstance(start, InpaintStart):
-            image_latents = self._encode_images(start.pixels, request.count)
+            image_latents = self._encode_images(start.pixels, request.count, encoded)
             conditioning = np.concatenate([image_latents * start.keep, start.keep], axis=1)
             conditioning = np.repeat(conditioning, request.per_prompt, axis=0)
         latents = args.draw_or_check(request.latents, request.latent_shape, "latents", request.rng)
@@ -111,11 +120,11 @@ class _DecoderPipeline:
         """Denoise each chunk, then decode it with MoVQ. On a resident chain (TensorRT; not with a step
         callback, which downloads every step) it stays on the device: one download per chunk, its image."""
         c = self.components
-        loop = INPAINT_LOOP if isinstance(request.image, InpaintStart) else UNET_LOOP
+        loop = loop_spec_of(request)
         with c.resident_chain() if request.callback is None else nullcontext() as chain:
             results = []
             for rows, batch in c.chunks(len(request.prompts), request.size):
-                inputs = self._chunk_inputs(request, _Rows(latents, conditioning, rows, batch), chain)
+                inputs = self._chunk_inputs(request, ChunkRows(latents, conditioning, rows, batch), chain)
                 if chain is None:
                     results.append(c.denoise(loop, request.table, inputs, request.callback)[: rows.stop - rows.start])
                     continue
@@ -128,11 +137,18 @@ class _DecoderPipeline:
         # The host path decodes in the same chunks (same rows, same batches) as it denoised.
         return self._decode_latents(np.concatenate(results), request.size)
 
-    def _chunk_inputs(self, request: DecoderRequest, chunk: "_Rows", chain: ResidentChain | None) -> LoopInputs:
+    def _chunk_inputs(self, request: DecoderRequest, chunk: "ChunkRows", chain: ResidentChain | None) -> LoopInputs:
+        text = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
+                          args.take_list(request.negatives, chunk.rows, chunk.batch), self.components.profile.cfg,
+                          chain)
+        return self._loop_inputs(request, chunk, text)
+
+    def _loop_inputs(self, request: DecoderRequest, chunk: "ChunkRows", text: dict) -> LoopInputs:
+        """A chunk's loop inputs around its text conditioning ``text`` (:meth:`_text` of its rows):
+        the image embeddings, inpainting's conditioning, the start latents and step noise of its rows."""
         cfg = self.components.profile.cfg
         pick = lambda a: args.take(a, chunk.rows, chunk.batch)  # noqa: E731
-        conditioning = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
-                                  args.take_list(request.negatives, chunk.rows, chunk.batch), cfg, chain)
+        conditioning = dict(text)
         image = pick(request.image_embeds)
         conditioning["image_embeds"] = np.concatenate([pick(request.negative_image_embeds), image]) if cfg else image
         extras = {}
@@ -158,18 +174,22 @@ class _DecoderPipeline:
             images.append(c.run("movq_decoder", feeds)["image"][: rows.stop - rows.start])
         return np.concatenate(images)
 
-    def _encode_images(self, pixels: np.ndarray, count: int) -> np.ndarray:
-        """MoVQ-encode ``pixels`` and broadcast one image to every prompt."""
+    def _encode_images(self, pixels: np.ndarray, count: int, encoded: np.ndarray | None = None) -> np.ndarray:
+        """MoVQ-encode ``pixels`` (unless ``encoded`` holds their latents) and broadcast one image to every prompt."""
+        latents = self._movq_encode(pixels) if encoded is None else encoded
+        return np.repeat(latents, count, axis=0) if len(latents) == 1 else latents
+
+    def _movq_encode(self, pixels: np.ndarray) -> np.ndarray:
+        """The MoVQ latents of ``pixels`` (n, 3, H, W), in chunks of the profile batches of their size."""
         c, out = self.components, []
         for rows, batch in c.chunks(len(pixels), pixels.shape[-2:]):
             feeds = {"image": args.take(pixels, rows, batch)}
             out.append(c.run("movq_encoder", feeds)["latents"][: rows.stop - rows.start])
-        latents = np.concatenate(out)
-        return np.repeat(latents, count, axis=0) if len(latents) == 1 else latents
+        return np.concatenate(out)
 
 
 @dataclass(frozen=True)
-class _Rows:
+class ChunkRows:
     """One chunk of a decoder run: the run's start latents and inpaint conditioning, the chunk's rows
     and the profile batch they are padded to."""
 

@@ -58,6 +58,15 @@ def image_embeds_of(loaded: LoadedArtifacts, latents: np.ndarray) -> np.ndarray:
     return latents * loaded.constant("clip_std") + loaded.constant("clip_mean")
 
 
+def prior_output(loaded: LoadedArtifacts, request: PriorRequest, embeds: np.ndarray) -> KandinskyPriorPipelineOutput:
+    """The request's sampled embeddings ``(rows, E)`` split into the pipeline's output: with negative
+    prompts the second half of the rows sampled the negatives; else the negative is the zero-image embedding."""
+    if request.sample_negatives:
+        return KandinskyPriorPipelineOutput(*np.split(embeds, 2))
+    zero = loaded.constant("zero_image_embeds")
+    return KandinskyPriorPipelineOutput(embeds, np.repeat(zero, len(embeds), axis=0))
+
+
 class KandinskyPriorPipeline:
     """Text -> image embedding prior on exported artifacts.
 
@@ -85,12 +94,7 @@ class KandinskyPriorPipeline:
 
     def run(self, request: PriorRequest) -> KandinskyPriorPipelineOutput:
         """Draw what was not given (latents, then step noise: diffusers' order), sample, split the rows."""
-        loaded = self.components.loaded
-        embeds = self._sample(request, *self._draw(request))
-        if request.sample_negatives:
-            return KandinskyPriorPipelineOutput(*np.split(embeds, 2))
-        zero = loaded.constant("zero_image_embeds")
-        return KandinskyPriorPipelineOutput(embeds, np.repeat(zero, len(embeds), axis=0))
+        return prior_output(self.components.loaded, request, self._sample(request, *self._draw(request)))
 
     def _draw(self, request: PriorRequest) -> tuple[np.ndarray, np.ndarray]:
         """The request's latents ``(rows, E)`` and step noise ``(stochastic steps, rows, E)``, each

@@ -128,9 +128,9 @@ class Scheduler:
         for stage in STAGES:
             pool = self.executor.pool(stage, request)
             capacity = self.executor.capacity(stage, pool)
-            if request.rows > capacity:
+            if request.rows_at(stage) > capacity:
                 raise RequestTooLarge(f"rows: expected at most {capacity} (the {stage} pool {pool!r}), "
-                                      f"found {request.rows}")
+                                      f"found {request.rows_at(stage)}")
 
     # -- the worker ----------------------------------------------------------------------------
 

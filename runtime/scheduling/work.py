@@ -39,7 +39,9 @@ class Request:
         prior_steps, decoder_steps: requested step counts (img2img runs the tail ``strength`` of them).
         guidance_scale, prior_guidance_scale: per row; any values share a step.
         strength: img2img's share of the schedule, None elsewhere.
-        rows: images per prompt: the slots it holds in each loop, all admitted together.
+        rows: its images: the decoder's slots (and the MoVQ decoder's rows), all admitted together.
+        prior_rows: the prior's slots when they differ from ``rows`` (a negative prompt: the prior
+            also samples the negatives, ``2 * rows``); None: ``rows``. See :meth:`rows_at`.
         timeout_s: the request is dropped at the first step boundary past ``arrival + timeout_s``.
         payload: what the executor needs (prompts, images, seeds); the scheduler never reads it.
     """
@@ -54,24 +56,32 @@ class Request:
     prior_guidance_scale: float = 4.0
     strength: float | None = None
     rows: int = 1
+    prior_rows: int | None = None
     timeout_s: float | None = None
     payload: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SchedulingError(f"task: expected one of {TASKS}, found {self.task!r}")
-        for name in ("prior_steps", "decoder_steps", "rows"):
+        counts = ("prior_steps", "decoder_steps", "rows") + (("prior_rows",) if self.prior_rows is not None else ())
+        for name in counts:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SchedulingError(f"{name}: expected an integer >= 1, found {value!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise SchedulingError(f"timeout_s: expected a positive number of seconds or None, found {self.timeout_s!r}")
 
+    def rows_at(self, stage: str) -> int:
+        """Rows it holds at ``stage``: the prior's in the prior loop and in the entry call (its text
+        encoder encodes them), ``rows`` in the decoder loop and the MoVQ decoder call."""
+        prior = self.rows if self.prior_rows is None else self.prior_rows
+        return {PRIOR: prior, ENCODE: max(prior, self.rows)}.get(stage, self.rows)
+
     @property
     def batch_key(self) -> tuple:
         """What request-level batching groups by (today's ``serve.batching.group_key``, less the prompts)."""
         return (self.task, self.height, self.width, self.prior_steps, self.decoder_steps, self.guidance_scale,
-                self.prior_guidance_scale, self.strength, self.rows)
+                self.prior_guidance_scale, self.strength, self.rows, self.prior_rows)
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,8 @@ class Job:
 
     @property
     def rows(self) -> int:
-        return self.request.rows
+        """Rows it holds at its current stage (:meth:`Request.rows_at`)."""
+        return self.request.rows_at(self.stage)
 
     @property
     def deadline(self) -> float | None:

@@ -6,8 +6,8 @@ request decoding and grouped execution behind the Python-backend model (``reques
 ``executor``, ``model``, with cancellation at step boundaries in ``cancel``), the tritonserver
 launcher (``launcher``) with its HTTP front bounding request sizes (``front``), the stub watchdog
 that keeps readiness true to the model (``watchdog``), the step scheduler's executor on loaded
-artifacts (``step_executor``: runtime/scheduling's stages on the loops of slots; not wired into
-``model`` yet), the hygiene of what a server leaves behind
+artifacts (``step_executor``, with a request's rows per stage in ``step_rows``: runtime/scheduling's
+stages on the loops of slots; not wired into ``model`` yet), the hygiene of what a server leaves behind
 (``hygiene``) and the bounds in one place (``limits``), the client (``client``) and the CLI
 commands (``commands``).
 

@@ -89,7 +89,7 @@ def wait_for(check, timeout_s: float = 60.0) -> None:
 
 def test_mixed_requests_share_steps_and_each_equals_the_python_api_alone(server, components):
     requests = [("http", fields("text2img", 1, 9)), ("grpc", fields("img2img", 2, 6, guidance_scale=7.0)),
-                ("http", fields("text2img", 3, 2, guidance_scale=1.0)), ("grpc", fields("text2img", 4, 5))]
+                ("http", fields("text2img", 3, 2, guidance_scale=1.0)), ("grpc", fields("inpaint", 4, 5, negative_prompt="blurry"))]
     rows_before, calls_before = sched(server, "rows_run_total", "decoder"), sched(server, "calls_total", "decoder")
     with ThreadPoolExecutor(len(requests) + 1) as pool:
         served = [pool.submit(infer, server, protocol, request) for protocol, request in requests]
@@ -168,7 +168,7 @@ def test_metrics_count_every_stage(server):
         assert admitted >= 10 and sched(server, "calls_total", stage) >= 1, stage
         assert sched(server, "busy_seconds_total", stage) > 0, stage
         assert 0 < sched(server, "rows_run_total", stage) <= sched(server, "rows_offered_total", stage), stage
-    assert sched(server, "slots", "decoder") == 2 and sched(server, "slots", "prior") == 2
+    assert sched(server, "slots", "decoder") == 4 and sched(server, "slots", "prior") == 2  # inpaint: own slots
     ended = sched(server, "ended_total")
     events = {e: sched(server, "requests_total", e) for e in ("submitted", "completed", "cancelled", "timed_out",
                                                               "failed", "refused")}

@@ -57,19 +57,21 @@ def turn_until(service: StepService, done, rounds: int = 2000) -> None:
 
 
 def test_every_request_equals_the_python_api_alone_whatever_shares_its_steps(components):
-    service = StepService(components, max_images=4, queue_limit=8, start=False)
+    service = StepService(components, max_images=4, queue_limit=16, start=False)
     replies = Replies()
     requests = {"long": fields("text2img", 1, 12), "img": fields("img2img", 2, 6, guidance_scale=7.0),
-                "short": fields("text2img", 3, 2), "prior": task_fields("prior", 4, H, W)}
+                "short": fields("text2img", 3, 2), "prior": task_fields("prior", 4, H, W),
+                "inpaint": fields("inpaint", 8, 3), "negative": fields("text2img", 9, 3, negative_prompt="blurry"),
+                "two": fields("img2img", 10, 4, num_images=2, guidance_scale=1.0)}
     service.submit(item_arrays(requests["long"]), lambda: False, replies("long"))
     for _ in range(4):  # long is in a decoder slot before the others arrive
         service.run_once()
     service.submit(item_arrays(requests["short"]), lambda: False, replies("short"))
     pair = (fields("text2img", 5, 3), fields("text2img", 6, 4, prompt="a boat"))
     service.submit(batched(*pair), lambda: False, replies("pair"))
-    for name in ("img", "prior"):
+    for name in ("img", "prior", "inpaint", "negative", "two"):
         service.submit(item_arrays(requests[name]), lambda: False, replies(name))
-    turn_until(service, lambda: len(replies.got) == 5)
+    turn_until(service, lambda: len(replies.got) == 8)
     service.stop()
     for name, request in requests.items():
         assert replies.got[name].error is None, replies.got[name].error
@@ -79,6 +81,8 @@ def test_every_request_equals_the_python_api_alone_whatever_shares_its_steps(com
     assert replies.order.index("short") < replies.order.index("long")  # came later, left first
     decoder = service.scheduler.metrics.stages["decoder"]
     assert decoder.rows_run > decoder.calls  # rows of different requests shared steps
+    scheduled = {e[3] for e in service.scheduler.trace if e[1] == "submit"}
+    assert len(scheduled) == 8  # every item but the prior task's ran in the loops' slots
 
 
 def test_a_full_queue_refuses_the_whole_request_at_once_and_keeps_the_others(components):

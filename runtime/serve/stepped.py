@@ -15,9 +15,10 @@ Bounds and leaving early:
   is refused at once (:class:`~kandinsky_trt.runtime.scheduling.work.QueueFull`) and the whole
   request answered UNAVAILABLE (503) with "queue full", its other items withdrawn. Readiness stays
   true: a full queue is load, not a fault.
-- **Serial items.** What the stages cannot run yet (``ComponentsExecutor.refusal``: e.g. the prior
-  and interpolate tasks) runs as one pipeline call on the worker thread between two rounds, so it
-  holds every loop for its duration; at most ``queue_limit`` such items wait.
+- **Serial items.** What the stages cannot run (``ComponentsExecutor.refusal``: the prior and
+  interpolate tasks, a request with more rows than a loop's slots) runs as one pipeline call on the
+  worker thread between two rounds, so it holds every loop for its duration; at most
+  ``queue_limit`` such items wait.
 - **Cancellation.** Every :data:`CANCEL_POLL_S` the worker asks each held request whether its client
   has gone (gRPC cancellation, or the HTTP front's mark); a gone request's items leave at the next
   step boundary and free their slots.
@@ -46,6 +47,7 @@ from kandinsky_trt.runtime.serve.executor import Response, Unavailable, assemble
 from kandinsky_trt.runtime.loops.template import LoopStopped
 from kandinsky_trt.runtime.serve.requests import Item, RequestError, decode_request
 from kandinsky_trt.runtime.serve.step_executor import ComponentsExecutor
+from kandinsky_trt.runtime.serve.step_rows import scheduled_request
 
 log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05  # how often held requests are asked whether their client has gone
@@ -145,12 +147,7 @@ class StepService:
         combined = combined_request_of(self.pipelines, [item], args.rng(item.seed))
         if self.executor.refusal(item.task, combined) is not None:
             return None
-        return Request(f"r{next(self._ids)}", task=item.task, height=combined.decoder.height,
-                       width=combined.decoder.width, prior_steps=combined.prior.steps,
-                       decoder_steps=combined.decoder.steps, guidance_scale=combined.decoder.guidance_scale,
-                       prior_guidance_scale=combined.prior.guidance_scale,
-                       strength=item.strength if item.task == "img2img" else None, timeout_s=timeout_s,
-                       payload=combined)
+        return scheduled_request(f"r{next(self._ids)}", item.task, combined, timeout_s)
 
     def _withdraw(self, pending: _Pending) -> None:
         """Take a refused request's queued items back (under the lock)."""

@@ -5,9 +5,10 @@ and the README's client table are generated), the model repository writer (``rep
 request decoding and grouped execution behind the Python-backend model (``requests``,
 ``executor``, ``model``, with cancellation at step boundaries in ``cancel``), the tritonserver
 launcher (``launcher``) with its HTTP front bounding request sizes (``front``), the stub watchdog
-that keeps readiness true to the model (``watchdog``), the step scheduler's executor on loaded
-artifacts (``step_executor``, with a request's rows per stage in ``step_rows``: runtime/scheduling's
-stages on the loops of slots; not wired into ``model`` yet), the hygiene of what a server leaves behind
+that keeps readiness true to the model (``watchdog``), step-level serving (``stepped``: the model's
+requests through runtime/scheduling's scheduler on one worker thread, with ``--scheduling step``;
+its executor on loaded artifacts, ``step_executor``, with a request's rows per stage in
+``step_rows``; its metrics on Triton's /metrics, ``step_metrics``), the hygiene of what a server leaves behind
 (``hygiene``) and the bounds in one place (``limits``), the client (``client``) and the CLI
 commands (``commands``).
 

@@ -160,3 +160,22 @@ def test_the_worker_thread_serves_submissions_from_other_threads(components):
         time.sleep(0.01)
     service.stop()
     assert_same(replies.got["threaded"].outputs, python_api(components, request))
+
+
+def test_a_failing_reply_or_cancel_check_touches_no_other_request(components):
+    """A response that cannot be sent (its client's stream is gone) or a cancel check that raises must
+    not end the round's other requests."""
+    service = StepService(components, max_images=4, queue_limit=4, start=False)
+    replies = Replies()
+
+    def broken_reply(response) -> None:
+        raise ConnectionError("stream closed")
+
+    def broken_check() -> bool:
+        raise OSError("marks directory removed")
+
+    service.submit(item_arrays(fields("text2img", 1, 2)), lambda: False, broken_reply)
+    service.submit(item_arrays(fields("text2img", 2, 3)), broken_check, replies("kept"))
+    turn_until(service, lambda: "kept" in replies.got)
+    service.stop()
+    assert replies.got["kept"].error is None and service.scheduler.metrics.completed == 2

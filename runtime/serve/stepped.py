@@ -99,23 +99,23 @@ class StepService:
         try:
             items = decode_request(inputs, self.max_images)
         except RequestError as err:
-            return reply(error_response(err))
-        if gone():
-            return reply(error_response(RequestCancelled()))
+            return _send(reply, error_response(err))
+        if _has_gone(gone):
+            return _send(reply, error_response(RequestCancelled()))
         pending = _Pending(reply, gone, [None] * len(items))
         timeout_s = timeout_s or self.request_timeout_s
         with self._lock:
             if self._stopping:
-                return reply(error_response(Unavailable("server: shutting down; retry on another replica")))
+                return _send(reply, error_response(Unavailable("server: shutting down; retry on another replica")))
             try:
                 for index, item in enumerate(items):
                     self._queue_item(pending, index, item, timeout_s)
             except (QueueFull, Unavailable) as err:
                 self._withdraw(pending)
-                return reply(error_response(err if isinstance(err, Unavailable) else Unavailable(str(err))))
+                return _send(reply, error_response(err if isinstance(err, Unavailable) else Unavailable(str(err))))
             if any(isinstance(r, BaseException) for r in pending.results):  # an item failed its checks
                 self._withdraw(pending)
-                return reply(assemble(pending.results))
+                return _send(reply, assemble(pending.results))
             self._pending.append(pending)
             self._wake.notify()
 
@@ -171,8 +171,13 @@ class StepService:
     # -- the worker ----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while self.run_once(wait=True):
-            pass
+        while True:
+            try:
+                if not self.run_once(wait=True):
+                    break
+            except Exception as err:  # noqa: BLE001 - e.g. publishing metrics failed: the worker must live on
+                log.exception("step scheduler worker turn failed; answering every held request and resetting")
+                self._fail_all(err)
         self._fail_all(Unavailable("server: shutting down; retry on another replica"), restart=False)
 
     def run_once(self, wait: bool = False) -> bool:
@@ -202,7 +207,7 @@ class StepService:
         with self._lock:
             held = [p for p in self._pending if p.scheduled]
         for pending in held:
-            if pending.gone():
+            if _has_gone(pending.gone):
                 for request_id in list(pending.scheduled):
                     self.scheduler.cancel(request_id)
 
@@ -250,7 +255,7 @@ class StepService:
         if pending.done():
             with self._lock:
                 self._pending.remove(pending)
-            pending.reply(assemble(pending.results))
+            _send(pending.reply, assemble(pending.results))
 
     def _fail_all(self, err: BaseException, restart: bool = True) -> None:
         """Answer every held request with ``err``; with ``restart``, fresh loops and a fresh scheduler."""
@@ -263,4 +268,22 @@ class StepService:
                 self.executor = ComponentsExecutor(self.pipelines.components)
                 self.scheduler = Scheduler(self.executor, queue_limit=self.queue_limit, on_finish=self._finished)
         for pending in held:
-            pending.reply(error_response(err))
+            _send(pending.reply, error_response(err))
+
+
+def _has_gone(gone: Callable[[], bool]) -> bool:
+    """Whether a client has gone; a check that fails says nothing, so the request goes on."""
+    try:
+        return bool(gone())
+    except Exception:  # noqa: BLE001
+        log.warning("could not tell whether a client has gone; its request goes on", exc_info=True)
+        return False
+
+
+def _send(reply: Callable[[Response], None], response: Response) -> None:
+    """Answer one request; a reply that fails (its client's stream is gone) is logged, never raised into
+    the scheduler's round, where it would end the other requests' work."""
+    try:
+        reply(response)
+    except Exception:  # noqa: BLE001
+        log.warning("could not send a response (kind %s)", response.kind, exc_info=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -341,6 +342,31 @@ def test_front_refuses_infer_with_503_while_the_model_reloads():
         front.set_unavailable(None)
         served = _read_all(_send(front.port, infer.replace(b"Host: x", b"Host: x\r\nConnection: close")))
         assert served.startswith(b"HTTP/1.1 200") and upstream.heads[-1].startswith("POST /v2/models/kandinsky/infer")
+    finally:
+        front.stop()
+        upstream.close()
+
+
+def test_front_answers_503_to_infer_requests_pending_when_the_model_process_dies():
+    """A step-scheduled model answers through response senders that die with its process; Triton then
+    never answers. The watchdog's report (``set_unavailable``) makes the front answer every pending
+    infer request 503 and close its connection; a connection with no infer pending is left alone."""
+    upstream = _Upstream()  # never answers until released
+    front = _front(upstream.port)
+    try:
+        body = b'{"inputs": []}'
+        infer = b"POST /v2/models/kandinsky/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        held = [_send(front.port, infer) for _ in range(2)]
+        metadata = _send(front.port, b"GET /v2/models/kandinsky HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while len(upstream.heads) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        front.set_unavailable("model 'kandinsky': expected ready, found its model process died; retry")
+        for s in held:
+            answer = _read_all(s)  # then closed
+            assert answer.startswith(b"HTTP/1.1 503") and b"found its model process died; retry" in answer, answer
+        upstream.release.set()
+        assert _read_all(metadata).startswith(b"HTTP/1.1 200")  # not an infer request: Triton's answer
     finally:
         front.stop()
         upstream.close()

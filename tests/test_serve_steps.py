@@ -175,3 +175,29 @@ def test_metrics_count_every_stage(server):
     assert events["completed"] >= 10 and events["failed"] == 0
     assert ended == events["completed"] + events["cancelled"] + events["timed_out"] + events["failed"]
     assert sched(server, "queue_seconds_total") > 0
+
+
+def test_requests_held_when_the_model_process_dies_get_503_and_the_server_serves_again(server, components):
+    """Runs last: it kills the model's stub. Triton never answers the requests a step-scheduled model
+    held (their response senders die with the stub); the front answers them 503 (retryable) as soon as
+    the watchdog sees the death, and the reloaded model serves."""
+    import os
+    import signal
+
+    from kandinsky_trt.runtime.serve.watchdog import stubs_of
+
+    held = [fields("text2img", 40 + i, 999) for i in range(2)]
+    with ThreadPoolExecutor(len(held)) as pool:
+        answers = [pool.submit(json_infer, server, request) for request in held]
+        wait_for(lambda: sched(server, "slots_occupied", "decoder") >= 1)
+        (stub,) = stubs_of(server.triton_pid())
+        killed = time.monotonic()
+        os.kill(stub, signal.SIGKILL)
+        results = [a.result(timeout=60) for a in answers]
+        answered_s = time.monotonic() - killed
+    assert [status for status, _ in results] == [503, 503], results
+    assert all("model process died" in body["error"] for _, body in results), results
+    assert answered_s < 10, answered_s  # the watchdog polls every 0.5 s; not the clients' own timeouts
+    wait_for(lambda: is_ready(server.config), timeout_s=120)
+    request = fields("text2img", 42, 3)
+    assert_same(infer(server, "http", request), python_api(components, request))

@@ -18,7 +18,12 @@ and, per request:
 - answers ``Expect: 100-continue`` itself,
 - gives it a fresh cancel token (header ``kandinsky-cancel-token``; the client's own is dropped) and,
   when the client's connection closes while its response is pending, marks the token cancelled until
-  Triton has answered (see ``cancel.py``: the model stops at the next step boundary).
+  Triton has answered (see ``cancel.py``: the model stops at the next step boundary),
+- answers 503 (retryable: a balancer sends it to another replica) every infer request still pending
+  when the stub watchdog reports the model process dead (:meth:`HttpFront.set_unavailable`), and
+  closes its connection: a step-scheduled model answers through response senders that die with
+  its process, and Triton 2.51 never answers those requests (measured: the clients waited until
+  their own timeouts); a request Triton is already relaying an answer to is left to finish.
 
 Bounds (``limits.py``): at most ``max_connections`` connections open at once and
 ``max_buffered_bytes`` of request bodies held at once (503 beyond either); a request head (or an
@@ -125,10 +130,19 @@ class HttpFront:
         # elsewhere, and ready turns true only when infer is forwarded again.
         self.unavailable: str | None = None
         self._buffered = 0  # request-body bytes held
+        self._exchanges: set[_Exchange] = set()  # connections being served (the event loop's thread only)
 
     def set_unavailable(self, reason: str | None) -> None:
-        """``reason`` (one line) refuses infer requests with 503 until called again with None."""
+        """``reason`` (one line) refuses infer requests with 503 until called again with None, and
+        answers the infer requests pending now with 503 too (their model process died)."""
         self.unavailable = reason
+        if reason is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._fail_pending, reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        failed = sum(exchange.fail_pending(reason) for exchange in list(self._exchanges))
+        if failed:
+            log.warning("answered %d pending infer request(s) 503: %s", failed, reason)
 
     def start(self) -> "HttpFront":
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -176,6 +190,7 @@ class HttpFront:
         exchange = _Exchange(writer, CancelMarks(self.config.cancel_dir) if self.config.cancel_dir else None)
         upstream: tuple | None = None
         pump = None
+        self._exchanges.add(exchange)
         try:
             while True:
                 try:
@@ -191,7 +206,7 @@ class HttpFront:
                     body = await self._read_body(reader, length)
                     if upstream is None:
                         upstream = await self._open_upstream()
-                        pump = asyncio.ensure_future(self._pump(upstream[0], exchange))
+                        pump = exchange.pump = asyncio.ensure_future(self._pump(upstream[0], exchange))
                     upstream[1].write(exchange.forward(forward) + body)
                     del body
                     await upstream[1].drain()
@@ -200,6 +215,7 @@ class HttpFront:
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
+            self._exchanges.discard(exchange)
             await exchange.client_gone(pump)
             for w in ([upstream[1]] if upstream else []) + [writer]:
                 w.close()
@@ -274,6 +290,7 @@ class HttpFront:
                         await exchange.send(chunk)
                     return
                 pending = head  # sent with the body's first chunk: one segment for a small answer
+                exchange.relaying = True
                 while length > 0:
                     chunk = await upstream.read(min(length, 1 << 16))
                     if not chunk:
@@ -283,6 +300,7 @@ class HttpFront:
                     pending = b""
                 if pending:
                     await exchange.send(pending)
+                exchange.relaying = False
                 if status >= 200 and exchange.answered():
                     return
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -336,6 +354,20 @@ class _Exchange:
         self.writer, self.marks = writer, marks
         self.pending: deque[tuple[str | None, bytes]] = deque()  # (token, method) per forwarded request
         self.gone = False
+        self.relaying = False  # an answer is being relayed (its head sent, its body not yet all)
+        self.pump: asyncio.Future | None = None
+
+    def fail_pending(self, reason: str) -> int:
+        """Answer every pending request 503 with ``reason`` and close the connection (the pump's end
+        closes it), if an infer request is among them and no answer is half relayed; how many."""
+        if self.gone or self.relaying or self.pump is None or not any(m == b"POST" for _, m in self.pending):
+            return 0
+        count = len(self.pending)
+        for _ in range(count):
+            _respond(self.writer, "503 Service Unavailable", reason)
+            self.answered()
+        self.pump.cancel()
+        return count
 
     def forward(self, head: bytes) -> bytes:
         """``head`` with a fresh token (when marks are on); the request is now pending."""

@@ -80,24 +80,28 @@ def python_api(components, fields: dict) -> dict[str, np.ndarray]:
     return {"images": np.stack([np.asarray(i) for i in images])[None]}
 
 
-def metric_values(server, family: str) -> dict[tuple, float]:
-    """One metric family on the server's /metrics: label values (sorted by label name) -> value."""
+def metric_values(server, family: str) -> list[tuple[dict, float]]:
+    """One metric family on the server's /metrics: (labels, value) per line."""
     text = urllib.request.urlopen(server.config.metrics_url, timeout=10).read().decode()
-    values = {}
+    values = []
     for line in text.splitlines():
         name, _, rest = line.partition("{")
         if name == family or line.startswith(family + " "):
             labels = dict(pair.split("=", 1) for pair in rest.split("}")[0].split(",") if "=" in pair)
-            key = tuple(v.strip('"') for _, v in sorted(labels.items()))
-            values[key] = float(line.rsplit(" ", 1)[1])
+            values.append(({k: v.strip('"') for k, v in labels.items()}, float(line.rsplit(" ", 1)[1])))
     return values
+
+
+def metric_sum(server, family: str, **labels: str) -> float:
+    """The sum of ``family``'s values whose labels include ``labels`` (e.g. over model instances)."""
+    return sum(v for found, v in metric_values(server, family) if labels.items() <= found.items())
 
 
 def request_counts(server) -> dict[str, float]:
     """``kandinsky_requests_total`` by outcome (0 for an outcome not yet counted)."""
     counts = {"success": 0.0, "error": 0.0, "cancelled": 0.0, "refused": 0.0}
-    for (outcome,), value in metric_values(server, "kandinsky_requests_total").items():
-        counts[outcome] += value
+    for labels, value in metric_values(server, "kandinsky_requests_total"):
+        counts[labels["outcome"]] += value
     return counts
 
 

@@ -70,11 +70,11 @@ def load_executor(params: ModelParameters):
     return Executor(load_components(params), ExecutorConfig(max_images=params.max_images, batching=params.batching))
 
 
-def load_step_service(params: ModelParameters, pb_utils):
+def load_step_service(params: ModelParameters, pb_utils, instance: str):
     from kandinsky_trt.runtime.serve.step_metrics import TritonStepMetrics
     from kandinsky_trt.runtime.serve.stepped import StepService
 
-    metrics = TritonStepMetrics(pb_utils)
+    metrics = TritonStepMetrics(pb_utils, instance)
     def publish(service, idle: bool) -> None:  # throttled while busy; at once when the work runs out
         metrics.publish(service.scheduler.metrics.snapshot(), service.scheduler.occupancy(), force=idle)
 
@@ -138,7 +138,7 @@ class TritonPythonModel:
         self.marks = CancelMarks(self.params.cancel_dir) if self.params.cancel_dir else None
         self.executor = self.service = None
         if self.params.scheduling == "step":
-            self.service = load_step_service(self.params, pb_utils)
+            self.service = load_step_service(self.params, pb_utils, args.get("model_instance_name", "kandinsky"))
         else:
             self.executor = load_executor(self.params)
         log.info("kandinsky model ready: %s on %s/%s, %s scheduling", self.params.artifacts, self.params.backend,

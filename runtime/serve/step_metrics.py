@@ -15,8 +15,10 @@ Families (``stage`` is ``encode``, ``prior``, ``decoder`` or ``decode``):
   ``kandinsky_sched_queue_seconds_total`` and ``kandinsky_sched_ended_total``: queue time summed over
   ended requests, and their count (mean queue time = ratio of rates).
 
-Counters only go up: each publish adds the difference from the last snapshot. Published from the
-scheduler's worker thread at most every :data:`PUBLISH_INTERVAL_S` (and when it goes idle).
+Every metric also carries ``instance`` (the Triton model instance: each has its own scheduler, so
+gauges of two instances must not overwrite each other; sum over it for the model). Counters only go
+up: each publish adds the difference from the last snapshot. Published from the scheduler's worker
+thread at most every :data:`PUBLISH_INTERVAL_S`, and at once when the work runs out.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import time
 
 PUBLISH_INTERVAL_S = 0.25
 REQUEST_EVENTS = ("submitted", "refused", "completed", "cancelled", "timed_out", "failed")
+# Metrics snapshot key -> (family, its event label or None)
 STAGE_COUNTERS = {"admitted": ("rows", "admitted"), "retired": ("rows", "retired"), "calls": ("calls", None),
-                  "busy_s": ("busy_seconds", None), "rows_run": ("rows_run", None), "rows_offered": ("rows_offered", None)}
+                  "busy_s": ("busy_seconds", None), "rows_run": ("rows_run", None),
+                  "rows_offered": ("rows_offered", None)}
 STAGES = ("encode", "prior", "decoder", "decode")
 LOOP_STAGES = ("prior", "decoder")
 
@@ -34,7 +38,7 @@ LOOP_STAGES = ("prior", "decoder")
 class TritonStepMetrics:
     """Publishes a :class:`~kandinsky_trt.runtime.scheduling.metrics.Metrics` to Triton's metric families."""
 
-    def __init__(self, pb_utils) -> None:
+    def __init__(self, pb_utils, instance: str) -> None:
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         family = lambda name, kind, text: pb_utils.MetricFamily(name=name, description=text, kind=kind)  # noqa: E731
         # Families must outlive their metrics: kept on self.
@@ -55,15 +59,15 @@ class TritonStepMetrics:
                                     "step scheduler: seconds waited in stage queues, over ended requests"),
             "ended": family("kandinsky_sched_ended_total", counter, "step scheduler: requests that ended"),
         }
-        f = self.families
-        self.requests = {e: f["requests"].Metric(labels={"event": e}) for e in REQUEST_EVENTS}
-        self.stage = {(key, stage): f[name].Metric(labels={"stage": stage, **({"event": event} if event else {})})
-                      for key, (name, event) in STAGE_COUNTERS.items() for stage in STAGES}
-        self.occupied = {s: f["occupied"].Metric(labels={"stage": s}) for s in LOOP_STAGES}
-        self.slots = {s: f["slots"].Metric(labels={"stage": s}) for s in LOOP_STAGES}
-        self.depth = f["depth"].Metric(labels={})
-        self.queue_seconds = f["queue_seconds"].Metric(labels={})
-        self.ended = f["ended"].Metric(labels={})
+        f, mine = self.families, {"instance": instance}
+        self.requests = {e: f["requests"].Metric(labels={**mine, "event": e}) for e in REQUEST_EVENTS}
+        self.stage = {(key, stage): f[name].Metric(labels={**mine, "stage": stage, **({"event": e} if e else {})})
+                      for key, (name, e) in STAGE_COUNTERS.items() for stage in STAGES}
+        self.occupied = {s: f["occupied"].Metric(labels={**mine, "stage": s}) for s in LOOP_STAGES}
+        self.slots = {s: f["slots"].Metric(labels={**mine, "stage": s}) for s in LOOP_STAGES}
+        self.depth = f["depth"].Metric(labels=mine)
+        self.queue_seconds = f["queue_seconds"].Metric(labels=mine)
+        self.ended = f["ended"].Metric(labels=mine)
         self._last: dict = {}
         self._published_at = 0.0
 

@@ -103,28 +103,30 @@ class StepService:
         if _has_gone(gone):
             return _send(reply, error_response(RequestCancelled()))
         pending = _Pending(reply, gone, [None] * len(items))
-        timeout_s = timeout_s or self.request_timeout_s
+        built = []  # checked and prepared here, outside the lock the worker takes every turn
+        for index, item in enumerate(items):
+            try:
+                built.append((index, item, self._scheduled(item, timeout_s or self.request_timeout_s)))
+            except Exception as err:  # noqa: BLE001 - this item's own error (bad arguments): the request's answer
+                pending.results[index] = err
+                return _send(reply, assemble(pending.results))
         with self._lock:
             if self._stopping:
                 return _send(reply, error_response(Unavailable("server: shutting down; retry on another replica")))
             try:
-                for index, item in enumerate(items):
-                    self._queue_item(pending, index, item, timeout_s)
-            except (QueueFull, Unavailable) as err:
+                for index, item, request in built:
+                    self._queue_item(pending, index, item, request)
+            except QueueFull as err:
                 self._withdraw(pending)
-                return _send(reply, error_response(err if isinstance(err, Unavailable) else Unavailable(str(err))))
-            if any(isinstance(r, BaseException) for r in pending.results):  # an item failed its checks
+                return _send(reply, error_response(Unavailable(str(err))))
+            if any(isinstance(r, BaseException) for r in pending.results):  # the scheduler refused an item
                 self._withdraw(pending)
                 return _send(reply, assemble(pending.results))
             self._pending.append(pending)
             self._wake.notify()
 
-    def _queue_item(self, pending: _Pending, index: int, item: Item, timeout_s: float | None) -> None:
-        try:
-            request = self._scheduled(item, timeout_s)
-        except Exception as err:  # noqa: BLE001 - this item's own error (bad arguments), not the request's
-            pending.results[index] = err
-            return
+    def _queue_item(self, pending: _Pending, index: int, item: Item, request: Request | None) -> None:
+        """Into the scheduler, or (``request`` None) the serial queue; under the lock."""
         if request is None:
             if len(self._serial) >= self.queue_limit:
                 raise QueueFull(f"queue full: {self.queue_limit} requests are waiting (the limit); retry later")

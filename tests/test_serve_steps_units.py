@@ -179,3 +179,48 @@ def test_a_failing_reply_or_cancel_check_touches_no_other_request(components):
     turn_until(service, lambda: "kept" in replies.got)
     service.stop()
     assert replies.got["kept"].error is None and service.scheduler.metrics.completed == 2
+
+
+class _FakeMetrics:
+    """Stands in for triton_python_backend_utils' metric classes: records what is published."""
+
+    class MetricFamily:
+        COUNTER, GAUGE = "counter", "gauge"
+        made: dict = {}
+
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            self.name, self.kind = name, kind
+
+        def Metric(self, labels: dict):  # noqa: N802 - Triton's name
+            metric = _FakeMetric(self.kind)
+            _FakeMetrics.MetricFamily.made[(self.name, tuple(sorted(labels.items())))] = metric
+            return metric
+
+
+class _FakeMetric:
+    def __init__(self, kind: str) -> None:
+        self.kind, self.value = kind, 0.0
+
+    def increment(self, delta: float) -> None:
+        assert self.kind == "counter" and delta > 0
+        self.value += delta
+
+    def set(self, value: float) -> None:
+        assert self.kind == "gauge"
+        self.value = value
+
+
+def test_published_counters_only_go_up_across_a_scheduler_reset():
+    from kandinsky_trt.runtime.scheduling.metrics import Metrics
+    from kandinsky_trt.runtime.serve.step_metrics import TritonStepMetrics
+
+    published = TritonStepMetrics(_FakeMetrics, "kandinsky_0")
+    made = _FakeMetrics.MetricFamily.made
+    completed = made[("kandinsky_sched_requests_total", (("event", "completed"), ("instance", "kandinsky_0")))]
+    occupied = made[("kandinsky_sched_slots_occupied", (("instance", "kandinsky_0"), ("stage", "decoder")))]
+    metrics = Metrics(completed=5, queue_depth=3)
+    published.publish(metrics.snapshot(), {"decoder": (2, 4)}, force=True)
+    assert completed.value == 5 and occupied.value == 2
+    published.publish(Metrics(completed=1).snapshot(), {}, force=True)  # a fresh scheduler counts from 0
+    published.publish(Metrics(completed=3).snapshot(), {}, force=True)
+    assert completed.value == 8 and occupied.value == 0  # 5, then 1 and 2 more since the reset

@@ -91,7 +91,8 @@ class TritonStepMetrics:
             self.slots[stage].set(slots)
 
     def _add(self, metric, key: tuple, total: float) -> None:
-        delta = total - self._last.get(key, 0)
+        last = self._last.get(key, 0)
+        delta = total - last if total >= last else total  # below the last: a fresh scheduler counts from 0
         if delta > 0:
             metric.increment(delta)
         self._last[key] = total

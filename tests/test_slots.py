@@ -165,3 +165,42 @@ def test_admission_is_refused_with_a_readable_error(components, rows):
         with pytest.raises(BackendError, match="row conditioning: expected"):
             loop.admit(missing)
         assert loop.free == [0]  # a refused row takes no slot
+
+
+@pytest.mark.parametrize("spec", [PRIOR_LOOP, UNET_LOOP, INPAINT_LOOP], ids=lambda s: s.network)
+def test_sized_slots_step_at_the_smallest_batch_holding_the_rows_and_moved_rows_keep_their_bits(
+        components, rows, spec):
+    """Rows admitted at different steps move between the batch-1 and batch-2 loops with their whole
+    state (mid-table, noise taken); each row's latents equal the row run alone in the batch-2 loop, bit
+    for bit (ONNX Runtime CPU gives a row the same bits at batch 1 and 2 on this export)."""
+    from kandinsky_trt.runtime.loops.sized import SizedSlots
+
+    rows = rows[spec]
+    alone = [_alone(components, spec, row) for row in rows]
+    slots = SizedSlots([1, 2], lambda batch: _loop(components, spec, batch))
+    batches, done, key_of = [], {}, {}
+    waiting = list(range(len(rows)))
+    try:
+        while waiting or key_of:
+            if waiting and len(key_of) < 2 and (not key_of or len(batches) % 2):  # admit every other step
+                index = waiting.pop(0)
+                key_of[slots.admit(rows[index])] = index
+            occupied = len(key_of)
+            for retired in slots.step():
+                done[key_of.pop(retired.slot)] = retired.latents
+            batches.append((occupied, slots.batch))  # the batch that step ran at
+    finally:
+        slots.close()
+    assert all(rows_in <= batch and (rows_in == 2 or batch == 1) for rows_in, batch in batches), batches
+    assert slots.moves >= 2  # rows grew into batch 2 and shrank back into batch 1 mid-table
+    for i in range(len(rows)):
+        assert done[i].tobytes() == alone[i].tobytes(), f"{spec.network} row {i}: differs from the row run alone"
+
+
+def test_a_move_needs_a_running_row_and_the_same_networks(components, rows):
+    with _loop(components, UNET_LOOP, 2) as unet, _loop(components, PRIOR_LOOP, 1) as prior:
+        with pytest.raises(BackendError, match="expected a running row to move"):
+            unet.move(0, prior)
+        slot = unet.admit(rows[UNET_LOOP][0])
+        with pytest.raises(BackendError, match="found prior"):
+            unet.move(slot, prior)

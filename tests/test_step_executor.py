@@ -251,3 +251,42 @@ def test_each_size_has_its_own_pools_on_artifacts_of_several_profiles(multi):
     for request_id, (task, kw) in calls.items():
         alone = PIPELINES[task](components=multi)(**kw, output_type="np").images
         assert np.array_equal(executor.results[request_id], alone), request_id
+
+
+def test_steps_run_at_the_smallest_batch_holding_the_rows_and_images_keep_their_bits(multi, monkeypatch):
+    """One-row requests on batches 1 and 2: a long request steps alone at batch 1, grows into batch 2
+    when a short one joins, shrinks back when it leaves; both images equal the pipeline alone (which
+    runs a single prompt at batch 1), bit for bit."""
+    from kandinsky_trt.runtime.loops.sized import SizedSlots
+
+    steps, step = [], SizedSlots.step
+
+    def recording(slots):  # (rows stepped, the batch they stepped at), decoder pools only
+        rows, retired = len(slots.occupied), step(slots)
+        if slots.capacity == 2 and slots._active.spec.network == "unet":
+            steps.append((rows, slots.batch))
+        return retired
+
+    monkeypatch.setattr(SizedSlots, "step", recording)
+    calls = {"long": ("text2img", dict(prompt="a fox", num_inference_steps=20)),
+             "short": ("img2img", dict(prompt="a hut", image=PICTURE, strength=0.6, num_inference_steps=4))}
+    executor = ComponentsExecutor(multi)
+    scheduler = Scheduler(executor, SimulatedClock())
+    requests = {}
+    for seed, (request_id, (task, kw)) in enumerate(calls.items()):
+        kw.update(prior_num_inference_steps=2, generator=seed, height=64, width=64)
+        requests[request_id] = scheduled_request(request_id, task,
+                                                 built_request(multi, task, {**kw, "output_type": "np"}))
+    scheduler.submit(requests["long"])
+    for _ in range(6):
+        scheduler.run_round()
+    scheduler.submit(requests["short"])
+    scheduler.run_until_idle()
+    executor.close()
+    monkeypatch.undo()
+    assert steps[0] == (1, 1) and (2, 2) in steps and steps[-1] == (1, 1), steps
+    assert all(rows == batch for rows, batch in steps), steps
+    assert executor._loops == {}  # closed
+    for request_id, (task, kw) in calls.items():
+        alone = PIPELINES[task](components=multi)(**kw, output_type="np").images
+        assert np.array_equal(executor.results[request_id], alone), request_id

@@ -135,6 +135,11 @@ class DeviceStorage(SlotStorage):
         self.runners[self._side].run()
         self._side = 1 - self._side
 
+    def rows(self, tensor: ResolvedTensor, rows: np.ndarray) -> DeviceRows:
+        """The rows on the device (no download): another storage's write copies them device to device."""
+        self._check_open()
+        return DeviceRows(self.buffer(tensor.name), tensor, [int(r) for r in rows])
+
     def read_latents(self) -> np.ndarray:
         self._check_open()
         latents = self.spec.io.latents

@@ -49,6 +49,9 @@ class HostStorage(SlotStorage):
             self._step_inputs[read] = result[written]
         self._inputs[spec.sample_input] = result[io.model_input]
 
+    def rows(self, tensor: ResolvedTensor, rows: np.ndarray) -> np.ndarray:
+        return np.array(self._buffers(tensor.name)[tensor.name][rows], copy=True)
+
     def read_latents(self) -> np.ndarray:
         return np.array(self._step_inputs[self.spec.io.latents], copy=True)
 

@@ -122,6 +122,11 @@ class SlotStorage(abc.ABC):
     def read_latents(self) -> np.ndarray:
         """A host copy of the current latents ``(B, *latent)`` (on a device: the download and its sync)."""
 
+    @abc.abstractmethod
+    def rows(self, tensor: ResolvedTensor, rows: np.ndarray) -> np.ndarray | DeviceRows:
+        """Rows ``rows`` of ``tensor``'s buffer as it is now, to write into another storage: a host
+        copy, or (on a device) the device rows themselves, valid until this buffer is next written."""
+
     def copy_latents(self, slot: int, into: DeviceRows) -> None:
         """Copy slot ``slot``'s current latents into the one device row ``into`` (ordered, no sync)."""
         raise BackendError(f"{type(self).__name__}: expected a device storage to copy latents on the device, "
@@ -200,6 +205,27 @@ class SlotLoop:
         self._write_row(slot, row)
         self._slots[slot] = _Slot(row)
         return slot
+
+    def move(self, slot: int, target: "SlotLoop") -> int:
+        """Move the running row of ``slot`` into a free slot of ``target`` (the same networks at another
+        profile batch) with its whole state: conditioning, current latents, ``x0_prev``, next network
+        input, position and noise taken; the slot here is freed. Returns the slot in ``target``."""
+        moving = self._slots[slot]
+        if moving is None or target.spec != self.spec:
+            raise BackendError(f"slot: expected a running row to move into a {self.spec.network} loop, "
+                               f"found {'an empty slot' if moving is None else target.spec.network}")
+        into = target.admit(moving.row)
+        io, net, step = self.spec.io, self.storage.network_io, self.storage.step_io
+        for tensor, theirs, rows, groups in (
+                (step.tensor(io.latents), target.storage.step_io.tensor(io.latents), [slot], 1),
+                (step.tensor(io.x0_prev), target.storage.step_io.tensor(io.x0_prev), [slot], 1),
+                (net.tensor(self.spec.sample_input), target.storage.network_io.tensor(self.spec.sample_input),
+                 self._net_rows(slot, self.groups), self.groups)):
+            there = [into] if groups == 1 else target._net_rows(into, groups)
+            target.storage.write(theirs, np.asarray(there), self.storage.rows(tensor, np.asarray(rows)))
+        target._slots[into] = _Slot(moving.row, moving.position, moving.noise_used)
+        self.release(slot)  # after the copy: on a device the copy reads these rows in stream order
+        return into
 
     def release(self, slot: int) -> None:
         """Free ``slot`` without finishing its row (a cancelled request); its rows are zeroed."""

@@ -15,20 +15,21 @@ run alone, bit for bit:
   then both text encoders once over every request's rows (chunks of the profile batches, padded as
   the pipelines pad);
 * ``prior`` (pool ``("prior",)``) / ``decoder`` (pools ``("decoder", h, w)`` for text2img and
-  img2img, ``("decoder", "inpaint", h, w)`` for the inpaint UNet): one
-  :class:`~kandinsky_trt.runtime.loops.slots.SlotLoop` per pool, at its size's largest profile
-  batch (its slots); a request's rows (``step_rows``) are admitted together into free slots;
+  img2img, ``("decoder", "inpaint", h, w)`` for the inpaint UNet): slots as many as the size's
+  largest profile batch, each step run at the smallest exported batch that holds the occupied
+  ones (:class:`~kandinsky_trt.runtime.loops.sized.SizedSlots`: rows move between the loops of
+  the exported batches with their state); a request's rows (``step_rows``) are admitted together;
   admission runs no network. The prior's rows are the images' and, with a negative prompt, the
   negatives' (``Request.prior_rows``); the decoder's one per image;
 * ``decode`` (pool ``("decode", h, w)``): the MoVQ decoder once over every finished request's rows,
   then post-processing (inpainting has no other: the pipeline blends nothing after decoding).
 
-Rows are independent at a fixed profile batch, so merged calls change no row's bits; an image
-equals the pipeline's alone where both run at the same profile batch (tests/test_step_executor.py).
+Rows are independent, so merged calls change no row's maths; an image equals the pipeline's alone
+bit for bit where the backend gives a row the same bits at every batch size (ONNX Runtime CPU on
+the tiny export, tests/test_step_executor.py; on TensorRT within the fp16 tolerances).
 Not served (:meth:`ComponentsExecutor.refusal`): other tasks, a step callback, more rows than a
 pool holds (the scheduler refuses those with ``RequestTooLarge``). Not yet: the device-resident
-stage chain (the stages hop through the host, as on ONNX Runtime). Not wired into the Triton model
-(``model.py``).
+stage chain (the stages hop through the host, as on ONNX Runtime). Served by ``stepped.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, PRIOR_LOOP, UNET_LOOP, LoopSpec
 from kandinsky_trt.runtime.loops.factory import make_loop
-from kandinsky_trt.runtime.loops.slots import SlotLoop
+from kandinsky_trt.runtime.loops.sized import SizedSlots
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import KandinskyPipeline
@@ -58,14 +59,17 @@ class ComponentsExecutor:
     """Runs the scheduler's stages on ``components`` (see the module docstring); ``results[request_id]``
     holds each finished request's images (as the pipeline's ``.images``) until :meth:`discard`."""
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, sized: bool = True) -> None:
+        """``sized``: each step runs at the smallest profile batch holding the pool's rows
+        (:class:`~kandinsky_trt.runtime.loops.sized.SizedSlots`); False: always the largest."""
+        self.sized = sized
         self.components = components
         # the stage code is every pipeline's: the decoder's _draw, _text, _loop_inputs and MoVQ calls
         # serve text2img, img2img and inpaint alike (the request's start says which)
         self._prior_pipe = KandinskyPriorPipeline(components=components)
         self._decoder_pipe = KandinskyPipeline(components=components)
         self._kept: dict[str, Kept] = {}
-        self._loops: dict[Hashable, SlotLoop] = {}
+        self._loops: dict[Hashable, SizedSlots] = {}
         self._slot_owner: dict[Hashable, dict[int, tuple[str, int]]] = {}  # pool -> slot -> (request, row)
 
     @property
@@ -108,12 +112,13 @@ class ComponentsExecutor:
     def capacity(self, stage: str, pool: Hashable) -> int:
         return max(self.components.manifest.batches(_size(stage, pool)))
 
-    def _loop(self, stage: str, pool: Hashable) -> SlotLoop:
+    def _loop(self, stage: str, pool: Hashable) -> SizedSlots:
         if pool not in self._loops:
-            size = _size(stage, pool)
-            index = self.components.manifest.profile_index(self.capacity(stage, pool), size)
-            self._loops[pool] = make_loop(self.components.backend, _spec(stage, pool), index,
-                                          cuda_graph=self.components.cuda_graph)
+            size, manifest = _size(stage, pool), self.components.manifest
+            batches = manifest.batches(size) if self.sized else [self.capacity(stage, pool)]
+            make = lambda batch: make_loop(self.components.backend, _spec(stage, pool),  # noqa: E731
+                                           manifest.profile_index(batch, size), cuda_graph=self.components.cuda_graph)
+            self._loops[pool] = SizedSlots(batches, make)
             self._slot_owner[pool] = {}
         return self._loops[pool]
 

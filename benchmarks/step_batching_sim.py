@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/step_batching_sim.py --out benchmarks/results
 
 Runs the served scheduler (``runtime/scheduling``) on :mod:`sched_sim`'s cost-model executor and
-simulated clock under open-loop Poisson arrivals at several rates, for each policy: step-level (loops
-of 8 slots, stepped at their profile batch), request-level (groups of equal settings, up to 8, run
-to the end at the smallest profile that holds them), no batching, and, as a labelled hypothetical,
-step-level whose steps run at the smallest profile holding the occupied slots (not built: the loop
-of slots runs its profile batch). Writes ``sim-h200-512_step-batching.{json,md,png}``.
+simulated clock under open-loop Poisson arrivals at several rates, for each policy: step-level with
+occupancy-sized steps (each step at the smallest profile batch holding the occupied slots: what the
+served executor does, ``runtime/loops/sized.py``, on artifacts exporting batches 1, 2, 4 and 8),
+step-level with fixed steps (loops of 8 slots always stepped at batch 8: artifacts of one batch),
+request-level (groups of equal settings, up to 8, run to the end at the smallest profile that holds
+them) and no batching. Writes ``sim-h200-512_step-batching.{json,md,png}``.
 
 It is a model: the per-call times are roofline floors (FLOPs and bytes per network from
 ``flops.py``, H200 peaks from ``gpu_specs.py``) scaled by assumed efficiencies, stated in the
@@ -33,7 +34,7 @@ from kandinsky_trt.runtime.scheduling.work import DECODER, PRIOR, Request
 log = logging.getLogger(__name__)
 STEM = "sim-h200-512_step-batching"
 NETWORKS = ("prior_text_encoder", "text_encoder", "prior", "unet", "unet_inpaint", "movq_decoder", "movq_encoder")
-HYPOTHETICAL = "step-level, occupancy-sized steps (hypothetical)"
+SIZED = "step-level, occupancy-sized steps (served)"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Policy:
 
 def policies(slots: int) -> list[Policy]:
     return [Policy("step-level", StepLevel(), "slots"), Policy("request-level", RequestLevel(slots), "fit"),
-            Policy("no batching", RequestLevel(1), "fit"), Policy(HYPOTHETICAL, StepLevel(), "fit"),
+            Policy("no batching", RequestLevel(1), "fit"), Policy(SIZED, StepLevel(), "fit"),
             Policy(f"step-level, {slots // 2} slots", StepLevel(), "slots", slots // 2)]
 
 
@@ -150,7 +151,7 @@ def sweep(cost: RooflineCost, config: SimConfig) -> dict:
         request = rates_at["request-level"]
         ratio = lambda name: rates_at[name] / request if rates_at[name] and request else None  # noqa: E731
         at_p99.append({"p99_target_s": target, "sustainable_rate_per_s": rates_at, "step_over_request":
-                       ratio("step-level"), "hypothetical_over_request": ratio(HYPOTHETICAL)})
+                       ratio("step-level"), "sized_over_request": ratio(SIZED)})
     return {"saturation_no_batching_per_s": saturation, "rates_per_s": rates, "idle_p50_10_steps_s": idle,
             "policies": results, "at_equal_p99": at_p99}
 
@@ -179,8 +180,9 @@ MODEL_NOTES = [
     "Call time = overhead + max(rows x FLOPs / (efficiency x fp16 dense peak), (weights + rows x I/O bytes) / "
     "(bandwidth efficiency x DRAM bandwidth)); FLOPs and bytes per network counted by benchmarks/flops.py on the "
     "meta device (full-size Kandinsky 2.1 configs, fp16, 512x512, one image row = the [uncond, cond] pair).",
-    "rows = the profile batch the call runs at (static shapes): a step-level loop always runs its 8 slots; "
-    "request-level groups, no batching and one-shot calls run at the smallest of batches 1, 2, 4, 8 holding them.",
+    "rows = the profile batch the call runs at (static shapes): the fixed step-level loop always runs its 8 slots; "
+    "occupancy-sized steps, request-level groups, no batching and one-shot calls run at the smallest of batches "
+    "1, 2, 4, 8 holding them.",
     "Activation traffic, the step graph's elementwise work, host-device copies of results and Python overhead "
     "beyond the per-call overhead are not modelled; one GPU runs one call at a time.",
     "Request-level groups requests with equal task, step counts, guidance and strength (everyone's guidance is 4 "
@@ -188,8 +190,9 @@ MODEL_NOTES = [
     "Sustainable rates are read off the simulated rate grid (steps of 10% of the no-batching saturation rate), so "
     "the ratios between policies are coarse; each point is one seeded run, not an average.",
     "'step-level, N slots' is the loop of slots built at a smaller profile batch (fewer slots, cheaper steps). "
-    "The 'hypothetical' policy steps at the smallest profile batch holding the occupied slots; the loop of "
-    "slots does not do this (it would need compacted slots and one bound buffer set per profile).",
+    "The 'occupancy-sized' policy steps at the smallest profile batch holding the occupied slots, as the served "
+    "executor does (runtime/loops/sized.py: rows move between the batches' loops with their state; row moves "
+    "are not costed here); 'step-level' always steps its 8 slots (artifacts exporting one batch).",
 ]
 
 
@@ -216,11 +219,11 @@ def render_markdown(result: dict) -> str:
                          p["occupancy"].get(DECODER)]
                 lines.append(f"| {policy} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
         lines += ["", "Sustainable rate at equal p99 (highest simulated rate meeting the p99, req/s):", "",
-                  "| p99 target s | " + " | ".join(sc["policies"]) + " | step / request-level | hypothetical / "
+                  "| p99 target s | " + " | ".join(sc["policies"]) + " | step / request-level | occupancy-sized / "
                   "request-level |", "|" + "---|" * (len(sc["policies"]) + 3)]
         for row in sc["at_equal_p99"]:
             cells = [row["sustainable_rate_per_s"][p] for p in sc["policies"]]
-            cells += [row["step_over_request"], row["hypothetical_over_request"]]
+            cells += [row["step_over_request"], row["sized_over_request"]]
             lines.append(f"| {row['p99_target_s']} | " + " | ".join("-" if r is None else f"{r:.2f}" for r in cells)
                          + " |")
         lines += ["", f"Goals (in this model): {sc['goals']['text']}", ""]

@@ -80,7 +80,7 @@ def test_the_script_on_a_tiny_configuration_writes_consistent_results(tmp_path):
     result = script.build_result(FLOORS, H200_SXM, config)
     assert set(result["scenarios"]) == {"constant efficiency", "efficiency rising with batch"}
     sc = result["scenarios"]["constant efficiency"]
-    assert set(sc["policies"]) == {"step-level", "request-level", "no batching", script.HYPOTHETICAL,
+    assert set(sc["policies"]) == {"step-level", "request-level", "no batching", script.SIZED,
                                    "step-level, 2 slots"}
     for points in sc["policies"].values():
         assert [p["rate_per_s"] for p in points] == sc["rates_per_s"]
@@ -91,7 +91,7 @@ def test_the_script_on_a_tiny_configuration_writes_consistent_results(tmp_path):
     assert set(loose["sustainable_rate_per_s"].values()) == {max(sc["rates_per_s"])}
     assert loose["step_over_request"] == 1.0
     assert all(v > 0 for v in sc["idle_p50_10_steps_s"].values()) and "goal >= 2" in sc["goals"]["text"]
-    assert set(sc["goals"]["by_policy"]) == {"step-level", script.HYPOTHETICAL, "step-level, 2 slots"}
+    assert set(sc["goals"]["by_policy"]) == {"step-level", script.SIZED, "step-level, 2 slots"}
     paths = script.write_results(result, tmp_path, stem="tiny")
     assert json.loads(paths[0].read_text())["kind"] == "simulation"
     text = paths[1].read_text()

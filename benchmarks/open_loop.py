@@ -14,7 +14,8 @@ and the same requests (and every rate the same requests, in time scaled by the r
 Calibration: each (task, prior steps, decoder steps) combination is sent alone to the step server
 ``--calibration-reps`` times; the mean of the combinations' median latencies is the mean service
 time, its inverse the saturation rate; the rates are ``--fractions`` of it. Each rate point sends the
-arrivals falling in ``--window-s`` (at most ``--max-requests``) and waits at most ``--drain-s`` more:
+arrivals falling in ``--window-s`` (at most ``--max-requests``; stretched to hold at least
+``--min-arrivals``) and waits at most ``--drain-s`` more:
 a request without an answer by then is counted unfinished (its client gives up then) and never waited
 for. The contenders take turns at each rate in rotating order (rate i starts with contender i mod 3),
 and a point starts only once the server's process tree is quiet (what an abandoned request left
@@ -58,6 +59,7 @@ class LoadConfig:
     window_s: float = 35.0
     drain_s: float = 20.0
     max_requests: int = 200
+    min_arrivals: int = 1  # a point's window is stretched until it holds this many arrivals
     calibration_reps: int = 2
     strength: float = 0.5
     seed: int = 0
@@ -67,9 +69,15 @@ class LoadConfig:
 # -- the workload ------------------------------------------------------------------------------------
 
 
-def schedule(workload: Workload, window_s: float) -> list[tuple[float, Request]]:
-    """The seeded Poisson arrivals (at most ``workload.requests``) that fall inside ``window_s``."""
-    return [(t, r) for t, r in arrivals(workload) if t < window_s]
+def plan_point(workload: Workload, config: "LoadConfig") -> tuple[list[tuple[float, Request]], float]:
+    """One rate point's arrivals and window: those in ``config.window_s``, or, where fewer than
+    ``config.min_arrivals`` fall there, the window stretched to just before the next arrival after
+    that many (so it holds exactly ``min_arrivals``)."""
+    drawn = arrivals(replace(workload, requests=max(config.max_requests, config.min_arrivals + 1)))
+    inside = [a for a in drawn if a[0] < config.window_s][:config.max_requests]
+    if len(inside) >= config.min_arrivals:
+        return inside, config.window_s
+    return drawn[:config.min_arrivals], drawn[config.min_arrivals][0]
 
 
 def picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -265,16 +273,16 @@ def calibrate(server: ServeProcess, workload: Workload, reps: int) -> list[dict]
     return samples
 
 
-def measure_point(server: ServeProcess, plan: list, config: LoadConfig) -> dict:
+def measure_point(server: ServeProcess, plan: list, window_s: float, config: LoadConfig) -> dict:
     """One contender at one rate: quiet server, metrics before, the open-loop sends, quiet, metrics after."""
     quiet_before = server.wait_quiet(config.quiet_timeout_s)
     before, cpu, load = server.metrics(), server.cpu_s(), os.getloadavg()[0]
-    records, lag = send_point(server.url, plan, config.window_s + config.drain_s)
+    records, lag = send_point(server.url, plan, window_s + config.drain_s)
     quiet_after = server.wait_quiet(config.quiet_timeout_s)
     after, step = server.metrics(), server.name == report.STEP
     queue, source = report.queue_mean_s(before, after, step)
     errors = sorted({r["error"] for r in records if r["error"] and r["status"] != report.UNFINISHED})[:5]
-    return {**report.summarize_point(records, config.window_s), "queue_mean_s": queue, "queue_source": source,
+    return {**report.summarize_point(records, window_s), "window_s": window_s, "queue_mean_s": queue, "queue_source": source,
             "occupancy": report.occupancy(before, after) if step else None, "server_cpu_s": server.cpu_s() - cpu,
             "load_avg": [load, os.getloadavg()[0]], "send_lag_max_s": lag, "quiet_wait_s": [quiet_before, quiet_after],
             "errors": errors, "server_alive": server.process.poll() is None, "records": records}
@@ -290,10 +298,11 @@ def sweep(servers: dict[str, ServeProcess], workload: Workload, idle: dict, conf
     contenders = {name: [] for name in report.CONTENDERS}
     for i, fraction in enumerate(config.fractions):
         rate = fraction * idle["saturation_per_s"]
-        plan = schedule(replace(workload, rate_per_s=rate, requests=config.max_requests), config.window_s)
+        plan, window = plan_point(replace(workload, rate_per_s=rate), config)
         for name in rotation(i):
-            log.info("rate %.3f/s (%g x saturation), %d arrivals: %s", rate, fraction, len(plan), name)
-            point = measure_point(servers[name], plan, config)
+            log.info("rate %.3f/s (%g x saturation), %d arrivals in %.0f s: %s", rate, fraction, len(plan), window,
+                     name)
+            point = measure_point(servers[name], plan, window, config)
             contenders[name].append({"fraction": fraction, "rate_per_s": rate, "turn": rotation(i).index(name),
                                      **point})
             log.info("  done %d refused %d unfinished %d failed %d; p50 %s p99 %s", point["completed"],
@@ -354,8 +363,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
-    return LoadConfig(tuple(args.fractions), args.window_s, args.drain_s, args.max_requests, args.calibration_reps,
-                      args.strength, args.seed, args.quiet_timeout_s)
+    return LoadConfig(tuple(args.fractions), args.window_s, args.drain_s, args.max_requests, args.min_arrivals,
+                      args.calibration_reps, args.strength, args.seed, args.quiet_timeout_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=d.window_s, help="arrival window per point (s)")
     p.add_argument("--drain-s", type=float, default=d.drain_s, help="wait past the window per point (s)")
     p.add_argument("--max-requests", type=int, default=d.max_requests, help="arrivals per point at most")
+    p.add_argument("--min-arrivals", type=int, default=d.min_arrivals,
+                   help="stretch a point's window until it holds this many arrivals (default 1)")
     p.add_argument("--calibration-reps", type=int, default=d.calibration_reps)
     p.add_argument("--strength", type=float, default=d.strength, help="img2img strength (default 0.5)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -386,7 +397,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("window_s", "drain_s", "quiet_timeout_s"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')}: expected seconds > 0, found {getattr(args, name)}")
-    for name in ("max_requests", "calibration_reps"):
+    for name in ("max_requests", "min_arrivals", "calibration_reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a whole number >= 1, found {getattr(args, name)}")
     if not 0 < args.strength <= 1:

@@ -15,23 +15,36 @@ from kandinsky_trt.benchmarks.sched_sim import Workload
 MIX = Workload(rate_per_s=2.0, requests=4000, seed=3, strength=0.5, size=(64, 128))
 
 
+def schedule(workload, window_s, max_requests=4000, min_arrivals=1):
+    return ol.plan_point(workload, ol.LoadConfig(window_s=window_s, max_requests=max_requests,
+                                                 min_arrivals=min_arrivals))
+
+
 def test_the_schedule_is_reproducible_and_scales_with_the_rate():
-    first, again = ol.schedule(MIX, 1e9), ol.schedule(MIX, 1e9)
-    assert [(t, r) for t, r in first] == [(t, r) for t, r in again]
-    faster = ol.schedule(replace(MIX, rate_per_s=4.0), 1e9)
+    (first, _), (again, _) = schedule(MIX, 1e9), schedule(MIX, 1e9)
+    assert first == again and len(first) == 4000
+    faster, _ = schedule(replace(MIX, rate_per_s=4.0), 1e9)
     assert [r for _, r in faster] == [r for _, r in first]  # the same requests at every rate...
     assert all(abs(2 * tf - t) < 1e-9 for (tf, _), (t, _) in zip(faster, first))  # ...in time scaled by it
 
 
 def test_the_schedule_has_the_mean_rate_and_stops_at_the_window():
-    plan = ol.schedule(MIX, 1e9)
+    plan, _ = schedule(MIX, 1e9)
     assert len(plan) / plan[-1][0] == pytest.approx(2.0, rel=0.05)
-    window = ol.schedule(MIX, 30.0)
-    assert window == plan[:len(window)] and window[-1][0] < 30.0 <= plan[len(window)][0]
+    window, window_s = schedule(MIX, 30.0)
+    assert window_s == 30.0 and window == plan[:len(window)] and window[-1][0] < 30.0 <= plan[len(window)][0]
+    assert schedule(MIX, 30.0, max_requests=5)[0] == plan[:5]
+
+
+def test_a_short_window_is_stretched_to_the_fewest_arrivals():
+    plan, _ = schedule(MIX, 1e9)
+    few, window_s = schedule(MIX, 1.0, min_arrivals=12)
+    assert few == plan[:12] and window_s == plan[12][0] > 1.0
+    assert schedule(MIX, 100.0, min_arrivals=12)[1] == 100.0  # enough arrivals: the window stays
 
 
 def test_the_workload_mix_and_its_fields():
-    requests = [r for _, r in ol.schedule(MIX, 1e9)]
+    requests = [r for _, r in schedule(MIX, 1e9)[0]]
     for attribute, values in (("decoder_steps", (10, 25, 50, 100)), ("prior_steps", (5, 25)),
                               ("task", ("text2img", "img2img"))):
         counts = Counter(getattr(r, attribute) for r in requests)
@@ -187,6 +200,7 @@ def test_the_files_and_their_rendering_again(tmp_path):
     (["--fractions", "0.5", "-1"], "--fractions: expected positive numbers"),
     (["--window-s", "0"], "--window-s: expected seconds > 0"),
     (["--max-requests", "0"], "--max-requests: expected a whole number >= 1"),
+    (["--min-arrivals", "-2"], "--min-arrivals: expected a whole number >= 1"),
     (["--strength", "1.5"], "--strength: expected a number in (0, 1]"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):

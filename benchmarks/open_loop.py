@@ -282,8 +282,10 @@ def measure_point(server: ServeProcess, plan: list, window_s: float, config: Loa
     after, step = server.metrics(), server.name == report.STEP
     queue, source = report.queue_mean_s(before, after, step)
     errors = sorted({r["error"] for r in records if r["error"] and r["status"] != report.UNFINISHED})[:5]
-    return {**report.summarize_point(records, window_s), "window_s": window_s, "queue_mean_s": queue, "queue_source": source,
-            "occupancy": report.occupancy(before, after) if step else None, "server_cpu_s": server.cpu_s() - cpu,
+    return {**report.summarize_point(records, window_s), "window_s": window_s, "queue_mean_s": queue,
+            "queue_source": source,
+            "occupancy": report.occupancy(before, after) if step else None,
+            "stages": report.stage_use(before, after) if step else None, "server_cpu_s": server.cpu_s() - cpu,
             "load_avg": [load, os.getloadavg()[0]], "send_lag_max_s": lag, "quiet_wait_s": [quiet_before, quiet_after],
             "errors": errors, "server_alive": server.process.poll() is None, "records": records}
 

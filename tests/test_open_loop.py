@@ -121,20 +121,23 @@ def test_queue_time_and_occupancy_from_two_scrapes():
     assert rep.queue_mean_s(before, after, step=False) == (pytest.approx(0.5), "triton queue")
     assert rep.occupancy(before, after) == {"prior": None, "decoder": pytest.approx(0.75)}
     assert rep.queue_mean_s(before, before, step=True) == (None, "step scheduler")
+    assert rep.stage_use(before, after)["decoder"] == {"calls": 0.0, "busy_s": 0.0, "rows_run": 150.0,
+                                                       "rows_offered": 200.0}
 
 
 def test_the_idle_summary():
     samples = [dict(task="text2img", prior_steps=5, decoder_steps=d, decoder_steps_run=d, latency_s=s)
                for d, s in ((10, 1.0), (10, 3.0), (100, 4.0), (100, 6.0))]
     idle = rep.idle_summary(samples)
-    assert idle["mean_service_s"] == pytest.approx(3.5)  # the combinations' medians 2 and 5
-    assert idle["saturation_per_s"] == pytest.approx(1 / 3.5)
+    assert idle["mean_service_s"] == pytest.approx(2.5)  # the combinations' fastest samples 1 and 4
+    assert idle["saturation_per_s"] == pytest.approx(1 / 2.5)
     assert (idle["p50_10_s"], idle["p99_s"]) == (1.0, 6.0)
     assert [c["median_s"] for c in idle["by_combo"]] == [2.0, 5.0]
 
 
-def point(rate, p99, p50_10, refused=0, unfinished=0, fraction=1.0):
-    return {"fraction": fraction, "rate_per_s": rate, "offered_per_s": rate, "throughput_per_s": rate, "p50_s": p50_10,
+def point(rate, p99, p50_10, refused=0, unfinished=0, fraction=1.0, achieved=None):
+    return {"fraction": fraction, "rate_per_s": rate, "offered_per_s": rate, "p50_s": p50_10,
+            "throughput_per_s": rate if achieved is None else achieved,
             "p99_s": p99, "completed": 10, "refused": refused, "unfinished": unfinished, "failed": 0,
             "by_decoder_steps": {"10": {"n": 3, "p50_s": p50_10, "p99_s": p99},
                                  "100": {"n": 2, "p50_s": p99, "p99_s": p99}},
@@ -152,6 +155,13 @@ MADE_UP = {
     "no batching": [point(0.5, 13.0, 3.0, fraction=0.5), point(1.0, 30.0, 9.0), point(1.5, 60.0, 20.0, refused=4,
                                                                                          fraction=1.5)],
 }
+
+
+def test_a_point_that_does_not_keep_up_is_not_sustainable():
+    fast_but_behind = {"step-level": [point(0.5, 1.0, 1.0), point(1.0, 1.0, 1.0, achieved=0.85)],
+                       "request-level": [point(0.5, 1.0, 1.0), point(1.0, 1.0, 1.0, achieved=0.95)]}
+    rates = rep.goals(fast_but_behind, IDLE)["at_equal_p99"][0]["sustainable_rate_per_s"]
+    assert rates == {"step-level": 0.5, "request-level": 1.0}
 
 
 def test_the_goals_of_a_made_up_run():
@@ -184,7 +194,7 @@ def test_the_markdown_of_a_made_up_run():
     assert "| step-level | 1 | 1.000 | 1.000 | 1.000 | 10/0/0/0 | 1.4 / 5.5 (n 3) | - / - (n 0) |" in md
     assert "| 3x idle p99 = 6.00 s | 1 | 0.5 | - | 2 |" in md
     assert "step / request-level 2 (goal >= 2: met)" in md
-    assert "- a finding" in md and "- a note" in md and "| text2img | 5 | 10 (10) | 1.000 (0.900-1.100) |" in md
+    assert "- a finding" in md and "- a note" in md and "| text2img | 5 | 10 (10) | 0.900, 1.000 (1.100) |" in md
 
 
 def test_the_files_and_their_rendering_again(tmp_path):

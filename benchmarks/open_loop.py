@@ -329,8 +329,9 @@ NOTES = [
     "engineer's work (see the load column): one run per point, so single points are noisy.",
     "Latency counts from the scheduled arrival to the response (a late sender counts against the server). "
     "Points start from an empty server (no warm-up share left out), so low-rate points include no backlog.",
-    "With a single batch-B profile every call runs B rows (static shapes): a lone request in the step "
-    "server's loop, a request-level batch of one and a no-batching call all cost a full batch.",
+    "Static shapes: the step server's loops always run at the largest profile batch (their slots), occupied "
+    "or not; request-level batches and no-batching calls run at the smallest profile batch holding them. With "
+    "one batch-B profile a lone request costs B rows in every contender.",
 ]
 
 

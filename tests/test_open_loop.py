@@ -135,8 +135,8 @@ def test_the_idle_summary():
     assert [c["median_s"] for c in idle["by_combo"]] == [2.0, 5.0]
 
 
-def point(rate, p99, p50_10, refused=0, unfinished=0, fraction=1.0, achieved=None):
-    return {"fraction": fraction, "rate_per_s": rate, "offered_per_s": rate, "p50_s": p50_10,
+def point(rate, p99, p50_10, refused=0, unfinished=0, fraction=1.0, achieved=None, arrivals=30):
+    return {"fraction": fraction, "rate_per_s": rate, "offered_per_s": rate, "p50_s": p50_10, "arrivals": arrivals,
             "throughput_per_s": rate if achieved is None else achieved,
             "p99_s": p99, "completed": 10, "refused": refused, "unfinished": unfinished, "failed": 0,
             "by_decoder_steps": {"10": {"n": 3, "p50_s": p50_10, "p99_s": p99},
@@ -162,6 +162,8 @@ def test_a_point_that_does_not_keep_up_is_not_sustainable():
                        "request-level": [point(0.5, 1.0, 1.0), point(1.0, 1.0, 1.0, achieved=0.95)]}
     rates = rep.goals(fast_but_behind, IDLE)["at_equal_p99"][0]["sustainable_rate_per_s"]
     assert rates == {"step-level": 0.5, "request-level": 1.0}
+    few = {"step-level": [point(0.5, 1.0, 1.0), point(1.0, 1.0, 1.0, achieved=0.85, arrivals=5)]}
+    assert rep.goals(few, IDLE)["at_equal_p99"][0]["sustainable_rate_per_s"] == {"step-level": 1.0}
 
 
 def test_the_goals_of_a_made_up_run():

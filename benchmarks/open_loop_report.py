@@ -147,12 +147,16 @@ def goal_text(result: dict) -> str:
     """The two goals, in words, at the primary p99 target."""
     g = result["goals"]
     primary = next(t for t in g["at_equal_p99"] if t["multiple_of_idle_p99"] == PRIMARY_MULTIPLE)
-    ratio = primary["step_over_request"]
-    rates = primary["sustainable_rate_per_s"]
+    ratio, rates = primary["step_over_request"], primary["sustainable_rate_per_s"]
+    top = max(p["rate_per_s"] for p in result["contenders"][STEP])
+    if rates.get(STEP) == top and rates.get(REQUEST) == top:
+        verdict = "undetermined: both sustained the highest rate measured, so the grid reached neither's limit"
+    else:
+        bound = ">= " if rates.get(STEP) == top else ""  # step-level's limit lies above the grid
+        verdict = (f"{bound}{_num(ratio)} (goal >= {GOAL_RATIO:g}: "
+                   + ("met" if ratio and ratio >= GOAL_RATIO else "not met") + ")")
     parts = [f"at p99 <= {PRIMARY_MULTIPLE:g}x idle p99 ({primary['p99_target_s']:.2f} s) the sustainable rate is "
-             + ", ".join(f"{n} {_num(r)} req/s" for n, r in rates.items())
-             + f"; step / request-level {_num(ratio)} (goal >= {GOAL_RATIO:g}: "
-             + ("met" if ratio and ratio >= GOAL_RATIO else "not met") + ")"]
+             + ", ".join(f"{n} {_num(r)} req/s" for n, r in rates.items()) + f"; step / request-level {verdict}"]
     for name, p in g["p50_10_under_load_over_idle"].items():
         up_to = p["within_goal_up_to_per_s"]
         parts.append(f"{name}: 10-step p50 <= {P50_10_GOAL:g}x idle up to "

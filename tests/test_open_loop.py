@@ -195,7 +195,7 @@ def test_the_markdown_of_a_made_up_run():
     md = rep.render_markdown(made_up_result())
     assert "| step-level | 1 | 1.000 | 1.000 | 1.000 | 10/0/0/0 | 1.4 / 5.5 (n 3) | - / - (n 0) |" in md
     assert "| 3x idle p99 = 6.00 s | 1 | 0.5 | - | 2 |" in md
-    assert "step / request-level 2 (goal >= 2: met)" in md
+    assert "step / request-level 2 (goal >= 2: met)" in md  # step-level's limit is inside the grid (1.5 fails)
     assert "- a finding" in md and "- a note" in md and "| text2img | 5 | 10 (10) | 0.900, 1.000 (1.100) |" in md
 
 
@@ -227,3 +227,13 @@ def test_missing_artifacts_are_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ol.main(["--artifacts", str(tmp_path / "nowhere"), "--name", "x"])
     assert "--artifacts: expected a directory holding manifest.json" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_goal_text_when_the_grid_reached_no_limit():
+    result = made_up_result()
+    result["contenders"] = {name: [point(0.5, 1.0, 1.0), point(1.0, 1.0, 1.0)] for name in MADE_UP}
+    result["goals"] = rep.goals(result["contenders"], IDLE)
+    assert "step / request-level undetermined: both sustained the highest rate measured" in rep.goal_text(result)
+    result["contenders"]["request-level"][1] = point(1.0, 1.0, 1.0, refused=1)
+    result["goals"] = rep.goals(result["contenders"], IDLE)
+    assert "step / request-level >= 2 (goal >= 2: met)" in rep.goal_text(result)

@@ -94,18 +94,22 @@ def stage_use(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> ``{'name{labels}': value}``; label-less metrics are keyed by their name.
-    Labels are kept as Triton writes them, except ``model`` and ``version``, dropped (one model)."""
-    out = {}
+    Labels are kept as Triton writes them, except ``model`` and ``version`` (one model) and the step
+    scheduler's ``instance`` (the model instance), dropped: values that differ only by them are summed."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
         name, brace, labels = key.partition("{")
-        kept = [kv for kv in labels.rstrip("}").split(",") if kv and not kv.startswith(("model=", "version="))]
+        kept = [kv for kv in labels.rstrip("}").split(",")
+                if kv and not kv.startswith(("model=", "version=", "instance="))]
         try:
-            out[name + ("{" + ",".join(kept) + "}" if brace and kept else "")] = float(value)
+            number = float(value)
         except ValueError:
             continue
+        key = name + ("{" + ",".join(kept) + "}" if brace and kept else "")
+        out[key] = out.get(key, 0.0) + number
     return out
 
 

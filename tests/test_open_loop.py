@@ -106,11 +106,12 @@ def test_percentiles_are_nearest_rank():
 METRICS_TEXT = """# HELP nv_inference_queue_duration_us x
 nv_inference_queue_duration_us{model="kandinsky",version="1"} %d
 nv_inference_request_success{model="kandinsky",version="1"} %d
-kandinsky_sched_queue_seconds_total %f
-kandinsky_sched_ended_total %d
-kandinsky_sched_rows_run_total{stage="decoder"} %d
-kandinsky_sched_rows_offered_total{stage="decoder"} %d
-"""
+kandinsky_sched_queue_seconds_total{instance="kandinsky_0_0"} %f
+kandinsky_sched_ended_total{instance="kandinsky_0_0"} %d
+kandinsky_sched_rows_run_total{instance="kandinsky_0_0",stage="decoder"} %d
+kandinsky_sched_rows_offered_total{instance="kandinsky_0_0",stage="decoder"} %d
+kandinsky_sched_rows_offered_total{instance="kandinsky_0_1",stage="decoder"} 0
+"""  # as the step server writes them: one metric per model instance (summed)
 
 
 def test_queue_time_and_occupancy_from_two_scrapes():

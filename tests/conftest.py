@@ -106,6 +106,10 @@ LONG_FILES_FIRST = (
     "test_serve.py",
     "test_serve_edge.py",
     "test_serve_lifetime.py",
+    "test_serve_steps.py",  # a step-scheduled server; its last test kills and reloads the model
+    "test_step_executor.py",
+    "test_slots.py",
+    "test_serve_steps_units.py",
     "test_checkpoints.py",
     "test_bad_inputs_arguments.py",
     "test_artifact_trust.py",

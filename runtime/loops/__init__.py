@@ -7,7 +7,9 @@ retire finished rows; the per-row contract); ``host`` is its storage on numpy ar
 graphs: one strategy for both). ``factory.make_loop`` picks the storage, one loop per (spec,
 profile); ``template`` keeps the pipelines' chunk type and its split into rows. On a device storage a row's
 conditioning may be device rows (a stage output left on the device) and finished rows may retire
-into device rows instead of being downloaded (``SlotLoop.run(into=...)``).
+into device rows instead of being downloaded (``SlotLoop.run(into=...)``). ``sized`` keeps one loop
+per exported batch of a network and size and steps the smallest holding the occupied slots, moving
+rows between them with their state (``SlotLoop.move``; the storages' ``rows``).
 
 May import ``contract``, ``cuda`` and the backend interface (``backends.base``); never pipelines.
 """

@@ -29,9 +29,6 @@ import argparse
 import logging
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -42,6 +39,7 @@ import numpy as np
 
 from kandinsky_trt.benchmarks import open_loop_report as report
 from kandinsky_trt.benchmarks.sched_sim import Workload, arrivals, steps_run
+from kandinsky_trt.benchmarks.serve_cli import ServeCli
 from kandinsky_trt.runtime.scheduling.work import Request
 
 log = logging.getLogger(__name__)
@@ -158,23 +156,13 @@ def send_point(url: str, plan: list[tuple[float, Request]], bound_s: float) -> t
 # -- the servers ---------------------------------------------------------------------------------------
 
 
-class ServeProcess:
-    """``kandinsky-trt serve`` in a child process on free loopback ports; its output is kept."""
+class ServeProcess(ServeCli):
+    """``kandinsky-trt serve`` in a child process on free loopback ports, named for the report."""
 
     def __init__(self, artifacts: Path, name: str, flags: tuple[str, ...]) -> None:
-        from kandinsky_trt.runtime.serve.launcher import free_port
-
-        self.name, self.ports = name, {p: free_port() for p in ("http", "grpc", "metrics")}
-        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--artifacts", str(artifacts),
-               *(a for p, port in self.ports.items() for a in (f"--{p}-port", str(port))), *flags]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
+        super().__init__(artifacts, *flags)
+        self.name = name
         self.ready_line = 0  # output before it is startup (readiness probes refused while tritonserver starts)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
 
     @property
     def url(self) -> str:
@@ -188,10 +176,6 @@ class ServeProcess:
                                    + "".join(self.lines)[-3000:])
             time.sleep(0.2)
         self.ready_line = len(self.lines)
-
-    def triton_pid(self) -> int | None:
-        found = [line.split("tritonserver pid ")[1].split(";")[0] for line in self.lines if "tritonserver pid " in line]
-        return int(found[0]) if found else None
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10) as answer:
@@ -224,22 +208,6 @@ class ServeProcess:
         """Output lines after startup that report errors (tracebacks, ERROR, refused), the first 20."""
         marks = ("Traceback", "ERROR", "Error", "error:", "refused a request", "exited")
         return [line.rstrip() for line in self.lines[self.ready_line:] if any(m in line for m in marks)][:20]
-
-    def stop(self) -> int | None:
-        triton = self.triton_pid()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if triton is not None:
-            try:
-                os.killpg(triton, signal.SIGKILL)  # tritonserver leads its own process group
-            except ProcessLookupError:
-                pass
-        return self.process.returncode
 
 
 # -- calibration and the run ---------------------------------------------------------------------------

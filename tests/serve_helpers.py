@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -16,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kandinsky_trt.runtime.serve.launcher import ServerConfig, free_port, is_ready
+from kandinsky_trt.benchmarks.serve_cli import ServeCli
+from kandinsky_trt.runtime.serve.launcher import ServerConfig, is_ready
 
 STEPS = dict(num_inference_steps=3, prior_steps=2)
 
@@ -112,24 +108,13 @@ def assert_same(served: dict, expected: dict) -> None:
         np.testing.assert_array_equal(served[name], value, err_msg=name)
 
 
-class CliServer:
-    """``kandinsky-trt serve`` in a subprocess on free loopback ports; its output is collected."""
+class CliServer(ServeCli):
+    """``kandinsky-trt serve`` in a subprocess on free loopback ports (``ServeCli``), with its URLs."""
 
     def __init__(self, artifacts: Path, *extra: str, new_session: bool = False, ports: dict | None = None) -> None:
-        self.ports = ports or {name: free_port() for name in ("http", "grpc", "metrics")}
-        cmd = [sys.executable, "-m", "kandinsky_trt.runtime.cli.main", "serve", "--artifacts", str(artifacts),
-               "--http-port", str(self.ports["http"]), "--grpc-port", str(self.ports["grpc"]),
-               "--metrics-port", str(self.ports["metrics"]), *extra]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=new_session)
+        super().__init__(artifacts, *extra, ports=ports, new_session=new_session)
         self.config = ServerConfig(Path("."), http_port=self.ports["http"], grpc_port=self.ports["grpc"],
                                    metrics_port=self.ports["metrics"])
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -148,28 +133,6 @@ class CliServer:
         found = list(Path(tempfile.gettempdir()).glob(f"kandinsky-cancel-{self.process.pid}-*"))
         assert len(found) == 1, found
         return found[0]
-
-    def triton_pid(self) -> int | None:
-        for line in self.lines:
-            if "tritonserver pid " in line:
-                return int(line.split("tritonserver pid ")[1].split(";")[0])
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM to the CLI (it stops tritonserver); then SIGKILL both by PID if anything is left."""
-        triton = self.triton_pid()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if triton is not None:
-            try:
-                os.killpg(triton, signal.SIGKILL)  # tritonserver leads its own group (stubs included)
-            except ProcessLookupError:
-                pass
 
 
 @contextmanager

@@ -10,7 +10,6 @@ The service's mechanics without Triton: tests/test_serve_steps_units.py.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import time

@@ -139,12 +139,10 @@ def render_markdown(result: dict) -> str:
 
 def plot_results(result: dict, png: Path) -> bool:
     """Per case, the per-round ratios (points) beside the ratio of medians (bar) and the limit."""
-    try:
-        import matplotlib
+    from kandinsky_trt.benchmarks.report import pyplot  # here: a worker imports kandinsky_trt from its tree
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(png)
+    if plt is None:
         return False
     cases = result["cases"]
     fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 2, 4))

@@ -15,6 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
+from kandinsky_trt.benchmarks.report import pyplot
 from kandinsky_trt.benchmarks.step_batching_sim import percentile, sustainable_rate
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def _run_health_lines(result: dict) -> list[str]:
         lines += [f"- {name} server logged after startup: " + ("nothing alarming" if not problems else
                                                                  "; ".join(f"`{line[:160]}`" for line in problems[:3]))]
     errors = sorted({e for p in points for e in p.get("errors", [])})
-    return lines + ([f"- error answers: " + "; ".join(f"`{e[:160]}`" for e in errors[:5])] if errors else [])
+    return lines + (["- error answers: " + "; ".join(f"`{e[:160]}`" for e in errors[:5])] if errors else [])
 
 
 def _goals_lines(result: dict) -> list[str]:
@@ -264,13 +265,8 @@ def render_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG")
+    plt = pyplot(path)
+    if plt is None:
         return False
     classes = ("10", "100")
     fig, axes = plt.subplots(1, len(classes) + 1, figsize=(15, 4.2))

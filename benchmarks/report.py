@@ -265,16 +265,25 @@ def _draw_bars(ax, result: BenchResult, stages: list[str]) -> None:
                   label="lower bound" if n == 0 else None)
 
 
-def plot_result(result: BenchResult, png_path) -> bool:
-    """Grouped bars (stage × backend) of the median with p10–p90 whiskers and the lower bound as
-    a black tick; log scale when the medians span more than 30×. False when matplotlib is absent."""
+def pyplot(png_path):
+    """``matplotlib.pyplot`` on the Agg backend (no display on benchmark machines), or None (logged)
+    when matplotlib is not importable: every benchmark's PNG is optional."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # no display on benchmark machines
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not importable: %s not written", png_path)
+        return None
+    return plt
+
+
+def plot_result(result: BenchResult, png_path) -> bool:
+    """Grouped bars (stage × backend) of the median with p10–p90 whiskers and the lower bound as
+    a black tick; log scale when the medians span more than 30×. False when matplotlib is absent."""
+    plt = pyplot(png_path)
+    if plt is None:
         return False
     stages = list(dict.fromkeys(s.stage for s in result.stages))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(stages) + 2), 4.5))

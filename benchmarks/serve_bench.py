@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kandinsky_trt.benchmarks.environment import MachineInfo, collect_versions, peak_host_rss_mb
+from kandinsky_trt.benchmarks.report import pyplot
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +205,10 @@ def _memory_lines(r: dict) -> list[str]:
 
 
 def plot(r: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker  # noqa: F401 (the NullFormatter below)
-    except ImportError:
+    plt = pyplot(path)
+    if plt is None:
         return False
+    import matplotlib.ticker  # noqa: F401 (the NullFormatter below)
     levels = [int(c) for c in r["batching_on"]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (("batching_on", "Triton, dynamic batching"), ("batching_off", "Triton, no batching")):

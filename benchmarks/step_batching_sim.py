@@ -25,6 +25,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from kandinsky_trt.benchmarks.report import pyplot
 from kandinsky_trt.benchmarks.sched_sim import (NetworkFloor, RooflineCost, SimulatedExecutor, SimRun, Workload,
                                                 arrivals, simulate, steps_run)
 from kandinsky_trt.runtime.scheduling.admission import RequestLevel, StepLevel
@@ -257,13 +258,8 @@ def goals(sc: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG")
+    plt = pyplot(path)
+    if plt is None:
         return False
     names = list(result["scenarios"])
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.5 * len(names)), squeeze=False)

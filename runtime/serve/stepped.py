@@ -75,9 +75,8 @@ class StepService:
                  start: bool = True) -> None:
         """``start=False``: no worker thread; the caller turns the worker by :meth:`run_once` (tests)."""
         self.pipelines = Pipelines(components)
-        self.executor = ComponentsExecutor(components)
-        self.scheduler = Scheduler(self.executor, queue_limit=queue_limit, on_finish=self._finished)
         self.max_images, self.queue_limit, self.request_timeout_s = max_images, queue_limit, request_timeout_s
+        self._start_afresh()
         self.on_round = on_round  # (service, idle) after every turn: e.g. publish the metrics (worker thread)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -259,6 +258,11 @@ class StepService:
                 self._pending.remove(pending)
             _send(pending.reply, assemble(pending.results))
 
+    def _start_afresh(self) -> None:
+        """Empty loops and an empty scheduler over them."""
+        self.executor = ComponentsExecutor(self.pipelines.components)
+        self.scheduler = Scheduler(self.executor, queue_limit=self.queue_limit, on_finish=self._finished)
+
     def _fail_all(self, err: BaseException, restart: bool = True) -> None:
         """Answer every held request with ``err``; with ``restart``, fresh loops and a fresh scheduler."""
         with self._lock:
@@ -267,8 +271,7 @@ class StepService:
             self._serial.clear()
             self.executor.close()
             if restart:
-                self.executor = ComponentsExecutor(self.pipelines.components)
-                self.scheduler = Scheduler(self.executor, queue_limit=self.queue_limit, on_finish=self._finished)
+                self._start_afresh()
         for pending in held:
             _send(pending.reply, error_response(err))
 

@@ -74,14 +74,13 @@ def load_step_service(params: ModelParameters, pb_utils, instance: str):
     from kandinsky_trt.runtime.serve.step_metrics import TritonStepMetrics
     from kandinsky_trt.runtime.serve.stepped import StepService
 
-    metrics = TritonStepMetrics(pb_utils, instance)
+    metrics = TritonStepMetrics(pb_utils, instance)  # held by ``publish``, so as long as the service
+
     def publish(service, idle: bool) -> None:  # throttled while busy; at once when the work runs out
         metrics.publish(service.scheduler.metrics.snapshot(), service.scheduler.occupancy(), force=idle)
 
-    service = StepService(load_components(params), params.max_images, params.max_queue_size,
-                          params.request_timeout_s, on_round=publish)
-    service.metrics = metrics  # kept alive with the service (the families must outlive their metrics)
-    return service
+    return StepService(load_components(params), params.max_images, params.max_queue_size, params.request_timeout_s,
+                       on_round=publish)
 
 
 METRIC = "kandinsky_requests_total"

@@ -157,6 +157,25 @@ def test_a_cancelled_request_frees_its_slot_and_is_counted(server):
     assert request_counts(server)["cancelled"] >= 1
 
 
+def test_an_http_client_that_hangs_up_frees_its_slot(server):
+    """The HTTP front marks a request whose client closed its connection; the scheduler polls the mark
+    and the request leaves at the next step, its slot free, its mark removed."""
+    from tritonclient.http import InferenceServerClient
+
+    cancelled_before = sched(server, "requests_total", "cancelled")
+    body, json_size = InferenceServerClient.generate_request_body(
+        build_inputs("http", item_arrays(fields("text2img", 32, 999))))
+    conn = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=1.0)
+    conn.request("POST", "/v2/models/kandinsky/infer", body=body,
+                 headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(json_size)})
+    with pytest.raises(OSError):  # socket.timeout: the client gives up and closes
+        conn.getresponse()
+    conn.close()
+    wait_for(lambda: sched(server, "requests_total", "cancelled") - cancelled_before == 1, timeout_s=30)
+    wait_for(lambda: sched(server, "slots_occupied", stage="decoder") == 0)
+    wait_for(lambda: not list(server.cancel_dir().iterdir()))
+
+
 def test_a_request_past_its_timeout_leaves_at_a_step_with_503(server):
     timed_before = sched(server, "requests_total", "timed_out")
     with pytest.raises(InferenceServerException) as err:

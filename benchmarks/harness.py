@@ -27,7 +27,7 @@ from kandinsky_trt.runtime.backends.base import sample_inputs
 from kandinsky_trt.runtime.backends.registry import check_backend
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
-from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS
+from kandinsky_trt.runtime.contract.spec import KANDINSKY_2_1_DIMS, WEIGHT_FREE
 
 log = logging.getLogger(__name__)
 PIPELINES = ("text2img", "img2img", "inpaint")
@@ -125,7 +125,7 @@ def reference_bounds(names, profile, precision: str, gpu_name: str = "H100 SXM")
     from kandinsky_trt.benchmarks.gpu_specs import GPU_SPECS
 
     gpu = next(g for g in GPU_SPECS if g.name == gpu_name)
-    bounds = {n: lower_bound_ms(network_cost(n, profile, precision), gpu) for n in names if not n.endswith("_step")}
+    bounds = {n: lower_bound_ms(network_cost(n, profile, precision), gpu) for n in names if n not in WEIGHT_FREE}
     return {"reference_gpu": gpu.name, "lower_bound_ms": bounds}
 
 

@@ -32,7 +32,7 @@ from kandinsky_trt.export.onnx_export import ExportError
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.integrity import FileRecord, bytes_record, file_record, follow_umask, fsync_dir
 from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside, file_fields
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS
+from kandinsky_trt.runtime.contract.spec import BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def referenced_files(out_dir: Path) -> set[str]:
 
 def _content_named(out_dir: Path) -> set[str]:
     """Files named like this module names them, with a stem export writes (leftovers of killed runs)."""
-    stems = set(NETWORKS) | set(STEP_NETWORKS) | {"zero_image_embeds", "clip_mean", "clip_std",
+    stems = set(NETWORKS) | set(STEP_NETWORKS) | set(BRIDGE_NETWORKS) | {"zero_image_embeds", "clip_mean", "clip_std",
                                                  "prior_tokenizer", "decoder_tokenizer"}
     return {p.name for p in out_dir.iterdir()
             if (m := _CONTENT_RE.match(p.name)) and m["stem"] in stems and p.is_file() and not p.is_symlink()}

@@ -27,14 +27,15 @@ from kandinsky_trt.export.artifact_files import (
 from kandinsky_trt.export.artifact_store import ArtifactStore, read_pending
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs
 from kandinsky_trt.export.precision import policy_for
-from kandinsky_trt.export.step_graphs import build_step_graph
+from kandinsky_trt.export.step_graphs import build_bridge_graph, build_step_graph
 from kandinsky_trt.export import torch_modules
 from kandinsky_trt.export.torch_modules import WRAPPERS
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.integrity import VERIFIED
 from kandinsky_trt.runtime.contract.manifest_checks import ManifestRuleError, check_inside
 from kandinsky_trt.runtime.contract.spec import (
-    NETWORKS, STEP_NETWORKS, ModelDims, Profile, ResolvedNetwork, check_profile, resolve, resolve_graph)
+    BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS, ModelDims, Profile, ResolvedNetwork, check_profile, resolve,
+    resolve_graph)
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,13 @@ def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_
 
 
 def _step_entries(ctx: "_Export", names: list[str]) -> list[mf.NetworkEntry]:
+    """The step graphs of the exported loops, then the bridge graphs (weight-free: rebuilt every export)."""
     entries, profiles = [], ctx.config.profiles
-    for name in STEP_NETWORKS:
+    for name in (*STEP_NETWORKS, *BRIDGE_NETWORKS):
         if name == "unet_inpaint_step" and "unet_inpaint" not in names:
             continue
-        graph = build_step_graph(name, profiles[0].cfg, ctx.dims)
+        graph = (build_step_graph(name, profiles[0].cfg, ctx.dims) if name in STEP_NETWORKS
+                 else build_bridge_graph(name, ctx.dims))
         file_name = ctx.store.write_bytes(name, ".onnx", graph.SerializeToString())
         io = resolve_graph(name, ctx.dims)
         entries.append(mf.NetworkEntry(name, file_name, ctx.store.records[file_name].sha256, "fp32",

@@ -6,6 +6,11 @@ latents row (``(B, K)``), with one ``guidance_scale`` per row (``(B, 1)``), so o
 supported scheduler and step count, and the rows of one call may each be at their own step; the numpy reference with the same operation
 order is :func:`kandinsky_trt.runtime.contract.schedulers.apply_step`. Inputs and outputs come from the resolved
 spec (``spec.STEP_NETWORKS``), never restated here. Built with ``onnx.helper`` (no torch needed).
+
+The bridge graphs (``spec.BRIDGE_NETWORKS``, :func:`build_bridge_graph`) are built the same way: the
+elementwise maths between two stages (the prior's CLIP mean/std post-processing), so that a device
+backend keeps a stage's output on the device; each repeats its numpy reference's operation order, so
+ONNX Runtime on the CPU gives the host path's bits.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from kandinsky_trt.runtime.contract.dtypes import DTYPE_TABLE
 from kandinsky_trt.runtime.contract.spec import (
     COEFFICIENT_COLUMNS,
     KANDINSKY_2_1_DIMS,
+    BRIDGE_NETWORKS,
     STEP_NETWORKS,
     ModelDims,
     ResolvedNetwork,
@@ -166,13 +172,42 @@ def build_step_graph(name: str, cfg: bool, dims: ModelDims = KANDINSKY_2_1_DIMS)
     eps, var = _guidance(g, spec, cfg)
     _update(g, eps, _std(g, var))
     _model_input(g, spec, cfg)
+    return _model(g, spec, {"coefficient_columns": ",".join(COEFFICIENT_COLUMNS), "cfg": str(cfg).lower()})
+
+
+def _prior_embeds(g: _GraphBuilder) -> None:
+    """``image_embeds = latents * clip_std + clip_mean`` (``pipelines.prior.image_embeds_of``)."""
+    g.op("Mul", ["latents", "clip_std"], "scaled")
+    g.op("Add", ["scaled", "clip_mean"], "image_embeds")
+
+
+_BRIDGES = {"prior_embeds": _prior_embeds}
+
+
+def build_bridge_graph(name: str, dims: ModelDims = KANDINSKY_2_1_DIMS) -> onnx.ModelProto:
+    """The ONNX bridge graph ``name`` (a key of ``spec.BRIDGE_NETWORKS``), symbolic in the profile
+    dims like the step graphs, checked with onnx.checker.
+
+    Raises:
+        SpecError: ``name`` is not a bridge graph.
+    """
+    if name not in BRIDGE_NETWORKS:
+        raise SpecError(f"name: expected one of {sorted(BRIDGE_NETWORKS)}, found {name!r}")
+    spec = resolve_graph(name, dims)
+    g = _GraphBuilder()
+    _BRIDGES[name](g)
+    return _model(g, spec, {})
+
+
+def _model(g: _GraphBuilder, spec: ResolvedNetwork, props: dict) -> onnx.ModelProto:
     graph = helper.make_graph(
-        g.nodes, name, [_value_info(t) for t in spec.inputs], [_value_info(t) for t in spec.outputs], g.initializers
-    )
+        g.nodes, spec.name, [_value_info(t) for t in spec.inputs], [_value_info(t) for t in spec.outputs],
+        g.initializers)
     opset = helper.make_opsetid("", OPSET)
     model = helper.make_model(graph, opset_imports=[opset], producer_name="kandinsky_trt.export.step_graphs")
     model.ir_version = helper.find_min_ir_version_for([opset])
-    helper.set_model_props(model, {"coefficient_columns": ",".join(COEFFICIENT_COLUMNS), "cfg": str(cfg).lower()})
+    if props:
+        helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -2,7 +2,7 @@
 
 It is the parity oracle (same pipeline code, the real modules underneath) and the eager baseline
 of the benchmarks. The networks run through the same wrappers export traces
-(``torch_modules.py``), in fp32; the step graphs are tiny generated ONNX graphs, not torch modules,
+(``torch_modules.py``), in fp32; the step and bridge graphs (``spec.WEIGHT_FREE``) are tiny generated ONNX graphs, not torch modules,
 so they run through ONNX Runtime on the CPU.
 
 torch, diffusers and transformers are imported when a network is loaded, never at import time.
@@ -18,7 +18,7 @@ import numpy as np
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.backends.base import Backend, BackendError, NetworkSession, check_feeds
 from kandinsky_trt.runtime.backends.ort import OrtBackend
-from kandinsky_trt.runtime.contract.spec import NETWORK_SOURCE, ResolvedNetwork
+from kandinsky_trt.runtime.contract.spec import NETWORK_SOURCE, WEIGHT_FREE, ResolvedNetwork
 
 
 class TorchSession(NetworkSession):
@@ -66,7 +66,7 @@ class TorchBackend(Backend):
         return path
 
     def load(self, network: str, profile: int = 0) -> NetworkSession:
-        if network.endswith("_step"):
+        if network in WEIGHT_FREE:
             return self._steps.load(network, profile)
         key = (network, profile)
         if key not in self._sessions:

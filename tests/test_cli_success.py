@@ -22,7 +22,7 @@ from PIL import Image
 from kandinsky_trt.runtime.backends.ort import OrtBackend
 from kandinsky_trt.runtime.cli.main import main
 from kandinsky_trt.runtime.contract.manifest import load_manifest
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS
+from kandinsky_trt.runtime.contract.spec import BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS
 
 FAST = ["--steps", "2", "--prior-steps", "2", "--seed", "0"]
 WIDE = (128, 64)  # PIL's (width, height) of artifacts_fp32_b2_wide and of the export below
@@ -56,7 +56,7 @@ def _feeds(entry, rng) -> dict[str, np.ndarray]:
 def test_export_writes_a_manifest_whose_networks_run(exported):
     out, _, printed = exported
     manifest = load_manifest(out)
-    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS)  # --inpaint: unet_inpaint too
+    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS) | set(BRIDGE_NETWORKS)  # --inpaint: unet_inpaint too
     # the count is of exported models; their step graphs come with them
     assert f"manifest: {out / 'manifest.json'}  (exported {len(NETWORKS)}, reused 0)" in printed
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, read_model_dims
 from kandinsky_trt.export.onnx_export import check_graph_io
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError, resolve_graph
+from kandinsky_trt.runtime.contract.spec import BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError, resolve_graph
 
 ALL_ARTIFACTS = ["artifacts_fp32", "artifacts_fp16", "artifacts_fp32_b2_wide", "artifacts_fp16_b2_wide"]
 
@@ -27,7 +27,7 @@ def test_every_network_exports_and_matches_torch(fixture, request):
     for parity in report.parity:
         assert parity.passed, parity.line()
     manifest = mf.load_manifest(out)
-    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS)
+    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS) | set(BRIDGE_NETWORKS)
     jsonschema.validate(json.loads((out / "manifest.json").read_text()), json.loads(mf.SCHEMA_PATH.read_text()))
 
 

@@ -64,7 +64,7 @@ def test_dry_run_walks_every_step_and_writes_its_records(dry_run):
 def test_dry_run_merges_both_backends_into_one_result_file(dry_run):
     result = load_result(dry_run / "gpu_suite_bench.json")
     assert result.backends == ("torch", "ort") and result.device["name"] == "cpu (dry run)"
-    stages = (*TEXT2IMG, "prior_step", "unet_step", "e2e:text2img")
+    stages = (*TEXT2IMG, "prior_step", "unet_step", "prior_embeds", "e2e:text2img")
     assert sorted((s.stage, s.backend) for s in result.stages) == sorted((n, b) for n in stages for b in result.backends)
     assert all(s.median_ms > 0 and len(s.samples_ms) == 1 for s in result.stages)
     assert all(s.ratio_to_baseline is not None for s in result.stages)  # torch is every row's baseline

@@ -19,7 +19,7 @@ from kandinsky_trt.runtime import (
     KandinskyInpaintPipeline, KandinskyPriorPipeline)
 from kandinsky_trt.runtime.contract import manifest as mf
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
-from kandinsky_trt.runtime.contract.spec import NETWORKS, STEP_NETWORKS, Profile
+from kandinsky_trt.runtime.contract.spec import BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS, Profile
 from kandinsky_trt.runtime.pipelines.components import Components, split_rows
 
 FP32 = 1e-6  # max abs difference, images in [0, 1]; embeddings unscaled
@@ -49,7 +49,7 @@ def test_export_checks_every_profile_and_stores_weights_once(artifacts_fp32_mult
     manifest = mf.load_manifest(out)
     assert manifest.sizes() == [(64, 64), (64, 128)] and manifest.batches() == [1, 2]
     onnx_files = sorted(e.onnx for e in manifest.networks.values())
-    assert len(onnx_files) == len(set(onnx_files)) == len(NETWORKS) + len(STEP_NETWORKS)  # one graph per network
+    assert len(onnx_files) == len(set(onnx_files)) == len(NETWORKS) + len(STEP_NETWORKS) + len(BRIDGE_NETWORKS)  # one graph each
     single = mf.load_manifest(artifacts_fp32[0])
     multi_bytes = sum(r.size for r in manifest.files.values())
     assert multi_bytes <= 1.01 * sum(r.size for r in single.files.values())  # measured: equal up to the graph text

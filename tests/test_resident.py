@@ -12,13 +12,14 @@ syncs per image (one chunk)            before  after
 =====================================  ======  =====
 text2img (``KandinskyPipeline``)            3      1
 prior (``KandinskyPriorPipeline``)          2      1
-combined (``KandinskyCombinedPipeline``)    5      2
+combined (``KandinskyCombinedPipeline``)    5      1
 img2img (``KandinskyImg2ImgPipeline``)      4      2
 inpaint (``KandinskyInpaintPipeline``)      4      2
 =====================================  ======  =====
 
-The prior's remaining sync is its final embeddings' download (CLIP mean/std post-processing is host
-numpy); img2img's and inpaint's extra one is the MoVQ encoder's output (their start maths are host
+The prior's sync is its embeddings' download (the pipeline's output; the CLIP mean/std post-processing
+runs on the device, the ``prior_embeds`` bridge graph); in the combined pipeline the embeddings stay on
+the device. img2img's and inpaint's extra one is the MoVQ encoder's output (their start maths are host
 numpy). A chunk of several images costs the same (one download per chunk).
 
 ONNX Runtime's device backend (``OrtCudaBackend``) runs on its CPU execution provider, with the
@@ -164,7 +165,7 @@ def _syncs(components: Components, call) -> tuple[int, np.ndarray]:
 
 
 BEFORE = {"text2img": 3, "prior": 2, "combined": 5, "img2img": 4, "inpaint": 4}
-AFTER = {"text2img": 1, "prior": 1, "combined": 2, "img2img": 2, "inpaint": 2}
+AFTER = {"text2img": 1, "prior": 1, "combined": 1, "img2img": 2, "inpaint": 2}
 
 
 def test_syncs_per_image_on_tensorrt_before_and_after(trt, artifacts_fp32, monkeypatch):
@@ -196,17 +197,22 @@ def test_two_chunks_cost_one_sync_each(trt):
         assert _syncs(components, run)[0] == 2
 
 
+@pytest.mark.parametrize("negative", [None, "blurry"], ids=["zero-negatives", "sampled-negatives"])
 @pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["guided", "unguided"])
-def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, guidance):
+def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, guidance, negative):
     """Three prompts on batch-2 artifacts: a full chunk and a padded one, each row's conditioning at
     rows j and B + j (device rows copied run by run); guidance <= 1 repeats the cond rows on the
-    device. Bit for bit the host path's images, one sync per chunk (prior and decoder alike)."""
+    device. The prior's embeddings stay on the device: the decoder gathers its rows from the prior's
+    kept chunks (with a negative prompt the prior samples the negatives too: six prior rows in three
+    chunks, each decoder chunk's negatives from another chunk than its positives). Bit for bit the
+    host path's images, one sync per decoder chunk (its images) and none for the prior."""
     prompts = ["a cat", "a dog", "a fox"]
 
     def run(components):
         pipe = KandinskyCombinedPipeline(components=components)
-        return lambda: pipe(prompts, num_inference_steps=STEPS, prior_num_inference_steps=STEPS, generator=2,
-                            guidance_scale=guidance, prior_guidance_scale=guidance, output_type="np").images
+        return lambda: pipe(prompts, negative_prompt=negative, num_inference_steps=STEPS,
+                            prior_num_inference_steps=STEPS, generator=2, guidance_scale=guidance,
+                            prior_guidance_scale=guidance, output_type="np").images
 
     with Components(artifacts_fp32_b2_wide[0], backend="ort") as host:
         expected = run(host)()
@@ -214,8 +220,35 @@ def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp3
         call = run(components)
         call()
         syncs, got = _syncs(components, call)
-    assert syncs == 2 + 2  # two prior chunks (their embeddings' download), two decoder chunks (the images)
+    assert syncs == 2  # two decoder chunks (their images); the prior's embeddings are never downloaded
     assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
+
+
+def test_artifacts_without_the_bridge_graph_keep_the_host_post_processing(artifacts_fp32, tmp_path, monkeypatch):
+    """Artifacts exported before the ``prior_embeds`` bridge graph (no such network in the manifest)
+    still run on the chain: the prior's embeddings are downloaded and post-processed in numpy, one
+    sync more for the combined pipeline, and the same bits."""
+    source = tmp_path / "without"
+    shutil.copytree(artifacts_fp32[0], source)
+    manifest = json.loads((source / "manifest.json").read_text())
+    (entry,) = [n for n in manifest["networks"] if n["name"] == "prior_embeds"]
+    manifest["networks"].remove(entry)
+    del manifest["files"][entry["onnx"]]
+    (source / entry["onnx"]).unlink()
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    host = _stand_in(source, tmp_path / "artifacts", monkeypatch)
+    try:
+        with Components(artifacts_fp32[0], backend="ort") as reference:
+            expected = {name: _calls(reference)[name]() for name in ("prior", "combined")}
+        with Components(tmp_path / "artifacts", backend="trt") as components:
+            assert not components.loaded.has("prior_embeds")
+            for name, syncs in (("prior", 1), ("combined", 2)):
+                call = _calls(components)[name]
+                call()
+                assert _syncs(components, call)[0] == syncs, name
+                assert call().tobytes() == expected[name].tobytes(), name
+    finally:
+        host.close()
 
 
 def test_loop_into_device_rows_is_checked(trt):
@@ -289,8 +322,10 @@ class _Hops:
 ORT_BEFORE = {"text2img": 3, "prior": 2, "combined": 5, "img2img": 4, "inpaint": 4}
 # Each device-rows write is a host hop on ONNX Runtime (no device-to-device copy in its Python API):
 # text2img: text encoder outputs x2, the retired latents, the image; prior: encoder outputs x2, the
-# embeddings; combined: both; img2img/inpaint: text2img's plus the MoVQ encoder's host run.
-ORT_AFTER = {"text2img": 4, "prior": 3, "combined": 7, "img2img": 5, "inpaint": 5}
+# retired latents, the bridge graph's input, its kept copy, the embeddings' download; combined: the
+# prior's hops but the download, the decoder's text2img hops and its gathered image embeddings (written
+# into a buffer, then into the loop): 13; img2img/inpaint: text2img's plus the MoVQ encoder's host run.
+ORT_AFTER = {"text2img": 4, "prior": 6, "combined": 13, "img2img": 5, "inpaint": 5}
 
 
 def test_ort_device_backend_equals_the_host_path_and_counts_its_hops(artifacts_fp32, monkeypatch):

@@ -186,3 +186,24 @@ def test_write_step_graph_is_atomic(tmp_path):
 def test_unknown_step_graph():
     with pytest.raises(SpecError, match="name: expected one of .*found 'unet'"):
         build_step_graph("unet", True, DIMS)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prior_embeds_bridge_equals_the_host_post_processing_bit_for_bit(batch):
+    """The ``prior_embeds`` bridge graph computes ``image_embeds_of`` (latents * clip_std + clip_mean)
+    in the same order: ONNX Runtime on the CPU gives numpy's bits, at any batch (one symbolic graph)."""
+    from kandinsky_trt.export.step_graphs import build_bridge_graph
+
+    model = build_bridge_graph("prior_embeds", DIMS)
+    spec = resolve_graph("prior_embeds", DIMS)
+    assert [(i.name, tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim))
+            for i in model.graph.input] == [(t.name, t.shape) for t in spec.inputs]
+    assert {n.op_type for n in model.graph.node} <= ELEMENTWISE_OPS
+    rng = np.random.default_rng(batch)
+    latents = rng.standard_normal((batch, DIMS.clip_dim), dtype=np.float32) * 3
+    std = (0.5 + rng.random((1, DIMS.clip_dim), dtype=np.float32)).astype(np.float32)
+    mean = rng.standard_normal((1, DIMS.clip_dim), dtype=np.float32)
+    (got,) = _session(model).run(None, {"latents": latents, "clip_std": std, "clip_mean": mean})
+    assert got.tobytes() == (latents * std + mean).tobytes()
+    with pytest.raises(SpecError, match="name: expected one of \\['prior_embeds'\\], found 'prior_step'"):
+        build_bridge_graph("prior_step", DIMS)

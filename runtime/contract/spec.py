@@ -299,6 +299,25 @@ STEP_NETWORKS: dict[str, NetworkSpec] = {
     )
 }
 
+# Bridge graphs: the elementwise maths between two stages, as tiny weight-free float32 graphs, so a
+# device backend keeps a stage's output on the device instead of doing that maths in host numpy
+# (issue 19, item 5). ``prior_embeds``: the prior loop's final latents as CLIP image embeddings,
+# ``latents * clip_std + clip_mean`` (diffusers' ``post_process_latents``; the constants are inputs, fed
+# from the manifest's constants).
+BRIDGE_NETWORKS: dict[str, NetworkSpec] = {
+    spec.name: spec
+    for spec in (
+        NetworkSpec(
+            "prior_embeds",
+            inputs=(_t("latents", F32, "B", "E"), _t("clip_std", F32, 1, "E"), _t("clip_mean", F32, 1, "E")),
+            outputs=(_t("image_embeds", F32, "B", "E"),),
+        ),
+    )
+}
+
+# The graphs export builds itself, with no weights (run as ONNX by every backend, torch's included).
+WEIGHT_FREE = frozenset(STEP_NETWORKS) | frozenset(BRIDGE_NETWORKS)
+
 # Where each network lives: (checkpoint, subfolder), the checkpoints laid out like the public
 # kandinsky-community/kandinsky-2-1-prior (prior), kandinsky-2-1 (decoder), kandinsky-2-1-inpaint.
 NETWORK_SOURCE = {
@@ -360,9 +379,10 @@ def resolve_tensors(tensors: tuple[TensorSpec, ...], values: dict[str, int | str
 
 
 def _resolved(name: str, values: dict[str, int | str]) -> ResolvedNetwork:
-    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name)
+    spec = NETWORKS.get(name) or STEP_NETWORKS.get(name) or BRIDGE_NETWORKS.get(name)
     if spec is None:
-        raise SpecError(f"network: expected one of {sorted(NETWORKS) + sorted(STEP_NETWORKS)}, found {name!r}")
+        known = sorted(NETWORKS) + sorted(STEP_NETWORKS) + sorted(BRIDGE_NETWORKS)
+        raise SpecError(f"network: expected one of {known}, found {name!r}")
     return ResolvedNetwork(name, resolve_tensors(spec.inputs, values), resolve_tensors(spec.outputs, values))
 
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
+from kandinsky_trt.runtime.backends.base import DeviceRows
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import (
-    ImagePipelineOutput, KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
+    ChunkEmbeds, ImagePipelineOutput, KandinskyImg2ImgPipeline, KandinskyInpaintPipeline, KandinskyPipeline)
 from kandinsky_trt.runtime.pipelines.prior import KandinskyPriorPipeline
+from kandinsky_trt.runtime.pipelines.resident import ResidentChain
 from kandinsky_trt.runtime.pipelines.requests import (CombinedRequest, DecoderSettings, Img2ImgInputs, InpaintInputs,
                                                       PriorSettings, Text2ImgInputs, combined_request,
                                                       images_per_row, with_embeddings)
@@ -39,13 +43,55 @@ class _Combined:
         self.decoder_pipe = self.decoder_class(components=self.components)
 
     def run(self, request: CombinedRequest) -> ImagePipelineOutput | tuple:
-        """Run the prior, then the decoder on the prior's embeddings (one per decoder row)."""
+        """Run the prior, then the decoder on the prior's embeddings (one per decoder row).
+
+        On a resident chain (TensorRT) whose artifacts have the ``prior_embeds`` bridge graph, and
+        without a step callback, the embeddings never leave the device: the decoder gathers each
+        chunk's rows from the prior's kept chunks (one download per image chunk in all)."""
+        c = self.components
+        with c.resident_chain() as chain:
+            if chain is not None and c.loaded.has("prior_embeds") and request.decoder.callback is None:
+                kept = self.prior_pipe.sample_on_device(request.prior, chain)
+                embeds = _device_embeds(c, chain, kept, request.prior.sample_negatives)
+                return self.decoder_pipe.run(request.decoder, embeds)
         out = self.prior_pipe.run(request.prior)
         decoder = with_embeddings(self.components.loaded, request.decoder, out.image_embeds, out.negative_image_embeds)
         return self.decoder_pipe.run(decoder)
 
     def _call(self, prompts: args.Prompts, rng, prior: PriorSettings, decoder: DecoderSettings):
         return self.run(combined_request(self.components.loaded, prompts, prior, decoder, rng))
+
+
+def _device_embeds(c: Components, chain: ResidentChain, kept: list[DeviceRows], sample_negatives: bool) -> ChunkEmbeds:
+    """The decoder's ``image_embeds`` per chunk from the prior's rows kept on the device (``kept``: one
+    piece per prior chunk, rows in order): decoder row ``r`` takes prior row ``r``, its negative the
+    prior's row ``positives + r`` when it sampled the negatives, else the zero-image embedding (host
+    upload); rows padded as ``inputs.take`` pads. Mirrors ``prior_output`` + ``with_embeddings``."""
+    where = [(i, j) for i, piece in enumerate(kept) for j in range(len(piece))]  # prior row -> (piece, row)
+    positives = len(where) // 2 if sample_negatives else len(where)
+    zero, cfg = c.loaded.constant("zero_image_embeds"), c.profile.cfg
+
+    def select(prior_rows: list[int]) -> list[DeviceRows]:
+        runs: list[tuple[int, list[int]]] = []  # consecutive rows of one piece: one device copy each
+        for row in prior_rows:
+            piece, j = where[row]
+            if runs and runs[-1][0] == piece:
+                runs[-1][1].append(j)
+            else:
+                runs.append((piece, [j]))
+        return [kept[piece][rows] for piece, rows in runs]
+
+    def embeds(rows: slice, batch: int) -> DeviceRows:
+        real = list(range(rows.start, rows.stop))
+        padded = real + real[-1:] * (batch - len(real))
+        pieces = select(padded)
+        if cfg:
+            negatives = (select([positives + r for r in padded]) if sample_negatives
+                         else [np.repeat(zero, batch, axis=0)])
+            pieces = negatives + pieces
+        return chain.gather("image_embeds", pieces)
+
+    return embeds
 
 
 class KandinskyCombinedPipeline(_Combined):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from kandinsky_trt.runtime.pipelines.requests import (DecoderRequest, DecoderSet
                                                       InpaintInputs, InpaintStart, Text2ImgInputs, decoder_request,
                                                       with_embeddings)
 from kandinsky_trt.runtime.processing.images import postprocess
+
+if TYPE_CHECKING:
+    from kandinsky_trt.runtime.backends.base import DeviceRows
 
 __all__ = ["ImagePipelineOutput", "KandinskyImg2ImgPipeline", "KandinskyInpaintPipeline", "KandinskyPipeline",
            "DecoderRequest", "img2img_steps"]
@@ -73,16 +77,18 @@ class _DecoderPipeline:
         request = decoder_request(loaded, prompts, settings, args.rng(generator))
         return self.run(with_embeddings(loaded, request, image_embeds, negative_image_embeds))
 
-    def run(self, request: DecoderRequest):
+    def run(self, request: DecoderRequest, embeds: "ChunkEmbeds | None" = None):
         """Draw what was not given (diffusers' order: start latents, then step noise), run the networks.
 
         Any decoder request runs here: its ``image`` start (None, img2img's, inpainting's) picks the loop.
+        ``embeds``: each chunk's ``image_embeds`` conditioning from elsewhere (a combined pipeline's
+        prior on the device); by default the embeddings attached to the request (``with_embeddings``).
         """
-        if request.image_embeds is None or request.negative_image_embeds is None:
+        if embeds is None and (request.image_embeds is None or request.negative_image_embeds is None):
             raise PipelineInputError("image_embeds: expected embeddings attached to the request (with_embeddings), "
                                      "found none")
         latents, conditioning, request = self._draw(request)
-        images = postprocess(self._denoise_and_decode(request, latents, conditioning), request.output_type)
+        images = postprocess(self._denoise_and_decode(request, latents, conditioning, embeds), request.output_type)
         return ImagePipelineOutput(images) if request.return_dict else (images,)
 
     def _draw(self, request: DecoderRequest,
@@ -115,8 +121,8 @@ class _DecoderPipeline:
         latents = args.draw_or_check(request.latents, request.latent_shape, "latents", request.rng)
         return latents * np.float32(request.table.init_noise_sigma), conditioning
 
-    def _denoise_and_decode(self, request: DecoderRequest, latents: np.ndarray,
-                            conditioning: np.ndarray | None) -> np.ndarray:
+    def _denoise_and_decode(self, request: DecoderRequest, latents: np.ndarray, conditioning: np.ndarray | None,
+                            embeds: "ChunkEmbeds | None" = None) -> np.ndarray:
         """Denoise each chunk, then decode it with MoVQ. On a resident chain (TensorRT; not with a step
         callback, which downloads every step) it stays on the device: one download per chunk, its image."""
         c = self.components
@@ -124,7 +130,7 @@ class _DecoderPipeline:
         with c.resident_chain() if request.callback is None else nullcontext() as chain:
             results = []
             for rows, batch in c.chunks(len(request.prompts), request.size):
-                inputs = self._chunk_inputs(request, ChunkRows(latents, conditioning, rows, batch), chain)
+                inputs = self._chunk_inputs(request, ChunkRows(latents, conditioning, rows, batch), chain, embeds)
                 if chain is None:
                     results.append(c.denoise(loop, request.table, inputs, request.callback)[: rows.stop - rows.start])
                     continue
@@ -137,20 +143,27 @@ class _DecoderPipeline:
         # The host path decodes in the same chunks (same rows, same batches) as it denoised.
         return self._decode_latents(np.concatenate(results), request.size)
 
-    def _chunk_inputs(self, request: DecoderRequest, chunk: "ChunkRows", chain: ResidentChain | None) -> LoopInputs:
+    def _chunk_inputs(self, request: DecoderRequest, chunk: "ChunkRows", chain: ResidentChain | None,
+                      embeds: "ChunkEmbeds | None" = None) -> LoopInputs:
         text = self._text(args.take_list(request.prompts, chunk.rows, chunk.batch),
                           args.take_list(request.negatives, chunk.rows, chunk.batch), self.components.profile.cfg,
                           chain)
-        return self._loop_inputs(request, chunk, text)
+        return self._loop_inputs(request, chunk, text, embeds)
 
-    def _loop_inputs(self, request: DecoderRequest, chunk: "ChunkRows", text: dict) -> LoopInputs:
+    def _loop_inputs(self, request: DecoderRequest, chunk: "ChunkRows", text: dict,
+                     embeds: "ChunkEmbeds | None" = None) -> LoopInputs:
         """A chunk's loop inputs around its text conditioning ``text`` (:meth:`_text` of its rows):
-        the image embeddings, inpainting's conditioning, the start latents and step noise of its rows."""
+        the image embeddings (``embeds`` of the chunk, else the request's), inpainting's conditioning,
+        the start latents and step noise of its rows."""
         cfg = self.components.profile.cfg
         pick = lambda a: args.take(a, chunk.rows, chunk.batch)  # noqa: E731
         conditioning = dict(text)
-        image = pick(request.image_embeds)
-        conditioning["image_embeds"] = np.concatenate([pick(request.negative_image_embeds), image]) if cfg else image
+        if embeds is not None:
+            conditioning["image_embeds"] = embeds(chunk.rows, chunk.batch)
+        else:
+            image = pick(request.image_embeds)
+            conditioning["image_embeds"] = (np.concatenate([pick(request.negative_image_embeds), image]) if cfg
+                                            else image)
         extras = {}
         if chunk.conditioning is not None:
             cond = pick(chunk.conditioning)
@@ -186,6 +199,11 @@ class _DecoderPipeline:
             feeds = {"image": args.take(pixels, rows, batch)}
             out.append(c.run("movq_encoder", feeds)["latents"][: rows.stop - rows.start])
         return np.concatenate(out)
+
+
+# A chunk's ``image_embeds`` conditioning, (rows, profile batch) -> [negatives; positives] padded to
+# the batch (positives alone without guidance), as host arrays or device rows.
+ChunkEmbeds = Callable[[slice, int], "np.ndarray | DeviceRows"]
 
 
 @dataclass(frozen=True)

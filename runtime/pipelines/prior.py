@@ -5,9 +5,10 @@ prior with classifier-free guidance, post-processing with CLIP mean/std, and the
 embedding as the negative. Random draws: ``latents`` (rows, E) then one ``step_noise`` row block per
 stochastic step, in diffusers' order; both can be passed explicitly.
 
-On TensorRT the text encoder's outputs stay on the device (``Components.resident_chain``);
-the loop's final embeddings are downloaded (one sync per chunk): their post-processing (CLIP
-mean/std) and the negative/positive split are host numpy, and no network of the artifacts does them.
+On TensorRT the text encoder's outputs stay on the device (``Components.resident_chain``), and so
+do the loop's final latents and their post-processing (CLIP mean/std, the ``prior_embeds`` bridge
+graph, in artifacts that have it): one download (sync) per chunk, its embeddings; a combined pipeline
+downloads none (``sample_on_device``: the decoder reads them on the device).
 
 ``__call__`` checks its arguments into a :class:`~.requests.PriorRequest` (``requests.prior_request``:
 no network runs, nothing is drawn) and runs it (``run``); ``interpolate``, the combined pipelines, the
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
+from kandinsky_trt.runtime.backends.base import DeviceRows
 from kandinsky_trt.runtime.contract.errors import require_finite
 from kandinsky_trt.runtime.contract.loop_specs import PRIOR_LOOP
+from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
@@ -106,22 +110,50 @@ class KandinskyPriorPipeline:
         return latents, args.draw_or_check(request.step_noise, noise_shape, "step_noise", request.rng)
 
     def _sample(self, request: PriorRequest, latents: np.ndarray, step_noise: np.ndarray) -> np.ndarray:
-        """Run the prior loop on the request's rows; returns post-processed embeddings (rows, E)."""
+        """Run the prior loop on the request's rows; returns post-processed embeddings (rows, E).
+
+        On a resident chain whose artifacts have the ``prior_embeds`` bridge graph the post-processing
+        runs on the device too, and each chunk's embeddings are its one download."""
         c = self.components
-        table = c.loaded.scheduler("prior", request.steps)
-        results = []
         with c.resident_chain() as chain:  # TensorRT: the text encoder's outputs stay on the device
-            for chunk, batch in c.chunks(len(request.cond)):
-                chunk_noise = args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1)
-                loop = LoopInputs(
-                    latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),
-                    conditioning=self._encode(args.take_list(request.cond, chunk, batch),
-                                              args.take_list(request.uncond, chunk, batch), chain),
-                    step_extras={}, noise=chunk_noise, guidance_scale=request.guidance_scale,
-                )
-                results.append(c.denoise(PRIOR_LOOP, table, loop)[: chunk.stop - chunk.start])
-        embeds = np.concatenate(results)
-        return image_embeds_of(c.loaded, embeds)
+            if chain is not None and c.loaded.has("prior_embeds"):
+                return np.concatenate([chain.download(rows, "prior_embeds.image_embeds")
+                                       for rows in self._kept_on_device(request, latents, step_noise, chain)])
+            table = c.loaded.scheduler("prior", request.steps)
+            results = [c.denoise(PRIOR_LOOP, table, inputs)[:n]
+                       for n, inputs in self._chunks(request, latents, step_noise, table, chain)]
+        return image_embeds_of(c.loaded, np.concatenate(results))
+
+    def sample_on_device(self, request: PriorRequest, chain: ResidentChain) -> list[DeviceRows]:
+        """Draw (as :meth:`run` does), then sample the request's embeddings (rows, E) and leave them on
+        the device: one kept buffer per chunk, its real rows, in row order (:meth:`_kept_on_device`).
+        Needs artifacts with the ``prior_embeds`` bridge graph. Nothing is downloaded, and nothing is
+        checked for NaN/Inf here: a non-finite value reaches what the caller downloads."""
+        return self._kept_on_device(request, *self._draw(request), chain)
+
+    def _kept_on_device(self, request: PriorRequest, latents: np.ndarray, step_noise: np.ndarray,
+                        chain: ResidentChain) -> list[DeviceRows]:
+        """Each chunk: the loop retires into scratch, the ``prior_embeds`` bridge graph post-processes,
+        and :meth:`ResidentChain.keep` holds the chunk's rows (until this chain's next prior run)."""
+        table = self.components.loaded.scheduler("prior", request.steps)
+        kept = []
+        for index, (n, inputs) in enumerate(self._chunks(request, latents, step_noise, table, chain)):
+            embeds = chain.image_embeds(chain.denoise(PRIOR_LOOP, table, inputs))
+            kept.append(chain.keep(embeds, ("prior_embeds", index))[:n])
+        return kept
+
+    def _chunks(self, request: PriorRequest, latents: np.ndarray, step_noise: np.ndarray, table: SchedulerTable,
+                chain: ResidentChain | None) -> Iterator[tuple[int, LoopInputs]]:
+        """Each chunk's real row count and loop inputs (rows padded to the profile batch)."""
+        c = self.components
+        for chunk, batch in c.chunks(len(request.cond)):
+            yield chunk.stop - chunk.start, LoopInputs(
+                latents=args.take(latents, chunk, batch) * np.float32(table.init_noise_sigma),
+                conditioning=self._encode(args.take_list(request.cond, chunk, batch),
+                                          args.take_list(request.uncond, chunk, batch), chain),
+                step_extras={}, noise=args.take(step_noise.swapaxes(0, 1), chunk, batch).swapaxes(0, 1),
+                guidance_scale=request.guidance_scale,
+            )
 
     def _encode(self, cond: list[str], uncond: list[str], chain: ResidentChain | None) -> dict:
         """Prior network conditioning for one chunk: [uncond, cond] rows with guidance (the encoder's

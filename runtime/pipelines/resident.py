@@ -5,9 +5,12 @@ TensorRT) the pipelines run text encoders, loops and MoVQ through a chain, so st
 in device buffers: the text encoders'
 outputs are copied into the loop's conditioning rows on the device, the loop's retired latents are
 copied (device to device) straight into the MoVQ decoder's bound input, and only what the host
-needs is downloaded (:meth:`ResidentChain.download`: the image, or the prior's embeddings, whose
-post-processing is host numpy). The chain runs under ``Components``' chain lock, because a stage's
-output buffer is reused by its next run (``backends/resident.py``).
+needs is downloaded (:meth:`ResidentChain.download`: the image, or the prior pipeline's embeddings).
+Between two stages the elementwise maths runs as a bridge graph (``spec.BRIDGE_NETWORKS``) where the
+artifacts have it: the prior's final latents become CLIP image embeddings on the device
+(:meth:`ResidentChain.image_embeds`), kept per chunk (:meth:`ResidentChain.keep`) until the decoder
+gathers its rows (:meth:`ResidentChain.gather`). The chain runs under ``Components``' chain lock,
+because a stage's output buffer is reused by its next run (``backends/resident.py``).
 
 NaN/Inf checks move with the downloads: a resident stage output is not checked itself (that would
 be a download); a non-finite value reaches the downloaded result and is reported there, naming it.
@@ -15,7 +18,7 @@ be a download); a non-finite value reaches the downloaded result and is reported
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,6 +27,7 @@ from kandinsky_trt.runtime.backends.resident import Feed, ResidentStages
 from kandinsky_trt.runtime.contract.errors import require_finite
 from kandinsky_trt.runtime.contract.loop_specs import LoopSpec
 from kandinsky_trt.runtime.contract.schedulers import SchedulerTable
+from kandinsky_trt.runtime.contract.spec import ResolvedTensor
 from kandinsky_trt.runtime.loops.template import LoopInputs, chunk_rows
 
 if TYPE_CHECKING:
@@ -65,6 +69,37 @@ class ResidentChain:
             return loop.run(chunk_rows(inputs, table), None, c.should_stop, into=target)
 
         return c.with_loop(spec, inputs.latents, run)
+
+    def image_embeds(self, latents: DeviceRows) -> DeviceRows:
+        """The prior loop's final latents as CLIP image embeddings, on the device (the bridge graph
+        ``prior_embeds``: ``latents * clip_std + clip_mean``); valid until its next run."""
+        loaded = self.components.loaded
+        feeds = {"latents": latents, "clip_std": loaded.constant("clip_std"), "clip_mean": loaded.constant("clip_mean")}
+        return self.run("prior_embeds", feeds)["image_embeds"]
+
+    def keep(self, rows: DeviceRows, key: Hashable) -> DeviceRows:
+        """``rows`` copied (device to device) into a buffer of their own, one per ``key``, so the next
+        run of the stage that wrote them leaves them as they are (until ``key``'s next use)."""
+        tensor = ResolvedTensor(rows.tensor.name, rows.tensor.dtype, rows.shape)
+        kept = self.stages.scratch(tensor, ("kept", key, tensor))
+        with self.components.loaded.serial():
+            self.stages.backend.write_rows(kept.buffer, kept.tensor, 0, rows)
+        return kept
+
+    def gather(self, name: str, pieces: Sequence[DeviceRows | np.ndarray]) -> DeviceRows:
+        """``pieces`` (device rows or host arrays, one row shape) written one after another into one
+        buffer (one per name and total rows; uploads for host pieces, device copies for the others):
+        what a loop admits as one conditioning input."""
+        first = pieces[0]
+        shape = (sum(len(p) for p in pieces), *first.shape[1:])
+        tensor = ResolvedTensor(name, str(np.dtype(first.dtype)), shape)
+        whole = self.stages.scratch(tensor, ("gathered", tensor))
+        row = 0
+        with self.components.loaded.serial():
+            for piece in pieces:
+                self.stages.backend.write_rows(whole.buffer, tensor, row, piece)
+                row += len(piece)
+        return whole
 
     def download(self, rows: DeviceRows, what: str) -> np.ndarray:
         """The host copy of ``rows`` (one download, one sync), checked for NaN/Inf naming ``what``."""

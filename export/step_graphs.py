@@ -8,7 +8,8 @@ order is :func:`kandinsky_trt.runtime.contract.schedulers.apply_step`. Inputs an
 spec (``spec.STEP_NETWORKS``), never restated here. Built with ``onnx.helper`` (no torch needed).
 
 The bridge graphs (``spec.BRIDGE_NETWORKS``, :func:`build_bridge_graph`) are built the same way: the
-elementwise maths between two stages (the prior's CLIP mean/std post-processing), so that a device
+elementwise maths between two stages (the prior's CLIP mean/std post-processing, img2img's and
+inpainting's start from the MoVQ latents of their images), so that a device
 backend keeps a stage's output on the device; each repeats its numpy reference's operation order, so
 ONNX Runtime on the CPU gives the host path's bits.
 """
@@ -181,7 +182,27 @@ def _prior_embeds(g: _GraphBuilder) -> None:
     g.op("Add", ["scaled", "clip_mean"], "image_embeds")
 
 
-_BRIDGES = {"prior_embeds": _prior_embeds}
+def _img2img_start(g: _GraphBuilder) -> None:
+    """``latents = signal * (image_latents * sigma) + spread * noise`` per row
+    (``schedulers.img2img_add_noise`` after the pipeline's ``* init_noise_sigma``)."""
+    g.const("rows_4d", [0, -1, 1, 1])
+    g.op("Reshape", ["coefficients", "rows_4d"], "per_row")
+    g.op("Split", ["per_row"], ["sigma", "signal", "spread"], axis=1, num_outputs=3)
+    g.op("Mul", ["image_latents", "sigma"], "scaled")
+    g.op("Mul", ["signal", "scaled"], "signal_part")
+    g.op("Mul", ["spread", "noise"], "noise_part")
+    g.op("Add", ["signal_part", "noise_part"], "latents")
+
+
+def _inpaint_start(g: _GraphBuilder) -> None:
+    """``conditioning = [image_latents * keep, keep]`` and ``model_input = [latents, conditioning]``
+    along channels (the decoder pipeline's start and the loop's first network input)."""
+    g.op("Mul", ["image_latents", "keep"], "masked")
+    g.op("Concat", ["masked", "keep"], "conditioning", axis=1)
+    g.op("Concat", ["latents", "conditioning"], "model_input", axis=1)
+
+
+_BRIDGES = {"prior_embeds": _prior_embeds, "img2img_start": _img2img_start, "inpaint_start": _inpaint_start}
 
 
 def build_bridge_graph(name: str, dims: ModelDims = KANDINSKY_2_1_DIMS) -> onnx.ModelProto:

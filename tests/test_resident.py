@@ -13,14 +13,15 @@ syncs per image (one chunk)            before  after
 text2img (``KandinskyPipeline``)            3      1
 prior (``KandinskyPriorPipeline``)          2      1
 combined (``KandinskyCombinedPipeline``)    5      1
-img2img (``KandinskyImg2ImgPipeline``)      4      2
-inpaint (``KandinskyInpaintPipeline``)      4      2
+img2img (``KandinskyImg2ImgPipeline``)      4      1
+inpaint (``KandinskyInpaintPipeline``)      4      1
 =====================================  ======  =====
 
 The prior's sync is its embeddings' download (the pipeline's output; the CLIP mean/std post-processing
 runs on the device, the ``prior_embeds`` bridge graph); in the combined pipeline the embeddings stay on
-the device. img2img's and inpaint's extra one is the MoVQ encoder's output (their start maths are host
-numpy). A chunk of several images costs the same (one download per chunk).
+the device. img2img's and inpainting's start (MoVQ encoding, then the ``img2img_start`` /
+``inpaint_start`` bridge graph) runs on the device too. A chunk of several images costs the same (one
+download per chunk).
 
 ONNX Runtime's device backend (``OrtCudaBackend``) runs on its CPU execution provider, with the
 resident chain forced on (``copies_on_device``; it is off there, as its copies go through the host):
@@ -53,7 +54,7 @@ from kandinsky_trt.runtime.backends.trt_engine import TensorInfo
 from kandinsky_trt.runtime.contract.manifest import load_manifest
 from kandinsky_trt.runtime.cuda import runtime_api as cuda
 from kandinsky_trt.runtime.pipelines import loaded as loaded_module
-from kandinsky_trt.runtime.pipelines.combined import KandinskyCombinedPipeline
+from kandinsky_trt.runtime.pipelines.combined import KandinskyCombinedPipeline, KandinskyImg2ImgCombinedPipeline
 from kandinsky_trt.runtime.pipelines.components import Components
 from kandinsky_trt.runtime.pipelines.decoder import (KandinskyImg2ImgPipeline, KandinskyInpaintPipeline,
                                                      KandinskyPipeline)
@@ -165,7 +166,7 @@ def _syncs(components: Components, call) -> tuple[int, np.ndarray]:
 
 
 BEFORE = {"text2img": 3, "prior": 2, "combined": 5, "img2img": 4, "inpaint": 4}
-AFTER = {"text2img": 1, "prior": 1, "combined": 1, "img2img": 2, "inpaint": 2}
+AFTER = {"text2img": 1, "prior": 1, "combined": 1, "img2img": 1, "inpaint": 1}
 
 
 def test_syncs_per_image_on_tensorrt_before_and_after(trt, artifacts_fp32, monkeypatch):
@@ -221,6 +222,47 @@ def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp3
         call()
         syncs, got = _syncs(components, call)
     assert syncs == 2  # two decoder chunks (their images); the prior's embeddings are never downloaded
+    assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(("task", "layout"), [("img2img", "image-per-prompt"), ("inpaint", "image-per-prompt"),
+                                              ("inpaint", "one-image-three-per-prompt"),
+                                              ("img2img-combined", "one-image-three-per-prompt")])
+def test_starts_on_the_device_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, task, layout):
+    """img2img's and inpainting's start on the device (MoVQ-encode each chunk's distinct images, gather
+    every row's latents, the bridge graph) on batch-2 artifacts, three rows: a full chunk and a padded
+    one; one image per prompt (three prompts) or one image for three images of one prompt (its
+    latents gathered into several rows). Bit for bit the host path's images, one sync per chunk."""
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)) for _ in range(3)]
+    mask = np.zeros((64, 128), np.float32)
+    mask[16:48, 32:96] = 1
+    prompts, per_prompt = (["a cat", "a dog", "a fox"], 1) if layout == "image-per-prompt" else ("a cat", 3)
+    image = images if layout == "image-per-prompt" else images[0]
+    common = dict(num_inference_steps=4, generator=4, output_type="np", num_images_per_prompt=per_prompt,
+                  negative_prompt="blurry")
+
+    def run(components):
+        width = components.loaded.embedding_width
+        embeds = np.random.default_rng(6).standard_normal((2, len(images), width)).astype(np.float32)
+        count = 3 if layout == "image-per-prompt" else 1
+        if task == "img2img":
+            pipe = KandinskyImg2ImgPipeline(components=components)
+            return lambda: pipe(prompts, image, embeds[0, :count], embeds[1, :count], strength=0.6, **common).images
+        if task == "inpaint":
+            pipe = KandinskyInpaintPipeline(components=components)
+            masks = [mask] * count if count > 1 else mask
+            return lambda: pipe(prompts, image, masks, embeds[0, :count], embeds[1, :count], **common).images
+        pipe = KandinskyImg2ImgCombinedPipeline(components=components)
+        return lambda: pipe(prompts, image, prior_num_inference_steps=STEPS, strength=0.6, **common).images
+
+    with Components(artifacts_fp32_b2_wide[0], backend="ort") as host:
+        expected = run(host)()
+    with Components(trt_b2, backend="trt") as components:
+        call = run(components)
+        call()
+        syncs, got = _syncs(components, call)
+    assert syncs == 2  # two chunks, their images
     assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
 
 
@@ -281,6 +323,46 @@ def test_loop_into_device_rows_is_checked(trt):
             assert got is into and chain.download(got, "latents").tobytes() == expected.tobytes()
 
 
+def test_device_start_rows_are_checked(trt):
+    """A loop row's start latents on the device are one row of the latents' shape; with step extras
+    (inpaint) its first network input row must come with them; both checked before anything is written."""
+    from dataclasses import replace
+
+    from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP
+    from kandinsky_trt.runtime.loops.template import LoopInputs, chunk_rows
+
+    with Components(trt, backend="trt") as components:
+        table = components.loaded.scheduler("decoder", 2)
+        with components.resident_chain() as chain:
+            for spec in (UNET_LOOP, INPAINT_LOOP):
+                backend = components.backend
+                net, step = backend.load(spec.network).network, backend.load(spec.step).network
+                latents = chain.stage_input("movq_decoder", "latents", np.zeros(step.tensor("latents").shape))
+                conditioning = {t.name: np.zeros(t.shape, t.dtype)
+                                for t in net.inputs if t.name not in ("sample", "timestep")}
+                extras = {t.name: np.zeros(t.shape, t.dtype) for t in step.inputs if t.name == "conditioning"}
+                (row,) = chunk_rows(LoopInputs(latents, conditioning, extras, None, 4.0), table)
+                assert len(row.latents) == 1
+
+                def admit(r, spec=spec, latents=latents):
+                    return components.with_loop(spec, latents, lambda loop: loop.admit(r))
+
+                if spec is INPAINT_LOOP:
+                    with pytest.raises(BackendError, match="first_input: expected the first network input's "
+                                                           "device row"):
+                        admit(row)
+                    sample = backend.load(spec.network).network.tensor("sample")
+                    wrong = chain.gather("sample", [np.zeros((1, 4, *sample.shape[2:]), np.float32)])
+                    with pytest.raises(BackendError, match=r"first_input: expected float32\[1, 9, 8, 8\], "
+                                                           r"found float32\[1, 4, 8, 8\]"):
+                        admit(replace(row, first_input=wrong))
+                else:
+                    with pytest.raises(BackendError, match=r"latents: expected float32\[1, 4, 8, 8\], "
+                                                           r"found float32\[2, 4, 8, 8\]"):
+                        admit(replace(row, latents=latents[[0, 0]]))
+                    components.with_loop(spec, latents, lambda loop: loop.release(loop.admit(row)))
+
+
 def test_a_step_callback_takes_the_host_path(trt):
     """A callback downloads the latents every step, so that call keeps the host hops (3 + one per step)."""
     with Components(trt, backend="trt") as components:
@@ -324,8 +406,10 @@ ORT_BEFORE = {"text2img": 3, "prior": 2, "combined": 5, "img2img": 4, "inpaint":
 # text2img: text encoder outputs x2, the retired latents, the image; prior: encoder outputs x2, the
 # retired latents, the bridge graph's input, its kept copy, the embeddings' download; combined: the
 # prior's hops but the download, the decoder's text2img hops and its gathered image embeddings (written
-# into a buffer, then into the loop): 13; img2img/inpaint: text2img's plus the MoVQ encoder's host run.
-ORT_AFTER = {"text2img": 4, "prior": 6, "combined": 13, "img2img": 5, "inpaint": 5}
+# into a buffer, then into the loop): 13; img2img/inpaint: text2img's plus the MoVQ latents gathered into
+# the bridge graph's input and its two outputs admitted (img2img: the latents into the state and the
+# first network input; inpaint: the step-graph conditioning and the first network input): 7.
+ORT_AFTER = {"text2img": 4, "prior": 6, "combined": 13, "img2img": 7, "inpaint": 7}
 
 
 def test_ort_device_backend_equals_the_host_path_and_counts_its_hops(artifacts_fp32, monkeypatch):

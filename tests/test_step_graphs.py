@@ -188,22 +188,48 @@ def test_unknown_step_graph():
         build_step_graph("unet", True, DIMS)
 
 
+def _bridge_case(name: str, batch: int, rng) -> tuple[dict, dict]:
+    """Random feeds of bridge graph ``name`` and what the host path computes from them (its numpy)."""
+    latent = (batch, 4, 2, 3)
+    if name == "prior_embeds":
+        feeds = {"latents": rng.standard_normal((batch, DIMS.clip_dim), dtype=np.float32) * 3,
+                 "clip_std": (0.5 + rng.random((1, DIMS.clip_dim), dtype=np.float32)),
+                 "clip_mean": rng.standard_normal((1, DIMS.clip_dim), dtype=np.float32)}
+        return feeds, {"image_embeds": feeds["latents"] * feeds["clip_std"] + feeds["clip_mean"]}
+    image_latents = rng.standard_normal(latent, dtype=np.float32) * 4
+    if name == "img2img_start":
+        strengths = [0.3, 0.75, 1.0][:batch] + [0.5] * max(batch - 3, 0)  # one row per request: its own strength
+        rows = [[1.0, *S.img2img_noise_coefficients(s)] for s in strengths]
+        noise = rng.standard_normal(latent, dtype=np.float32)
+        expected = np.concatenate([S.img2img_add_noise(image_latents[i:i + 1] * np.float32(1.0), noise[i:i + 1], s)
+                                   for i, s in enumerate(strengths)])
+        return ({"image_latents": image_latents, "noise": noise, "coefficients": np.array(rows, np.float32)},
+                {"latents": expected})
+    keep = (rng.random((batch, 1, 2, 3)) > 0.5).astype(np.float32)
+    latents = rng.standard_normal(latent, dtype=np.float32)
+    conditioning = np.concatenate([image_latents * keep, keep], axis=1)
+    return ({"image_latents": image_latents, "keep": keep, "latents": latents},
+            {"conditioning": conditioning, "model_input": np.concatenate([latents, conditioning], axis=1)})
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_prior_embeds_bridge_equals_the_host_post_processing_bit_for_bit(batch):
-    """The ``prior_embeds`` bridge graph computes ``image_embeds_of`` (latents * clip_std + clip_mean)
-    in the same order: ONNX Runtime on the CPU gives numpy's bits, at any batch (one symbolic graph)."""
+@pytest.mark.parametrize("name", ["prior_embeds", "img2img_start", "inpaint_start"])
+def test_bridge_graphs_equal_the_host_maths_bit_for_bit(name, batch):
+    """Each bridge graph computes the host path's numpy (``image_embeds_of``, ``img2img_add_noise`` per
+    row at its own strength, inpainting's conditioning and first network input) in the same order:
+    ONNX Runtime on the CPU gives numpy's bits, at any batch (one symbolic graph)."""
     from kandinsky_trt.export.step_graphs import build_bridge_graph
 
-    model = build_bridge_graph("prior_embeds", DIMS)
-    spec = resolve_graph("prior_embeds", DIMS)
+    model = build_bridge_graph(name, DIMS)
+    spec = resolve_graph(name, DIMS)
     assert [(i.name, tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim))
             for i in model.graph.input] == [(t.name, t.shape) for t in spec.inputs]
     assert {n.op_type for n in model.graph.node} <= ELEMENTWISE_OPS
-    rng = np.random.default_rng(batch)
-    latents = rng.standard_normal((batch, DIMS.clip_dim), dtype=np.float32) * 3
-    std = (0.5 + rng.random((1, DIMS.clip_dim), dtype=np.float32)).astype(np.float32)
-    mean = rng.standard_normal((1, DIMS.clip_dim), dtype=np.float32)
-    (got,) = _session(model).run(None, {"latents": latents, "clip_std": std, "clip_mean": mean})
-    assert got.tobytes() == (latents * std + mean).tobytes()
-    with pytest.raises(SpecError, match="name: expected one of \\['prior_embeds'\\], found 'prior_step'"):
+    feeds, expected = _bridge_case(name, batch, np.random.default_rng(batch))
+    got = dict(zip([o.name for o in model.graph.output], _session(model).run(None, feeds)))
+    assert sorted(got) == sorted(expected)
+    for output, array in expected.items():
+        assert got[output].tobytes() == array.tobytes(), output
+    with pytest.raises(SpecError, match="name: expected one of \\['img2img_start', 'inpaint_start', "
+                                        "'prior_embeds'\\], found 'prior_step'"):
         build_bridge_graph("prior_step", DIMS)

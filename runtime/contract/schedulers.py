@@ -379,13 +379,9 @@ def img2img_timesteps(table_or_timesteps, num_inference_steps: int, strength: fl
     return tail, num_inference_steps - t_start
 
 
-def img2img_add_noise(latents, noise, strength: float, num_train_timesteps: int = 1000) -> np.ndarray:
-    """Kandinsky img2img's own q_sample: ``sqrt(ab[t]) x + sqrt(1 - ab[t]) noise`` at ``t = int(T*strength) - 2``.
-
-    ``ab`` is the fixed ``linspace(1e-4, 0.02, 1000)`` schedule, not the scheduler's (kandinsky_map §1.4.6);
-    ``T`` is the scheduler's ``num_train_timesteps``. The caller multiplies the latents by
-    ``init_noise_sigma`` first, as the pipeline does (1.0 for every supported scheduler).
-    """
+def img2img_noise_coefficients(strength: float, num_train_timesteps: int = 1000) -> tuple[np.float32, np.float32]:
+    """``(sqrt(ab[t]), sqrt(1 - ab[t]))`` of :func:`img2img_add_noise` at ``strength``, float32 (the
+    ``img2img_start`` bridge graph takes them per row)."""
     strength = _check_strength(strength)
     t = int(num_train_timesteps * strength) - 2
     if not 0 <= t < ns.IMG2IMG_TRAIN_STEPS:
@@ -394,7 +390,18 @@ def img2img_add_noise(latents, noise, strength: float, num_train_timesteps: int 
             f"(the noising timestep), found {t} for strength={strength}"
         )
     ac = ns.img2img_alphas_cumprod()[t]
+    return np.float32(np.sqrt(ac)), np.float32(np.sqrt(np.float32(1.0) - ac))
+
+
+def img2img_add_noise(latents, noise, strength: float, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Kandinsky img2img's own q_sample: ``sqrt(ab[t]) x + sqrt(1 - ab[t]) noise`` at ``t = int(T*strength) - 2``.
+
+    ``ab`` is the fixed ``linspace(1e-4, 0.02, 1000)`` schedule, not the scheduler's (kandinsky_map §1.4.6);
+    ``T`` is the scheduler's ``num_train_timesteps``. The caller multiplies the latents by
+    ``init_noise_sigma`` first, as the pipeline does (1.0 for every supported scheduler).
+    """
+    signal, spread = img2img_noise_coefficients(strength, num_train_timesteps)
     x, eps = np.asarray(latents, np.float32), np.asarray(noise, np.float32)
     if x.shape != eps.shape:
         raise SchedulerConfigError(f"noise: expected the latents' shape {x.shape}, found {eps.shape}")
-    return (np.sqrt(ac) * x + np.sqrt(np.float32(1.0) - ac) * eps).astype(np.float32)
+    return (signal * x + spread * eps).astype(np.float32)

@@ -301,9 +301,15 @@ STEP_NETWORKS: dict[str, NetworkSpec] = {
 
 # Bridge graphs: the elementwise maths between two stages, as tiny weight-free float32 graphs, so a
 # device backend keeps a stage's output on the device instead of doing that maths in host numpy
-# (issue 19, item 5). ``prior_embeds``: the prior loop's final latents as CLIP image embeddings,
-# ``latents * clip_std + clip_mean`` (diffusers' ``post_process_latents``; the constants are inputs, fed
-# from the manifest's constants).
+# (issue 19, item 5), one row per latents row like the step graphs:
+# - ``prior_embeds``: the prior loop's final latents as CLIP image embeddings, ``latents * clip_std +
+#   clip_mean`` (diffusers' ``post_process_latents``; the constants are inputs, fed from the manifest's);
+# - ``img2img_start``: img2img's start from the MoVQ latents of its image, ``signal * (image_latents *
+#   sigma) + spread * noise`` with ``coefficients`` ``(B, 3)`` = [init_noise_sigma, signal, spread] per row
+#   (``schedulers.img2img_noise_coefficients``);
+# - ``inpaint_start``: inpainting's step-graph ``conditioning`` (masked image latents, then the keep-mask,
+#   along channels) and the UNet's first input row ``model_input`` (the start latents, then that
+#   conditioning).
 BRIDGE_NETWORKS: dict[str, NetworkSpec] = {
     spec.name: spec
     for spec in (
@@ -311,6 +317,19 @@ BRIDGE_NETWORKS: dict[str, NetworkSpec] = {
             "prior_embeds",
             inputs=(_t("latents", F32, "B", "E"), _t("clip_std", F32, 1, "E"), _t("clip_mean", F32, 1, "E")),
             outputs=(_t("image_embeds", F32, "B", "E"),),
+        ),
+        NetworkSpec(
+            "img2img_start",
+            inputs=(_t("image_latents", F32, "B", *_LATENT), _t("noise", F32, "B", *_LATENT),
+                    _t("coefficients", F32, "B", 3)),
+            outputs=(_t("latents", F32, "B", *_LATENT),),
+        ),
+        NetworkSpec(
+            "inpaint_start",
+            inputs=(_t("image_latents", F32, "B", *_LATENT), _t("keep", F32, "B", 1, "h", "w"),
+                    _t("latents", F32, "B", *_LATENT)),
+            outputs=(_t("conditioning", F32, "B", INPAINT_IN_CHANNELS - LATENT_CHANNELS, "h", "w"),
+                     _t("model_input", F32, "B", INPAINT_IN_CHANNELS, "h", "w")),
         ),
     )
 }

@@ -17,7 +17,10 @@ The operations:
   slot is free for the next admission.
 
 A row's conditioning may be host arrays or :class:`~kandinsky_trt.runtime.backends.base.DeviceRows`
-(a stage output kept on the device: copied into the slot's rows on the device at admission).
+(a stage output kept on the device: copied into the slot's rows on the device at admission), and
+so may its start latents (one device row: img2img's start computed on the device) and, where the
+first network input is more than the latents per group (inpainting), that input row
+(``LoopRow.first_input``, from the ``inpaint_start`` bridge graph).
 
 The networks' rows are independent, so a row's result does not depend on what the other slots hold
 or when it was admitted. An empty slot runs the identity coefficient row on zero latents at
@@ -72,12 +75,13 @@ class LoopRow:
     group of the network batch: ``[uncond, cond]`` with guidance, ``[cond]`` without.
     """
 
-    latents: np.ndarray  # (*latent): the initial latents, already scaled / noised
+    latents: np.ndarray | DeviceRows  # (*latent): the initial latents, already scaled / noised; or 1 device row
     conditioning: Mapping[str, np.ndarray | DeviceRows]
     table: SchedulerTable  # the steps this row runs (img2img: the schedule's tail)
     guidance_scale: float
     noise: np.ndarray | None = None  # (stochastic steps of table, *latent)
-    step_extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+    step_extras: Mapping[str, np.ndarray | DeviceRows] = field(default_factory=dict)
+    first_input: DeviceRows | None = None  # 1 device row of the network's sample input (one group's); None: computed
 
 
 @dataclass
@@ -236,7 +240,15 @@ class SlotLoop:
     def _checked(self, row: LoopRow) -> LoopRow:
         """``row`` with exact float32 arrays of the loop's shapes; guidance <= 1 runs the conditional
         prediction alone (both groups get the cond rows, the scale becomes 1), as diffusers does."""
-        latents = _exact(row.latents, self.latent_shape, "latents", cast=True)
+        one = (1, *self.latent_shape)
+        latents = (_exact(row.latents, one, "latents") if isinstance(row.latents, DeviceRows)
+                   else _exact(row.latents, self.latent_shape, "latents", cast=True))
+        sample = self.storage.network_io.tensor(self.spec.sample_input)
+        if row.first_input is not None:
+            _exact(row.first_input, (1, *sample.shape[1:]), "first_input", sample.dtype)
+        elif isinstance(latents, DeviceRows) and row.step_extras:
+            raise BackendError("first_input: expected the first network input's device row with device latents "
+                               "and step extras, found none")
         given = {**row.conditioning, **row.step_extras}
         if sorted(given) != sorted(self._fixed):
             raise BackendError(f"row conditioning: expected {sorted(self._fixed)}, found {sorted(given)}")
@@ -270,13 +282,18 @@ class SlotLoop:
         for name, values in {**row.conditioning, **row.step_extras}.items():
             write(self._fixed[name], self._net_rows(slot, len(values)), values)
         one = np.array([slot])
-        write(step.tensor(io.latents), one, row.latents[None])
+        on_device = isinstance(row.latents, DeviceRows)
+        write(step.tensor(io.latents), one, row.latents if on_device else row.latents[None])
         write(step.tensor(io.x0_prev), one, np.zeros((1, *self.latent_shape), np.float32))
         write(net.tensor(spec.sample_input), self._net_rows(slot, self.groups), self._first_input(row))
 
-    def _first_input(self, row: LoopRow) -> np.ndarray:
+    def _first_input(self, row: LoopRow) -> np.ndarray | DeviceRows:
         """The step graph's ``model_input`` for the row's start: its latents per group, then (inpaint)
-        its step-graph ``conditioning`` along the channels."""
+        its step-graph ``conditioning`` along the channels; a given ``first_input`` row (or device
+        latents) in every group, copied on the device."""
+        given = row.first_input if row.first_input is not None else row.latents
+        if isinstance(given, DeviceRows):
+            return given[[0] * self.groups]
         x = np.stack([row.latents] * self.groups)
         extra = row.step_extras.get("conditioning")
         return x if extra is None else np.concatenate([x, extra], axis=1)

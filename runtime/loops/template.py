@@ -26,11 +26,12 @@ from kandinsky_trt.runtime.loops.slots import (IDENTITY_ROW, LoopRow, LoopStoppe
 class LoopInputs:
     """One batch-sized chunk: initial latents, the network's fixed inputs, the step graph's extras."""
 
-    latents: np.ndarray
+    latents: np.ndarray | DeviceRows
     conditioning: dict[str, np.ndarray | DeviceRows]  # network inputs other than sample / timestep (host or device)
-    step_extras: dict[str, np.ndarray]  # e.g. ``conditioning`` of the inpaint step graph
+    step_extras: dict[str, np.ndarray | DeviceRows]  # e.g. ``conditioning`` of the inpaint step graph
     noise: np.ndarray | None  # (stochastic steps, *latents.shape)
     guidance_scale: float
+    first_input: DeviceRows | None = None  # each row's first network input (one group's), when on the device
 
 
 def chunk_rows(inputs: LoopInputs, table: SchedulerTable) -> list[LoopRow]:
@@ -43,5 +44,8 @@ def chunk_rows(inputs: LoopInputs, table: SchedulerTable) -> list[LoopRow]:
                 for name, array in arrays.items()}
 
     noise = None if inputs.noise is None else np.asarray(inputs.noise)
-    return [LoopRow(np.asarray(inputs.latents)[j], per_row(inputs.conditioning, j), table, inputs.guidance_scale,
-                    None if noise is None else noise[:, j], per_row(inputs.step_extras, j)) for j in range(batch)]
+    latents = inputs.latents if isinstance(inputs.latents, DeviceRows) else np.asarray(inputs.latents)
+    first = inputs.first_input
+    return [LoopRow(latents[[j]] if isinstance(latents, DeviceRows) else latents[j], per_row(inputs.conditioning, j),
+                    table, inputs.guidance_scale, None if noise is None else noise[:, j],
+                    per_row(inputs.step_extras, j), None if first is None else first[[j]]) for j in range(batch)]

@@ -11,8 +11,9 @@ What is loaded and what runs are two classes:
   It is the public handle (``Components(artifacts)``, ``with Components(...) as c``, the pipelines'
   ``components=``); the pipelines built on one instance share every loaded network. On TensorRT
   its ``resident_chain`` (``resident``) keeps stage outputs on the device from the text encoders
-  to the MoVQ output, the prior's embeddings of a combined pipeline included (post-processed by the
-  ``prior_embeds`` bridge graph): one download (and host sync) per chunk of images.
+  to the MoVQ output, the prior's embeddings of a combined pipeline (post-processed by the
+  ``prior_embeds`` bridge graph) and img2img's and inpainting's start (their bridge graphs) included:
+  one download (and host sync) per chunk of images.
 
 A call takes one typed request per stage (``requests``): a caller's arguments, as given, go into a
 settings dataclass (``PriorSettings``, ``DecoderSettings`` with the decoder's own ``Text2ImgInputs``

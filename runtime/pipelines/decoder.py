@@ -16,8 +16,10 @@ Kandinsky 2.1) and refused, before any network runs, if the artifacts do not hol
 
 On TensorRT the stages chain on the device (``Components.resident_chain``): text encoder
 outputs, the loop's retired latents and the MoVQ input never leave it; one download per chunk (its
-image). img2img/inpaint's MoVQ encoding and start maths stay host numpy (one download per encoder
-chunk), as does any call with a step ``callback`` (it downloads the latents every step anyway).
+image). img2img's and inpainting's start runs there too (MoVQ encoding per chunk, then the
+``img2img_start`` / ``inpaint_start`` bridge graph) where the artifacts have the bridge graphs, else
+in host numpy (one download per encoder chunk); any call with a step ``callback`` keeps the host path
+(it downloads the latents every step anyway).
 
 A ``__call__`` checks its arguments into a :class:`~.requests.DecoderRequest`
 (``requests.decoder_request``, then ``with_embeddings``: no network runs, nothing is drawn) and runs
@@ -36,7 +38,8 @@ import numpy as np
 
 from kandinsky_trt.runtime.contract.errors import PipelineInputError
 from kandinsky_trt.runtime.contract.loop_specs import INPAINT_LOOP, UNET_LOOP, LoopSpec
-from kandinsky_trt.runtime.contract.schedulers import img2img_add_noise, img2img_timesteps
+from kandinsky_trt.runtime.contract.schedulers import (img2img_add_noise, img2img_noise_coefficients,
+                                                        img2img_timesteps)
 from kandinsky_trt.runtime.loops.template import LoopInputs
 from kandinsky_trt.runtime.pipelines import inputs as args
 from kandinsky_trt.runtime.pipelines.components import Components
@@ -87,53 +90,74 @@ class _DecoderPipeline:
         if embeds is None and (request.image_embeds is None or request.negative_image_embeds is None):
             raise PipelineInputError("image_embeds: expected embeddings attached to the request (with_embeddings), "
                                      "found none")
-        latents, conditioning, request = self._draw(request)
-        images = postprocess(self._denoise_and_decode(request, latents, conditioning, embeds), request.output_type)
+        drawn, request = self._drawn(request)
+        images = postprocess(self._denoise_and_decode(request, drawn, embeds), request.output_type)
         return ImagePipelineOutput(images) if request.return_dict else (images,)
 
     def _draw(self, request: DecoderRequest,
               encoded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, DecoderRequest]:
-        """:meth:`_start`, then the step noise unless given (diffusers' order); the request with it."""
-        latents, conditioning = self._start(request, encoded)
+        """:meth:`_drawn`, then :meth:`_start` on the host: the start latents, inpainting's
+        conditioning, and the request with its step noise."""
+        drawn, request = self._drawn(request)
+        return *self._start(request, drawn, encoded), request
+
+    def _drawn(self, request: DecoderRequest) -> tuple[np.ndarray, DecoderRequest]:
+        """The start draw (img2img: the noise its image latents get; else the initial latents), each
+        checked if given, then the step noise unless given (diffusers' order); the request with it."""
+        start = request.image
+        if isinstance(start, Img2ImgStart):
+            drawn = args.draw_or_check(start.noise, request.latent_shape, "noise", request.rng)
+        else:
+            drawn = args.draw_or_check(request.latents, request.latent_shape, "latents", request.rng)
         table, step_noise = request.table, request.step_noise
         if step_noise is None and table.stochastic.any():
             step_noise = request.rng.standard_normal((int(table.stochastic.sum()), *request.latent_shape),
                                                      dtype=np.float32)
-        return latents, conditioning, replace(request, step_noise=step_noise)
+        return drawn, replace(request, step_noise=step_noise)
 
-    def _start(self, request: DecoderRequest,
+    def _start(self, request: DecoderRequest, drawn: np.ndarray,
                encoded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The loop's initial latents (drawn unless given; img2img: the noised image latents) and
-        inpainting's conditioning (masked image latents + mask, per row; None otherwise). ``encoded``:
-        the image's MoVQ latents when already encoded (:meth:`_movq_encode`; the step executor merges
-        several requests' encoder calls), else they are encoded here."""
-        start = request.image
+        """The loop's initial latents (``drawn`` scaled; img2img: the image latents noised with
+        ``drawn``) and inpainting's conditioning (masked image latents + mask, per row; None otherwise).
+        ``encoded``: the image's MoVQ latents when already encoded (:meth:`_movq_encode`; the step
+        executor merges several requests' encoder calls), else they are encoded here."""
+        start, sigma = request.image, np.float32(request.table.init_noise_sigma)
         if isinstance(start, Img2ImgStart):
             encoded = self._encode_images(start.pixels, request.count, encoded)
-            noise = args.draw_or_check(start.noise, request.latent_shape, "noise", request.rng)
-            latents = np.repeat(encoded, request.per_prompt, axis=0) * np.float32(request.table.init_noise_sigma)
-            return img2img_add_noise(latents, noise, start.strength, start.train_timesteps), None
+            latents = np.repeat(encoded, request.per_prompt, axis=0) * sigma
+            return img2img_add_noise(latents, drawn, start.strength, start.train_timesteps), None
         conditioning = None
         if isinstance(start, InpaintStart):
             image_latents = self._encode_images(start.pixels, request.count, encoded)
             conditioning = np.concatenate([image_latents * start.keep, start.keep], axis=1)
             conditioning = np.repeat(conditioning, request.per_prompt, axis=0)
-        latents = args.draw_or_check(request.latents, request.latent_shape, "latents", request.rng)
-        return latents * np.float32(request.table.init_noise_sigma), conditioning
+        return drawn * sigma, conditioning
 
-    def _denoise_and_decode(self, request: DecoderRequest, latents: np.ndarray, conditioning: np.ndarray | None,
+    def _starts_on_device(self, request: DecoderRequest) -> bool:
+        """Whether a resident chain computes this request's start (img2img, inpaint) with its bridge graph."""
+        bridge = {Img2ImgStart: "img2img_start", InpaintStart: "inpaint_start"}.get(type(request.image))
+        return bridge is not None and self.components.loaded.has(bridge)
+
+    def _denoise_and_decode(self, request: DecoderRequest, drawn: np.ndarray,
                             embeds: "ChunkEmbeds | None" = None) -> np.ndarray:
         """Denoise each chunk, then decode it with MoVQ. On a resident chain (TensorRT; not with a step
-        callback, which downloads every step) it stays on the device: one download per chunk, its image."""
+        callback, which downloads every step) it stays on the device: one download per chunk, its image;
+        img2img's and inpainting's start too where the artifacts have their bridge graph
+        (:meth:`_device_start`)."""
         c = self.components
         loop = loop_spec_of(request)
         with c.resident_chain() if request.callback is None else nullcontext() as chain:
+            on_device = chain is not None and self._starts_on_device(request)
+            latents, conditioning = (drawn, None) if on_device else self._start(request, drawn)
             results = []
             for rows, batch in c.chunks(len(request.prompts), request.size):
-                inputs = self._chunk_inputs(request, ChunkRows(latents, conditioning, rows, batch), chain, embeds)
+                chunk = ChunkRows(latents, conditioning, rows, batch)
+                inputs = self._chunk_inputs(request, chunk, chain, embeds)
                 if chain is None:
                     results.append(c.denoise(loop, request.table, inputs, request.callback)[: rows.stop - rows.start])
                     continue
+                if on_device:
+                    inputs = self._device_start(request, chunk, inputs, chain)
                 into = chain.stage_input("movq_decoder", "latents", inputs.latents)  # retired straight into MoVQ
                 latents_in = chain.denoise(loop, request.table, inputs, into)
                 image = chain.run("movq_decoder", {"latents": latents_in})["image"]
@@ -142,6 +166,34 @@ class _DecoderPipeline:
             return np.concatenate(results)
         # The host path decodes in the same chunks (same rows, same batches) as it denoised.
         return self._decode_latents(np.concatenate(results), request.size)
+
+    def _device_start(self, request: DecoderRequest, chunk: "ChunkRows", inputs: LoopInputs,
+                      chain: ResidentChain) -> LoopInputs:
+        """The chunk's start on the device (``chunk.latents`` holds the request's draw): MoVQ-encode the
+        distinct images its rows use (one call at the chunk's batch), gather each row's latents, and
+        run the task's bridge graph; the loop admits its outputs (device rows) as the start latents
+        (img2img) or as the step-graph conditioning and first network input (inpaint)."""
+        start, batch = request.image, chunk.batch
+        real = list(range(chunk.rows.start, chunk.rows.stop))
+        padded = real + real[-1:] * (batch - len(real))  # as ``inputs.take`` pads
+        prompt = [row // request.per_prompt for row in padded]
+        image = [0 if len(start.pixels) == 1 else p for p in prompt]
+        distinct = sorted(set(image))
+        pixels = start.pixels[distinct + distinct[-1:] * (batch - len(distinct))]
+        encoded = chain.run("movq_encoder", {"image": pixels})["latents"]
+        image_latents = encoded[[distinct.index(i) for i in image]]
+        sigma = np.float32(request.table.init_noise_sigma)
+        if isinstance(start, Img2ImgStart):
+            signal, spread = img2img_noise_coefficients(start.strength, start.train_timesteps)
+            coefficients = np.tile(np.array([[sigma, signal, spread]], np.float32), (batch, 1))
+            feeds = {"image_latents": image_latents, "noise": args.take(chunk.latents, chunk.rows, batch),
+                     "coefficients": coefficients}
+            return replace(inputs, latents=chain.run("img2img_start", feeds)["latents"])
+        feeds = {"image_latents": image_latents, "keep": start.keep[prompt], "latents": inputs.latents * sigma}
+        out = chain.run("inpaint_start", feeds)
+        groups = 2 if self.components.profile.cfg else 1  # the step graph's conditioning: [cond; cond] with guidance
+        return replace(inputs, latents=feeds["latents"], first_input=out["model_input"],
+                       step_extras={"conditioning": out["conditioning"][list(range(batch)) * groups]})
 
     def _chunk_inputs(self, request: DecoderRequest, chunk: "ChunkRows", chain: ResidentChain | None,
                       embeds: "ChunkEmbeds | None" = None) -> LoopInputs:

@@ -11,7 +11,10 @@ own guidance. The loop networks (``prior``, ``unet``, ``unet_inpaint``) take ``t
 rows ``j`` and ``j + B`` are one request's uncond / cond pair (with classifier-free guidance; without
 it ``B2 = B``). The step graphs take ``coefficients`` ``(B, K)`` (row ``b``: the coefficient-table row
 that latents row ``b`` is at, ``K = len(spec.COEFFICIENT_COLUMNS)``), ``guidance_scale`` ``(B, 1)`` and
-``noise`` ``(B, *latent)``; ``schedulers.apply_step`` is their numpy reference, row by row.
+``noise`` ``(B, *latent)``; ``schedulers.apply_step`` is their numpy reference, row by row. The
+bridge graphs (``spec.BRIDGE_NETWORKS``: ``prior_embeds``, ``img2img_start``, ``inpaint_start``) are
+the elementwise maths between two stages, per row as well; a manifest may lack them (artifacts
+exported before them), and then the host does that maths.
 
 May import the standard library and numpy only (``spec`` and ``manifest`` not even numpy): nothing
 else of the runtime, so any layer can depend on it.

@@ -2,8 +2,8 @@
 
 It is the parity oracle (same pipeline code, the real modules underneath) and the eager baseline
 of the benchmarks. The networks run through the same wrappers export traces
-(``torch_modules.py``), in fp32; the step and bridge graphs (``spec.WEIGHT_FREE``) are tiny generated ONNX graphs, not torch modules,
-so they run through ONNX Runtime on the CPU.
+(``torch_modules.py``), in fp32; the step and bridge graphs (``spec.WEIGHT_FREE``) are tiny generated
+ONNX graphs, not torch modules, so they run through ONNX Runtime on the CPU.
 
 torch, diffusers and transformers are imported when a network is loaded, never at import time.
 """

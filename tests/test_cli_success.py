@@ -56,7 +56,8 @@ def _feeds(entry, rng) -> dict[str, np.ndarray]:
 def test_export_writes_a_manifest_whose_networks_run(exported):
     out, _, printed = exported
     manifest = load_manifest(out)
-    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS) | set(BRIDGE_NETWORKS)  # --inpaint: unet_inpaint too
+    # --inpaint: unet_inpaint too
+    assert set(manifest.networks) == set(NETWORKS) | set(STEP_NETWORKS) | set(BRIDGE_NETWORKS)
     # the count is of exported models; their step graphs come with them
     assert f"manifest: {out / 'manifest.json'}  (exported {len(NETWORKS)}, reused 0)" in printed
     rng = np.random.default_rng(0)

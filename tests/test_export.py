@@ -15,7 +15,8 @@ from kandinsky_trt.export.artifacts import ExportConfig, export_artifacts
 from kandinsky_trt.export.checkpoint_loading import CheckpointDirs, read_model_dims
 from kandinsky_trt.export.onnx_export import check_graph_io
 from kandinsky_trt.runtime.contract import manifest as mf
-from kandinsky_trt.runtime.contract.spec import BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError, resolve_graph
+from kandinsky_trt.runtime.contract.spec import (BRIDGE_NETWORKS, NETWORKS, STEP_NETWORKS, ModelDims, Profile, SpecError,
+                                                resolve_graph)
 
 ALL_ARTIFACTS = ["artifacts_fp32", "artifacts_fp16", "artifacts_fp32_b2_wide", "artifacts_fp16_b2_wide"]
 

@@ -62,7 +62,8 @@ class _Combined:
         return self.run(combined_request(self.components.loaded, prompts, prior, decoder, rng))
 
 
-def _device_embeds(c: Components, chain: ResidentChain, kept: list[DeviceRows], sample_negatives: bool) -> ChunkEmbeds:
+def _device_embeds(c: Components, chain: ResidentChain, kept: list[DeviceRows],
+                   sample_negatives: bool) -> ChunkEmbeds:
     """The decoder's ``image_embeds`` per chunk from the prior's rows kept on the device (``kept``: one
     piece per prior chunk, rows in order): decoder row ``r`` takes prior row ``r``, its negative the
     prior's row ``positives + r`` when it sampled the negatives, else the zero-image embedding (host

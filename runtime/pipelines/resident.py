@@ -78,8 +78,9 @@ class ResidentChain:
         return self.run("prior_embeds", feeds)["image_embeds"]
 
     def keep(self, rows: DeviceRows, key: Hashable) -> DeviceRows:
-        """``rows`` copied (device to device) into a buffer of their own, one per ``key``, so the next
-        run of the stage that wrote them leaves them as they are (until ``key``'s next use)."""
+        """``rows`` copied (device to device) into a buffer of their own, one per ``key`` and shape, so
+        the next run of the stage that wrote them leaves them as they are (until ``key``'s next use).
+        Kept buffers live as long as the stages (``Components.close``): bounded by the distinct keys."""
         tensor = ResolvedTensor(rows.tensor.name, rows.tensor.dtype, rows.shape)
         kept = self.stages.scratch(tensor, ("kept", key, tensor))
         with self.components.loaded.serial():

@@ -164,11 +164,17 @@ def _export_one(name: str, model: torch.nn.Module, config: ExportConfig, ctx: "_
     return entry, parity
 
 
+# The weight-free graphs that serve only some networks: written only when the manifest has all of them.
+_SERVES = {"unet_inpaint_step": ("unet_inpaint",), "prior_embeds": ("prior",),
+           "img2img_start": ("movq_encoder", "unet"), "inpaint_start": ("movq_encoder", "unet_inpaint")}
+
+
 def _step_entries(ctx: "_Export", names: list[str]) -> list[mf.NetworkEntry]:
-    """The step graphs of the exported loops, then the bridge graphs (weight-free: rebuilt every export)."""
+    """The step graphs of the exported loops, then the bridge graphs (weight-free: rebuilt every export),
+    each only beside the networks it serves (``names``: the manifest's networks)."""
     entries, profiles = [], ctx.config.profiles
     for name in (*STEP_NETWORKS, *BRIDGE_NETWORKS):
-        if name == "unet_inpaint_step" and "unet_inpaint" not in names:
+        if not set(_SERVES.get(name, ())) <= set(names):
             continue
         graph = (build_step_graph(name, profiles[0].cfg, ctx.dims) if name in STEP_NETWORKS
                  else build_bridge_graph(name, ctx.dims))

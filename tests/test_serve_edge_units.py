@@ -370,3 +370,41 @@ def test_front_answers_503_to_infer_requests_pending_when_the_model_process_dies
     finally:
         front.stop()
         upstream.close()
+
+
+@pytest.mark.parametrize("server_dies", [True, False], ids=["group-killed", "stub-only"])
+def test_watchdog_reloads_only_when_a_stub_dies_under_a_live_server(server_dies, monkeypatch):
+    """A killed process group takes tritonserver and its stubs together, and the stubs may be seen dead
+    first: then nothing is reloaded and nobody is told "reloading" (the front's connections fail, which
+    says what happened). A stub dying under a live server is reloaded, readiness false meanwhile."""
+    from kandinsky_trt.runtime.serve import watchdog
+
+    server, stub = 100, 101
+    states = {server: ("S", 1), stub: ("Z", server), 102: ("S", server)}  # the stub is already a zombie ...
+    seen = {"server": 0}
+
+    def stat(pid):
+        if pid == server:
+            seen["server"] += 1
+            if server_dies and seen["server"] > 1:  # ... and the server is one on the next look
+                return ("Z", 1)
+        return states.get(pid)
+
+    posts, told = [], []
+    monkeypatch.setattr(watchdog, "_stat", stat)
+    monkeypatch.setattr(watchdog, "stubs_of", lambda pid: {stub} if not posts else {102})
+    monkeypatch.setattr(watchdog, "secure_regions", lambda prefix: None)
+    monkeypatch.setattr(watchdog, "_post", lambda url, timeout: posts.append(url.rsplit("/", 1)[1]))
+    monkeypatch.setattr(watchdog, "POLL_S", 0.01)
+    dog = watchdog.StubWatchdog(server, "127.0.0.1:1", "kandinsky", "prefix")
+    dog.notify = told.append
+    dog.start()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and (dog._thread.is_alive() if server_dies else not told[1:]):
+        time.sleep(0.01)
+    dog.stop()
+    if server_dies:
+        assert (posts, told, dog.reloads) == ([], [], 0)
+    else:
+        assert posts[:2] == ["unload", "load"] and told[:2] == [told[0], None] and dog.reloads == 1
+        assert told[0] == "model 'kandinsky': expected ready, found it reloading after its model process died; retry"

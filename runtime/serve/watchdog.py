@@ -3,7 +3,8 @@
 Triton 2.51 keeps answering ready (server and model) after a Python backend stub dies; every
 inference then fails with "Stub process ... is not healthy" and nothing restarts it. The launcher
 runs Triton with ``--model-control-mode=explicit``, and this watchdog polls the stub processes
-(children of tritonserver, every :data:`POLL_S`). When one is gone (or a zombie) it unloads the
+(children of tritonserver, every :data:`POLL_S`). When one is gone (or a zombie) under a live
+server (a killed process group takes the server too; then nothing is reloaded) it unloads the
 model through Triton's repository API, which makes the model and ``/v2/health/ready`` (strict
 readiness) answer not-ready at once, then loads it again: ready again once the new stubs have
 loaded every network. It lives in the launcher process, so it works wherever ``kandinsky-trt
@@ -24,6 +25,9 @@ from kandinsky_trt.runtime.serve.hygiene import secure_regions
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+# A killed server's process group loses its stubs and tritonserver together, but the stubs may be
+# seen dead a moment before the server is: a stub death counts only if the server outlives this.
+SERVER_GRACE_S = 0.2
 STUB_NAME = "triton_python_backend_stub"
 
 
@@ -35,6 +39,12 @@ def _stat(pid: int) -> tuple[str, int] | None:
         return None
     fields = text[text.rindex(")") + 2:].split()
     return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie waiting for its parent's ``wait``."""
+    state = _stat(pid)
+    return state is not None and state[0] != "Z"
 
 
 def stubs_of(server_pid: int) -> set[int]:
@@ -87,11 +97,13 @@ class StubWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
-            if _stat(self.server_pid) is None:
-                return
+            if not _alive(self.server_pid):
+                return  # the server's own death: the front's connections fail, the launcher reports it
             secure_regions(self.shm_prefix)
-            dead = {pid for pid in self._stubs if (_stat(pid) or ("Z",))[0] == "Z"}
+            dead = {pid for pid in self._stubs if not _alive(pid)}
             if dead:
+                if self._stop.wait(SERVER_GRACE_S) or not _alive(self.server_pid):
+                    return  # the stubs died with the server (a killed process group): nothing to reload
                 self._reload(dead)
 
     def _secure_while(self, loading: threading.Event) -> None:

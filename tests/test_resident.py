@@ -198,72 +198,56 @@ def test_two_chunks_cost_one_sync_each(trt):
         assert _syncs(components, run)[0] == 2
 
 
-@pytest.mark.parametrize("negative", [None, "blurry"], ids=["zero-negatives", "sampled-negatives"])
-@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["guided", "unguided"])
-def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, guidance, negative):
-    """Three prompts on batch-2 artifacts: a full chunk and a padded one, each row's conditioning at
-    rows j and B + j (device rows copied run by run); guidance <= 1 repeats the cond rows on the
-    device. The prior's embeddings stay on the device: the decoder gathers its rows from the prior's
-    kept chunks (with a negative prompt the prior samples the negatives too: six prior rows in three
-    chunks, each decoder chunk's negatives from another chunk than its positives). Bit for bit the
-    host path's images, one sync per decoder chunk (its images) and none for the prior."""
-    prompts = ["a cat", "a dog", "a fox"]
+def _batch_two_cases(components: Components) -> dict:
+    """Three rows per call on batch-2 artifacts (a full chunk and a padded one), by case name.
 
-    def run(components):
-        pipe = KandinskyCombinedPipeline(components=components)
-        return lambda: pipe(prompts, negative_prompt=negative, num_inference_steps=STEPS,
-                            prior_num_inference_steps=STEPS, generator=2, guidance_scale=guidance,
-                            prior_guidance_scale=guidance, output_type="np").images
-
-    with Components(artifacts_fp32_b2_wide[0], backend="ort") as host:
-        expected = run(host)()
-    with Components(trt_b2, backend="trt") as components:
-        call = run(components)
-        call()
-        syncs, got = _syncs(components, call)
-    assert syncs == 2  # two decoder chunks (their images); the prior's embeddings are never downloaded
-    assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
-
-
-@pytest.mark.parametrize(("task", "layout"), [("img2img", "image-per-prompt"), ("inpaint", "image-per-prompt"),
-                                              ("inpaint", "one-image-three-per-prompt"),
-                                              ("img2img-combined", "one-image-three-per-prompt")])
-def test_starts_on_the_device_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide, task, layout):
-    """img2img's and inpainting's start on the device (MoVQ-encode each chunk's distinct images, gather
-    every row's latents, the bridge graph) on batch-2 artifacts, three rows: a full chunk and a padded
-    one; one image per prompt (three prompts) or one image for three images of one prompt (its
-    latents gathered into several rows). Bit for bit the host path's images, one sync per chunk."""
+    Combined text2img: each row's conditioning at rows j and B + j (device rows copied run by run);
+    guidance <= 1 repeats the cond rows on the device; the prior's embeddings stay on the device and
+    the decoder gathers its rows from the prior's kept chunks (with a negative prompt the prior samples
+    the negatives too: six prior rows in three chunks, a decoder chunk's negatives from another chunk
+    than its positives). img2img and inpaint start on the device (MoVQ-encode each chunk's distinct
+    images, gather every row's latents, the bridge graph): one image per prompt (three prompts), or
+    one image for three images of one prompt (its latents gathered into several rows)."""
     rng = np.random.default_rng(5)
     images = [Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)) for _ in range(3)]
     mask = np.zeros((64, 128), np.float32)
     mask[16:48, 32:96] = 1
-    prompts, per_prompt = (["a cat", "a dog", "a fox"], 1) if layout == "image-per-prompt" else ("a cat", 3)
-    image = images if layout == "image-per-prompt" else images[0]
-    common = dict(num_inference_steps=4, generator=4, output_type="np", num_images_per_prompt=per_prompt,
-                  negative_prompt="blurry")
+    embeds = rng.standard_normal((2, 3, components.loaded.embedding_width)).astype(np.float32)
+    three = ["a cat", "a dog", "a fox"]
+    steps = dict(num_inference_steps=STEPS, generator=2, output_type="np")
+    per_prompt = dict(num_inference_steps=4, generator=4, output_type="np", negative_prompt="blurry")
+    one_image = dict(per_prompt, num_images_per_prompt=3)
+    combined = KandinskyCombinedPipeline(components=components)
+    img2img, inpaint = KandinskyImg2ImgPipeline(components=components), KandinskyInpaintPipeline(components=components)
+    img2img_combined = KandinskyImg2ImgCombinedPipeline(components=components)
+    return {
+        "combined-guided": lambda: combined(three, prior_num_inference_steps=STEPS, **steps).images,
+        "combined-unguided": lambda: combined(three, prior_num_inference_steps=STEPS, guidance_scale=1.0,
+                                              prior_guidance_scale=1.0, **steps).images,
+        "combined-sampled-negatives": lambda: combined(three, negative_prompt="blurry",
+                                                       prior_num_inference_steps=STEPS, **steps).images,
+        "img2img-image-per-prompt": lambda: img2img(three, images, embeds[0], embeds[1], strength=0.6,
+                                                    **per_prompt).images,
+        "inpaint-image-per-prompt": lambda: inpaint(three, images, [mask] * 3, embeds[0], embeds[1],
+                                                    **per_prompt).images,
+        "inpaint-one-image": lambda: inpaint("a cat", images[0], mask, embeds[0, :1], embeds[1, :1],
+                                             **one_image).images,
+        "img2img-combined-one-image": lambda: img2img_combined("a cat", images[0], prior_num_inference_steps=STEPS,
+                                                               strength=0.6, **one_image).images,
+    }
 
-    def run(components):
-        width = components.loaded.embedding_width
-        embeds = np.random.default_rng(6).standard_normal((2, len(images), width)).astype(np.float32)
-        count = 3 if layout == "image-per-prompt" else 1
-        if task == "img2img":
-            pipe = KandinskyImg2ImgPipeline(components=components)
-            return lambda: pipe(prompts, image, embeds[0, :count], embeds[1, :count], strength=0.6, **common).images
-        if task == "inpaint":
-            pipe = KandinskyInpaintPipeline(components=components)
-            masks = [mask] * count if count > 1 else mask
-            return lambda: pipe(prompts, image, masks, embeds[0, :count], embeds[1, :count], **common).images
-        pipe = KandinskyImg2ImgCombinedPipeline(components=components)
-        return lambda: pipe(prompts, image, prior_num_inference_steps=STEPS, strength=0.6, **common).images
 
+def test_batch_two_chunks_with_padding_equal_the_host_path(trt_b2, artifacts_fp32_b2_wide):
+    """Every case of :func:`_batch_two_cases`: bit for bit the host path's images, one sync per chunk
+    (its images) and none for the prior's embeddings or the MoVQ encoder's latents."""
     with Components(artifacts_fp32_b2_wide[0], backend="ort") as host:
-        expected = run(host)()
+        expected = {name: call() for name, call in _batch_two_cases(host).items()}
     with Components(trt_b2, backend="trt") as components:
-        call = run(components)
-        call()
-        syncs, got = _syncs(components, call)
-    assert syncs == 2  # two chunks, their images
-    assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected.tobytes()
+        for name, call in _batch_two_cases(components).items():
+            call()  # the first call of a shape loads and binds
+            syncs, got = _syncs(components, call)
+            assert (name, syncs) == (name, 2)
+            assert got.shape == (3, 64, 128, 3) and got.tobytes() == expected[name].tobytes(), name
 
 
 def test_artifacts_without_the_bridge_graph_keep_the_host_post_processing(artifacts_fp32, tmp_path, monkeypatch):

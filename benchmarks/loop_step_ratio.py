@@ -166,12 +166,9 @@ def plot_results(result: dict, png: Path) -> bool:
 
 def write_results(result: dict, out_dir, stem: str = "cpu-2core_loop-step-ratio") -> list[Path]:
     """``<stem>.json``, ``.md`` and ``.png`` (the PNG only where matplotlib imports)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    paths[1].write_text(render_markdown(result), encoding="utf-8")
-    return paths + ([out / f"{stem}.png"] if plot_results(result, out / f"{stem}.png") else [])
+    from kandinsky_trt.benchmarks.report import write_files  # here: a worker imports kandinsky_trt from its tree
+
+    return write_files(result, out_dir, stem, render_markdown(result), plot_results)
 
 
 # ---------------------------------------------------------------- worker (runs in the contender's tree)

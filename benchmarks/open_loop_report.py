@@ -15,7 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
-from kandinsky_trt.benchmarks.report import pyplot
+from kandinsky_trt.benchmarks.report import pyplot, write_files
 from kandinsky_trt.benchmarks.step_batching_sim import percentile, sustainable_rate
 
 log = logging.getLogger(__name__)
@@ -297,13 +297,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write_results(result: dict, out: Path, stem: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(render_markdown(result))
-    if plot(result, out / f"{stem}.png"):
-        paths.append(out / f"{stem}.png")
-    return paths
+    return write_files(result, out, stem, render_markdown(result), plot)
 
 
 def idle_summary(samples: list[dict]) -> dict:

@@ -279,6 +279,17 @@ def pyplot(png_path):
     return plt
 
 
+def write_files(result: dict, out_dir, stem: str, markdown: str, plot) -> list[Path]:
+    """A benchmark's ``<stem>.json`` (``result``), ``<stem>.md`` (``markdown``) and ``<stem>.png``
+    (``plot(result, path)``, False where matplotlib is absent: then no PNG is listed) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown, encoding="utf-8")
+    return paths + ([out / f"{stem}.png"] if plot(result, out / f"{stem}.png") else [])
+
+
 def plot_result(result: BenchResult, png_path) -> bool:
     """Grouped bars (stage × backend) of the median with p10–p90 whiskers and the lower bound as
     a black tick; log scale when the medians span more than 30×. False when matplotlib is absent."""

@@ -25,7 +25,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from kandinsky_trt.benchmarks.report import pyplot
+from kandinsky_trt.benchmarks.report import pyplot, write_files
 from kandinsky_trt.benchmarks.sched_sim import (NetworkFloor, RooflineCost, SimulatedExecutor, SimRun, Workload,
                                                 arrivals, simulate, steps_run)
 from kandinsky_trt.runtime.scheduling.admission import RequestLevel, StepLevel
@@ -295,13 +295,7 @@ def build_result(floors: dict[str, NetworkFloor], gpu, config: SimConfig) -> dic
 
 
 def write_results(result: dict, out: Path, stem: str = STEM) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(render_markdown(result))
-    if plot(result, out / f"{stem}.png"):
-        paths.append(out / f"{stem}.png")
-    return paths
+    return write_files(result, out, stem, render_markdown(result), plot)
 
 
 def main(argv=None) -> None:

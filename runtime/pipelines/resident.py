@@ -81,11 +81,7 @@ class ResidentChain:
         """``rows`` copied (device to device) into a buffer of their own, one per ``key`` and shape, so
         the next run of the stage that wrote them leaves them as they are (until ``key``'s next use).
         Kept buffers live as long as the stages (``Components.close``): bounded by the distinct keys."""
-        tensor = ResolvedTensor(rows.tensor.name, rows.tensor.dtype, rows.shape)
-        kept = self.stages.scratch(tensor, ("kept", key, tensor))
-        with self.components.loaded.serial():
-            self.stages.backend.write_rows(kept.buffer, kept.tensor, 0, rows)
-        return kept
+        return self._written(ResolvedTensor(rows.tensor.name, rows.tensor.dtype, rows.shape), ("kept", key), [rows])
 
     def gather(self, name: str, pieces: Sequence[DeviceRows | np.ndarray]) -> DeviceRows:
         """``pieces`` (device rows or host arrays, one row shape) written one after another into one
@@ -93,8 +89,11 @@ class ResidentChain:
         what a loop admits as one conditioning input."""
         first = pieces[0]
         shape = (sum(len(p) for p in pieces), *first.shape[1:])
-        tensor = ResolvedTensor(name, str(np.dtype(first.dtype)), shape)
-        whole = self.stages.scratch(tensor, ("gathered", tensor))
+        return self._written(ResolvedTensor(name, str(np.dtype(first.dtype)), shape), ("gathered",), pieces)
+
+    def _written(self, tensor: ResolvedTensor, key: tuple, pieces: Sequence[DeviceRows | np.ndarray]) -> DeviceRows:
+        """The scratch buffer of ``tensor`` under ``key``, with ``pieces`` written into it in order."""
+        whole = self.stages.scratch(tensor, (*key, tensor))
         row = 0
         with self.components.loaded.serial():
             for piece in pieces:
